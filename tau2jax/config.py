@@ -1,0 +1,159 @@
+"""Config schema: every field with its default and type, plus validation with clear errors.
+
+Config files (`configs/*.py`) start from `default_config()` and override fields. The returned
+ConfigDict is locked, so a misspelt key (in a file or on the command line) is rejected by name,
+and ml_collections rejects a value of the wrong type on assignment.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+STAGES = ("sft", "demos", "eval")
+PROMPT_STYLES = ("recipe", "native")
+DOMAINS = ("mock", "airline", "retail", "telecom")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = "sft"
+    c.seed = 0
+    c.workdir = "runs/default"  # checkpoints, TensorBoard events, reports
+
+    # Model: a named size, or `hf_dir` with config.json (+ weights for init).
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "tiny"
+    c.model.hf_dir = ""  # HF checkpoint dir: config.json (size) and tokenizer
+    c.model.init_from = ""  # "" = random init; else an Orbax dir from checkpoints_tools.hf_to_orbax
+    c.model.param_dtype = "float32"  # master weights
+    c.model.compute_dtype = "float32"  # bfloat16 on GPU
+    c.model.remat = "none"  # none | full | dots (what to save in the backward pass)
+
+    # Device mesh; -1 takes the remaining devices.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # dir with tokenizer.json; "" = model.hf_dir, else the shipped Qwen3 files
+
+    # SFT data (JSONL, one OpenAI-format conversation per line).
+    c.data = ml_collections.ConfigDict()
+    c.data.train_files = ""  # comma-separated paths or globs
+    c.data.max_len = 1024  # tokens per packed row
+    c.data.batch_size = 8  # packed rows per global batch
+    c.data.overlong = "truncate"  # truncate | drop
+    c.data.shuffle = True
+    c.data.num_epochs = 1
+    c.data.worker_count = 0  # grain worker processes (0 = in-process)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-5
+    c.optim.schedule = "cosine"  # cosine | constant
+    c.optim.warmup_frac = 0.05
+    c.optim.min_lr_ratio = 0.0
+    c.optim.weight_decay = 0.01
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.clip_norm = 1.0
+    c.optim.grad_accum = 1  # micro-batches per optimizer step
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 0  # 0 = derive from data.num_epochs
+    c.train.log_every = 1
+    c.train.checkpoint_every = 100
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpoint = True
+
+    # tau2-bench episodes.
+    c.tau2 = ml_collections.ConfigDict()
+    c.tau2.domains = "airline,retail,telecom"
+    c.tau2.split = "test"
+    c.tau2.task_ids = ""  # comma-separated subset; "" = the whole split
+    c.tau2.data_dir = ""  # a tau2-bench data dir (…/data/tau2/domains parent); "" = the wheel's; env TAU2JAX_DATA_DIR
+    c.tau2.prompt_style = "native"  # native | recipe
+    c.tau2.max_steps = 100
+    c.tau2.max_errors = 10
+
+    # User simulator.
+    c.user = ml_collections.ConfigDict()
+    c.user.kind = "scripted"  # scripted | llm
+    c.user.model = "openai/qwen3-4b"  # litellm model name
+    c.user.base_url = "http://127.0.0.1:30001/v1"
+    c.user.api_key = "EMPTY"
+    c.user.temperature = 0.7
+    c.user.timeout_s = 120.0
+    c.user.max_retries = 3
+
+    # Policy engine.
+    c.engine = ml_collections.ConfigDict()
+    c.engine.kind = "builtin"  # builtin | sglang | gold
+    c.engine.url = "http://127.0.0.1:30000"
+    c.engine.max_new_tokens = 1200
+    c.engine.timeout_s = 300.0
+    c.engine.max_retries = 3
+    c.engine.concurrency = 8
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_samples = 4
+    c.eval.temperature = 0.8
+    c.eval.top_p = 1.0
+    c.eval.top_k = 20
+    c.eval.concurrency = 4  # episodes in flight
+    c.eval.max_infra_retries = 2
+
+    # Shaped reward: shaped = reward + alpha * partial.
+    c.reward = ml_collections.ConfigDict()
+    c.reward.alpha = 0.3
+    c.reward.w_action = 0.7
+    c.reward.w_env_assertion = 0.2
+    c.reward.w_communicate = 0.1
+
+    c.lock()
+    return c
+
+
+def csv(value: str) -> list[str]:
+    """Split a comma-separated config string into its non-empty items."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _require(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config.{field}: {msg}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Reject values that are well-typed but cannot work, naming the field."""
+    _require(c.stage in STAGES, "stage", f"{c.stage!r} is not one of {STAGES}")
+    _require(c.model.remat in ("none", "full", "dots"), "model.remat", f"unknown policy {c.model.remat!r}")
+    for dt in ("param_dtype", "compute_dtype"):
+        _require(getattr(c.model, dt) in ("float32", "bfloat16"), f"model.{dt}", "must be float32 or bfloat16")
+    for ax in ("data", "fsdp", "tensor"):
+        v = getattr(c.mesh, ax)
+        _require(v == -1 or v >= 1, f"mesh.{ax}", f"must be -1 or >= 1, got {v}")
+    for path_field in ("model.hf_dir", "model.init_from", "tokenizer.path", "tau2.data_dir"):
+        section, key = path_field.split(".")
+        p = c[section][key]
+        _require(not p or os.path.exists(p), path_field, f"path {p!r} does not exist")
+    _require(c.data.overlong in ("truncate", "drop"), "data.overlong", "must be 'truncate' or 'drop'")
+    _require(c.data.max_len > 0 and c.data.batch_size > 0, "data", "max_len and batch_size must be > 0")
+    _require(c.optim.schedule in ("cosine", "constant"), "optim.schedule", f"unknown {c.optim.schedule!r}")
+    _require(c.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
+    _require(c.data.batch_size % c.optim.grad_accum == 0, "optim.grad_accum",
+             f"must divide data.batch_size ({c.data.batch_size})")
+    _require(c.tau2.prompt_style in PROMPT_STYLES, "tau2.prompt_style", f"must be one of {PROMPT_STYLES}")
+    for d in csv(c.tau2.domains):
+        _require(d in DOMAINS, "tau2.domains", f"unknown domain {d!r}; known: {DOMAINS}")
+    _require(c.user.kind in ("scripted", "llm"), "user.kind", "must be 'scripted' or 'llm'")
+    _require(c.engine.kind in ("builtin", "sglang", "gold"), "engine.kind", "must be builtin, sglang or gold")
+    _require(c.eval.num_samples >= 1, "eval.num_samples", "must be >= 1")
+    _require(0.0 < c.eval.top_p <= 1.0, "eval.top_p", "must be in (0, 1]")

@@ -1,0 +1,51 @@
+"""The one CLI: `python -m tau2jax.train --config configs/FILE.py[:arg] --config.key=value`.
+
+`config.stage` picks what runs; each stage is a `run(config) -> dict` function, and the dict is
+printed as the last stdout line (one JSON object) so scripts and tests can read the outcome.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm fetches prices at import otherwise
+
+from absl import app
+from ml_collections import config_flags
+
+from tau2jax import config as config_lib
+
+# stage -> "module:function"; modules import lazily so `sft` never pays for tau2/litellm imports.
+STAGE_RUNNERS = {
+    "sft": "tau2jax.learn.sft:run",
+    "demos": "tau2jax.rollout.demos:run",
+    "eval": "tau2jax.eval:run",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file returning a ConfigDict.", lock_config=True)
+
+
+def run_stage(config) -> dict:
+    config_lib.validate(config)
+    module_name, fn_name = STAGE_RUNNERS[config.stage].split(":")
+    return getattr(importlib.import_module(module_name), fn_name)(config)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config configs/tiny_sft.py")
+    try:
+        summary = run_stage(_CONFIG.value)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(summary, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
