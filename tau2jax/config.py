@@ -69,6 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 0  # 0 = derive from data.num_epochs
     c.train.log_every = 1
+    c.train.loss_chunk = 0  # tokens per chunk of the vocab projection in the loss (0 = whole row)
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 3
     c.train.async_checkpoint = True
@@ -82,6 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.tau2.prompt_style = "native"  # native | recipe
     c.tau2.max_steps = 100
     c.tau2.max_errors = 10
+    c.tau2.max_repairs = 1  # format-repair prompts per agent turn after unparseable output (recipe: 1)
 
     # User simulator.
     c.user = ml_collections.ConfigDict()
@@ -92,6 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.user.temperature = 0.7
     c.user.timeout_s = 120.0
     c.user.max_retries = 3
+    c.user.retry_backoff_s = 1.0  # first retry wait; doubles per retry (capped at 30 s)
 
     # Policy engine.
     c.engine = ml_collections.ConfigDict()
@@ -109,6 +112,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.top_k = 20
     c.eval.concurrency = 4  # episodes in flight
     c.eval.max_infra_retries = 2
+    c.eval.max_tasks_per_domain = 0  # first N tasks of each domain split (smoke runs); 0 = all
 
     # Shaped reward: shaped = reward + alpha * partial.
     c.reward = ml_collections.ConfigDict()
@@ -153,7 +157,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.tau2.prompt_style in PROMPT_STYLES, "tau2.prompt_style", f"must be one of {PROMPT_STYLES}")
     for d in csv(c.tau2.domains):
         _require(d in DOMAINS, "tau2.domains", f"unknown domain {d!r}; known: {DOMAINS}")
+    _require(c.tau2.max_steps >= 1 and c.tau2.max_errors >= 1, "tau2", "max_steps and max_errors must be >= 1")
+    _require(c.tau2.max_repairs >= 0, "tau2.max_repairs", "must be >= 0")
     _require(c.user.kind in ("scripted", "llm"), "user.kind", "must be 'scripted' or 'llm'")
     _require(c.engine.kind in ("builtin", "sglang", "gold"), "engine.kind", "must be builtin, sglang or gold")
     _require(c.eval.num_samples >= 1, "eval.num_samples", "must be >= 1")
+    _require(c.eval.concurrency >= 1, "eval.concurrency", "must be >= 1")
+    _require(c.eval.max_infra_retries >= 0, "eval.max_infra_retries", "must be >= 0")
+    _require(c.eval.max_tasks_per_domain >= 0, "eval.max_tasks_per_domain", "must be >= 0 (0 = all)")
+    _require(c.eval.temperature >= 0.0, "eval.temperature", "must be >= 0")
     _require(0.0 < c.eval.top_p <= 1.0, "eval.top_p", "must be in (0, 1]")

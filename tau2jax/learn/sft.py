@@ -1,0 +1,122 @@
+"""Stage `sft`: supervised fine-tuning on chat JSONL, resumable, mesh-sharded.
+
+    python -m tau2jax.train --config configs/tiny_sft.py
+
+Rerunning the same command after an interruption resumes from the last checkpoint in
+`workdir/checkpoints` (params, optimizer, step, rng and the data iterator position).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from tau2jax import config as config_lib
+from tau2jax.data.pipeline import make_sft_dataset
+from tau2jax.data.tokenizer import load_tokenizer
+from tau2jax.learn import model_setup
+from tau2jax.learn.checkpoint import Checkpointer, abstract_like
+from tau2jax.learn.metric_writer import MetricWriter
+from tau2jax.learn.optimizer import make_optimizer
+from tau2jax.learn.sft_step import jit_step, make_sft_step
+from tau2jax.learn.train_state import create_state, state_shardings
+from tau2jax.parallel import sharding
+
+
+def _dataset(config, tokenizer):
+    files = config_lib.csv(config.data.train_files)
+    if not files:
+        raise config_lib.ConfigError("config.data.train_files: no SFT data files given")
+    return make_sft_dataset(
+        files, tokenizer, max_len=config.data.max_len, batch_size=config.data.batch_size,
+        seed=config.seed, num_epochs=config.data.num_epochs, overlong=config.data.overlong,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _count_steps(config, tokenizer) -> int:
+    """Optimizer steps in `num_epochs` of data: one pass over the (cheap, host-side) pipeline."""
+    return sum(1 for _ in _dataset(config, tokenizer))
+
+
+def run(config) -> dict:
+    tokenizer = load_tokenizer(config.tokenizer.path or config.model.hf_dir)
+    model_cfg = model_setup.resolve_model_config(config, tokenizer)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    compute_dtype = jnp.dtype(config.model.compute_dtype)
+
+    total_steps = config.train.steps or _count_steps(config, tokenizer)
+    if total_steps <= 0:
+        raise config_lib.ConfigError("config.data.train_files: the data yields no batch")
+    tx, schedule = make_optimizer(config.optim, total_steps)
+
+    param_shardings = sharding.param_shardings(model_cfg, mesh)
+    abstract_params = model_setup.abstract_params(model_cfg, config.model.param_dtype)
+    shardings = state_shardings(tx, abstract_params, param_shardings, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    data_iter = iter(_dataset(config, tokenizer))
+    ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"), save_every=config.train.checkpoint_every,
+                        keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint)
+    start = ckpt.latest_step()
+    if start is None:
+        params = model_setup.initial_params(config, model_cfg, mesh, param_shardings)
+        state = create_state(params, tx, shardings, config.seed)
+        start = 0
+    else:
+        abstract_state = jax.eval_shape(lambda p: create_state(p, tx, shardings, config.seed), abstract_params)
+        state = ckpt.restore(start, abstract_like(abstract_state, shardings), data_iter)
+
+    step_fn = jit_step(make_sft_step(model_cfg, tx, schedule, grad_accum=config.optim.grad_accum,
+                                     compute_dtype=compute_dtype, remat=config.model.remat,
+                                     loss_chunk=config.train.loss_chunk), shardings, batch_sharding)
+
+    writer = MetricWriter(config.workdir)
+    is_main = jax.process_index() == 0
+    losses = []
+    bar = tqdm(total=total_steps, initial=start, desc="sft", disable=not is_main, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    input_tokens = 0
+    for step in range(start, total_steps):
+        local = next(data_iter)
+        batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, batch)
+        metrics = jax.device_get(metrics)
+        dt = time.perf_counter() - t0
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            ckpt.close()
+            raise FloatingPointError(
+                f"non-finite loss ({loss}) at step {step + 1}; the last good checkpoint is step "
+                f"{ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or check the data.")
+        n_input = int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
+        input_tokens += n_input
+        metrics["tokens_per_s"] = n_input / dt
+        losses.append(loss)
+        if (step + 1) % config.train.log_every == 0 or step + 1 == total_steps:
+            writer.write(step + 1, metrics)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(metrics['lr']):.2e}")
+        bar.update(1)
+        ckpt.save(step + 1, state, data_iter, force=step + 1 == total_steps)
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+    ckpt.close()
+    writer.close()
+    summary = {
+        "stage": "sft",
+        "steps": total_steps,
+        "resumed_from": start,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "checkpoint": ckpt.step_dir(total_steps),
+        "tokens_per_s": input_tokens / elapsed if elapsed > 0 else None,
+    }
+    if losses:
+        summary["loss_halved"] = losses[-1] <= 0.5 * losses[0]
+    return summary

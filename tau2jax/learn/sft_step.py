@@ -1,0 +1,67 @@
+"""The SFT train step: masked next-token loss over packed rows, gradient accumulation, AdamW.
+
+Batches are dicts of [B, T] arrays: tokens, targets, loss_mask, positions, segment_ids
+(see tau2jax/data/pipeline.py). Loss and gradients are accumulated as sums and divided once by the
+global count of trained tokens, so 4 micro-batches of 1 row equal 1 batch of 4 rows, and the
+data-parallel average is over tokens, not over devices.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tau2jax.learn.loss import chunked_token_logprobs, masked_nll
+from tau2jax.learn.train_state import TrainState
+from tau2jax.models import qwen3
+
+
+def sequence_logprobs(params, model_cfg, batch, *, compute_dtype=jnp.float32, remat="none", loss_chunk=0):
+    """log p(targets) per position [B, T], float32. Shared by SFT and the RL losses."""
+    hidden = qwen3.forward(params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"],
+                           compute_dtype=compute_dtype, remat=remat, return_hidden=True)
+    head = functools.partial(qwen3.logits_from_hidden, params, model_cfg)
+    chunk = loss_chunk or hidden.shape[1]
+    return chunked_token_logprobs(hidden, batch["targets"], head, chunk)
+
+
+def make_sft_step(model_cfg, tx: optax.GradientTransformation, schedule, *, grad_accum=1,
+                  compute_dtype=jnp.float32, remat="none", loss_chunk=0):
+    def loss_fn(params, micro):
+        lp = sequence_logprobs(params, model_cfg, micro, compute_dtype=compute_dtype, remat=remat,
+                               loss_chunk=loss_chunk)
+        return masked_nll(lp, micro["loss_mask"])
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch):
+        # Micro-batch i takes rows i, i+A, i+2A, …: each micro-batch stays spread over every
+        # data-parallel device instead of living on a slice of them.
+        micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+        def accumulate(carry, mb):
+            grads, loss_sum, count = carry
+            (s, n), g = grad_fn(state.params, mb)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + s, count + n), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                  opt_state=opt_state)
+        metrics = {"loss": loss_sum / denom, "tokens": count, "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(state.step)}
+        return new_state, metrics
+
+    return step
+
+
+def jit_step(step_fn, shardings: TrainState, batch_sharding):
+    """Explicit in/out shardings; the old state is donated so params and moments update in place."""
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                   donate_argnums=(0,))
