@@ -160,6 +160,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.tau2.max_steps >= 1 and c.tau2.max_errors >= 1, "tau2", "max_steps and max_errors must be >= 1")
     _require(c.tau2.max_repairs >= 0, "tau2.max_repairs", "must be >= 0")
     _require(c.user.kind in ("scripted", "llm"), "user.kind", "must be 'scripted' or 'llm'")
+    _require(c.user.timeout_s > 0, "user.timeout_s", "must be > 0")
+    _require(c.user.max_retries >= 0 and c.user.retry_backoff_s >= 0, "user", "max_retries and retry_backoff_s must be >= 0")
     _require(c.engine.kind in ("builtin", "sglang", "gold"), "engine.kind", "must be builtin, sglang or gold")
     _require(c.eval.num_samples >= 1, "eval.num_samples", "must be >= 1")
     _require(c.eval.concurrency >= 1, "eval.concurrency", "must be >= 1")

@@ -1,0 +1,111 @@
+"""Converted model weights on disk: ``<dir>/params/`` (Orbax) + ``<dir>/model_config.json``.
+
+`restore_params` with a mesh restores every array straight into its `param_shardings` layout:
+each host reads only the slices its devices own, nothing is gathered to one host first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from checkpoints_tools import mapping
+from tau2jax.models.configs import ModelConfig
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "model_config.json"
+
+
+class CheckpointFormatError(ValueError):
+    """The directory is not a converted tau2jax weights checkpoint (or does not match its config)."""
+
+
+def save_params(out_dir: str, params, cfg: ModelConfig) -> None:
+    """Writes `params` (numpy or jax arrays) under `out_dir`. Collective on multi-host;
+    `out_dir` may exist but must not contain `params/` yet."""
+    out_dir = os.path.abspath(out_dir)
+    _check_structure(_shapes_of(params), cfg, what="params to save")
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(out_dir, PARAMS_DIR), params)
+    ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(out_dir, CONFIG_FILE), dataclasses.asdict(cfg))
+
+
+def load_config(orbax_dir: str) -> ModelConfig:
+    orbax_dir = os.path.abspath(orbax_dir)
+    if not os.path.isdir(orbax_dir):
+        raise CheckpointFormatError(f"weights directory {orbax_dir} does not exist")
+    cfg_path = os.path.join(orbax_dir, CONFIG_FILE)
+    if not os.path.isfile(cfg_path) or not os.path.isdir(os.path.join(orbax_dir, PARAMS_DIR)):
+        raise CheckpointFormatError(
+            f"{orbax_dir} is not a converted checkpoint: expected {CONFIG_FILE} and {PARAMS_DIR}/ "
+            "(create one with `python -m checkpoints_tools.hf_to_orbax --hf-dir HF --out DIR`)")
+    with open(cfg_path) as f:
+        fields = json.load(f)
+    try:
+        return ModelConfig(**fields)
+    except TypeError as e:
+        raise CheckpointFormatError(f"{cfg_path} does not match ModelConfig: {e}") from None
+
+
+def restore_params(orbax_dir: str, mesh: jax.sharding.Mesh | None = None, *, dtype=None):
+    """-> (params, cfg). With `mesh`, arrays come back sharded by `param_shardings(cfg, mesh)`;
+    without, on the first local device. `dtype` casts while reading (None keeps the stored one)."""
+    cfg = load_config(orbax_dir)
+    path = os.path.join(os.path.abspath(orbax_dir), PARAMS_DIR)
+    ckptr = ocp.StandardCheckpointer()
+    stored = ckptr.metadata(path).item_metadata.tree
+    _check_structure(jax.tree.map(lambda m: tuple(m.shape), stored, is_leaf=_is_array_meta),
+                     cfg, what=path)
+    if mesh is not None:
+        from tau2jax.parallel.sharding import param_shardings
+        shardings = param_shardings(cfg, mesh)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, stored, is_leaf=_is_array_meta)
+    target = jax.tree.map(
+        lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), jnp.dtype(dtype or m.dtype), sharding=s),
+        stored, shardings, is_leaf=_is_array_meta)
+    return ckptr.restore(path, target), cfg
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _is_array_meta(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _shapes_of(tree):
+    return jax.tree.map(lambda x: tuple(x.shape), tree)
+
+
+def _flat_shapes(shapes) -> dict[str, tuple[int, ...]]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    return {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(v) for k, v in leaves}
+
+
+def _check_structure(shapes, cfg: ModelConfig, *, what: str) -> None:
+    """Same parameter names and shapes as `cfg` implies, else an error naming the first mismatch."""
+    got, want = _flat_shapes(shapes), _flat_shapes(mapping.param_shapes(cfg))
+    if missing := sorted(want.keys() - got.keys()):
+        raise CheckpointFormatError(f"{what}: missing parameters {missing} for this model config")
+    if extra := sorted(got.keys() - want.keys()):
+        raise CheckpointFormatError(f"{what}: unexpected parameters {extra} for this model config")
+    for name, shape in want.items():
+        if got[name] != shape:
+            raise CheckpointFormatError(
+                f"{what}: parameter {name} has shape {got[name]}, config implies {shape}")

@@ -1,0 +1,258 @@
+"""Qwen3 dense decoder as pure functions over a params pytree (see docs/CONTRACTS.md).
+
+Numerics follow transformers' Qwen3 exactly: RMSNorm statistics in fp32 with the normalised value
+cast back before the weight multiply, per-head q/k RMSNorm before RoPE, rotate_half RoPE with fp32
+angles, GQA, SwiGLU. Layers are stacked on a leading axis and run with `jax.lax.scan`, so compile
+time does not grow with depth. Weights are cast to `compute_dtype` one layer at a time inside the
+scan (fp32 masters stay fp32); logits are always float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tau2jax.models.configs import ModelConfig
+from tau2jax.parallel.sharding import constrain
+
+# The layer body always runs inside lax.scan, where CSE across the remat boundary cannot happen,
+# so prevent_cse=False is safe and avoids needless optimisation barriers.
+_REMAT = {
+    "none": lambda fn: fn,
+    # Saves only the layer input; recomputes the whole layer in the backward pass.
+    "full": lambda fn: jax.checkpoint(fn, prevent_cse=False),
+    # Saves weight-matmul outputs (no batch dims). Plain checkpoint_dots would also save the
+    # [B, H, T, T] attention scores, which cost more memory than everything else at long T.
+    "dots": lambda fn: jax.checkpoint(fn, prevent_cse=False,
+                                      policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims),
+}
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Normal(0, 0.02) weights, with the residual-output projections (o_proj, down_proj) scaled by
+    1/sqrt(2L) so the residual stream's variance does not grow with depth; norm weights are 1."""
+    V, D, F = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
+    L, H, K, Dh = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    ks = jax.random.split(key, 9)
+    out_scale = (2 * L) ** -0.5
+
+    def normal(k, shape, scale=1.0):
+        return (0.02 * scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+
+    def ones(shape):
+        return jnp.ones(shape, dtype)
+
+    params = {
+        "embed": normal(ks[0], (V, D)),
+        "layers": {
+            "attn_norm": ones((L, D)),
+            "q_proj": normal(ks[1], (L, D, H, Dh)),
+            "k_proj": normal(ks[2], (L, D, K, Dh)),
+            "v_proj": normal(ks[3], (L, D, K, Dh)),
+            "o_proj": normal(ks[4], (L, H, Dh, D), out_scale),
+            "q_norm": ones((L, Dh)),
+            "k_norm": ones((L, Dh)),
+            "mlp_norm": ones((L, D)),
+            "gate_proj": normal(ks[5], (L, D, F)),
+            "up_proj": normal(ks[6], (L, D, F)),
+            "down_proj": normal(ks[7], (L, F, D), out_scale),
+        },
+        "final_norm": ones((D,)),
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = normal(ks[8], (D, V))
+    return params
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names of every parameter (same pytree as init_params; leaves are tuples)."""
+    axes = {
+        "embed": ("vocab", "embed"),
+        "layers": {
+            "attn_norm": ("layers", "norm"),
+            "q_proj": ("layers", "embed", "heads", "head_dim"),
+            "k_proj": ("layers", "embed", "kv_heads", "head_dim"),
+            "v_proj": ("layers", "embed", "kv_heads", "head_dim"),
+            "o_proj": ("layers", "heads", "head_dim", "embed"),
+            "q_norm": ("layers", "norm"),
+            "k_norm": ("layers", "norm"),
+            "mlp_norm": ("layers", "norm"),
+            "gate_proj": ("layers", "embed", "mlp"),
+            "up_proj": ("layers", "embed", "mlp"),
+            "down_proj": ("layers", "mlp", "embed"),
+        },
+        "final_norm": ("norm",),
+    }
+    if not cfg.tie_word_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """fp32 statistics; normalised value cast back to x.dtype before the weight multiply (as HF)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [..., head_dim] in fp32 for integer positions [...] (HF's cat(freqs, freqs) layout)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, Dh]; cos/sin [B, T, Dh]. rotate_half convention; cos/sin cast to x.dtype as HF."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda w: w.astype(dtype), tree)
+
+
+def _qkv(lp: dict, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array):
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, lp["q_proj"])
+    k = jnp.einsum("btd,dhk->bthk", h, lp["k_proj"])
+    v = jnp.einsum("btd,dhk->bthk", h, lp["v_proj"])
+    q = apply_rope(rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), cos, sin)
+    k = apply_rope(rms_norm(k, lp["k_norm"], cfg.rms_norm_eps), cos, sin)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    return q, k, v
+
+
+def _attend_and_mlp(lp: dict, cfg: ModelConfig, x, q, k, v, mask):
+    """Attention over (k, v) with a boolean mask [B, 1, T, S], output projection, SwiGLU MLP."""
+    # XLA implementation: softmax statistics in fp32; GQA is handled natively (H % K == 0).
+    attn = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5)
+    x = x + jnp.einsum("bthk,hkd->btd", attn, lp["o_proj"])
+    x = constrain(x, ("batch", "length", None))
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, lp["gate_proj"])
+    up = jnp.einsum("btd,df->btf", h, lp["up_proj"])
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    x = x + jnp.einsum("btf,fd->btd", act, lp["down_proj"])
+    return constrain(x, ("batch", "length", None))
+
+
+def _remat(fn, remat: str):
+    if remat not in _REMAT:
+        raise ValueError(f"remat must be one of {sorted(_REMAT)}, got {remat!r}")
+    return _REMAT[remat](fn)
+
+
+def _embed(params: dict, tokens: jax.Array, dtype) -> jax.Array:
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    return constrain(x, ("batch", "length", None))
+
+
+# --------------------------------------------------------------------------- full-sequence forward
+
+
+def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
+            compute_dtype=jnp.float32, remat: str = "none", return_hidden: bool = False) -> jax.Array:
+    """tokens, positions, segment_ids: int [B, T]. Packed rows: a token attends causally to earlier
+    tokens of its own segment only. Segment 0 is padding: padding tokens attend only to padding, so
+    their rows stay finite and never touch real tokens. Returns logits [B, T, V] float32, or the
+    final-normed hidden states [B, T, D] (compute_dtype) when return_hidden (see logits_from_hidden)."""
+    T = tokens.shape[1]
+    x = _embed(params, tokens, compute_dtype)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    mask = mask[:, None]  # [B, 1, T, T], broadcast over heads
+
+    def layer(x, lp):
+        lp = _cast(lp, compute_dtype)
+        q, k, v = _qkv(lp, cfg, x, cos, sin)
+        return _attend_and_mlp(lp, cfg, x, q, k, v, mask), None
+
+    x, _ = jax.lax.scan(_remat(layer, remat), x, params["layers"])
+    hidden = rms_norm(x, params["final_norm"].astype(compute_dtype), cfg.rms_norm_eps)
+    if return_hidden:
+        return hidden
+    return logits_from_hidden(params, cfg, hidden)
+
+
+def logits_from_hidden(params: dict, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """LM head on final-normed hidden [..., D] -> float32 logits [..., V] (matmul in hidden.dtype,
+    fp32 accumulation). Kept separate so losses can apply it chunk by chunk over T."""
+    if cfg.tie_word_embeddings:
+        w = params["embed"].astype(hidden.dtype)
+        logits = jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+    else:
+        w = params["lm_head"].astype(hidden.dtype)
+        logits = jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+    if logits.ndim == 3:
+        logits = constrain(logits, ("batch", "length", "vocab"))
+    return logits
+
+
+# --------------------------------------------------------------------------- KV-cache decoding
+
+
+def cache_axes() -> dict:
+    """Logical axes of the init_cache pytree (for placing a cache on a mesh)."""
+    axes = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+    return {"k": axes, "v": axes}
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """Empty cache: k, v [L, B, max_len, K, Dh]. Which slots are filled is tracked by the caller's
+    `lengths`, not by the cache."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def forward_cached(params: dict, cfg: ModelConfig, tokens: jax.Array, cache: dict, lengths: jax.Array,
+                   valid: jax.Array | None = None, *, compute_dtype=jnp.float32,
+                   return_hidden: bool = False) -> tuple[jax.Array, dict]:
+    """Runs a chunk tokens [B, T] on top of a cache. Row b's tokens sit at positions
+    lengths[b] + arange(T); their k/v are written into those slots and each token attends to slots
+    <= its own position. `valid` [B, T] (right-padded, True first) marks real tokens: invalid ones
+    are not written (so they cannot be attended later) and, being after every valid token of their
+    row, cannot affect them. Writes past max_len are dropped. Returns (logits [B, T, V] float32, or
+    final-normed hidden [B, T, D] if return_hidden, new cache); the caller advances `lengths` by the
+    number of valid tokens. Static shapes throughout: jit once per (B, T, max_len)."""
+    B, T = tokens.shape
+    S = cache["k"].shape[2]
+    positions = lengths[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)[None, :]
+    if valid is None:
+        valid = jnp.ones((B, T), dtype=bool)
+    # Out-of-range slot index S makes the scatter drop invalid tokens' writes.
+    write_pos = jnp.where(valid, positions, S)
+    rows = jnp.arange(B)[:, None]
+    mask = (jnp.arange(S)[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, S]
+    x = _embed(params, tokens, compute_dtype)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+
+    def layer(carry, xs):
+        x, ck, cv = carry
+        lp, i = xs
+        lp = _cast(lp, compute_dtype)
+        q, k, v = _qkv(lp, cfg, x, cos, sin)
+        # The whole cache rides in the carry and is updated one layer slice at a time, which XLA
+        # does in place (a scanned output would hold a second copy of the cache).
+        k_all = ck[i].at[rows, write_pos].set(k.astype(ck.dtype), mode="drop")
+        v_all = cv[i].at[rows, write_pos].set(v.astype(cv.dtype), mode="drop")
+        ck = jax.lax.dynamic_update_index_in_dim(ck, k_all, i, axis=0)
+        cv = jax.lax.dynamic_update_index_in_dim(cv, v_all, i, axis=0)
+        x = _attend_and_mlp(lp, cfg, x, q, k_all.astype(compute_dtype), v_all.astype(compute_dtype), mask)
+        return (x, ck, cv), None
+
+    (x, ck, cv), _ = jax.lax.scan(layer, (x, cache["k"], cache["v"]),
+                                  (params["layers"], jnp.arange(cfg.num_layers)))
+    hidden = rms_norm(x, params["final_norm"].astype(compute_dtype), cfg.rms_norm_eps)
+    out = hidden if return_hidden else logits_from_hidden(params, cfg, hidden)
+    return out, {"k": ck, "v": cv}
