@@ -13,10 +13,11 @@ import sys
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm fetches prices at import otherwise
 
-from absl import app
+from absl import app, logging
 from ml_collections import config_flags
 
 from tau2jax import config as config_lib
+from tau2jax.data.sft_data import DataError
 
 # stage -> "module:function"; modules import lazily so `sft` never pays for tau2/litellm imports.
 STAGE_RUNNERS = {
@@ -37,11 +38,13 @@ def run_stage(config) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Orbax and grain log every save at INFO; our progress bar and metrics say what matters.
+    logging.set_verbosity(logging.WARNING)
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config configs/tiny_sft.py")
     try:
         summary = run_stage(_CONFIG.value)
-    except config_lib.ConfigError as e:
+    except (config_lib.ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(summary, sort_keys=True), flush=True)

@@ -48,6 +48,11 @@ def run(config) -> dict:
     tokenizer = load_tokenizer(config.tokenizer.path or config.model.hf_dir)
     model_cfg = model_setup.resolve_model_config(config, tokenizer)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (config.data.batch_size // config.optim.grad_accum) % dp:
+        raise config_lib.ConfigError(
+            f"config.data.batch_size: {config.data.batch_size} rows / {config.optim.grad_accum} micro-batches "
+            f"must divide over the {dp} data-parallel devices (mesh.data × mesh.fsdp)")
     compute_dtype = jnp.dtype(config.model.compute_dtype)
 
     total_steps = config.train.steps or _count_steps(config, tokenizer)
@@ -82,28 +87,35 @@ def run(config) -> dict:
     bar = tqdm(total=total_steps, initial=start, desc="sft", disable=not is_main, dynamic_ncols=True)
     t_start = time.perf_counter()
     input_tokens = 0
-    for step in range(start, total_steps):
-        local = next(data_iter)
-        batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
-        t0 = time.perf_counter()
-        state, metrics = step_fn(state, batch)
-        metrics = jax.device_get(metrics)
-        dt = time.perf_counter() - t0
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-            ckpt.close()
-            raise FloatingPointError(
-                f"non-finite loss ({loss}) at step {step + 1}; the last good checkpoint is step "
-                f"{ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or check the data.")
-        n_input = int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
-        input_tokens += n_input
-        metrics["tokens_per_s"] = n_input / dt
-        losses.append(loss)
-        if (step + 1) % config.train.log_every == 0 or step + 1 == total_steps:
-            writer.write(step + 1, metrics)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(metrics['lr']):.2e}")
-        bar.update(1)
-        ckpt.save(step + 1, state, data_iter, force=step + 1 == total_steps)
+    with jax.set_mesh(mesh):  # activates the model's activation-sharding hints
+        for step in range(start, total_steps):
+            local = next(data_iter, None)
+            if local is None:
+                ckpt.close()
+                raise config_lib.ConfigError(
+                    f"config.train.steps={total_steps}: the data ends after step {step}; "
+                    "raise data.num_epochs or lower train.steps")
+            batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+                     for k, v in local.items()}
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            metrics = jax.device_get(metrics)
+            dt = time.perf_counter() - t0
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                ckpt.close()
+                raise FloatingPointError(
+                    f"non-finite loss ({loss}) at step {step + 1}; the last good checkpoint is step "
+                    f"{ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or check the data.")
+            n_input = int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
+            input_tokens += n_input
+            metrics["tokens_per_s"] = n_input / dt
+            losses.append(loss)
+            if (step + 1) % config.train.log_every == 0 or step + 1 == total_steps:
+                writer.write(step + 1, metrics)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(metrics['lr']):.2e}")
+            bar.update(1)
+            ckpt.save(step + 1, state, data_iter, force=step + 1 == total_steps)
     bar.close()
     elapsed = time.perf_counter() - t_start
     ckpt.close()

@@ -1,0 +1,119 @@
+"""tau2's own LLM user simulator, speaking to any OpenAI-compatible endpoint through litellm.
+
+`LLMUser` is `tau2.user.user_simulator.UserSimulator` (its global guidelines, scenario prompt,
+`###STOP###` / `###TRANSFER###` / `###OUT-OF-SCOPE###` signals and user-tool handling are
+unchanged) with one addition: each turn is retried with exponential backoff, and a turn that still
+fails raises `UserSimulatorError`, which the episode runner records as an infrastructure failure
+(not a model failure).
+
+Retries are ours alone: tau2's `generate` forwards `llm_args` to `litellm.completion`, where
+`num_retries=0` turns off litellm's retry wrapper and `max_retries=0` the OpenAI client's, so one
+attempt is one HTTP request bounded by `timeout`.
+
+    user = make_llm_user(config.user, task, env.get_user_tools())  # or tools=None (no user tools)
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm downloads prices at import otherwise
+
+import litellm  # noqa: E402
+import tenacity  # noqa: E402
+from tau2.user.user_simulator import UserSimulator  # noqa: E402
+
+
+class UserSimulatorError(RuntimeError):
+    """The user simulator's LLM could not produce a turn (after retries): an infrastructure failure."""
+
+
+class EmptyUserResponse(RuntimeError):
+    """The endpoint answered with neither text nor tool calls (tau2 would crash on it later)."""
+
+
+# Client-side mistakes that a retry cannot fix: fail the turn at once.
+_NOT_RETRYABLE = (
+    litellm.BadRequestError,  # includes ContextWindowExceededError
+    litellm.AuthenticationError,
+    litellm.PermissionDeniedError,
+    litellm.NotFoundError,
+)
+
+
+class LLMUser(UserSimulator):
+    def __init__(
+        self,
+        tools,
+        instructions,
+        *,
+        model: str,
+        base_url: str,
+        api_key: str = "EMPTY",
+        temperature: float = 0.7,
+        timeout_s: float = 120.0,
+        max_retries: int = 3,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+    ):
+        # The endpoint is OpenAI-compatible by contract; litellm needs the provider prefix to know it.
+        model = model if "/" in model else f"openai/{model}"
+        llm_args = {
+            "api_base": base_url or None,
+            "api_key": api_key,
+            "temperature": temperature,
+            "timeout": timeout_s,
+            "num_retries": 0,
+            "max_retries": 0,
+        }
+        super().__init__(tools=tools, instructions=instructions, llm=model, llm_args=llm_args)
+        self.base_url = base_url
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+
+    def generate_next_message(self, message, state):
+        # UserSimulator appends to state.messages before calling the LLM; undo that before each
+        # retry so a failed attempt leaves no trace in the conversation.
+        n = len(state.messages)
+
+        def attempt():
+            del state.messages[n:]
+            user_msg, new_state = self._generate_next_message(message, state)
+            if not (user_msg.content and user_msg.content.strip()) and not user_msg.tool_calls:
+                raise EmptyUserResponse("empty response (no content, no tool calls)")
+            return user_msg, new_state
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.max_retries + 1),
+            wait=tenacity.wait_exponential(multiplier=self.backoff_s, max=self.max_backoff_s),
+            retry=tenacity.retry_if_not_exception_type(_NOT_RETRYABLE),
+            reraise=True,
+        )
+        try:
+            return retrying(attempt)
+        except Exception as e:
+            del state.messages[n:]
+            tries = retrying.statistics.get("attempt_number", 1)
+            raise UserSimulatorError(
+                f"user simulator {self.llm} at {self.base_url} failed after {tries} attempt(s): "
+                f"{type(e).__name__}: {e}"
+            ) from e
+
+
+def make_llm_user(user_cfg, task, tools=None) -> LLMUser:
+    """Builds tau2's user simulator for `task` from the config's `user` section, as tau2's own
+    runner does: the task's user scenario as instructions; `tools`: the domain's user tools
+    (`env.get_user_tools()`, telecom) or None. Only their schemas are used, so one list can serve
+    every episode of a domain."""
+    return LLMUser(
+        tools=tools or None,
+        instructions=str(task.user_scenario),
+        model=user_cfg.model,
+        base_url=user_cfg.base_url,
+        api_key=user_cfg.api_key,
+        temperature=user_cfg.temperature,
+        timeout_s=user_cfg.timeout_s,
+        max_retries=user_cfg.max_retries,
+        backoff_s=user_cfg.retry_backoff_s,
+    )

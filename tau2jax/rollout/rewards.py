@@ -1,0 +1,93 @@
+"""Scoring: tau2's own evaluator gives the task reward; a partial score shapes it for RL.
+
+    partial = (w_action·action_frac + w_env·env_assertion_frac + w_comm·communicate_frac) / Σw
+    shaped  = reward + alpha·partial
+
+Each fraction is the share of that component's checks met in tau2's RewardInfo; the weights are
+renormalised over the components the task actually has (a component without checks is left
+out), and partial is 0 when there are none (e.g. an episode that ended at max_steps, which tau2
+does not evaluate). DB match is deliberately not a component (it is the task reward already), and
+nothing rewards the number of turns (reward hacking).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    alpha: float = 0.3
+    w_action: float = 0.7
+    w_env_assertion: float = 0.2
+    w_communicate: float = 0.1
+
+    @classmethod
+    def from_config(cls, reward_section) -> "RewardConfig":
+        """From the `reward` section of the run config."""
+        return cls(
+            alpha=reward_section.alpha,
+            w_action=reward_section.w_action,
+            w_env_assertion=reward_section.w_env_assertion,
+            w_communicate=reward_section.w_communicate,
+        )
+
+
+def _as_reward_info(info):
+    from tau2.data_model.simulation import RewardInfo
+
+    return RewardInfo.model_validate(info) if isinstance(info, dict) else info
+
+
+def partial_components(reward_info) -> dict[str, float]:
+    """{component: fraction of its checks met} for the components present in a RewardInfo (or its dict)."""
+    info = _as_reward_info(reward_info)
+    out = {}
+    if info.action_checks:
+        out["action"] = sum(c.action_match for c in info.action_checks) / len(info.action_checks)
+    if info.env_assertions:
+        out["env_assertion"] = sum(c.met for c in info.env_assertions) / len(info.env_assertions)
+    if info.communicate_checks:
+        out["communicate"] = sum(c.met for c in info.communicate_checks) / len(info.communicate_checks)
+    return out
+
+
+def partial_reward(reward_info, cfg: RewardConfig = RewardConfig()) -> float:
+    weights = {"action": cfg.w_action, "env_assertion": cfg.w_env_assertion, "communicate": cfg.w_communicate}
+    comps = partial_components(reward_info)
+    total = sum(weights[k] for k in comps)
+    if total <= 0:
+        return 0.0
+    return sum(weights[k] * v for k, v in comps.items()) / total
+
+
+def shaped_reward(reward: float, partial: float, cfg: RewardConfig = RewardConfig()) -> float:
+    return reward + cfg.alpha * partial
+
+
+def evaluate(task, domain: str, messages: list, termination_reason: str, duration: float = 0.0):
+    """tau2's verdict on a conversation: build its SimulationRun from our tau2 messages and call
+    `tau2.evaluator.evaluator.evaluate_simulation` (all criteria, dual control). -> RewardInfo.
+
+    `messages` are tau2 Message objects (history first); each ToolCall must be followed by the
+    ToolMessage with its id, since the evaluator replays every call in a fresh environment.
+    """
+    from tau2.data_model.simulation import SimulationRun, TerminationReason
+    from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
+    from tau2.utils.utils import get_now
+
+    msgs = [m.model_copy() for m in messages]
+    for i, m in enumerate(msgs):
+        m.turn_idx = i
+    now = get_now()
+    sim = SimulationRun(
+        id=str(uuid.uuid4()),
+        task_id=task.id,
+        start_time=now,
+        end_time=now,
+        duration=duration,
+        termination_reason=TerminationReason(termination_reason),
+        messages=msgs,
+    )
+    return evaluate_simulation(sim, task, EvaluationType.ALL, solo_mode=False, domain=domain)

@@ -1,0 +1,85 @@
+"""Partial and shaped rewards from hand-built tau2 RewardInfo objects, and tau2's own verdicts."""
+
+import pytest
+
+from tau2jax.rollout import tau2_env  # noqa: F401  (first: quiets tau2's import-time logging)
+
+from tau2.data_model.message import AssistantMessage, UserMessage
+from tau2.data_model.simulation import ActionCheck, CommunicateCheck, DBCheck, EnvAssertionCheck, RewardInfo
+from tau2.data_model.tasks import Action, EnvAssertion
+
+from tau2jax.config import default_config
+from tau2jax.rollout import rewards
+from tau2jax.rollout.rewards import RewardConfig, partial_components, partial_reward, shaped_reward
+
+
+def _actions(*matches):
+    return [
+        ActionCheck(action=Action(action_id=f"a{i}", name="f", arguments={}), action_match=m, action_reward=float(m))
+        for i, m in enumerate(matches)
+    ]
+
+
+def _env(*mets):
+    return [
+        EnvAssertionCheck(env_assertion=EnvAssertion(env_type="user", func_name="g", arguments={}), met=m, reward=float(m))
+        for m in mets
+    ]
+
+
+def _comm(*mets):
+    return [CommunicateCheck(info=f"i{i}", met=m, justification="") for i, m in enumerate(mets)]
+
+
+def test_all_components_weighted_by_the_recipe():
+    info = RewardInfo(reward=0.0, action_checks=_actions(True, False), env_assertions=_env(True, True, False, False),
+                      communicate_checks=_comm(True))
+    assert partial_components(info) == {"action": 0.5, "env_assertion": 0.5, "communicate": 1.0}
+    assert partial_reward(info) == pytest.approx(0.7 * 0.5 + 0.2 * 0.5 + 0.1 * 1.0)
+
+
+def test_weights_renormalise_over_the_components_a_task_has():
+    # airline/retail: actions + communicate, no env assertions
+    info = RewardInfo(reward=0.0, action_checks=_actions(True, True, True, False), communicate_checks=_comm(False),
+                      db_check=DBCheck(db_match=False, db_reward=0.0))
+    assert partial_reward(info) == pytest.approx((0.7 * 0.75 + 0.1 * 0.0) / 0.8)
+    # telecom ENV_ASSERTION tasks: only env assertions count, DB match is never a component
+    info = RewardInfo(reward=0.0, env_assertions=_env(True, False), db_check=DBCheck(db_match=True, db_reward=1.0))
+    assert partial_reward(info) == pytest.approx(0.5)
+
+
+def test_no_components_gives_zero():
+    # what tau2 returns for an episode that hit max_steps: no checks at all
+    assert partial_reward(RewardInfo(reward=0.0, reward_basis=None, info={"note": "premature"})) == 0.0
+    assert partial_reward(RewardInfo(reward=1.0, action_checks=[], communicate_checks=[])) == 0.0
+
+
+def test_dict_input_matches_object_input():
+    info = RewardInfo(reward=1.0, action_checks=_actions(True, False, True), communicate_checks=_comm(True, False))
+    assert partial_reward(info.model_dump(mode="json")) == pytest.approx(partial_reward(info))
+
+
+def test_shaped_reward_and_config():
+    cfg = RewardConfig.from_config(default_config().reward)
+    assert cfg == RewardConfig(alpha=0.3, w_action=0.7, w_env_assertion=0.2, w_communicate=0.1)
+    assert shaped_reward(1.0, 0.5, cfg) == pytest.approx(1.15)
+    assert shaped_reward(0.0, 1.0, cfg) == pytest.approx(0.3)
+    custom = RewardConfig(alpha=0.25, w_action=0.5, w_env_assertion=0.35, w_communicate=0.15)
+    info = RewardInfo(reward=0.0, action_checks=_actions(True), env_assertions=_env(False))
+    assert partial_reward(info, custom) == pytest.approx(0.5 / 0.85)
+    assert shaped_reward(0.0, partial_reward(info, custom), custom) == pytest.approx(0.25 * 0.5 / 0.85)
+
+
+def test_tau2_evaluator_verdicts():
+    task = next(t for t in tau2_env.load_tasks("mock") if t.id == "create_task_1")
+    greeting = tau2_env.initial_messages(task)
+    ask = UserMessage(role="user", content="Please create the task 'Important Meeting' for user_1.")
+    done = AssistantMessage(role="assistant", content="Sorry, I did nothing.")
+    # premature end: tau2 does not evaluate, so reward and partial are 0
+    info = rewards.evaluate(task, "mock", greeting + [ask, done], "max_steps")
+    assert info.reward == 0.0 and partial_reward(info) == 0.0
+    # a proper stop without the expected create_task call: DB mismatch, action check unmet
+    info = rewards.evaluate(task, "mock", greeting + [ask, done, UserMessage(role="user", content="###STOP###")], "user_stop")
+    assert info.reward == 0.0
+    assert info.db_check.db_match is False and [c.action_match for c in info.action_checks] == [False]
+    assert partial_reward(info) == 0.0

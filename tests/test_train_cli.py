@@ -1,0 +1,104 @@
+"""`python -m tau2jax.train`: config errors by name, resume after SIGKILL, tiny SFT learns."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# A laptop's view: one CPU device, not the 8 fake ones the in-process tests use.
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+def _train(*args, check=True, timeout=900):
+    proc = subprocess.run([sys.executable, "-m", "tau2jax.train", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=ENV)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _summary(proc) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.optim.lrr=0.1", "lrr"),
+    ("--config.train.steps=abc", "train.steps"),
+    ("--config.data.train_files=/nonexistent/sft.jsonl", "/nonexistent/sft.jsonl"),
+    ("--config.tau2.prompt_style=fancy", "tau2.prompt_style"),
+    ("--config.optim.grad_accum=3", "optim.grad_accum"),
+])
+def test_bad_config_is_rejected_by_name(override, expected, tmp_path):
+    proc = _train("--config", "configs/tiny_sft.py", f"--config.workdir={tmp_path}", override, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr or expected in proc.stderr.splitlines()[-1]
+
+
+def _short_conversations(path, n=24):
+    with open(path, "w") as f:
+        for i in range(n):
+            msgs = [{"role": "user", "content": f"What is {i} plus {i}?"},
+                    {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+
+
+def _losses(workdir) -> dict[int, float]:
+    """Last logged loss per step (a resumed run re-logs the steps after its checkpoint)."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            d = json.loads(line)
+            out[d["step"]] = d["loss"]
+    return out
+
+
+def test_sigkill_then_rerun_resumes_with_identical_losses(tmp_path):
+    data = tmp_path / "short.jsonl"
+    _short_conversations(data)
+    common = ["--config", "configs/tiny_sft.py", f"--config.data.train_files={data}",
+              "--config.data.max_len=64", "--config.data.batch_size=2", "--config.train.steps=40",
+              "--config.train.checkpoint_every=4", "--config.train.loss_chunk=64", "--config.optim.lr=1e-3"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    _train(*common, f"--config.workdir={ref_dir}")
+    reference = _losses(ref_dir)
+    assert sorted(reference) == list(range(1, 41))
+
+    cmd = [sys.executable, "-m", "tau2jax.train", *common, f"--config.workdir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    # Kill once a checkpoint is committed and training has gone past it.
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and (run_dir / "checkpoints" / "8").exists() and len(metrics.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    killed_at = max(_losses(run_dir))
+    assert killed_at < 40
+
+    summary = _summary(_train(*common, f"--config.workdir={run_dir}"))
+    resumed_from = summary["resumed_from"]
+    assert 4 <= resumed_from <= killed_at
+    resumed = _losses(run_dir)
+    assert sorted(resumed) == list(range(1, 41))
+    for step in range(resumed_from + 1, 41):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_tiny_sft_config_halves_the_loss(tmp_path):
+    summary = _summary(_train("--config", "configs/tiny_sft.py", f"--config.workdir={tmp_path}"))
+    assert summary["stage"] == "sft" and summary["steps"] == 15
+    assert summary["final_loss"] <= 0.5 * summary["first_loss"]
+    assert summary["loss_halved"] is True
+    assert os.path.isdir(summary["checkpoint"])
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
