@@ -270,3 +270,16 @@ def test_parse_whitespace_tolerant_and_errors():
     # A JSON string may contain the closing tag's text.
     inner = '<tool_call>\n{"name": "f", "arguments": {"s": "</tool_call>"}}\n</tool_call>'
     assert parse_tool_calls(inner) == ("", [{"name": "f", "arguments": {"s": "</tool_call>"}}], None)
+
+
+def test_assistant_turn_with_weight_zero_is_rendered_but_not_trained():
+    chat = ChatFormat(tokenizer_lib.load_tokenizer())
+    greeting = {"role": "assistant", "content": "Hi! How can I help you today?", "weight": 0}
+    msgs = [greeting, {"role": "user", "content": "Cancel my order."},
+            {"role": "assistant", "content": "Sure, which order?"}]
+    ids, mask = chat.render(msgs)
+    unweighted_ids, unweighted_mask = chat.render([{k: v for k, v in m.items() if k != "weight"} for m in msgs])
+    assert ids == unweighted_ids
+    trained = chat.tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == "Sure, which order?<|im_end|>"
+    assert sum(unweighted_mask) > sum(mask)

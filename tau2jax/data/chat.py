@@ -97,11 +97,14 @@ class ChatFormat:
         if role in ("user", "system"):
             return [(f"{IM_START}{role}\n{content}{IM_END}\n", False)]
         if role == "assistant":
-            parts = [(f"{IM_START}assistant\n", False), (content, True)]
+            # "weight": 0 (the OpenAI fine-tuning convention) marks a turn the policy did not write,
+            # such as tau2's fixed greeting: rendered, never trained.
+            trained = bool(msg.get("weight", 1))
+            parts = [(f"{IM_START}assistant\n", False), (content, trained)]
             for i, call in enumerate(msg.get("tool_calls") or ()):
                 sep = "\n" if (i > 0 or content) else ""
-                parts.append((sep + tool_call_text(call), True))
-            return parts + [(IM_END, True), ("\n", False)]
+                parts.append((sep + tool_call_text(call), trained))
+            return parts + [(IM_END, trained), ("\n", False)]
         if role == "tool":
             text = "" if prev_role == "tool" else f"{IM_START}user"
             text += f"\n{TOOL_RESPONSE}\n{content}\n{TOOL_RESPONSE_END}"

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from checkpoints_tools import orbax_io
 from tau2jax import config as config_lib
 from tau2jax.data.pipeline import make_sft_dataset
 from tau2jax.data.tokenizer import load_tokenizer
@@ -120,6 +121,10 @@ def run(config) -> dict:
     elapsed = time.perf_counter() - t_start
     ckpt.close()
     writer.close()
+    # Params alone, in the converted-weights layout that engines, export and later stages load.
+    params_dir = os.path.join(config.workdir, "params")
+    if not os.path.isdir(os.path.join(params_dir, orbax_io.PARAMS_DIR)):
+        orbax_io.save_params(params_dir, state.params, model_cfg)
     summary = {
         "stage": "sft",
         "steps": total_steps,
@@ -127,6 +132,7 @@ def run(config) -> dict:
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "checkpoint": ckpt.step_dir(total_steps),
+        "params": os.path.abspath(params_dir),
         "tokens_per_s": input_tokens / elapsed if elapsed > 0 else None,
     }
     if losses:
