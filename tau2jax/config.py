@@ -34,6 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights
     c.model.compute_dtype = "float32"  # bfloat16 on GPU
     c.model.remat = "none"  # none | full | dots (what to save in the backward pass)
+    c.model.attn_chunk = 0  # queries per attention block in training; 0 = dense [T, T] scores
 
     # Device mesh; -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict()
@@ -99,7 +100,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Policy engine.
     c.engine = ml_collections.ConfigDict()
     c.engine.kind = "builtin"  # builtin | sglang | gold
-    c.engine.url = "http://127.0.0.1:30000"
+    c.engine.url = "http://127.0.0.1:30000"  # sglang: the policy server
+    c.engine.checkpoint = ""  # builtin: converted weights (hf_to_orbax output or an SFT run's params/)
+    c.engine.max_seq_len = 32768  # builtin: KV-cache length (prompt + generated tokens)
+    c.engine.max_batch = 16  # builtin: sequences decoded together
     c.engine.max_new_tokens = 1200
     c.engine.timeout_s = 300.0
     c.engine.max_retries = 3
@@ -144,7 +148,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for ax in ("data", "fsdp", "tensor"):
         v = getattr(c.mesh, ax)
         _require(v == -1 or v >= 1, f"mesh.{ax}", f"must be -1 or >= 1, got {v}")
-    for path_field in ("model.hf_dir", "model.init_from", "tokenizer.path", "tau2.data_dir"):
+    for path_field in ("model.hf_dir", "model.init_from", "tokenizer.path", "tau2.data_dir", "engine.checkpoint"):
         section, key = path_field.split(".")
         p = c[section][key]
         _require(not p or os.path.exists(p), path_field, f"path {p!r} does not exist")

@@ -76,17 +76,7 @@ def engine_factory(config, chat, style):
     if kind not in SHARED_ENGINES:
         raise EngineUnavailable(f"engine.kind={kind!r}: unknown engine; known: gold, {', '.join(SHARED_ENGINES)}")
     module_name, fn_name = SHARED_ENGINES[kind].split(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), fn_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        raise EngineUnavailable(
-            f"engine.kind={kind!r} is not available yet in this build ({module_name} is missing); "
-            "use engine.kind=gold for a smoke run"
-        ) from e
-    except AttributeError as e:
-        raise EngineUnavailable(f"engine.kind={kind!r}: {module_name} has no {fn_name}(config)") from e
+    fn = getattr(importlib.import_module(module_name), fn_name)
     engine = fn(config)
     return lambda task: engine
 

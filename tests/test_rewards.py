@@ -83,3 +83,20 @@ def test_tau2_evaluator_verdicts():
     assert info.reward == 0.0
     assert info.db_check.db_match is False and [c.action_match for c in info.action_checks] == [False]
     assert partial_reward(info) == 0.0
+
+
+def test_env_assertion_on_state_the_agent_never_created_scores_zero_not_infra():
+    """mock's create_task_1_with_env_assertions asserts on task_2; an agent that stops without
+    creating it makes tau2's assertion raise. That is a model failure (reward 0)."""
+    from tau2.data_model.message import AssistantMessage, UserMessage
+
+    from tau2jax.rollout import rewards, tau2_env
+
+    tau2_env.init_tau2("")
+    task = next(t for t in tau2_env.load_tasks("mock", "base") if t.id == "create_task_1_with_env_assertions")
+    msgs = [AssistantMessage(role="assistant", content="Hi! How can I help you today?"),
+            UserMessage(role="user", content="Please create a task."),
+            AssistantMessage(role="assistant", content="Sorry, I cannot.")]
+    info = rewards.evaluate(task, "mock", msgs, "user_stop")
+    assert info.reward == 0.0
+    assert "task_2" in info.info["env_assertion_error"]

@@ -19,36 +19,41 @@ from tau2jax.learn.train_state import TrainState
 from tau2jax.models import qwen3
 
 
-def sequence_logprobs(params, model_cfg, batch, *, compute_dtype=jnp.float32, remat="none", loss_chunk=0):
+def sequence_logprobs(params, model_cfg, batch, *, compute_dtype=jnp.float32, remat="none", loss_chunk=0,
+                      attn_chunk=0):
     """log p(targets) per position [B, T], float32. Shared by SFT and the RL losses."""
     hidden = qwen3.forward(params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"],
-                           compute_dtype=compute_dtype, remat=remat, return_hidden=True)
+                           compute_dtype=compute_dtype, remat=remat, return_hidden=True,
+                           attn_chunk=attn_chunk)
     head = functools.partial(qwen3.logits_from_hidden, params, model_cfg)
     chunk = loss_chunk or hidden.shape[1]
     return chunked_token_logprobs(hidden, batch["targets"], head, chunk)
 
 
 def make_sft_step(model_cfg, tx: optax.GradientTransformation, schedule, *, grad_accum=1,
-                  compute_dtype=jnp.float32, remat="none", loss_chunk=0):
+                  compute_dtype=jnp.float32, remat="none", loss_chunk=0, attn_chunk=0):
     def loss_fn(params, micro):
         lp = sequence_logprobs(params, model_cfg, micro, compute_dtype=compute_dtype, remat=remat,
-                               loss_chunk=loss_chunk)
+                               loss_chunk=loss_chunk, attn_chunk=attn_chunk)
         return masked_nll(lp, micro["loss_mask"])
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch):
-        # Micro-batch i takes rows i, i+A, i+2A, …: each micro-batch stays spread over every
-        # data-parallel device instead of living on a slice of them.
-        micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
+        if grad_accum == 1:  # no accumulator: saves a params-sized fp32 buffer on large models
+            (loss_sum, count), grads = grad_fn(state.params, batch)
+        else:
+            # Micro-batch i takes rows i, i+A, i+2A, …: each micro-batch stays spread over every
+            # data-parallel device instead of living on a slice of them.
+            micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
-        def accumulate(carry, mb):
-            grads, loss_sum, count = carry
-            (s, n), g = grad_fn(state.params, mb)
-            return (jax.tree.map(jnp.add, grads, g), loss_sum + s, count + n), None
+            def accumulate(carry, mb):
+                acc, s_acc, n_acc = carry
+                (s, n), g = grad_fn(state.params, mb)
+                return (jax.tree.map(jnp.add, acc, g), s_acc + s, n_acc + n), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            (grads, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

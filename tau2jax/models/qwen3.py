@@ -132,10 +132,34 @@ def _qkv(lp: dict, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Arra
     return q, k, v
 
 
-def _attend_and_mlp(lp: dict, cfg: ModelConfig, x, q, k, v, mask):
-    """Attention over (k, v) with a boolean mask [B, 1, T, S], output projection, SwiGLU MLP."""
-    # XLA implementation: softmax statistics in fp32; GQA is handled natively (H % K == 0).
-    attn = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5)
+def segment_causal_attention(q, k, v, segment_ids, scale: float, chunk: int = 0):
+    """Causal attention within segments (packed rows), `chunk` queries at a time.
+
+    Dense scores are [B, H, T, T]: 32 GiB per row for Qwen3-4B at T=16k, where tau2 conversations
+    live. With chunking each step holds [B, H, chunk, T], and the inner checkpoint makes the
+    backward pass recompute one chunk's scores at a time instead of saving all of them.
+    chunk=0 (or a T it does not divide) is the dense path. Same result either way: every query row
+    still takes its softmax over all T keys.
+    """
+    T = q.shape[1]
+    key_idx = jnp.arange(T)
+
+    def attend(qc, seg_c, idx_c):
+        mask = (seg_c[:, :, None] == segment_ids[:, None, :]) & (idx_c[:, None] >= key_idx[None, :])
+        # XLA implementation: softmax statistics in fp32; GQA is handled natively (H % K == 0).
+        return jax.nn.dot_product_attention(qc, k, v, mask=mask[:, None], scale=scale)
+
+    if not chunk or chunk >= T or T % chunk:
+        return attend(q, segment_ids, key_idx)
+    n = T // chunk
+    qs = q.reshape(q.shape[0], n, chunk, *q.shape[2:]).swapaxes(0, 1)
+    segs = segment_ids.reshape(-1, n, chunk).swapaxes(0, 1)
+    out = jax.lax.map(lambda a: jax.checkpoint(attend)(*a), (qs, segs, key_idx.reshape(n, chunk)))
+    return out.swapaxes(0, 1).reshape(q.shape)
+
+
+def _attend_and_mlp(lp: dict, cfg: ModelConfig, x, attn):
+    """Output projection of the attention result, then the SwiGLU MLP, both residual."""
     x = x + jnp.einsum("bthk,hkd->btd", attn, lp["o_proj"])
     x = constrain(x, ("batch", "length", None))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
@@ -161,22 +185,21 @@ def _embed(params: dict, tokens: jax.Array, dtype) -> jax.Array:
 
 
 def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
-            compute_dtype=jnp.float32, remat: str = "none", return_hidden: bool = False) -> jax.Array:
+            compute_dtype=jnp.float32, remat: str = "none", return_hidden: bool = False,
+            attn_chunk: int = 0) -> jax.Array:
     """tokens, positions, segment_ids: int [B, T]. Packed rows: a token attends causally to earlier
     tokens of its own segment only. Segment 0 is padding: padding tokens attend only to padding, so
     their rows stay finite and never touch real tokens. Returns logits [B, T, V] float32, or the
-    final-normed hidden states [B, T, D] (compute_dtype) when return_hidden (see logits_from_hidden)."""
-    T = tokens.shape[1]
+    final-normed hidden states [B, T, D] (compute_dtype) when return_hidden (see logits_from_hidden).
+    attn_chunk: queries per attention block (see segment_causal_attention); 0 = dense."""
     x = _embed(params, tokens, compute_dtype)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
-    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
-    mask = mask[:, None]  # [B, 1, T, T], broadcast over heads
 
     def layer(x, lp):
         lp = _cast(lp, compute_dtype)
         q, k, v = _qkv(lp, cfg, x, cos, sin)
-        return _attend_and_mlp(lp, cfg, x, q, k, v, mask), None
+        attn = segment_causal_attention(q, k, v, segment_ids, cfg.head_dim ** -0.5, attn_chunk)
+        return _attend_and_mlp(lp, cfg, x, attn), None
 
     x, _ = jax.lax.scan(_remat(layer, remat), x, params["layers"])
     hidden = rms_norm(x, params["final_norm"].astype(compute_dtype), cfg.rms_norm_eps)
@@ -248,7 +271,9 @@ def forward_cached(params: dict, cfg: ModelConfig, tokens: jax.Array, cache: dic
         v_all = cv[i].at[rows, write_pos].set(v.astype(cv.dtype), mode="drop")
         ck = jax.lax.dynamic_update_index_in_dim(ck, k_all, i, axis=0)
         cv = jax.lax.dynamic_update_index_in_dim(cv, v_all, i, axis=0)
-        x = _attend_and_mlp(lp, cfg, x, q, k_all.astype(compute_dtype), v_all.astype(compute_dtype), mask)
+        attn = jax.nn.dot_product_attention(q, k_all.astype(compute_dtype), v_all.astype(compute_dtype),
+                                            mask=mask, scale=cfg.head_dim ** -0.5)
+        x = _attend_and_mlp(lp, cfg, x, attn)
         return (x, ck, cv), None
 
     (x, ck, cv), _ = jax.lax.scan(layer, (x, cache["k"], cache["v"]),

@@ -90,4 +90,23 @@ def evaluate(task, domain: str, messages: list, termination_reason: str, duratio
         termination_reason=TerminationReason(termination_reason),
         messages=msgs,
     )
-    return evaluate_simulation(sim, task, EvaluationType.ALL, solo_mode=False, domain=domain)
+    try:
+        return evaluate_simulation(sim, task, EvaluationType.ALL, solo_mode=False, domain=domain)
+    except Exception as e:
+        if not _raised_in_env_assertion(e):
+            raise  # anything else is an evaluator/infrastructure fault, recorded as such upstream
+        # An env assertion queried state the agent never created (e.g. mock's assert_task_status on
+        # a task it did not make): tau2 raises instead of failing the assertion. That is the
+        # model's failure, so it scores 0 rather than counting as an infrastructure error.
+        from tau2.data_model.simulation import RewardInfo
+
+        return RewardInfo(reward=0.0, info={"env_assertion_error": f"{type(e).__name__}: {e}"})
+
+
+def _raised_in_env_assertion(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "run_env_assertion":
+            return True
+        tb = tb.tb_next
+    return False

@@ -1,0 +1,282 @@
+"""SFT train-step throughput: our jitted step vs a transformers + torch training step, same weights.
+
+    python benchmarks/train_step.py [--quick]   # ~20 s on 2 shared CPU cores; --quick ~10 s
+    python benchmarks/train_step.py --mfu       # GPU only: Qwen3-4B-shaped step, reports MFU
+
+One step = forward, masked next-token cross-entropy (mean over the loss mask), backward,
+global-norm clipping at 1.0, AdamW. Ours: make_sft_step + jit_step on a 1-device mesh, optimizer
+from make_optimizer. Theirs: Qwen3ForCausalLM, torch.optim.AdamW (no decay on norm weights, as
+ours), clip_grad_norm_, step, zero_grad. Both float32 on --threads CPU cores (default 1), same
+weights (a random HF Qwen3 converted with hf_to_orbax), same batch of B rows x T tokens, one
+segment per row (no packing, so both compute the same thing). The first step of each is the
+warm-up (JAX compile) and the loss check: the two first-step losses must agree within 1e-4.
+Then --iters steps of each, alternating, and tokens/s from the median step. Prints a table and,
+as the last line, a JSON object that is also written to benchmarks/results/train_step.json
+(--mfu: train_step_mfu.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # runnable as a script without installing the package
+
+import numpy as np  # noqa: E402
+
+SIZES = {
+    # The same shapes as benchmarks/forward.py, so the two results read side by side.
+    "full": dict(model=dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4,
+                            num_heads=4, num_kv_heads=2, head_dim=64), batch=4, seq_len=256),
+    "quick": dict(model=dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=32), batch=2, seq_len=128),
+}
+LOSS_ATOL = 1e-4
+# Dense bf16 tensor-core peak (FLOP/s) by jax device_kind.
+PEAK_BF16 = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
+
+
+def _optim_config(lr: float):
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(lr=lr, schedule="constant", warmup_frac=0.0, min_lr_ratio=0.0,
+                                          weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0))
+
+
+def _jax_step(cfg, params, optim, batch, **step_kw):
+    """A function running one jitted SFT step on a 1-device mesh; returns the loss (blocking)."""
+    import jax
+
+    from tau2jax.learn.optimizer import make_optimizer
+    from tau2jax.learn.sft_step import jit_step, make_sft_step
+    from tau2jax.learn.train_state import create_state, state_shardings
+    from tau2jax.parallel import sharding
+
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    tx, schedule = make_optimizer(optim, total_steps=1000)
+    p_shard = sharding.param_shardings(cfg, mesh)
+    shardings = state_shardings(tx, jax.eval_shape(lambda: params), p_shard, mesh)
+    state = create_state(params, tx, shardings, seed=0)
+    step = jit_step(make_sft_step(cfg, tx, schedule, **step_kw), shardings, sharding.batch_sharding(mesh))
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+
+    def run():
+        nonlocal state
+        with jax.set_mesh(mesh):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(state)
+        return float(metrics["loss"])
+
+    return run
+
+
+def _interleaved(fns: dict, iters: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(first-call results, median seconds per later call) of each fn. The first call is the
+    warm-up; later calls alternate between the fns so that load from other processes on a shared
+    machine hits both alike; the median drops outlier iterations."""
+    first = {name: fn() for name, fn in fns.items()}
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return first, {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+def run(size: str, iters: int, threads: int) -> dict:
+    import jax
+    import torch
+    import transformers
+
+    from checkpoints_tools import hf_to_orbax, orbax_io
+    from checkpoints_tools.tiny_hf import make_tiny_hf_dir
+
+    torch.set_num_threads(threads)
+    spec = SIZES[size]
+    b, t = spec["batch"], spec["seq_len"]
+    lr = 1e-4
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = make_tiny_hf_dir(os.path.join(tmp, "hf"), tied=True, **spec["model"])
+        hf_to_orbax.convert(hf_dir, os.path.join(tmp, "orbax"))
+        params, cfg = orbax_io.restore_params(os.path.join(tmp, "orbax"))
+        model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).train()
+
+    rng = np.random.default_rng(0)
+    seq = rng.integers(0, cfg.vocab_size, (b, t + 1), dtype=np.int32)
+    batch = dict(tokens=seq[:, :-1], targets=seq[:, 1:],
+                 loss_mask=(rng.random((b, t)) < 0.6).astype(np.int32),
+                 positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+                 segment_ids=np.ones((b, t), np.int32))
+    jax_step = _jax_step(cfg, params, _optim_config(lr), batch)
+
+    # torch: same AdamW hyper-parameters; parameters() yields the tied embedding once.
+    named = list(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [p for _, p in named if p.ndim > 1], "weight_decay": 0.01},
+                             {"params": [p for _, p in named if p.ndim <= 1], "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    x, y = torch.from_numpy(batch["tokens"].astype(np.int64)), torch.from_numpy(batch["targets"].astype(np.int64))
+    mask = torch.from_numpy(batch["loss_mask"].astype(np.float32))
+
+    def hf_step():
+        logits = model(input_ids=x).logits
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        loss = (nll * mask.flatten()).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    load_before = os.getloadavg()
+    first, sec = _interleaved({"jax": jax_step, "hf": hf_step}, iters)
+    if abs(first["jax"] - first["hf"]) > LOSS_ATOL:
+        raise SystemExit(f"first-step losses disagree: jax {first['jax']:.6f} vs hf {first['hf']:.6f} "
+                         f"(|diff| > {LOSS_ATOL}); the two steps do not compute the same thing")
+    n = b * t
+    return {
+        "jax_tokens_per_s": round(n / sec["jax"], 1),
+        "hf_tokens_per_s": round(n / sec["hf"], 1),
+        "speedup_vs_hf": round(sec["hf"] / sec["jax"], 3),
+        "loss_first_jax": round(first["jax"], 6),
+        "loss_first_hf": round(first["hf"], 6),
+        "config": {**spec["model"], "batch": b, "seq_len": t, "iters": iters, "dtype": "float32",
+                   "optimizer": f"adamw lr={lr} wd=0.01 clip=1.0", "size": size,
+                   "jax_backend": jax.default_backend(), "hf_attn": model.config._attn_implementation,
+                   "cpu_count": os.cpu_count(), "machine": platform.machine()},
+        "threads": threads,
+        "load_avg": {"before": [round(v, 2) for v in load_before],
+                     "after": [round(v, 2) for v in os.getloadavg()]},
+    }
+
+
+def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chunk: int = 1024) -> dict:
+    """Qwen3-4B-shaped step (random init, fp32 masters, bf16 compute, --remat) on one GPU.
+    The batch is the largest of 8, 4, 2, 1 rows whose compiled step fits in device memory."""
+    import jax
+    import jax.numpy as jnp
+
+    if jax.default_backend() != "gpu":
+        raise SystemExit(f"--mfu needs a GPU (jax backend is {jax.default_backend()!r})")
+    from tau2jax.learn.optimizer import make_optimizer
+    from tau2jax.learn.sft_step import jit_step, make_sft_step
+    from tau2jax.learn.train_state import create_state, state_shardings
+    from tau2jax.models import qwen3
+    from tau2jax.models.configs import flops_per_token, get_model_config
+    from tau2jax.parallel import sharding
+
+    dev = jax.devices()[0]
+    if dev.device_kind not in PEAK_BF16:
+        raise SystemExit(f"no bf16 peak known for {dev.device_kind!r}; add it to PEAK_BF16")
+    # Qwen3-4B layer shapes; fewer layers when the whole model's fp32 Adam state (64 GB) does
+    # not fit one GPU beside its activations (on a node it is FSDP-sharded over 8).
+    cfg = get_model_config("qwen3_4b", num_layers=layers)
+    mesh = sharding.make_mesh(1, 1, 1, devices=[dev])
+    tx, schedule = make_optimizer(_optim_config(1e-5), total_steps=1000)
+    p_shard = sharding.param_shardings(cfg, mesh)
+    params = jax.jit(lambda k: qwen3.init_params(cfg, k), out_shardings=p_shard)(jax.random.key(0))
+    shardings = state_shardings(tx, jax.eval_shape(lambda: params), p_shard, mesh)
+    state = create_state(params, tx, shardings, seed=0)
+    del params
+    step = jit_step(make_sft_step(cfg, tx, schedule, compute_dtype=jnp.bfloat16, remat=remat, loss_chunk=1024,
+                                  attn_chunk=attn_chunk),
+                    shardings, sharding.batch_sharding(mesh))
+    limit = dev.memory_stats()["bytes_limit"]
+    rng = np.random.default_rng(0)
+    with jax.set_mesh(mesh):
+        for b in (8, 4, 2, 1):
+            batch = dict(tokens=rng.integers(0, cfg.vocab_size, (b, seq_len), dtype=np.int32),
+                         targets=rng.integers(0, cfg.vocab_size, (b, seq_len), dtype=np.int32),
+                         loss_mask=np.ones((b, seq_len), np.int32),
+                         positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (b, seq_len)).copy(),
+                         segment_ids=np.ones((b, seq_len), np.int32))
+            try:
+                compiled = step.lower(state, batch).compile()
+            except jax.errors.JaxRuntimeError as e:  # XLA's autotuner can run out of memory first
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                need = float("inf")
+                continue
+            m = compiled.memory_analysis()
+            need = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+            if need < 0.95 * limit:
+                break
+        else:
+            raise SystemExit(f"even batch 1 x {seq_len} needs {need / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB")
+        state, _ = compiled(state, batch)  # warm-up
+        jax.block_until_ready(state)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - t0)
+    tok_s = b * seq_len / float(np.median(times))
+    return {
+        "tokens_per_s": round(tok_s, 1),
+        "mfu": round(flops_per_token(cfg, seq_len) * tok_s / PEAK_BF16[dev.device_kind], 4),
+        "loss": round(float(metrics["loss"]), 4),
+        "config": {"model": "qwen3_4b", "num_layers": layers, "batch": b, "seq_len": seq_len, "iters": iters, "compute_dtype": "bfloat16",
+                   "remat": remat, "loss_chunk": 1024, "attn_chunk": attn_chunk, "device": dev.device_kind,
+                   "peak_flops": PEAK_BF16[dev.device_kind], "memory_gib": round(need / 2**30, 1)},
+    }
+
+
+def _write(result: dict, out: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    print(json.dumps(result))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller model and batch")
+    p.add_argument("--mfu", action="store_true", help="GPU: Qwen3-4B-shaped step, bf16; reports MFU")
+    p.add_argument("--seq-len", type=int, default=4096, help="--mfu sequence length")
+    p.add_argument("--layers", type=int, default=36, help="--mfu: layers of the Qwen3-4B shape (36 = all)")
+    p.add_argument("--remat", default="full", help="--mfu: remat policy (none | full | dots)")
+    p.add_argument("--attn-chunk", type=int, default=1024, help="--mfu: queries per attention block (0 = dense)")
+    p.add_argument("--iters", type=int, default=5, help="timed steps per framework (median is reported)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU cores for both frameworks (process affinity + torch threads); 1 by "
+                        "default, as benchmarks/forward.py: torch's OpenMP threads degrade several-fold "
+                        "under contention on a shared machine")
+    p.add_argument("--out", default=None, help="result file (default benchmarks/results/train_step[_mfu].json)")
+    args = p.parse_args(argv)
+    out = args.out or os.path.join(REPO, "benchmarks", "results", "train_step_mfu.json" if args.mfu else "train_step.json")
+    if args.mfu:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the default 0.75 leaves 20 GB idle
+        result = run_mfu(args.iters, args.seq_len, args.layers, args.remat, args.attn_chunk)
+        c = result["config"]
+        print(f"Qwen3-4B SFT step on {c['device']}: batch {c['batch']} x seq {c['seq_len']}, bf16, remat {c['remat']}, attn_chunk {c['attn_chunk']}, "
+              f"{result['tokens_per_s']:.0f} tokens/s, MFU {100 * result['mfu']:.1f}%")
+        _write(result, out)
+        return 0
+    cores = sorted(os.sched_getaffinity(0))
+    if not 1 <= args.threads <= len(cores):
+        p.error(f"--threads must be in 1..{len(cores)}")
+    os.sched_setaffinity(0, cores[:args.threads])  # before JAX/torch create their thread pools
+    result = run("quick" if args.quick else "full", args.iters, args.threads)
+    c = result["config"]
+    print(f"Qwen3 SFT train step (fwd+bwd+clip+AdamW), hidden {c['hidden_size']}, {c['num_layers']} layers, "
+          f"vocab {c['vocab_size']}, batch {c['batch']} x seq {c['seq_len']}, float32, {args.threads} CPU "
+          f"thread(s), median of {c['iters']} steps, load avg {result['load_avg']['before'][0]}")
+    print(f"{'impl':<34}{'tokens/s':>10}{'first loss':>14}")
+    print(f"{'tau2jax (jit_step, ' + c['jax_backend'] + ')':<34}{result['jax_tokens_per_s']:>10.0f}"
+          f"{result['loss_first_jax']:>14.6f}")
+    print(f"{'transformers + torch.optim.AdamW':<34}{result['hf_tokens_per_s']:>10.0f}{result['loss_first_hf']:>14.6f}")
+    print(f"speedup vs transformers: {result['speedup_vs_hf']:.2f}x")
+    _write(result, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# One 8xH100 node: two SGLang servers beside the JAX trainer.
+#
+#   launch/gpu_node.sh                       # start both servers, wait until healthy, keep serving
+#   launch/gpu_node.sh --config configs/X.py [--config.key=value ...]
+#                                            # ... then run `python -m tau2jax.train` with these args on
+#                                            # the trainer GPUs; the servers stop when it exits
+#
+#   port 30000  policy          SGLang on POLICY_GPUS (data parallel: one replica per GPU).
+#                               Rollouts call /generate with token ids (tau2jax SGLangEngine,
+#                               config.engine.kind=sglang, config.engine.url=http://127.0.0.1:30000);
+#                               the trainer pushes new weights with /update_weights_from_disk
+#                               (tau2jax.rollout.weight_sync: publish + sync_engine).
+#   port 30001  user simulator  SGLang on USER_GPUS; tau2's user simulator calls its OpenAI endpoint
+#                               through litellm (config.user.kind=llm,
+#                               config.user.base_url=http://127.0.0.1:30001/v1,
+#                               config.user.model=openai/$USER_NAME).
+#   TRAIN_GPUS                  the JAX trainer (FSDP mesh over these GPUs).
+#
+# Separate GPUs per process: JAX preallocates 75% of every GPU it sees and SGLang reserves
+# --mem-fraction-static of its own, so sharing a GPU between them runs out of memory.
+# Both servers bind 127.0.0.1 only: nothing off the node can reach them.
+#
+# Everything is a local path (no hub downloads). Override any variable from the environment:
+#   POLICY_MODEL=/models/export USER_MODEL=/models/Qwen3-4B-Instruct-2507 launch/gpu_node.sh ...
+set -euo pipefail
+
+POLICY_MODEL=${POLICY_MODEL:?set POLICY_MODEL to the HF dir the policy starts from (e.g. the orbax_to_hf export of the SFT checkpoint)}
+USER_MODEL=${USER_MODEL:?set USER_MODEL to the HF dir of the user-simulator model (e.g. /models/Qwen3-4B-Instruct-2507)}
+USER_NAME=${USER_NAME:-qwen3-4b}          # served model name; litellm calls it openai/$USER_NAME
+POLICY_GPUS=${POLICY_GPUS:-0,1,2}
+USER_GPUS=${USER_GPUS:-3}
+TRAIN_GPUS=${TRAIN_GPUS:-4,5,6,7}
+POLICY_PORT=${POLICY_PORT:-30000}
+USER_PORT=${USER_PORT:-30001}
+# tau2 conversations with tool schemas reach ~10-20K tokens; 32K leaves room for max_new_tokens.
+CONTEXT_LENGTH=${CONTEXT_LENGTH:-32768}
+MEM_FRACTION=${MEM_FRACTION:-0.85}        # weights (8 GB bf16) + KV cache; the rest for activations
+READY_TIMEOUT_S=${READY_TIMEOUT_S:-900}   # model load + CUDA graph capture take minutes
+LOG_DIR=${LOG_DIR:-runs/gpu_node_logs}
+PYTHON=${PYTHON:-.venv/bin/python}        # the venv with tau2jax and jax[cuda12]
+SGLANG_PYTHON=${SGLANG_PYTHON:-python}    # SGLang lives in its own env (its torch/CUDA pins clash with ours)
+
+mkdir -p "$LOG_DIR"
+num_gpus() { awk -F, '{print NF}' <<<"$1"; }
+
+pids=()
+cleanup() {  # stop only the servers this script started
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait "${pids[@]}" 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+# Policy. --weight-version 0: every /generate reports the weights' version in
+# meta_info.weight_version, and /update_weights_from_disk sets it, so each rollout is attributed
+# to the exact policy version that sampled it (SGLangEngine reads it). No --tool-call-parser: the
+# policy is driven token-in/token-out and tau2jax parses <tool_call> itself.
+# Log-probs: SGLang returns log-softmax(logits / temperature) of the sampled token, before
+# top-k/top-p; with top_k=0, top_p=1 (GRPO rollouts) that is exactly what the learner recomputes.
+CUDA_VISIBLE_DEVICES=$POLICY_GPUS "$SGLANG_PYTHON" -m sglang.launch_server \
+  --model-path "$POLICY_MODEL" --served-model-name policy \
+  --host 127.0.0.1 --port "$POLICY_PORT" \
+  --dp-size "$(num_gpus "$POLICY_GPUS")" --tp-size 1 \
+  --dtype bfloat16 --context-length "$CONTEXT_LENGTH" --mem-fraction-static "$MEM_FRACTION" \
+  --weight-version 0 \
+  >"$LOG_DIR/policy.log" 2>&1 &
+pids+=($!)
+
+# User simulator. --tool-call-parser qwen25 turns Qwen3's <tool_call> blocks into OpenAI
+# tool_calls (telecom's user owns device tools); the chat template is the model's own.
+CUDA_VISIBLE_DEVICES=$USER_GPUS "$SGLANG_PYTHON" -m sglang.launch_server \
+  --model-path "$USER_MODEL" --served-model-name "$USER_NAME" \
+  --host 127.0.0.1 --port "$USER_PORT" \
+  --dp-size "$(num_gpus "$USER_GPUS")" --tp-size 1 \
+  --dtype bfloat16 --context-length "$CONTEXT_LENGTH" --mem-fraction-static "$MEM_FRACTION" \
+  --tool-call-parser qwen25 \
+  >"$LOG_DIR/user.log" 2>&1 &
+pids+=($!)
+
+wait_healthy() {  # name port pid
+  local deadline=$((SECONDS + READY_TIMEOUT_S))
+  until curl -sf "http://127.0.0.1:$2/health" >/dev/null; do
+    if ! kill -0 "$3" 2>/dev/null; then
+      echo "$1 server exited during startup; see $LOG_DIR/$1.log" >&2; tail -n 30 "$LOG_DIR/$1.log" >&2; exit 1
+    fi
+    if ((SECONDS > deadline)); then
+      echo "$1 server not healthy after ${READY_TIMEOUT_S}s; see $LOG_DIR/$1.log" >&2; exit 1
+    fi
+    sleep 5
+  done
+  echo "$1 server ready on http://127.0.0.1:$2"
+}
+wait_healthy policy "$POLICY_PORT" "${pids[0]}"
+wait_healthy user "$USER_PORT" "${pids[1]}"
+
+if (($# == 0)); then
+  echo "serving (Ctrl-C stops both servers); logs in $LOG_DIR"
+  wait -n "${pids[@]}"
+  exit 1  # a server died
+fi
+
+# The trainer on its own GPUs, pointed at both servers.
+CUDA_VISIBLE_DEVICES=$TRAIN_GPUS "$PYTHON" -m tau2jax.train "$@" \
+  --config.engine.kind=sglang --config.engine.url="http://127.0.0.1:$POLICY_PORT" \
+  --config.user.kind=llm --config.user.base_url="http://127.0.0.1:$USER_PORT/v1" \
+  --config.user.model="openai/$USER_NAME"

@@ -1,0 +1,101 @@
+"""Sampling math shared by the built-in engine (behaviour) and the learner (recomputation).
+
+The distribution a token is sampled from, for temperature T > 0, is
+
+    softmax(filter(logits / T))
+
+where `filter` keeps the top-k logits (k = 0: off) and then the top-p nucleus of the resulting
+distribution (the smallest set of most likely tokens whose mass reaches p; p = 1: off), in
+transformers' order (temperature -> top-k -> top-p), setting everything else to -inf. Ties at
+either threshold are kept. The engine's behaviour log-prob of a sampled token is its log-prob
+under exactly that distribution, and `behaviour_logprobs` recomputes the same quantity from the
+learner's full-forward logits, so RL importance ratios compare like with like. A token the
+learner's filter would drop (possible only when its logit sits on a threshold and the two
+forwards differ by rounding) gets -inf; mask or clip such ratios.
+
+Temperature 0 is greedy: the token is argmax(logits) and its log-prob is taken under the
+unscaled, unfiltered distribution, log_softmax(logits)[argmax] (the "raw" log-prob).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Top-k alone with every k at most this uses lax.top_k instead of sorting the whole vocabulary
+# (the common eval setting top_k=20 on a 152K vocabulary).
+_TOPK_FAST = 64
+
+
+def _per_row(x, shape, dtype) -> jax.Array:
+    return jnp.broadcast_to(jnp.asarray(x, dtype), shape)
+
+
+def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """logits [..., V] -> logits / T with tokens outside top-k / top-p set to -inf (float32).
+
+    temperature, top_k, top_p: scalars or arrays broadcastable to logits.shape[:-1] (one value
+    per row). Rows with temperature 0 are scaled by 1 (see `sample` for greedy rows).
+    """
+    lead, V = logits.shape[:-1], logits.shape[-1]
+    t = _per_row(temperature, lead, jnp.float32)
+    k = _per_row(top_k, lead, jnp.int32)
+    p = _per_row(top_p, lead, jnp.float32)
+    x = logits.astype(jnp.float32) / jnp.where(t > 0, t, 1.0)[..., None]
+    k = jnp.where((k <= 0) | (k > V), V, k)  # V = no top-k
+    neg_inf = jnp.float32(-jnp.inf)
+
+    def no_filter(x):
+        return x
+
+    def top_k_only(x):
+        vals = jax.lax.top_k(x, min(_TOPK_FAST, V))[0]
+        kth = jnp.take_along_axis(vals, jnp.clip(k - 1, 0, vals.shape[-1] - 1)[..., None], axis=-1)
+        kth = jnp.where((k < V)[..., None], kth, neg_inf)
+        return jnp.where(x >= kth, x, neg_inf)
+
+    def sort_filter(x):
+        s = -jnp.sort(-x, axis=-1)  # descending
+        rank = jnp.arange(V)
+        in_k = rank < k[..., None]
+        probs = jax.nn.softmax(jnp.where(in_k, s, neg_inf), axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # p >= 1 keeps all of top-k even where the float cumsum reaches 1 early.
+        keep = in_k & ((mass_before < p[..., None]) | (p >= 1)[..., None])
+        n_keep = jnp.maximum(keep.sum(-1), 1)  # rank 0 is always kept; guard anyway
+        thresh = jnp.take_along_axis(s, (n_keep - 1)[..., None], axis=-1)
+        return jnp.where(x >= thresh, x, neg_inf)
+
+    needs_sort = jnp.any(p < 1) | jnp.any((k > _TOPK_FAST) & (k < V))
+    branch = jnp.where(needs_sort, 2, jnp.where(jnp.any(k < V), 1, 0))
+    return jax.lax.switch(branch, (no_filter, top_k_only, sort_filter), x)
+
+
+def _logprob_at(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
+
+
+def behaviour_logprobs(logits: jax.Array, tokens: jax.Array, temperature, top_k=0, top_p=1.0) -> jax.Array:
+    """Log-prob of `tokens` [...] under the distribution the engine sampled them from, given the
+    logits [..., V] that preceded each token (e.g. a full forward's logits[:, :-1] and
+    tokens[:, 1:]). Sampling params are scalars or per-row arrays (see `filter_logits`).
+    temperature 0 -> log_softmax(logits) at the token (greedy convention). Sorts the vocabulary
+    when top_p < 1 or top_k > 64: chunk long sequences if [..., V] sorts do not fit."""
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    t = _per_row(temperature, tokens.shape, jnp.float32)
+    return jnp.where(t > 0, _logprob_at(filtered, tokens), _logprob_at(logits.astype(jnp.float32), tokens))
+
+
+def sample(keys: jax.Array, logits: jax.Array, temperature, top_k, top_p):
+    """One token per row. keys: typed PRNG keys [B]; logits [B, V]; params scalars or [B].
+    Returns (tokens [B] int32, logprobs [B] = behaviour_logprobs, raw_logprobs [B] =
+    log_softmax(logits) at the token, i.e. temperature 1 and no filtering)."""
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    t = _per_row(temperature, logits.shape[:-1], jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1)
+    # All-greedy batches skip drawing [B, V] Gumbel noise (a large part of a small model's step).
+    drawn = jax.lax.cond(jnp.any(t > 0), lambda: jax.vmap(jax.random.categorical)(keys, filtered),
+                         lambda: greedy)
+    tokens = jnp.where(t > 0, drawn, greedy).astype(jnp.int32)
+    raw = _logprob_at(logits.astype(jnp.float32), tokens)
+    return tokens, jnp.where(t > 0, _logprob_at(filtered, tokens), raw), raw

@@ -1,0 +1,556 @@
+"""Serve an inference engine over the subset of SGLang's HTTP API that tau2jax uses.
+
+    python -m tau2jax.rollout.server --checkpoint /ckpt/qwen3_4b [--host 127.0.0.1] [--port 30000] \\
+        [--tokenizer HF_DIR] [--max-batch 32] [--batch-window-ms 5] [--max-seq-len 8192] \\
+        [--dtype float32|bfloat16] [--max-tokens 1024]
+
+The CLI serves the built-in `JaxEngine`; in Python any Engine can be served (tests use
+`ScriptedEngine`): `RunningServer(create_app(Server(engine, tokenizer)))` runs it on a thread.
+
+Endpoints (request/response shapes follow `sglang.launch_server`, so `SGLangEngine` and litellm
+talk to this server and to SGLang alike):
+
+- `POST /generate` {"input_ids": [...] | [[...], ...] (or "text"), "sampling_params": {...} | [...],
+  "return_logprob": bool} -> {"text", "output_ids", "meta_info": {"finish_reason": {"type":
+  "stop"|"length"|"abort", "matched"|"length"|"message": ...}, "prompt_tokens", "completion_tokens",
+  "cached_tokens", "weight_version", "e2e_latency", "output_token_logprobs": [[logprob, id, null]]}}
+  (a list of those for a batch). As in SGLang: output ids and logprobs include the stop token the
+  generation ended on, "text" does not; the model's end-of-turn tokens (`<|im_end|>`,
+  `<|endoftext|>`) always stop generation, and "ignore_eos": true disables every stop token id.
+  Stop strings ("stop") are applied by the engine (JaxEngine: needs its tokenizer).
+- `POST /update_weights_from_disk` {"model_path": HF dir, "weight_version": "N"} ->
+  {"success", "message"}: loads the safetensors and swaps them in between two engine calls.
+- `GET /health`, `GET /get_model_info`, `GET /v1/models`.
+- `POST /v1/chat/completions` (OpenAI, with tools): the messages and tools are rendered with the
+  Qwen3 chat format, `<tool_call>` blocks in the reply become OpenAI `tool_calls`. This is what the
+  user simulator (tau2 via litellm, `api_base=http://HOST:PORT/v1`) calls.
+
+Requests are batched: one worker thread owns the engine; each `engine.generate` call takes every
+prompt that queued while the previous call ran (up to --max-batch), waiting at most
+--batch-window-ms after the first for more to arrive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import queue
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import fastapi
+import httpx
+from fastapi.responses import JSONResponse
+
+from tau2jax.data.chat import ChatFormat, parse_tool_calls
+from tau2jax.rollout.engine import GenerateResult, SamplingParams
+from tau2jax.rollout.weight_sync import load_hf_params
+
+log = logging.getLogger(__name__)
+
+# SGLang sampling_params keys we honour; the text-only ones affect "text", never the tokens.
+_SAMPLING_KEYS = {"temperature", "top_p", "top_k", "max_new_tokens", "stop", "stop_token_ids",
+                  "sampling_seed", "ignore_eos"}
+_TEXT_ONLY_KEYS = {"skip_special_tokens", "no_stop_trim", "spaces_between_special_tokens"}
+
+
+class RequestError(ValueError):
+    """A bad request (HTTP 400); the message says which field is wrong."""
+
+
+class EngineFailure(RuntimeError):
+    """The engine raised while generating (HTTP 500: clients retry)."""
+
+
+# -- batching ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    ids: list[int]
+    params: SamplingParams
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+class Batcher:
+    """The one thread that calls the engine. `submit` queues a prompt and returns a Future.
+
+    `lock` is held for every engine call; a weight swap takes it too, so it happens between two
+    batches, never under a running generation.
+    """
+
+    def __init__(self, engine, max_batch: int = 32, window_s: float = 0.005):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.lock = threading.Lock()
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="engine-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, ids: list[int], params: SamplingParams) -> concurrent.futures.Future:
+        item = _Item(ids, params)
+        self._queue.put(item)
+        return item.future
+
+    def pending(self) -> int:
+        """Prompts queued and not yet taken into a batch."""
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch, stop = [first], False
+            deadline = time.monotonic() + self.window_s
+            while len(batch) < self.max_batch:
+                try:  # what is already queued is taken even after the window has closed
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._serve(batch)
+            if stop:
+                return
+
+    def _serve(self, batch: list[_Item]) -> None:
+        try:
+            with self.lock:
+                results = self.engine.generate([b.ids for b in batch], [b.params for b in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"engine returned {len(results)} results for {len(batch)} prompts")
+        except Exception as e:
+            if len(batch) > 1:  # one bad prompt must not fail the requests batched with it
+                for b in batch:
+                    self._serve([b])
+            else:
+                batch[0].future.set_exception(e)
+            return
+        for b, r in zip(batch, results):
+            b.future.set_result(r)
+
+
+# -- request parsing ----------------------------------------------------------------------------------
+
+
+def _number(d: dict, key: str, default, kind, lo=None, hi=None):
+    value = d.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise RequestError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise RequestError(f"{key}={value} is out of range [{lo}, {hi}]")
+    return kind(value)
+
+
+def _strings(value, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+        raise RequestError(f"{key} must be a non-empty string or a list of them, got {value!r}")
+    return tuple(value)
+
+
+def _token_ids(value, key: str, vocab_size: int) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise RequestError(f"{key} must be a list of integer token ids")
+    bad = [t for t in value if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"{key} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    return value
+
+
+@dataclass
+class _Request:
+    ids: list[int]
+    params: SamplingParams
+    no_stop_trim: bool
+    skip_special_tokens: bool
+
+
+class Server:
+    """The engine + tokenizer behind the app: parsing, engine calls, response building."""
+
+    def __init__(self, engine, tokenizer, *, model_path: str = "", max_batch: int = 32,
+                 batch_window_s: float = 0.005, default_max_tokens: int = 1024):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.chat = ChatFormat(tokenizer)
+        self.model_path = model_path
+        self.default_max_tokens = default_max_tokens
+        self.batcher = Batcher(engine, max_batch, batch_window_s)
+        # the model's EOS ids (Qwen3 generation_config.json)
+        self.eos_ids = (tokenizer.im_end_id, tokenizer.pad_id)
+        cfg = getattr(engine, "cfg", None)
+        self.vocab_size = cfg.vocab_size if cfg is not None else tokenizer.vocab_size
+
+    # /generate
+
+    def parse_sampling(self, sp: dict) -> SamplingParams:
+        if not isinstance(sp, dict):
+            raise RequestError(f"sampling_params must be an object, got {sp!r}")
+        unknown = set(sp) - _SAMPLING_KEYS - _TEXT_ONLY_KEYS
+        if unknown:
+            raise RequestError(f"unsupported sampling_params {sorted(unknown)}; supported: "
+                               f"{sorted(_SAMPLING_KEYS | _TEXT_ONLY_KEYS)}")
+        stop_ids = tuple(_token_ids(sp.get("stop_token_ids") or [], "stop_token_ids", self.vocab_size))
+        # As in SGLang: the EOS ids always stop, and ignore_eos turns off every stop token (ids too).
+        stop_ids = () if sp.get("ignore_eos") else stop_ids + tuple(t for t in self.eos_ids if t not in stop_ids)
+        seed = sp.get("sampling_seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise RequestError(f"sampling_seed must be an integer, got {seed!r}")
+        return SamplingParams(
+            temperature=_number(sp, "temperature", 1.0, float, 0.0),
+            top_p=_number(sp, "top_p", 1.0, float, 1e-6, 1.0),
+            # SGLang: top_k -1 = off; ours: 0 = off
+            top_k=max(0, _number(sp, "top_k", 0, int, -1)),
+            max_new_tokens=_number(sp, "max_new_tokens", 128, int, 0),  # SGLang's default
+            stop_token_ids=stop_ids,
+            stop_strings=_strings(sp.get("stop"), "stop"),
+            seed=seed,
+        )
+
+    def parse_generate(self, body: dict) -> tuple[list[_Request], bool]:
+        """-> (one request per prompt, whether the input was a batch)."""
+        if body.get("stream"):
+            raise RequestError("stream=true is not supported; send stream=false")
+        if ("input_ids" in body) == ("text" in body):
+            raise RequestError("give exactly one of input_ids or text")
+        if "text" in body:
+            texts = body["text"]
+            batched = isinstance(texts, list)
+            texts = texts if batched else [texts]
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise RequestError("text must be a string or a non-empty list of strings")
+            prompts = [self.tokenizer.encode(t) for t in texts]
+        else:
+            ids = body["input_ids"]
+            batched = isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
+            prompts = ids if batched else [ids]
+            for i, p in enumerate(prompts):
+                _token_ids(p, f"input_ids[{i}]" if batched else "input_ids", self.vocab_size)
+        if any(not p for p in prompts):
+            raise RequestError("empty prompt")
+        sps = body.get("sampling_params") or {}
+        if isinstance(sps, list):
+            if len(sps) != len(prompts):
+                raise RequestError(f"{len(sps)} sampling_params for {len(prompts)} prompts")
+        else:
+            sps = [sps] * len(prompts)
+        reqs = []
+        for p, sp in zip(prompts, sps):
+            reqs.append(_Request(p, self.parse_sampling(sp), bool(sp.get("no_stop_trim", False)),
+                                 bool(sp.get("skip_special_tokens", True))))
+        return reqs, batched
+
+    async def run(self, ids: list[int], params: SamplingParams) -> GenerateResult:
+        return await asyncio.wrap_future(self.batcher.submit(ids, params))
+
+    def generate_response(self, req: _Request, r: GenerateResult, return_logprob: bool, t0: float) -> dict:
+        out = list(r.output_ids)
+        if r.finish_reason == "stop" and isinstance(r.stop_reason, int) and not req.no_stop_trim:
+            out = out[:-1]  # SGLang leaves a matched stop token out of the text
+        text = self.tokenizer.decode(out, skip_special_tokens=req.skip_special_tokens)
+        if r.finish_reason == "stop" and isinstance(r.stop_reason, str) and not req.no_stop_trim:
+            cut = text.find(r.stop_reason)
+            text = text if cut < 0 else text[:cut]
+        meta = {
+            "id": uuid.uuid4().hex,
+            "finish_reason": finish_reason_json(r),
+            "prompt_tokens": len(req.ids),
+            "completion_tokens": len(r.output_ids),
+            "cached_tokens": 0,
+            "weight_version": str(r.policy_version),
+            "e2e_latency": time.perf_counter() - t0,
+        }
+        if return_logprob:
+            meta["output_token_logprobs"] = [[float(lp), int(t), None] for lp, t in zip(r.logprobs, r.output_ids)]
+        return {"text": text, "output_ids": list(r.output_ids), "meta_info": meta}
+
+    # /v1/chat/completions
+
+    def parse_chat(self, body: dict) -> tuple[list[int], SamplingParams, bool]:
+        """-> (prompt ids, sampling params, whether tool calls are parsed out of the reply)."""
+        if body.get("stream"):
+            raise RequestError("stream=true is not supported; send stream=false")
+        if body.get("n", 1) != 1:
+            raise RequestError("only n=1 is supported")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list")
+        tools = body.get("tools") or None
+        tool_choice = body.get("tool_choice") or "auto"
+        if tool_choice not in ("auto", "none"):
+            raise RequestError(f"tool_choice {tool_choice!r} is not supported (use auto or none)")
+        try:
+            ids, _ = self.chat.render([_chat_message(m) for m in messages], tools, add_generation_prompt=True)
+        except (KeyError, TypeError, ValueError) as e:
+            raise RequestError(f"cannot render messages: {e}") from None
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or self.default_max_tokens
+        sp = {"max_new_tokens": max_tokens, "stop": body.get("stop")}
+        for key in ("temperature", "top_p", "top_k"):
+            if body.get(key) is not None:
+                sp[key] = body[key]
+        if body.get("seed") is not None:
+            sp["sampling_seed"] = body["seed"]
+        return ids, self.parse_sampling(sp), bool(tools) and tool_choice == "auto"
+
+    def chat_response(self, body: dict, prompt: list[int], r: GenerateResult, with_tools: bool) -> dict:
+        if r.finish_reason == "abort":  # OpenAI has no "abort": a 500 makes the client retry
+            raise EngineFailure(f"the engine aborted the request: {r.stop_reason}")
+        out = list(r.output_ids)
+        if r.finish_reason == "stop" and isinstance(r.stop_reason, int):
+            out = out[:-1]
+        text = self.tokenizer.decode(out, skip_special_tokens=False)
+        if r.finish_reason == "stop" and isinstance(r.stop_reason, str):
+            text = text[: text.find(r.stop_reason)] if r.stop_reason in text else text
+        message = {"role": "assistant", "content": text}
+        finish = "length" if r.finish_reason == "length" else "stop"
+        if with_tools:
+            content, calls, error = parse_tool_calls(text)
+            if calls and error is None:  # a malformed call comes back as plain text, like SGLang
+                message = {"role": "assistant", "content": content or None, "tool_calls": [
+                    {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                     "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                    for c in calls]}
+                finish = "tool_calls"
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model", self.model_path),
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(r.output_ids),
+                      "total_tokens": len(prompt) + len(r.output_ids)},
+        }
+
+    # /update_weights_from_disk
+
+    def update_weights_from_disk(self, model_path: str, version: int) -> str:
+        if not hasattr(self.engine, "update_weights"):
+            raise RequestError(f"{type(self.engine).__name__} does not support weight updates")
+        params, cfg = load_hf_params(model_path)  # outside the lock: generation goes on meanwhile
+        engine_cfg = getattr(self.engine, "cfg", None)
+        if engine_cfg is not None and cfg != engine_cfg:
+            raise RequestError(f"{model_path}: model config {cfg} differs from the served model's {engine_cfg}")
+        with self.batcher.lock:
+            self.engine.update_weights(params, version)
+        self.model_path = model_path
+        return f"loaded {model_path} as policy version {version}"
+
+
+def _chat_message(m: dict) -> dict:
+    """OpenAI message -> the dict ChatFormat renders (content parts joined, "developer" = system)."""
+    if not isinstance(m, dict):
+        raise TypeError(f"a message must be an object, got {m!r}")
+    m = dict(m)
+    if m.get("role") == "developer":
+        m["role"] = "system"
+    if isinstance(m.get("content"), list):
+        m["content"] = "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
+    return m
+
+
+def finish_reason_json(r: GenerateResult) -> dict:
+    """SGLang's finish_reason object for a result."""
+    if r.finish_reason == "stop":
+        return {"type": "stop", "matched": r.stop_reason}
+    if r.finish_reason == "length":
+        return {"type": "length", "length": len(r.output_ids)}
+    return {"type": "abort", "message": str(r.stop_reason or "aborted by the engine")}
+
+
+# -- app ------------------------------------------------------------------------------------------------
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "BadRequestError" if status < 500
+                                   else "InternalServerError", "code": status}}, status_code=status)
+
+
+async def _json_body(request: fastapi.Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError as e:
+        raise RequestError(f"request body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError("request body must be a JSON object")
+    return body
+
+
+def create_app(server: Server) -> fastapi.FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        server.batcher.close()
+
+    app = fastapi.FastAPI(title="tau2jax engine server", lifespan=lifespan)
+
+    @app.exception_handler(RequestError)
+    async def bad_request(_req, e: RequestError):
+        return _error(400, str(e))
+
+    @app.exception_handler(EngineFailure)
+    async def engine_failure(_req, e: EngineFailure):
+        log.warning("engine failure: %s", e)
+        return _error(500, str(e))
+
+    async def generate_many(reqs: list[_Request]) -> list[GenerateResult]:
+        try:
+            return await asyncio.gather(*(server.run(r.ids, r.params) for r in reqs))
+        except ValueError as e:  # the engine's verdict on a prompt (too long, ...): the client's fault
+            raise RequestError(str(e)) from e
+        except Exception as e:
+            raise EngineFailure(f"{type(e).__name__}: {e}") from e
+
+    @app.get("/health")
+    async def health():
+        return fastapi.Response(status_code=200)
+
+    @app.get("/get_model_info")
+    async def model_info():
+        return {"model_path": server.model_path, "tokenizer_path": server.tokenizer.path,
+                "is_generation": True, "weight_version": str(server.engine.policy_version),
+                "max_batch": server.batcher.max_batch}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_path, "object": "model", "owned_by": "tau2jax"}]}
+
+    @app.post("/generate")
+    async def generate(request: fastapi.Request):
+        t0 = time.perf_counter()
+        body = await _json_body(request)
+        reqs, batched = server.parse_generate(body)
+        results = await generate_many(reqs)
+        out = [server.generate_response(q, r, bool(body.get("return_logprob")), t0) for q, r in zip(reqs, results)]
+        return out if batched else out[0]
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: fastapi.Request):
+        body = await _json_body(request)
+        ids, params, with_tools = server.parse_chat(body)
+        (result,) = await generate_many([_Request(ids, params, False, False)])
+        return server.chat_response(body, ids, result, with_tools)
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(request: fastapi.Request):
+        body = await _json_body(request)
+        path = body.get("model_path")
+        if not isinstance(path, str) or not path:
+            raise RequestError("model_path (a HF model directory) is required")
+        version = body.get("weight_version")
+        try:
+            version = server.engine.policy_version + 1 if version is None else int(version)
+        except ValueError:
+            raise RequestError(f"weight_version must be an integer policy version, got {version!r}") from None
+        try:
+            message = await asyncio.to_thread(server.update_weights_from_disk, path, version)
+        except (OSError, ValueError) as e:  # missing dir, bad safetensors, wrong shapes
+            return JSONResponse({"success": False, "message": f"{type(e).__name__}: {e}"}, status_code=400)
+        return {"success": True, "message": message, "num_paused_requests": 0}
+
+    return app
+
+
+# -- running ------------------------------------------------------------------------------------------
+
+
+class RunningServer:
+    """A uvicorn server on a background thread (tests, in-process user simulators)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, ready_timeout_s: float = 60.0):
+        import uvicorn
+
+        # Binding here (port 0 = a free port) avoids the pick-a-port-then-bind race.
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self._uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [self._sock]},
+                                        name="uvicorn", daemon=True)
+        self._thread.start()
+        wait_healthy(self.url, ready_timeout_s)
+
+    def stop(self) -> None:
+        self._uvicorn.should_exit = True
+        self._thread.join()
+        self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def wait_healthy(url: str, timeout_s: float, interval_s: float = 0.05) -> None:
+    """Polls GET {url}/health until it answers 200; TimeoutError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=interval_s * 20).status_code == 200:
+                return
+        except httpx.TransportError as e:
+            last = e
+        time.sleep(interval_s)
+    raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f} s (last error: {last})")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tau2jax.rollout.server", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="Orbax weights dir (checkpoints_tools.hf_to_orbax output)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--tokenizer", default="", help="HF dir with tokenizer.json (default: the shipped Qwen3 one)")
+    p.add_argument("--max-batch", type=int, default=32, help="most prompts per engine call")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long the first queued prompt waits for others to join its batch")
+    p.add_argument("--max-seq-len", type=int, default=8192, help="KV cache length (prompt + generated tokens)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights and compute dtype (bfloat16 on GPUs)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="chat completions' default max_tokens")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from tau2jax.data.tokenizer import load_tokenizer
+    from tau2jax.rollout.jax_engine import JaxEngine
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        engine = JaxEngine.from_checkpoint(args.checkpoint, dtype=args.dtype, compute_dtype=args.dtype,
+                                           tokenizer=tokenizer, max_seq_len=args.max_seq_len,
+                                           max_batch=args.max_batch)
+    except (OSError, ValueError) as e:  # missing/invalid checkpoint or tokenizer: say which
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    server = Server(engine, tokenizer, model_path=args.checkpoint, max_batch=args.max_batch,
+                    batch_window_s=args.batch_window_ms / 1000, default_max_tokens=args.max_tokens)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

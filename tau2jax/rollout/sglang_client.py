@@ -1,0 +1,177 @@
+"""`SGLangEngine`: the Engine protocol over HTTP, against `python -m sglang.launch_server` or our
+own `python -m tau2jax.rollout.server` (same API).
+
+    engine = SGLangEngine("http://127.0.0.1:30000", concurrency=8)
+    engine.wait_ready(600)
+    [res] = engine.generate([prompt_ids], SamplingParams(temperature=0.8, stop_token_ids=(im_end,)))
+
+Token in, token out: prompts go as `input_ids`, and the sampled ids and their log-probs come from
+`meta_info.output_token_logprobs` (so the stop token is included, as the protocol requires), never
+from re-tokenized text.
+
+Semantics to know on SGLang:
+- Log-probs are SGLang's: after temperature scaling, before top-p/top-k truncation.
+- The model's EOS ids (generation_config.json) always stop generation, besides `stop_token_ids`
+  (SGLang's `ignore_eos` would disable both, so it is never sent). Our server does the same.
+- `policy_version` of a result is the server's `weight_version` when it is an integer (both servers
+  report it per request, so a result is attributed to the weights that produced it even while a
+  sync races with it), else the version this client last loaded.
+
+Failures: connection errors, timeouts and 5xx are retried with exponential backoff (generation has
+no side effects); 4xx are the caller's mistake and raise `EngineRequestError` at once. When retries
+run out, `EngineUnavailableError` is raised; the episode runner records it as an infrastructure
+failure. A thread-safe pooled `httpx.Client` plus a semaphore bound the requests in flight.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from tau2jax.rollout.engine import GenerateResult, SamplingParams, _per_prompt
+
+
+class EngineRequestError(ValueError):
+    """The server rejected the request (HTTP 4xx): retrying cannot help."""
+
+
+class EngineUnavailableError(RuntimeError):
+    """The server could not be reached or kept failing (5xx, timeouts) after all retries."""
+
+
+def sampling_json(p: SamplingParams) -> dict:
+    """SamplingParams -> SGLang's sampling_params."""
+    sp = {
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "top_k": p.top_k if p.top_k > 0 else -1,  # SGLang: -1 = off
+        "max_new_tokens": p.max_new_tokens,
+        "stop_token_ids": list(p.stop_token_ids),
+        # keep special tokens in "text" (we read ids, but the text is handy in logs)
+        "skip_special_tokens": False,
+    }
+    if p.stop_strings:
+        sp["stop"] = list(p.stop_strings)
+    if p.seed is not None:
+        sp["sampling_seed"] = p.seed
+    return sp
+
+
+def _finish(meta: dict) -> tuple[str, str | int | None]:
+    fr = meta.get("finish_reason") or {}
+    kind = fr.get("type")
+    if kind == "stop":
+        return "stop", fr.get("matched")
+    if kind == "length":
+        return "length", None
+    return "abort", fr.get("message") or f"finish_reason {fr!r}"
+
+
+class SGLangEngine:
+    def __init__(self, url: str, *, concurrency: int = 8, timeout_s: float = 300.0, max_retries: int = 3,
+                 backoff_s: float = 0.5, max_backoff_s: float = 10.0, policy_version: int = 0):
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.url = url.rstrip("/")
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.policy_version = policy_version
+        self._sem = threading.BoundedSemaphore(concurrency)
+        self._client = httpx.Client(
+            base_url=self.url,
+            timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        )
+
+    def generate(self, input_ids: list[list[int]],
+                 params: SamplingParams | list[SamplingParams]) -> list[GenerateResult]:
+        if not input_ids:
+            return []
+        ps = _per_prompt(params, len(input_ids))
+        batched = len(input_ids) > 1  # a single prompt uses SGLang's non-batch form
+        body = {
+            "input_ids": [list(map(int, x)) for x in input_ids] if batched else list(map(int, input_ids[0])),
+            "sampling_params": [sampling_json(p) for p in ps] if batched else sampling_json(ps[0]),
+            "return_logprob": True,
+        }
+        version = self.policy_version
+        out = self._request("POST", "/generate", body)
+        outs = out if batched else [out]
+        if not isinstance(outs, list) or len(outs) != len(input_ids):
+            raise EngineUnavailableError(
+                f"{self.url}/generate answered {len(outs)} results for {len(input_ids)} prompts")
+        return [self._result(o, version) for o in outs]
+
+    def _result(self, out: dict, version: int) -> GenerateResult:
+        meta = out["meta_info"]
+        pairs = meta.get("output_token_logprobs")
+        if pairs is None:
+            raise EngineUnavailableError(f"{self.url}/generate returned no output_token_logprobs")
+        reason, matched = _finish(meta)
+        served = str(meta.get("weight_version", ""))
+        return GenerateResult(
+            output_ids=[int(t) for _, t, *_ in pairs],
+            logprobs=[float(lp) for lp, *_ in pairs],
+            finish_reason=reason,
+            policy_version=int(served) if served.isdigit() else version,
+            stop_reason=matched,
+        )
+
+    def update_weights_from_disk(self, path: str, version: int) -> None:
+        """Makes the server load the HF checkpoint at `path` (a path on the server's machine) as
+        policy `version`; SGLang waits for in-flight requests, then swaps."""
+        out = self._request("POST", "/update_weights_from_disk",
+                            {"model_path": str(path), "weight_version": str(version)})
+        if not out.get("success"):
+            raise EngineRequestError(f"{self.url} could not load {path}: {out.get('message')}")
+        self.policy_version = version
+
+    def health(self) -> bool:
+        try:
+            return self._client.get("/health", timeout=10.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def wait_ready(self, timeout_s: float = 600.0, interval_s: float = 0.5) -> None:
+        """Polls /health until the server answers (model loading takes minutes on SGLang)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.health():
+            if time.monotonic() > deadline:
+                raise EngineUnavailableError(f"{self.url}/health not ready after {timeout_s:.0f} s")
+            time.sleep(interval_s)
+
+    def model_info(self) -> dict:
+        return self._request("GET", "/get_model_info")
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _request(self, method: str, path: str, body: dict | None = None):
+        error = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
+            try:
+                with self._sem:
+                    r = self._client.request(method, path, json=body)
+            except httpx.TransportError as e:  # refused, reset, timed out
+                error = f"{type(e).__name__}: {e}"
+                continue
+            if r.status_code < 400:
+                return r.json()
+            if r.status_code < 500:
+                raise EngineRequestError(f"{self.url}{path} rejected the request ({r.status_code}): {r.text[:1000]}")
+            error = f"HTTP {r.status_code}: {r.text[:1000]}"
+        raise EngineUnavailableError(
+            f"{self.url}{path} failed after {self.max_retries + 1} attempt(s); last error: {error}")
+
+
+def from_config(config) -> SGLangEngine:
+    """The engine for `config.engine.kind == "sglang"`, once its server answers /health."""
+    e = config.engine
+    engine = SGLangEngine(e.url, concurrency=e.concurrency, timeout_s=e.timeout_s, max_retries=e.max_retries)
+    engine.wait_ready(e.timeout_s)
+    return engine

@@ -1,0 +1,138 @@
+"""Trainer -> inference engine weight sync through a publish directory of HF checkpoints.
+
+    root/
+      version_000003/    a complete HF checkpoint (config.json, *.safetensors, index)
+      version_000004/
+      LATEST             "4\\n": the newest complete version
+
+The trainer calls `publish(params, cfg, root, version)`; an engine (SGLang, our server, or an
+in-process engine) is pointed at the new weights with `sync_engine(engine, root, version)`.
+
+Crash safety: a version is written into a temp dir inside `root` (`version_N.tmp-*`), every file
+and the dir are fsynced, and only then renamed to `version_N`, so a final name always holds a
+complete checkpoint. `LATEST` is replaced (write temp, fsync, os.replace) only after that rename:
+a crash at any point leaves the previous version intact and `LATEST` naming it. Temp dirs left by
+a killed publisher are removed by the next `publish`.
+
+Multi-host: call `publish` on every process (the export gathers sharded arrays); only process 0
+writes. Call `sync_engine` from one process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import jax
+
+from checkpoints_tools import hf_to_orbax, mapping
+from checkpoints_tools.orbax_to_hf import _fsync, export_hf
+
+LATEST = "LATEST"
+_VERSION_DIR = re.compile(r"version_(\d{6,})")
+# export_hf's "<name>.tmp-*" (being written) and "<name>.old-*" (replaced copy being deleted)
+_TEMP = re.compile(r"(version_\d{6,}\.(tmp|old)|LATEST\.tmp)-")
+
+
+def version_dir(root: str, version: int) -> str:
+    return os.path.join(os.path.abspath(root), f"version_{version:06d}")
+
+
+def latest_version(root: str) -> int | None:
+    """The version `LATEST` names, or None before the first publish."""
+    try:
+        with open(os.path.join(root, LATEST)) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    if not text.isdigit():
+        raise ValueError(f"{os.path.join(root, LATEST)} holds {text!r}, not a version number")
+    return int(text)
+
+
+def published_versions(root: str) -> list[int]:
+    """Complete versions under `root`, oldest first (temp dirs never match)."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(m.group(1)) for n in os.listdir(root) if (m := _VERSION_DIR.fullmatch(n)))
+
+
+def publish(params, cfg, root: str, version: int, *, keep: int = 3, dtype: str | None = "bfloat16",
+            extra_dir: str | None = None) -> str:
+    """Writes `params` as `root/version_{version:06d}` and points `LATEST` at it; returns the path.
+
+    `dtype`: safetensors dtype (bfloat16 = what SGLang serves; None keeps the params' dtype).
+    `extra_dir`: tokenizer/config files to include (e.g. the Orbax dir's hf_extra/), so SGLang can
+    load the directory on its own. Keeps the newest `keep` versions (and always the one LATEST
+    names). Republishing an existing version (a resumed run) replaces it.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    root = os.path.abspath(root)
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(root, exist_ok=True)
+        _remove_stale_temps(root)
+    path = export_hf(params, cfg, version_dir(root, version), dtype, extra_dir=extra_dir, overwrite=True)
+    if writer:
+        _write_latest(root, version)
+        _prune(root, keep, version)
+    return path
+
+
+def load_hf_params(hf_dir: str, dtype: str = "float32"):
+    """(params as numpy arrays, ModelConfig) from a HF Qwen3 directory, validated tensor by tensor
+    (the reading side of `publish`; SGLang's update_weights_from_disk equivalent)."""
+    cfg = hf_to_orbax.read_config(hf_dir)
+    files = hf_to_orbax.find_safetensors(hf_dir)
+    found = hf_to_orbax.inventory(files, cfg)
+    params, tied_head_file = hf_to_orbax.fill(files, cfg, mapping.np_dtype(dtype))
+    if tied_head_file is not None:
+        hf_to_orbax._check_tied_head(found, tied_head_file)
+    return params, cfg
+
+
+def sync_engine(engine, root: str, version: int | None = None) -> int:
+    """Loads published `version` (default: LATEST) into `engine` and returns it.
+
+    An HTTP engine (`SGLangEngine`) is asked to load the directory itself
+    (`update_weights_from_disk`); an in-process engine gets the params via `update_weights`.
+    Either way the engine's `policy_version` becomes `version`.
+    """
+    if version is None:
+        version = latest_version(root)
+        if version is None:
+            raise FileNotFoundError(f"nothing published under {root} yet (no {LATEST} file)")
+    path = version_dir(root, version)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"version {version} is not published under {root} (have {published_versions(root)})")
+    if hasattr(engine, "update_weights_from_disk"):
+        engine.update_weights_from_disk(path, version)
+    else:
+        params, _ = load_hf_params(path)
+        engine.update_weights(params, version)
+    return version
+
+
+def _write_latest(root: str, version: int) -> None:
+    tmp = os.path.join(root, f"{LATEST}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(f"{version}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, LATEST))
+    _fsync(root)
+
+
+def _remove_stale_temps(root: str) -> None:
+    for name in os.listdir(root):
+        if _TEMP.match(name):
+            p = os.path.join(root, name)
+            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+
+
+def _prune(root: str, keep: int, latest: int) -> None:
+    for v in published_versions(root)[:-keep]:
+        if v != latest:
+            shutil.rmtree(version_dir(root, v), ignore_errors=True)

@@ -1,0 +1,124 @@
+"""Weight publishing: versions, LATEST, pruning, round trip, and crash safety (raise / SIGKILL)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from checkpoints_tools import mapping, orbax_to_hf
+from tau2jax.models.configs import get_model_config
+from tau2jax.rollout import weight_sync
+from tau2jax.rollout.weight_sync import latest_version, load_hf_params, publish, published_versions, sync_engine
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = get_model_config("tiny", vocab_size=512)
+
+
+def _params(seed):
+    """Random numpy params (no jax compile: the killed subprocess below builds them too)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda shape: rng.standard_normal(shape, np.float32), mapping.param_shapes(CFG),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _assert_same(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_publish_latest_prune_and_round_trip(tmp_path):
+    root = str(tmp_path / "pub")
+    assert latest_version(root) is None and published_versions(root) == []
+    for v in range(1, 5):
+        path = publish(_params(v), CFG, root, v, keep=2, dtype=None)
+        assert path == weight_sync.version_dir(root, v) and os.path.basename(path) == f"version_{v:06d}"
+        assert latest_version(root) == v
+    assert published_versions(root) == [3, 4]
+    assert sorted(os.listdir(root)) == ["LATEST", "version_000003", "version_000004"]  # no temps left
+    params, cfg = load_hf_params(weight_sync.version_dir(root, 4))
+    assert cfg == CFG
+    _assert_same(params, _params(4))
+    # a resumed run republishes an older version: it replaces it, becomes LATEST, survives pruning
+    publish(_params(30), CFG, root, 3, keep=1, dtype=None)
+    assert latest_version(root) == 3 and published_versions(root) == [3, 4]
+    _assert_same(load_hf_params(weight_sync.version_dir(root, 3))[0], _params(30))
+
+
+def test_export_error_midway_keeps_previous_version(tmp_path, monkeypatch):
+    root = str(tmp_path / "pub")
+    publish(_params(1), CFG, root, 1, dtype=None)
+
+    def broken_save(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 1000)  # a partial file, then the failure
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(orbax_to_hf, "save_file", broken_save)
+    with pytest.raises(OSError, match="injected"):
+        publish(_params(2), CFG, root, 2, dtype=None)
+    assert latest_version(root) == 1
+    assert sorted(os.listdir(root)) == ["LATEST", "version_000001"]
+    _assert_same(load_hf_params(weight_sync.version_dir(root, 1))[0], _params(1))
+
+
+def test_killed_publisher_leaves_previous_version_and_no_final_dir(tmp_path):
+    root = str(tmp_path / "pub")
+    publish(_params(1), CFG, root, 1, dtype=None)
+    # A publisher process SIGKILLed while writing its safetensors: nothing cleans up after it.
+    script = textwrap.dedent(f"""
+        import os, signal
+        from checkpoints_tools import orbax_to_hf
+        from tau2jax.models.configs import get_model_config
+        from tau2jax.rollout.weight_sync import publish
+        from tests.test_weight_sync import _params
+
+        def dying_save(tensors, path, metadata=None):
+            with open(path, "wb") as f:
+                f.write(b"\\0" * 4096)
+                f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        orbax_to_hf.save_file = dying_save
+        cfg = get_model_config("tiny", vocab_size=512)
+        publish(_params(2), cfg, {root!r}, 2, dtype=None)
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    names = sorted(os.listdir(root))
+    assert any(n.startswith("version_000002.tmp-") for n in names), names  # died mid-write
+    assert "version_000002" not in names and published_versions(root) == [1]
+    assert latest_version(root) == 1
+    _assert_same(load_hf_params(weight_sync.version_dir(root, 1))[0], _params(1))
+    # the next publish clears the dead publisher's temp dir
+    publish(_params(2), CFG, root, 2, dtype=None)
+    assert sorted(os.listdir(root)) == ["LATEST", "version_000001", "version_000002"]
+
+
+def test_sync_engine_uses_disk_loader_or_params(tmp_path):
+    root = str(tmp_path / "pub")
+    with pytest.raises(FileNotFoundError, match="nothing published"):
+        sync_engine(object(), root)
+    publish(_params(1), CFG, root, 1, dtype=None)
+    publish(_params(2), CFG, root, 2, dtype=None)
+
+    class HttpLike:
+        def update_weights_from_disk(self, path, version):
+            self.loaded = (path, version)
+
+    class InProcess:
+        def update_weights(self, params, version):
+            self.loaded = (params, version)
+
+    http, local = HttpLike(), InProcess()
+    assert sync_engine(http, root) == 2
+    assert http.loaded == (weight_sync.version_dir(root, 2), 2)
+    assert sync_engine(local, root, 1) == 1
+    _assert_same(local.loaded[0], _params(1))
+    with pytest.raises(FileNotFoundError, match="version 7 is not published"):
+        sync_engine(local, root, 7)
