@@ -13,42 +13,32 @@ as the last line, a JSON object that is also written to benchmarks/results/decod
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
-import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # runnable as a script without installing the package
+import numpy as np
 
-import numpy as np  # noqa: E402
+import common  # benchmarks/common.py; also puts the repo root on sys.path
 
 SIZES = {
-    "full": dict(model=dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4,
-                            num_heads=4, num_kv_heads=2, head_dim=64), batch=8, prompt_len=64, new_tokens=128),
-    "quick": dict(model=dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=2,
-                             num_heads=4, num_kv_heads=2, head_dim=32), batch=8, prompt_len=32, new_tokens=32),
+    "full": dict(model=common.MODELS["full"], batch=8, prompt_len=64, new_tokens=128),
+    "quick": dict(model=common.MODELS["quick"], batch=8, prompt_len=32, new_tokens=32),
 }
 
 
 def run(size: str, threads: int, decode_chunk: int) -> dict:
     import torch
-    import transformers
 
-    from checkpoints_tools.tiny_hf import make_tiny_hf_dir
     from tau2jax.rollout.engine import SamplingParams
     from tau2jax.rollout.jax_engine import JaxEngine
 
     torch.set_num_threads(threads)
     spec = SIZES[size]
     b, p, n = spec["batch"], spec["prompt_len"], spec["new_tokens"]
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = make_tiny_hf_dir(os.path.join(tmp, "hf"), tied=True, **spec["model"])
+    with common.tiny_hf_dir(spec["model"]) as hf_dir:
         # The KV cache is exactly prompt + new tokens long, as transformers' cache ends up.
         engine = JaxEngine.from_hf_dir(hf_dir, max_seq_len=p + n, max_batch=b, decode_chunk=decode_chunk)
-        model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        model = common.load_hf(hf_dir).eval()
 
     prompts = np.random.default_rng(0).integers(0, engine.cfg.vocab_size, (b, p))
     greedy = SamplingParams(temperature=0.0, max_new_tokens=n)
@@ -78,9 +68,7 @@ def run(size: str, threads: int, decode_chunk: int) -> dict:
         # fp32 on both sides: the greedy tokens should agree (a near-tie could flip one late token)
         "rows_identical": sum(a == h for a, h in zip(outputs["jax"], outputs["hf"])),
         "config": {**spec["model"], "batch": b, "prompt_len": p, "new_tokens": n, "decode_chunk": decode_chunk,
-                   "dtype": "float32", "size": size, "jax_backend": __import__("jax").default_backend(),
-                   "cpu_threads": threads, "hf_attn": model.config._attn_implementation,
-                   "cpu_count": os.cpu_count(), "machine": platform.machine()},
+                   "dtype": "float32", "size": size, **common.machine_config(model, threads)},
     }
 
 
@@ -88,16 +76,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller model, fewer tokens")
     p.add_argument("--decode-chunk", type=int, default=16, help="engine decode steps per dispatch")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU cores for both frameworks (process affinity + torch threads). 1 by "
-                        "default: on a shared machine torch's OpenMP threads degrade several-fold "
-                        "under contention, which would inflate the speedup")
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "decode.json"))
+    common.add_threads_arg(p)
+    p.add_argument("--out", default=common.result_path("decode.json"))
     args = p.parse_args(argv)
-    cores = sorted(os.sched_getaffinity(0))
-    if not 1 <= args.threads <= len(cores):
-        p.error(f"--threads must be in 1..{len(cores)}")
-    os.sched_setaffinity(0, cores[:args.threads])  # before JAX/torch create their thread pools
+    common.pin_threads(p, args.threads)
     result = run("quick" if args.quick else "full", args.threads, args.decode_chunk)
     c = result["config"]
     print(f"Qwen3 greedy generation, hidden {c['hidden_size']}, {c['num_layers']} layers, vocab {c['vocab_size']}, "
@@ -108,11 +90,7 @@ def main(argv=None) -> int:
     print(f"{'transformers generate (torch, use_cache)':<40}{result['hf_tokens_per_s']:>12.0f}")
     print(f"speedup vs transformers: {result['speedup_vs_hf']:.2f}x; "
           f"identical greedy rows: {result['rows_identical']}/{c['batch']}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    print(json.dumps(result))
+    common.write_result(result, args.out)
     return 0
 
 

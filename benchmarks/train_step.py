@@ -18,25 +18,14 @@ as the last line, a JSON object that is also written to benchmarks/results/train
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
-import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # runnable as a script without installing the package
+import numpy as np
 
-import numpy as np  # noqa: E402
+import common  # benchmarks/common.py; also puts the repo root on sys.path
 
-SIZES = {
-    # The same shapes as benchmarks/forward.py, so the two results read side by side.
-    "full": dict(model=dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4,
-                            num_heads=4, num_kv_heads=2, head_dim=64), batch=4, seq_len=256),
-    "quick": dict(model=dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=2,
-                             num_heads=4, num_kv_heads=2, head_dim=32), batch=2, seq_len=128),
-}
 LOSS_ATOL = 1e-4
 # Dense bf16 tensor-core peak (FLOP/s) by jax device_kind.
 PEAK_BF16 = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
@@ -76,37 +65,15 @@ def _jax_step(cfg, params, optim, batch, **step_kw):
     return run
 
 
-def _interleaved(fns: dict, iters: int) -> tuple[dict[str, float], dict[str, float]]:
-    """(first-call results, median seconds per later call) of each fn. The first call is the
-    warm-up; later calls alternate between the fns so that load from other processes on a shared
-    machine hits both alike; the median drops outlier iterations."""
-    first = {name: fn() for name, fn in fns.items()}
-    times = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return first, {name: float(np.median(ts)) for name, ts in times.items()}
-
-
 def run(size: str, iters: int, threads: int) -> dict:
-    import jax
     import torch
-    import transformers
-
-    from checkpoints_tools import hf_to_orbax, orbax_io
-    from checkpoints_tools.tiny_hf import make_tiny_hf_dir
 
     torch.set_num_threads(threads)
-    spec = SIZES[size]
+    spec = common.SIZES[size]  # forward.py's shapes, so the two results read side by side
     b, t = spec["batch"], spec["seq_len"]
     lr = 1e-4
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = make_tiny_hf_dir(os.path.join(tmp, "hf"), tied=True, **spec["model"])
-        hf_to_orbax.convert(hf_dir, os.path.join(tmp, "orbax"))
-        params, cfg = orbax_io.restore_params(os.path.join(tmp, "orbax"))
-        model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).train()
+    params, cfg, model = common.tiny_qwen3(spec["model"])
+    model.train()
 
     rng = np.random.default_rng(0)
     seq = rng.integers(0, cfg.vocab_size, (b, t + 1), dtype=np.int32)
@@ -135,7 +102,7 @@ def run(size: str, iters: int, threads: int) -> dict:
         return loss.item()
 
     load_before = os.getloadavg()
-    first, sec = _interleaved({"jax": jax_step, "hf": hf_step}, iters)
+    first, sec = common.interleaved({"jax": jax_step, "hf": hf_step}, iters)
     if abs(first["jax"] - first["hf"]) > LOSS_ATOL:
         raise SystemExit(f"first-step losses disagree: jax {first['jax']:.6f} vs hf {first['hf']:.6f} "
                          f"(|diff| > {LOSS_ATOL}); the two steps do not compute the same thing")
@@ -148,15 +115,15 @@ def run(size: str, iters: int, threads: int) -> dict:
         "loss_first_hf": round(first["hf"], 6),
         "config": {**spec["model"], "batch": b, "seq_len": t, "iters": iters, "dtype": "float32",
                    "optimizer": f"adamw lr={lr} wd=0.01 clip=1.0", "size": size,
-                   "jax_backend": jax.default_backend(), "hf_attn": model.config._attn_implementation,
-                   "cpu_count": os.cpu_count(), "machine": platform.machine()},
-        "threads": threads,
+                   **common.machine_config(model)},
+        "threads": threads,  # top level, not config.cpu_threads: the format of the earlier results
         "load_avg": {"before": [round(v, 2) for v in load_before],
                      "after": [round(v, 2) for v in os.getloadavg()]},
     }
 
 
-def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chunk: int = 1024) -> dict:
+def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chunk: int = 1024,
+            attn_impl: str = "xla") -> dict:
     """Qwen3-4B-shaped step (random init, fp32 masters, bf16 compute, --remat) on one GPU.
     The batch is the largest of 8, 4, 2, 1 rows whose compiled step fits in device memory."""
     import jax
@@ -185,7 +152,7 @@ def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chu
     state = create_state(params, tx, shardings, seed=0)
     del params
     step = jit_step(make_sft_step(cfg, tx, schedule, compute_dtype=jnp.bfloat16, remat=remat, loss_chunk=1024,
-                                  attn_chunk=attn_chunk),
+                                  attn_chunk=attn_chunk, attn_impl=attn_impl),
                     shardings, sharding.batch_sharding(mesh))
     limit = dev.memory_stats()["bytes_limit"]
     rng = np.random.default_rng(0)
@@ -223,17 +190,9 @@ def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chu
         "mfu": round(flops_per_token(cfg, seq_len) * tok_s / PEAK_BF16[dev.device_kind], 4),
         "loss": round(float(metrics["loss"]), 4),
         "config": {"model": "qwen3_4b", "num_layers": layers, "batch": b, "seq_len": seq_len, "iters": iters, "compute_dtype": "bfloat16",
-                   "remat": remat, "loss_chunk": 1024, "attn_chunk": attn_chunk, "device": dev.device_kind,
+                   "remat": remat, "loss_chunk": 1024, "attn_chunk": attn_chunk, "attn_impl": attn_impl, "device": dev.device_kind,
                    "peak_flops": PEAK_BF16[dev.device_kind], "memory_gib": round(need / 2**30, 1)},
     }
-
-
-def _write(result: dict, out: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    print(json.dumps(result))
 
 
 def main(argv=None) -> int:
@@ -244,26 +203,21 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=36, help="--mfu: layers of the Qwen3-4B shape (36 = all)")
     p.add_argument("--remat", default="full", help="--mfu: remat policy (none | full | dots)")
     p.add_argument("--attn-chunk", type=int, default=1024, help="--mfu: queries per attention block (0 = dense)")
+    p.add_argument("--attn-impl", default="xla", help="--mfu: xla | flash")
     p.add_argument("--iters", type=int, default=5, help="timed steps per framework (median is reported)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU cores for both frameworks (process affinity + torch threads); 1 by "
-                        "default, as benchmarks/forward.py: torch's OpenMP threads degrade several-fold "
-                        "under contention on a shared machine")
+    common.add_threads_arg(p)
     p.add_argument("--out", default=None, help="result file (default benchmarks/results/train_step[_mfu].json)")
     args = p.parse_args(argv)
-    out = args.out or os.path.join(REPO, "benchmarks", "results", "train_step_mfu.json" if args.mfu else "train_step.json")
+    out = args.out or common.result_path("train_step_mfu.json" if args.mfu else "train_step.json")
     if args.mfu:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the default 0.75 leaves 20 GB idle
-        result = run_mfu(args.iters, args.seq_len, args.layers, args.remat, args.attn_chunk)
+        result = run_mfu(args.iters, args.seq_len, args.layers, args.remat, args.attn_chunk, args.attn_impl)
         c = result["config"]
-        print(f"Qwen3-4B SFT step on {c['device']}: batch {c['batch']} x seq {c['seq_len']}, bf16, remat {c['remat']}, attn_chunk {c['attn_chunk']}, "
+        print(f"Qwen3-4B SFT step on {c['device']}: batch {c['batch']} x seq {c['seq_len']}, bf16, remat {c['remat']}, attention {c['attn_impl']}/{c['attn_chunk']}, "
               f"{result['tokens_per_s']:.0f} tokens/s, MFU {100 * result['mfu']:.1f}%")
-        _write(result, out)
+        common.write_result(result, out)
         return 0
-    cores = sorted(os.sched_getaffinity(0))
-    if not 1 <= args.threads <= len(cores):
-        p.error(f"--threads must be in 1..{len(cores)}")
-    os.sched_setaffinity(0, cores[:args.threads])  # before JAX/torch create their thread pools
+    common.pin_threads(p, args.threads)
     result = run("quick" if args.quick else "full", args.iters, args.threads)
     c = result["config"]
     print(f"Qwen3 SFT train step (fwd+bwd+clip+AdamW), hidden {c['hidden_size']}, {c['num_layers']} layers, "
@@ -274,7 +228,7 @@ def main(argv=None) -> int:
           f"{result['loss_first_jax']:>14.6f}")
     print(f"{'transformers + torch.optim.AdamW':<34}{result['hf_tokens_per_s']:>10.0f}{result['loss_first_hf']:>14.6f}")
     print(f"speedup vs transformers: {result['speedup_vs_hf']:.2f}x")
-    _write(result, out)
+    common.write_result(result, out)
     return 0
 
 

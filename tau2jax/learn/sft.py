@@ -80,7 +80,8 @@ def run(config) -> dict:
 
     step_fn = jit_step(make_sft_step(model_cfg, tx, schedule, grad_accum=config.optim.grad_accum,
                                      compute_dtype=compute_dtype, remat=config.model.remat,
-                                     loss_chunk=config.train.loss_chunk, attn_chunk=config.model.attn_chunk),
+                                     loss_chunk=config.train.loss_chunk, attn_chunk=config.model.attn_chunk,
+                                     attn_impl=config.model.attn_impl),
                      shardings, batch_sharding)
 
     writer = MetricWriter(config.workdir)

@@ -20,21 +20,21 @@ from tau2jax.models import qwen3
 
 
 def sequence_logprobs(params, model_cfg, batch, *, compute_dtype=jnp.float32, remat="none", loss_chunk=0,
-                      attn_chunk=0):
+                      attn_chunk=0, attn_impl="xla"):
     """log p(targets) per position [B, T], float32. Shared by SFT and the RL losses."""
     hidden = qwen3.forward(params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"],
                            compute_dtype=compute_dtype, remat=remat, return_hidden=True,
-                           attn_chunk=attn_chunk)
+                           attn_chunk=attn_chunk, attn_impl=attn_impl)
     head = functools.partial(qwen3.logits_from_hidden, params, model_cfg)
     chunk = loss_chunk or hidden.shape[1]
     return chunked_token_logprobs(hidden, batch["targets"], head, chunk)
 
 
 def make_sft_step(model_cfg, tx: optax.GradientTransformation, schedule, *, grad_accum=1,
-                  compute_dtype=jnp.float32, remat="none", loss_chunk=0, attn_chunk=0):
+                  compute_dtype=jnp.float32, remat="none", loss_chunk=0, attn_chunk=0, attn_impl="xla"):
     def loss_fn(params, micro):
         lp = sequence_logprobs(params, model_cfg, micro, compute_dtype=compute_dtype, remat=remat,
-                               loss_chunk=loss_chunk, attn_chunk=attn_chunk)
+                               loss_chunk=loss_chunk, attn_chunk=attn_chunk, attn_impl=attn_impl)
         return masked_nll(lp, micro["loss_mask"])
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

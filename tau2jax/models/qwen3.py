@@ -132,15 +132,31 @@ def _qkv(lp: dict, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Arra
     return q, k, v
 
 
-def segment_causal_attention(q, k, v, segment_ids, scale: float, chunk: int = 0):
-    """Causal attention within segments (packed rows), `chunk` queries at a time.
+ATTENTION_IMPLS = ("xla", "flash")
 
-    Dense scores are [B, H, T, T]: 32 GiB per row for Qwen3-4B at T=16k, where tau2 conversations
-    live. With chunking each step holds [B, H, chunk, T], and the inner checkpoint makes the
-    backward pass recompute one chunk's scores at a time instead of saving all of them.
-    chunk=0 (or a T it does not divide) is the dense path. Same result either way: every query row
-    still takes its softmax over all T keys.
+
+def segment_causal_attention(q, k, v, segment_ids, scale: float, chunk: int = 0, impl: str = "xla"):
+    """Causal attention within segments (packed rows). q [B, T, H, Dh]; k, v [B, T, K, Dh].
+
+    impl="xla": `jax.nn.dot_product_attention` with a boolean mask, `chunk` queries at a time.
+      Dense scores are [B, H, T, T]: 32 GiB per row for Qwen3-4B at T=16k, where tau2
+      conversations live. Chunked, each step holds [B, H, chunk, T], and the inner checkpoint
+      makes the backward pass recompute one chunk's scores at a time instead of saving them all.
+      chunk=0 (or a T it does not divide) is the dense path; every query row still takes its
+      softmax over all T keys, so the result is the same.
+    impl="flash": the Pallas (Triton) flash-attention kernel with segment ids (GPU; interpreted on
+      CPU, for tests only): no score matrix in memory and causal blocks above the diagonal skipped.
+      Needs T to be a multiple of 128.
     """
+    if impl == "flash":
+        from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+        groups = q.shape[2] // k.shape[2]  # the kernel wants as many kv heads as query heads
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        return pallas_attention.mha(q, k, v, segment_ids, sm_scale=scale, causal=True,
+                                    interpret=jax.default_backend() == "cpu")
+    if impl != "xla":
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     T = q.shape[1]
     key_idx = jnp.arange(T)
 
@@ -186,19 +202,19 @@ def _embed(params: dict, tokens: jax.Array, dtype) -> jax.Array:
 
 def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
             compute_dtype=jnp.float32, remat: str = "none", return_hidden: bool = False,
-            attn_chunk: int = 0) -> jax.Array:
+            attn_chunk: int = 0, attn_impl: str = "xla") -> jax.Array:
     """tokens, positions, segment_ids: int [B, T]. Packed rows: a token attends causally to earlier
     tokens of its own segment only. Segment 0 is padding: padding tokens attend only to padding, so
     their rows stay finite and never touch real tokens. Returns logits [B, T, V] float32, or the
     final-normed hidden states [B, T, D] (compute_dtype) when return_hidden (see logits_from_hidden).
-    attn_chunk: queries per attention block (see segment_causal_attention); 0 = dense."""
+    attn_chunk, attn_impl: how attention is computed (see segment_causal_attention)."""
     x = _embed(params, tokens, compute_dtype)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
     def layer(x, lp):
         lp = _cast(lp, compute_dtype)
         q, k, v = _qkv(lp, cfg, x, cos, sin)
-        attn = segment_causal_attention(q, k, v, segment_ids, cfg.head_dim ** -0.5, attn_chunk)
+        attn = segment_causal_attention(q, k, v, segment_ids, cfg.head_dim ** -0.5, attn_chunk, attn_impl)
         return _attend_and_mlp(lp, cfg, x, attn), None
 
     x, _ = jax.lax.scan(_remat(layer, remat), x, params["layers"])
