@@ -111,6 +111,7 @@ def main(argv=None) -> dict:
     c.tau2.domains = "mock"
     c.tau2.max_steps = 8
     c.eval.num_samples = 2
+    c.eval.max_tasks_per_domain = 3
     results["eval"] = run_stage(c)
     timings["eval"] = time.perf_counter() - t
 
@@ -128,7 +129,10 @@ def main(argv=None) -> dict:
     table.add_row("export + generate", f"{results['generate']['num_tokens']} tokens, {results['generate']['finish_reason']}",
                   f"{timings['export+generate']:.0f}")
     e = results["eval"]
-X
+    k = e["k"]
+    table.add_row("eval (mock)", f"Pass@1 {e['pass@1']['overall']:.0%}, Pass@{k} {e[f'pass@{k}']['overall']:.0%} over "
+                  f"{e['episodes']} episodes, {e['infra_failures']} infra failures; report in {e['out_dir']}",
+                  f"{timings['eval']:.0f}")
     console.print(table)
     console.print(f"outputs under {work}; TensorBoard: tensorboard --logdir {work}/sft/tensorboard")
     summary = {"parity": p, "sft": {k: s[k] for k in ("first_loss", "final_loss", "steps", "loss_halved")},
