@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from tau2jax import config as config_lib
 from tau2jax.data.sft_data import DataError
+from tau2jax.parallel import distributed
 
 # stage -> "module:function"; modules import lazily so `sft` never pays for tau2/litellm imports.
 STAGE_RUNNERS = {
@@ -43,8 +44,9 @@ def main(argv):
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config configs/tiny_sft.py")
     try:
+        distributed.initialize()  # multi-process runs join here, before anything touches devices
         summary = run_stage(_CONFIG.value)
-    except (config_lib.ConfigError, DataError) as e:
+    except (config_lib.ConfigError, DataError, distributed.DistributedConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(summary, sort_keys=True), flush=True)
