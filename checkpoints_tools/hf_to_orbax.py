@@ -52,13 +52,7 @@ def convert(hf_dir: str, out: str, dtype: str = "float32") -> dict:
     target = mapping.np_dtype(dtype)
     if os.path.exists(out):
         raise ConversionError(f"--out {out} already exists; remove it or pick a new path")
-    cfg = read_config(hf_dir)
-    files = find_safetensors(hf_dir)
-    found = inventory(files, cfg)
-
-    params, tied_head_file = fill(files, cfg, target)
-    if tied_head_file is not None:
-        _check_tied_head(found, tied_head_file)
+    params, cfg = load_hf_params(hf_dir, target)
     params = _to_cpu_jax(params)
 
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -76,13 +70,25 @@ def convert(hf_dir: str, out: str, dtype: str = "float32") -> dict:
         raise
     param_bytes = sum(a.nbytes for a in _leaves(params))
     return {
-        "out": out, "dtype": target.name, "num_hf_tensors": len(found),
+        "out": out, "dtype": target.name, "num_params": len(jax.tree.leaves(params)),
         "param_mb": round(param_bytes / 2**20, 1),
         "rss_before_mb": round(rss0 / 2**20, 1),
         # ru_maxrss is in KiB on Linux: the process's high-water mark, imports included.
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def load_hf_params(hf_dir: str, dtype="float32"):
+    """(params as numpy arrays in `dtype`, ModelConfig) from a HF Qwen3 directory, every tensor
+    checked against the config before any is read. Used by convert, weight sync and the engine."""
+    cfg = read_config(hf_dir)
+    files = find_safetensors(hf_dir)
+    found = inventory(files, cfg)
+    params, tied_head_file = fill(files, cfg, mapping.np_dtype(dtype) if isinstance(dtype, str) else dtype)
+    if tied_head_file is not None:
+        _check_tied_head(found, tied_head_file)
+    return params, cfg
 
 
 def read_config(hf_dir: str):
@@ -222,7 +228,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {stats['out']} ({stats['param_mb']} MiB {stats['dtype']}, "
-          f"{stats['num_hf_tensors']} HF tensors) in {stats['seconds']} s; "
+          f"{stats['num_params']} stacked arrays) in {stats['seconds']} s; "
           f"peak RSS {stats['peak_rss_mb']} MiB (before loading: {stats['rss_before_mb']} MiB)")
     print(json.dumps(stats))
     return 0

@@ -66,10 +66,10 @@ def export_hf(params, cfg, out_dir: str, dtype: str | None = None, *, max_shard_
             if writer:
                 path = os.path.join(tmp, fname)
                 save_file(tensors, path, metadata={"format": "pt"})  # transformers requires "pt"
-                _fsync(path)
+                fsync(path)
         if writer:
             _write_metadata(tmp, cfg, weight_map, total, out_dtype or _dtype_of(params), extra_dir)
-            _fsync(tmp)
+            fsync(tmp)
             _replace_dir(tmp, out_dir)
     except BaseException:
         if tmp is not None:
@@ -115,7 +115,7 @@ def _write_metadata(tmp, cfg, weight_map, total, dtype, extra_dir):
         orbax_io.write_json_atomic(os.path.join(tmp, "generation_config.json"), gen)
     for name, src in extra.items():
         shutil.copy2(src, os.path.join(tmp, name))
-        _fsync(os.path.join(tmp, name))
+        fsync(os.path.join(tmp, name))
     orbax_io.write_json_atomic(os.path.join(tmp, INDEX_FILE),
                                {"metadata": {"total_size": total}, "weight_map": weight_map})
 
@@ -129,7 +129,7 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
         os.rename(out_dir, os.path.join(old, "d"))
         os.rename(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync(os.path.dirname(out_dir))
+    fsync(os.path.dirname(out_dir))
 
 
 def _to_host(x) -> np.ndarray:
@@ -143,7 +143,7 @@ def _dtype_of(params):
     return mapping.get_path(params, "embed").dtype
 
 
-def _fsync(path: str) -> None:
+def fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

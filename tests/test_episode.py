@@ -218,3 +218,22 @@ def test_data_dir_override(tmp_path, monkeypatch):
         monkeypatch.delenv(tau2_env.DATA_DIR_ENV)
         assert tau2_env.init_tau2(str(wheel)).resolve() == wheel
     assert tau2_env.domain_spec("mock").policy != "# Patched mock policy\n"
+
+
+def test_conversation_outgrowing_the_context_ends_the_episode_and_is_scored(chat, task):
+    """A prompt the engine cannot fit is the episode's end (tau2 agent error, reward 0), not an
+    infrastructure failure to retry."""
+    from tau2jax.rollout.engine import ContextLengthError
+
+    class TinyContextEngine:
+        policy_version = 0
+
+        def generate(self, input_ids, params):
+            raise ContextLengthError(f"prompt of {len(input_ids[0])} tokens is longer than the model's context length")
+
+    traj = run_episode(task, "mock", engine=TinyContextEngine(), user=ScriptedUser(task), chat=chat,
+                       style="native", sampling=SamplingParams(temperature=0.0))
+    assert traj.infra_error is None
+    assert traj.context_exhausted
+    assert traj.termination_reason == "agent_error"
+    assert traj.reward == 0.0

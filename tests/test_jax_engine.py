@@ -269,3 +269,10 @@ def test_from_hf_dir_and_input_errors(setup):
         engine.generate([[]], GREEDY)
     assert engine.generate([[1, 2]], SamplingParams(max_new_tokens=0))[0].finish_reason == "length"
     engine.close()
+
+
+def test_prompt_longer_than_the_context_is_a_context_length_error(setup):
+    from tau2jax.rollout.engine import ContextLengthError
+
+    with pytest.raises(ContextLengthError, match="context length"):
+        setup["engine"].generate([list(range(MAX_SEQ + 1))], GREEDY)

@@ -95,6 +95,14 @@ def test_greedy_is_deterministic_and_batch_invariant(engine):
     assert both[1].output_ids != a.output_ids
 
 
+def test_prompt_longer_than_the_context_is_a_context_length_error(engine):
+    """The episode runner ends an episode on this error instead of retrying it as infrastructure."""
+    from tau2jax.rollout.engine import ContextLengthError
+
+    with pytest.raises(ContextLengthError, match="context length"):
+        engine.generate([[1] * (ENGINE_KW["max_seq_len"] + 1)], GREEDY)
+
+
 def test_logprobs_present_and_length_finish(engine):
     [r] = engine.generate([PROMPTS[1]], SamplingParams(temperature=0.8, seed=3, max_new_tokens=7))
     assert r.finish_reason == "length" and len(r.output_ids) == len(r.logprobs) == 7

@@ -18,6 +18,12 @@ from typing import Literal, Protocol, Sequence, runtime_checkable
 FinishReason = Literal["stop", "length", "abort"]
 
 
+class ContextLengthError(ValueError):
+    """The prompt no longer fits the engine's context window. Not an infrastructure failure: the
+    conversation has outgrown the model, so the episode ends (as tau2's agent error) instead of
+    being retried."""
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0
@@ -47,7 +53,7 @@ class Engine(Protocol):
     ) -> list[GenerateResult]: ...
 
 
-def _per_prompt(params: SamplingParams | list[SamplingParams], n: int) -> list[SamplingParams]:
+def per_prompt(params: SamplingParams | list[SamplingParams], n: int) -> list[SamplingParams]:
     if isinstance(params, SamplingParams):
         return [params] * n
     if len(params) != n:
@@ -84,7 +90,7 @@ class ScriptedEngine:
 
     def generate(self, input_ids, params):
         results = []
-        for prompt, p in zip(input_ids, _per_prompt(params, len(input_ids))):
+        for prompt, p in zip(input_ids, per_prompt(params, len(input_ids))):
             self.prompts.append(list(prompt))
             if not self.responses:
                 raise RuntimeError("ScriptedEngine ran out of responses")
@@ -161,7 +167,7 @@ class GoldEngine:
 
     def generate(self, input_ids, params):
         results = []
-        for prompt, p in zip(input_ids, _per_prompt(params, len(input_ids))):
+        for prompt, p in zip(input_ids, per_prompt(params, len(input_ids))):
             # the prompt ends with the generation header, which is not a finished turn
             k = self._count_assistant_turns(prompt) - 1 - self._n_fixed
             ids = self._turns[k] if 0 <= k < len(self._turns) else self._closing

@@ -21,7 +21,9 @@ the agent side is token-in/token-out:
   invisible to the agent, as in tau2.
 - Scoring builds a tau2 SimulationRun from the tau2 messages (ToolCall / ToolMessage ids match)
   and calls tau2's evaluate_simulation (rewards.evaluate).
-- An exception from the engine, the user simulator or the evaluator (or an engine "abort") ends
+- A prompt longer than the engine's context (ContextLengthError) ends the episode as tau2's
+  AGENT_ERROR with `context_exhausted` set: scored (0), not retried.
+- Any other exception from the engine, the user simulator or the evaluator (or an engine "abort") ends
   the episode as an infrastructure error: `infra_error` set, `termination_reason` "infra_error",
   reward None. It is never scored as a model failure; callers retry it.
 
@@ -37,7 +39,7 @@ import traceback
 from collections import defaultdict
 
 from tau2jax.rollout import prompts, rewards, tau2_env
-from tau2jax.rollout.engine import Engine, SamplingParams
+from tau2jax.rollout.engine import ContextLengthError, Engine, SamplingParams
 from tau2jax.rollout.trajectory import INFRA_ERROR, Trajectory
 
 _AGENT, _USER, _ENV = "agent", "user", "env"
@@ -51,6 +53,8 @@ class _InfraError(Exception):
 def _guard(what: str, fn, *args):
     try:
         return fn(*args)
+    except ContextLengthError:
+        raise  # the conversation outgrew the model: ends the episode, not an infrastructure fault
     except Exception as e:  # noqa: BLE001  (any failure outside the policy is infrastructure)
         tb = traceback.format_exc(limit=3)
         raise _InfraError(f"{what}: {type(e).__name__}: {e}\n{tb}") from e
@@ -251,8 +255,12 @@ def run_episode(
                 message, from_role = user_msg, _USER
                 to_role = _ENV if user_msg.is_tool_call() else _AGENT
             elif to_role == _AGENT:
-                turn = agent_turn()
-                if turn is None:  # still unparseable after the repairs
+                try:
+                    turn = agent_turn()
+                except ContextLengthError:
+                    traj.context_exhausted = True
+                    turn = None
+                if turn is None:  # still unparseable after the repairs, or out of context
                     done, reason = True, TerminationReason.AGENT_ERROR
                     break
                 action, call_id = turn

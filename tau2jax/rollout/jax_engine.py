@@ -49,7 +49,7 @@ from tau2jax.models import qwen3
 from tau2jax.models.configs import ModelConfig
 from tau2jax.parallel.sharding import constrain, param_shardings
 from tau2jax.rollout import sampling
-from tau2jax.rollout.engine import GenerateResult, SamplingParams
+from tau2jax.rollout.engine import ContextLengthError, GenerateResult, SamplingParams
 
 MIN_PROMPT_BUCKET = 16
 MIN_STOP_ID_SLOTS = 8  # stop-id table width; more stop ids round up to a power of two (a new shape)
@@ -247,12 +247,9 @@ class JaxEngine:
     def from_hf_dir(cls, hf_dir: str, *, dtype="float32", **kwargs) -> "JaxEngine":
         """Weights straight from a HF Qwen3 directory (config.json + safetensors), converted in
         memory with `checkpoints_tools.hf_to_orbax`'s validated reader; nothing is written."""
-        from checkpoints_tools import hf_to_orbax
+        from checkpoints_tools.hf_to_orbax import load_hf_params
 
-        cfg = hf_to_orbax.read_config(hf_dir)
-        files = hf_to_orbax.find_safetensors(hf_dir)
-        hf_to_orbax.inventory(files, cfg)
-        params, _ = hf_to_orbax.fill(files, cfg, np.dtype(jnp.dtype(dtype)))
+        params, cfg = load_hf_params(hf_dir, np.dtype(jnp.dtype(dtype)))
         return cls(params, cfg, **kwargs)
 
     # ------------------------------------------------------------------ public API
@@ -335,8 +332,9 @@ class JaxEngine:
         if len(prompt) == 0:
             raise ValueError("empty prompt: at least one input token is needed")
         if len(prompt) >= self.max_seq_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_seq_len={self.max_seq_len} "
-                             "(prompt + generated tokens must fit the KV cache); raise max_seq_len")
+            raise ContextLengthError(
+                f"prompt of {len(prompt)} tokens is longer than the model's context length "
+                f"(max_seq_len={self.max_seq_len}: prompt + generated tokens must fit the KV cache)")
         if min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
         if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0 or p.max_new_tokens < 0:

@@ -30,7 +30,7 @@ import time
 
 import httpx
 
-from tau2jax.rollout.engine import GenerateResult, SamplingParams, _per_prompt
+from tau2jax.rollout.engine import ContextLengthError, GenerateResult, SamplingParams, per_prompt
 
 
 class EngineRequestError(ValueError):
@@ -90,7 +90,7 @@ class SGLangEngine:
                  params: SamplingParams | list[SamplingParams]) -> list[GenerateResult]:
         if not input_ids:
             return []
-        ps = _per_prompt(params, len(input_ids))
+        ps = per_prompt(params, len(input_ids))
         batched = len(input_ids) > 1  # a single prompt uses SGLang's non-batch form
         body = {
             "input_ids": [list(map(int, x)) for x in input_ids] if batched else list(map(int, input_ids[0])),
@@ -163,6 +163,9 @@ class SGLangEngine:
             if r.status_code < 400:
                 return r.json()
             if r.status_code < 500:
+                # SGLang (and our server) answer an over-long prompt with a 400 naming the context length.
+                if "context length" in r.text.lower():
+                    raise ContextLengthError(f"{self.url}{path}: {r.text[:1000]}")
                 raise EngineRequestError(f"{self.url}{path} rejected the request ({r.status_code}): {r.text[:1000]}")
             error = f"HTTP {r.status_code}: {r.text[:1000]}"
         raise EngineUnavailableError(

@@ -51,6 +51,7 @@ class Trajectory:
     num_format_errors: int = 0  # unparseable agent outputs
     num_tool_errors: int = 0  # tool calls answered with an error (unknown tool, bad args, ...)
     infra_error: str | None = None  # engine / user simulator / evaluator failure; retry, don't score
+    context_exhausted: bool = False  # ended because the conversation outgrew the engine's context
     timings: dict = field(default_factory=dict)  # seconds: engine, user, env, evaluate, total
 
     @property

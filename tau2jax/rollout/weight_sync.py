@@ -26,8 +26,8 @@ import shutil
 
 import jax
 
-from checkpoints_tools import hf_to_orbax, mapping
-from checkpoints_tools.orbax_to_hf import _fsync, export_hf
+from checkpoints_tools import hf_to_orbax
+from checkpoints_tools.orbax_to_hf import export_hf, fsync
 
 LATEST = "LATEST"
 _VERSION_DIR = re.compile(r"version_(\d{6,})")
@@ -81,16 +81,8 @@ def publish(params, cfg, root: str, version: int, *, keep: int = 3, dtype: str |
     return path
 
 
-def load_hf_params(hf_dir: str, dtype: str = "float32"):
-    """(params as numpy arrays, ModelConfig) from a HF Qwen3 directory, validated tensor by tensor
-    (the reading side of `publish`; SGLang's update_weights_from_disk equivalent)."""
-    cfg = hf_to_orbax.read_config(hf_dir)
-    files = hf_to_orbax.find_safetensors(hf_dir)
-    found = hf_to_orbax.inventory(files, cfg)
-    params, tied_head_file = hf_to_orbax.fill(files, cfg, mapping.np_dtype(dtype))
-    if tied_head_file is not None:
-        hf_to_orbax._check_tied_head(found, tied_head_file)
-    return params, cfg
+# The reading side of `publish` (what SGLang's update_weights_from_disk does for its own model).
+load_hf_params = hf_to_orbax.load_hf_params
 
 
 def sync_engine(engine, root: str, version: int | None = None) -> int:
@@ -122,7 +114,7 @@ def _write_latest(root: str, version: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(root, LATEST))
-    _fsync(root)
+    fsync(root)
 
 
 def _remove_stale_temps(root: str) -> None:
