@@ -53,14 +53,6 @@ def _check(proc, what):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _short_conversations(path, n=24):
-    with open(path, "w") as f:
-        for i in range(n):
-            msgs = [{"role": "user", "content": f"What is {i} plus {i}?"},
-                    {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]
-            f.write(json.dumps({"messages": msgs}) + "\n")
-
-
 def _losses(workdir) -> list[tuple[int, float]]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [(d["step"], d["loss"]) for d in map(json.loads, f)]
@@ -81,9 +73,8 @@ def _restore_on_one_device(path):
     return jax.device_get(ckptr.restore(path, target))
 
 
-def test_two_processes_match_one_process(tmp_path):
-    data = tmp_path / "short.jsonl"
-    _short_conversations(data)
+def test_two_processes_match_one_process(tmp_path, short_sft_jsonl):
+    data = short_sft_jsonl
     common = ["--config", "configs/tiny_sft.py", f"--config.data.train_files={data}", "--config.data.max_len=64",
               "--config.data.batch_size=4", "--config.train.steps=6", "--config.train.checkpoint_every=3",
               "--config.train.loss_chunk=64", "--config.optim.lr=1e-3", "--config.mesh.data=-1"]

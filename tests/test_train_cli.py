@@ -42,14 +42,6 @@ def test_bad_config_is_rejected_by_name(override, expected, tmp_path):
     assert "Traceback" not in proc.stderr or expected in proc.stderr.splitlines()[-1]
 
 
-def _short_conversations(path, n=24):
-    with open(path, "w") as f:
-        for i in range(n):
-            msgs = [{"role": "user", "content": f"What is {i} plus {i}?"},
-                    {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]
-            f.write(json.dumps({"messages": msgs}) + "\n")
-
-
 def _losses(workdir) -> dict[int, float]:
     """Last logged loss per step (a resumed run re-logs the steps after its checkpoint)."""
     out = {}
@@ -60,9 +52,8 @@ def _losses(workdir) -> dict[int, float]:
     return out
 
 
-def test_sigkill_then_rerun_resumes_with_identical_losses(tmp_path):
-    data = tmp_path / "short.jsonl"
-    _short_conversations(data)
+def test_sigkill_then_rerun_resumes_with_identical_losses(tmp_path, short_sft_jsonl):
+    data = short_sft_jsonl
     common = ["--config", "configs/tiny_sft.py", f"--config.data.train_files={data}",
               "--config.data.max_len=64", "--config.data.batch_size=2", "--config.train.steps=40",
               "--config.train.checkpoint_every=4", "--config.train.loss_chunk=64", "--config.optim.lr=1e-3"]

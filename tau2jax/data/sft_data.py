@@ -36,6 +36,16 @@ class Conversation:
     source: str  # "path:line", for error messages and debugging
 
 
+def _json_value(value, where: str):
+    """Public SFT sets store some fields as JSON strings: decode those, pass anything else through."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: string is not valid JSON ({e})") from e
+
+
 def _check_tool_call(call, where: str) -> None:
     if not isinstance(call, dict):
         raise DataError(f"{where}: must be an object, got {type(call).__name__}")
@@ -44,12 +54,7 @@ def _check_tool_call(call, where: str) -> None:
         raise DataError(f"{where}.function: must be an object")
     if not isinstance(fn.get("name"), str) or not fn["name"]:
         raise DataError(f"{where}.function.name: must be a non-empty string")
-    args = fn.get("arguments")
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}.function.arguments: string is not valid JSON ({e})") from e
+    args = _json_value(fn.get("arguments"), f"{where}.function.arguments")
     if not isinstance(args, dict):
         raise DataError(f"{where}.function.arguments: must be a JSON object (dict or JSON string), "
                         f"got {type(args).__name__}")
@@ -58,11 +63,7 @@ def _check_tool_call(call, where: str) -> None:
 def _check_tools(tools, where: str) -> list[dict] | None:
     if tools is None:
         return None
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}.tools: string is not valid JSON ({e})") from e
+    tools = _json_value(tools, f"{where}.tools")
     if not isinstance(tools, list):
         raise DataError(f"{where}.tools: must be a list, got {type(tools).__name__}")
     for i, tool in enumerate(tools):
