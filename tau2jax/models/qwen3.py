@@ -9,6 +9,8 @@ scan (fp32 masters stay fp32); logits are always float32.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -119,11 +121,23 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda w: w.astype(dtype), tree)
 
 
+def _matmul(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+    """Contracts the last n_in dims of x [..., *in] with the first n_in dims of w [*in, *out] as
+    one 2-D matmul on flattened views: [prod(lead), prod(in)] @ [prod(in), prod(out)]. Same result
+    as the einsum; on XLA:CPU the weight gradient of a multi-dimensional einsum (contracting over
+    batch and length, producing a 3-D weight) lowered to transposes plus a slow dot, while the 2-D
+    form gets the fast GEMM path both ways."""
+    lead, out = x.shape[:-n_in], w.shape[n_in:]
+    k = math.prod(w.shape[:n_in])
+    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    return y.reshape(*lead, *out)
+
+
 def _qkv(lp: dict, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array):
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("btd,dhk->bthk", h, lp["q_proj"])
-    k = jnp.einsum("btd,dhk->bthk", h, lp["k_proj"])
-    v = jnp.einsum("btd,dhk->bthk", h, lp["v_proj"])
+    q = _matmul(h, lp["q_proj"], 1)
+    k = _matmul(h, lp["k_proj"], 1)
+    v = _matmul(h, lp["v_proj"], 1)
     q = apply_rope(rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), cos, sin)
     k = apply_rope(rms_norm(k, lp["k_norm"], cfg.rms_norm_eps), cos, sin)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
@@ -176,13 +190,13 @@ def segment_causal_attention(q, k, v, segment_ids, scale: float, chunk: int = 0,
 
 def _attend_and_mlp(lp: dict, cfg: ModelConfig, x, attn):
     """Output projection of the attention result, then the SwiGLU MLP, both residual."""
-    x = x + jnp.einsum("bthk,hkd->btd", attn, lp["o_proj"])
+    x = x + _matmul(attn, lp["o_proj"], 2)
     x = constrain(x, ("batch", "length", None))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate = jnp.einsum("btd,df->btf", h, lp["gate_proj"])
-    up = jnp.einsum("btd,df->btf", h, lp["up_proj"])
+    gate = _matmul(h, lp["gate_proj"], 1)
+    up = _matmul(h, lp["up_proj"], 1)
     act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    x = x + jnp.einsum("btf,fd->btd", act, lp["down_proj"])
+    x = x + _matmul(act, lp["down_proj"], 1)
     return constrain(x, ("batch", "length", None))
 
 
