@@ -54,7 +54,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.overlong = "truncate"  # truncate | drop
     c.data.shuffle = True
     c.data.num_epochs = 1
-    c.data.worker_count = 0  # grain worker processes (0 = in-process)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-5

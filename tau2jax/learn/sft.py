@@ -40,11 +40,6 @@ def _dataset(config, tokenizer):
         shuffle=config.data.shuffle, process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def _count_steps(config, tokenizer) -> int:
-    """Optimizer steps in `num_epochs` of data: one pass over the (cheap, host-side) pipeline."""
-    return sum(1 for _ in _dataset(config, tokenizer))
-
-
 def run(config) -> dict:
     tokenizer = load_tokenizer(config.tokenizer.path or config.model.hf_dir)
     model_cfg = model_setup.resolve_model_config(config, tokenizer)
@@ -56,7 +51,10 @@ def run(config) -> dict:
             f"must divide over the {dp} data-parallel devices (mesh.data × mesh.fsdp)")
     compute_dtype = jnp.dtype(config.model.compute_dtype)
 
-    total_steps = config.train.steps or _count_steps(config, tokenizer)
+    # Conversations are rendered once, here; iterating packs them (cheap, host-side), so counting the
+    # optimizer steps in `num_epochs` of data is one extra pass over the packed rows.
+    dataset = _dataset(config, tokenizer)
+    total_steps = config.train.steps or sum(1 for _ in dataset)
     if total_steps <= 0:
         raise config_lib.ConfigError("config.data.train_files: the data yields no batch")
     tx, schedule = make_optimizer(config.optim, total_steps)
@@ -66,7 +64,7 @@ def run(config) -> dict:
     shardings = state_shardings(tx, abstract_params, param_shardings, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
 
-    data_iter = iter(_dataset(config, tokenizer))
+    data_iter = iter(dataset)
     ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"), save_every=config.train.checkpoint_every,
                         keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint)
     start = ckpt.latest_step()
