@@ -29,8 +29,8 @@ SIZES = {
 def run(size: str, threads: int, decode_chunk: int) -> dict:
     import torch
 
-    from tau2jax.rollout.engine import SamplingParams
-    from tau2jax.rollout.jax_engine import JaxEngine
+    from tau2jax.inference.engine import SamplingParams
+    from tau2jax.inference.jax_engine import JaxEngine
 
     torch.set_num_threads(threads)
     spec = SIZES[size]

@@ -45,11 +45,12 @@ def _jax_step(cfg, params, optim, batch, **step_kw):
     from tau2jax.learn.optimizer import make_optimizer
     from tau2jax.learn.sft_step import jit_step, make_sft_step
     from tau2jax.learn.train_state import create_state, state_shardings
+    from tau2jax.models import qwen3
     from tau2jax.parallel import sharding
 
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     tx, schedule = make_optimizer(optim, total_steps=1000)
-    p_shard = sharding.param_shardings(cfg, mesh)
+    p_shard = qwen3.param_shardings(cfg, mesh)
     shardings = state_shardings(tx, jax.eval_shape(lambda: params), p_shard, mesh)
     state = create_state(params, tx, shardings, seed=0)
     step = jit_step(make_sft_step(cfg, tx, schedule, **step_kw), shardings, sharding.batch_sharding(mesh))
@@ -146,7 +147,7 @@ def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chu
     cfg = get_model_config("qwen3_4b", num_layers=layers)
     mesh = sharding.make_mesh(1, 1, 1, devices=[dev])
     tx, schedule = make_optimizer(_optim_config(1e-5), total_steps=1000)
-    p_shard = sharding.param_shardings(cfg, mesh)
+    p_shard = qwen3.param_shardings(cfg, mesh)
     params = jax.jit(lambda k: qwen3.init_params(cfg, k), out_shardings=p_shard)(jax.random.key(0))
     shardings = state_shardings(tx, jax.eval_shape(lambda: params), p_shard, mesh)
     state = create_state(params, tx, shardings, seed=0)

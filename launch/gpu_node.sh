@@ -10,7 +10,7 @@
 #                               Rollouts call /generate with token ids (tau2jax SGLangEngine,
 #                               config.engine.kind=sglang, config.engine.url=http://127.0.0.1:30000);
 #                               the trainer pushes new weights with /update_weights_from_disk
-#                               (tau2jax.rollout.weight_sync: publish + sync_engine).
+#                               (tau2jax.inference.weight_sync: publish + sync_engine).
 #   port 30001  user simulator  SGLang on USER_GPUS; tau2's user simulator calls its OpenAI endpoint
 #                               through litellm (config.user.kind=llm,
 #                               config.user.base_url=http://127.0.0.1:30001/v1,

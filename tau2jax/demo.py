@@ -83,8 +83,8 @@ def main(argv=None) -> dict:
     t = _stage("4/5  Export to HF safetensors and generate with the built-in engine")
     from checkpoints_tools.orbax_io import restore_params
     from tau2jax.data.chat import ChatFormat
-    from tau2jax.rollout.engine import SamplingParams
-    from tau2jax.rollout.jax_engine import JaxEngine
+    from tau2jax.inference.engine import SamplingParams
+    from tau2jax.inference.jax_engine import JaxEngine
 
     export_dir = os.path.join(work, "sft_hf")
     params, cfg = restore_params(results["sft"]["params"])

@@ -23,8 +23,8 @@ from tau2jax.parallel import distributed
 # stage -> "module:function"; modules import lazily so `sft` never pays for tau2/litellm imports.
 STAGE_RUNNERS = {
     "sft": "tau2jax.learn.sft:run",
-    "demos": "tau2jax.rollout.demos:run",
-    "eval": "tau2jax.eval:run",
+    "demos": "tau2jax.env.demos:run",
+    "eval": "tau2jax.eval.stage:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file returning a ConfigDict.", lock_config=True)

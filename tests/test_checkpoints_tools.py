@@ -100,7 +100,7 @@ def test_restore_sharded_matches_single_device(tied_orbax):
     params_8, cfg8 = orbax_io.restore_params(tied_orbax, mesh=mesh)
     assert cfg8 == cfg
 
-    want = sharding.param_shardings(cfg, mesh)
+    want = qwen3.param_shardings(cfg, mesh)
     for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params_8), jax.tree.leaves(want)):
         assert x.sharding.is_equivalent_to(s, x.ndim), jax.tree_util.keystr(path)
     q = params_8["layers"]["q_proj"]  # [L, D, H, Dh]: embed over fsdp, heads over tensor

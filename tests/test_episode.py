@@ -6,15 +6,16 @@ import json
 
 import pytest
 
-from tau2jax.rollout import tau2_env  # noqa: F401  (first: quiets tau2's import-time logging)
+from tau2jax.env import tau2_env  # noqa: F401  (first: quiets tau2's import-time logging)
 
 from tau2jax.data.chat import ChatFormat
 from tau2jax.data.tokenizer import load_tokenizer
-from tau2jax.rollout import prompts
-from tau2jax.rollout.engine import GenerateResult, GoldEngine, SamplingParams, ScriptedEngine
-from tau2jax.rollout.episode import run_episode
-from tau2jax.rollout.scripted_user import ScriptedUser
-from tau2jax.rollout.trajectory import INFRA_ERROR, Trajectory
+from tau2jax.env import prompts
+from tau2jax.env.gold import GoldEngine
+from tau2jax.inference.engine import GenerateResult, SamplingParams, ScriptedEngine
+from tau2jax.env.episode import run_episode
+from tau2jax.env.scripted_user import ScriptedUser
+from tau2jax.env.trajectory import INFRA_ERROR, Trajectory
 
 CREATE = {"user_id": "user_1", "title": "Important Meeting"}
 
@@ -223,7 +224,7 @@ def test_data_dir_override(tmp_path, monkeypatch):
 def test_conversation_outgrowing_the_context_ends_the_episode_and_is_scored(chat, task):
     """A prompt the engine cannot fit is the episode's end (tau2 agent error, reward 0), not an
     infrastructure failure to retry."""
-    from tau2jax.rollout.engine import ContextLengthError
+    from tau2jax.inference.engine import ContextLengthError
 
     class TinyContextEngine:
         policy_version = 0

@@ -30,8 +30,8 @@ def _lines(path):
 
 
 def test_gold_eval_writes_reports_and_resumes(tmp_path):
-    from tau2jax import eval as eval_lib
-    from tau2jax.rollout.trajectory import Trajectory
+    from tau2jax.eval import stage as eval_lib
+    from tau2jax.env.trajectory import Trajectory
 
     cfg = _config(tmp_path, tau2__domains="mock,telecom", tau2__split="test",
                   eval__max_tasks_per_domain=3, eval__num_samples=2)  # fmt: skip
@@ -73,7 +73,7 @@ def test_gold_eval_writes_reports_and_resumes(tmp_path):
 
 
 def test_unknown_engine_kind_is_a_clear_error():
-    from tau2jax import eval as eval_lib
+    from tau2jax.eval import stage as eval_lib
 
     cfg = config_lib.default_config()
     cfg.engine.kind = "vllm"
@@ -119,8 +119,8 @@ def _fault_plan(instructions):
 
 
 def test_user_simulator_faults_are_retried_or_recorded_as_infra_failures(tmp_path):
-    from tau2jax import eval as eval_lib
-    from tau2jax.rollout import tau2_env
+    from tau2jax.eval import stage as eval_lib
+    from tau2jax.env import tau2_env
 
     ids = [ALWAYS_DOWN, FLAKY_TURNS, FLAKY_EPISODE, HEALTHY]
     instructions = {t.id: t.user_scenario.instructions for t in tau2_env.load_tasks("mock", "base", ids)}

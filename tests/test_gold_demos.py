@@ -5,16 +5,17 @@ import json
 
 import pytest
 
-from tau2jax.rollout import tau2_env  # noqa: F401  (first: quiets tau2's import-time logging)
+from tau2jax.env import tau2_env  # noqa: F401  (first: quiets tau2's import-time logging)
 
 from tau2jax.config import ConfigError, default_config
 from tau2jax.data.chat import ChatFormat
 from tau2jax.data.sft_data import validate_conversation
 from tau2jax.data.tokenizer import load_tokenizer
-from tau2jax.rollout import demos, prompts
-from tau2jax.rollout.engine import GoldEngine, SamplingParams
-from tau2jax.rollout.episode import run_episode
-from tau2jax.rollout.scripted_user import ScriptedUser
+from tau2jax.env import demos, prompts
+from tau2jax.env.gold import GoldEngine
+from tau2jax.inference.engine import SamplingParams
+from tau2jax.env.episode import run_episode
+from tau2jax.env.scripted_user import ScriptedUser
 
 STYLES = ("native", "recipe")
 # This mock task asserts a state change (task_2 completed) that none of its expected actions makes,

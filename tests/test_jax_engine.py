@@ -18,9 +18,9 @@ from checkpoints_tools.tiny_hf import make_tiny_hf_dir  # noqa: E402
 from tau2jax.data.tokenizer import load_tokenizer  # noqa: E402
 from tau2jax.models import qwen3  # noqa: E402
 from tau2jax.parallel.sharding import make_mesh  # noqa: E402
-from tau2jax.rollout import sampling  # noqa: E402
-from tau2jax.rollout.engine import Engine, SamplingParams  # noqa: E402
-from tau2jax.rollout.jax_engine import JaxEngine  # noqa: E402
+from tau2jax.inference import sampling  # noqa: E402
+from tau2jax.inference.engine import Engine, SamplingParams  # noqa: E402
+from tau2jax.inference.jax_engine import JaxEngine  # noqa: E402
 
 VOCAB, MAX_SEQ, MAX_BATCH = 512, 64, 4
 # Every engine here has the same static config, so they share compiled prefill/decode code.
@@ -272,7 +272,7 @@ def test_from_hf_dir_and_input_errors(setup):
 
 
 def test_prompt_longer_than_the_context_is_a_context_length_error(setup):
-    from tau2jax.rollout.engine import ContextLengthError
+    from tau2jax.inference.engine import ContextLengthError
 
     with pytest.raises(ContextLengthError, match="context length"):
         setup["engine"].generate([list(range(MAX_SEQ + 1))], GREEDY)

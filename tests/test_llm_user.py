@@ -82,7 +82,7 @@ class FakeChatServer:
 
 
 def _user(server, tools=None, **kw):
-    from tau2jax.rollout.llm_user import LLMUser
+    from tau2jax.env.llm_user import LLMUser
 
     args = dict(model="qwen3-4b", base_url=server.base_url, timeout_s=0.5, max_retries=3, backoff_s=0.01)
     args.update(kw)
@@ -124,7 +124,7 @@ def test_transient_faults_are_retried_without_duplicating_state():
 
 
 def test_persistent_failure_raises_user_simulator_error_and_leaves_state_clean():
-    from tau2jax.rollout.llm_user import UserSimulatorError
+    from tau2jax.env.llm_user import UserSimulatorError
 
     with FakeChatServer(lambda body, i: ("500", None)) as srv:
         user = _user(srv, max_retries=2)
@@ -135,7 +135,7 @@ def test_persistent_failure_raises_user_simulator_error_and_leaves_state_clean()
 
 
 def test_client_errors_are_not_retried():
-    from tau2jax.rollout.llm_user import UserSimulatorError
+    from tau2jax.env.llm_user import UserSimulatorError
 
     with FakeChatServer(lambda body, i: ("400", None)) as srv:
         user = _user(srv, max_retries=3)
@@ -148,7 +148,7 @@ def test_user_tool_calls_come_back_with_user_requestor():
     """Telecom: the user owns device tools; tau2's simulator re-tags its calls requestor='user'."""
     from tau2.registry import registry
 
-    from tau2jax.rollout.llm_user import make_llm_user
+    from tau2jax.env.llm_user import make_llm_user
     from tau2jax.config import default_config
 
     env = registry.get_env_constructor("telecom")()

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from tau2jax import metrics
+from tau2jax.eval import metrics
 
 
 def _enumerate(n, c, k, all_must_pass):

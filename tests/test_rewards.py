@@ -2,15 +2,15 @@
 
 import pytest
 
-from tau2jax.rollout import tau2_env  # noqa: F401  (first: quiets tau2's import-time logging)
+from tau2jax.env import tau2_env  # noqa: F401  (first: quiets tau2's import-time logging)
 
 from tau2.data_model.message import AssistantMessage, UserMessage
 from tau2.data_model.simulation import ActionCheck, CommunicateCheck, DBCheck, EnvAssertionCheck, RewardInfo
 from tau2.data_model.tasks import Action, EnvAssertion
 
 from tau2jax.config import default_config
-from tau2jax.rollout import rewards
-from tau2jax.rollout.rewards import RewardConfig, partial_components, partial_reward, shaped_reward
+from tau2jax.env import rewards
+from tau2jax.env.rewards import RewardConfig, partial_components, partial_reward, shaped_reward
 
 
 def _actions(*matches):
@@ -90,7 +90,7 @@ def test_env_assertion_on_state_the_agent_never_created_scores_zero_not_infra():
     creating it makes tau2's assertion raise. That is a model failure (reward 0)."""
     from tau2.data_model.message import AssistantMessage, UserMessage
 
-    from tau2jax.rollout import rewards, tau2_env
+    from tau2jax.env import rewards, tau2_env
 
     tau2_env.init_tau2("")
     task = next(t for t in tau2_env.load_tasks("mock", "base") if t.id == "create_task_1_with_env_assertions")

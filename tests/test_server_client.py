@@ -21,11 +21,11 @@ from tau2jax.config import default_config
 from tau2jax.data.chat import ChatFormat
 from tau2jax.data.tokenizer import load_tokenizer
 from tau2jax.models.configs import get_model_config
-from tau2jax.rollout.engine import GenerateResult, SamplingParams, ScriptedEngine
-from tau2jax.rollout.jax_engine import JaxEngine
-from tau2jax.rollout.server import RunningServer, Server, create_app, wait_healthy
-from tau2jax.rollout.sglang_client import EngineRequestError, EngineUnavailableError, SGLangEngine, from_config
-from tau2jax.rollout.weight_sync import publish, sync_engine, version_dir
+from tau2jax.inference.engine import GenerateResult, SamplingParams, ScriptedEngine
+from tau2jax.inference.jax_engine import JaxEngine
+from tau2jax.inference.server import RunningServer, Server, create_app, wait_healthy
+from tau2jax.inference.sglang_client import EngineRequestError, EngineUnavailableError, SGLangEngine, from_config
+from tau2jax.inference.weight_sync import publish, sync_engine, version_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = get_model_config("tiny", vocab_size=512)
@@ -97,7 +97,7 @@ def test_greedy_is_deterministic_and_batch_invariant(engine):
 
 def test_prompt_longer_than_the_context_is_a_context_length_error(engine):
     """The episode runner ends an episode on this error instead of retrying it as infrastructure."""
-    from tau2jax.rollout.engine import ContextLengthError
+    from tau2jax.inference.engine import ContextLengthError
 
     with pytest.raises(ContextLengthError, match="context length"):
         engine.generate([[1] * (ENGINE_KW["max_seq_len"] + 1)], GREEDY)
@@ -324,7 +324,7 @@ def test_cli_serves_checkpoint(ckpt, inprocess):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "tau2jax.rollout.server", "--checkpoint", ckpt, "--port", str(port),
+    cmd = [sys.executable, "-m", "tau2jax.inference.server", "--checkpoint", ckpt, "--port", str(port),
            "--max-seq-len", "128", "--max-batch", "4", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

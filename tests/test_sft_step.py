@@ -64,7 +64,7 @@ def test_packed_loss_equals_sum_of_separate_losses():
 
 def _run_steps(mesh, batches, grad_accum=1):
     tx, schedule = make_optimizer(_optim(), total_steps=10)
-    p_shard = sharding.param_shardings(CFG, mesh)
+    p_shard = qwen3.param_shardings(CFG, mesh)
     params = jax.jit(lambda k: qwen3.init_params(CFG, k), out_shardings=p_shard)(jax.random.key(0))
     shardings = state_shardings(tx, jax.eval_shape(lambda: params), p_shard, mesh)
     state = create_state(params, tx, shardings, seed=0)

@@ -31,7 +31,7 @@ def test_logical_rules_and_fallback():
     mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
     # 2 KV heads cannot be split 4 ways: that dimension is replicated, the rest stays sharded.
     cfg = configs.get_model_config("tiny", vocab_size=512)
-    specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(cfg, mesh))
+    specs = jax.tree.map(lambda s: s.spec, qwen3.param_shardings(cfg, mesh))
     assert specs["layers"]["k_proj"] == P(None, "fsdp", None, None)
     assert specs["layers"]["q_proj"] == P(None, "fsdp", "tensor", None)
     assert specs["embed"] == P("tensor", "fsdp")
@@ -49,7 +49,7 @@ def test_sharded_forward_matches_single_device(tied):
     ref = np.asarray(jax.jit(fwd)(params, tokens=tokens, positions=positions, segment_ids=segs))
 
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    p_shard = sharding.param_shardings(cfg, mesh)
+    p_shard = qwen3.param_shardings(cfg, mesh)
     params_s = jax.device_put(params, p_shard)
     assert params_s["layers"]["gate_proj"].sharding.spec == P(None, "fsdp", "tensor")
     b_shard = sharding.batch_sharding(mesh)

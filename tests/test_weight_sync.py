@@ -11,8 +11,8 @@ import pytest
 
 from checkpoints_tools import mapping, orbax_to_hf
 from tau2jax.models.configs import get_model_config
-from tau2jax.rollout import weight_sync
-from tau2jax.rollout.weight_sync import latest_version, load_hf_params, publish, published_versions, sync_engine
+from tau2jax.inference import weight_sync
+from tau2jax.inference.weight_sync import latest_version, load_hf_params, publish, published_versions, sync_engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = get_model_config("tiny", vocab_size=512)
@@ -73,7 +73,7 @@ def test_killed_publisher_leaves_previous_version_and_no_final_dir(tmp_path):
         import os, signal
         from checkpoints_tools import orbax_to_hf
         from tau2jax.models.configs import get_model_config
-        from tau2jax.rollout.weight_sync import publish
+        from tau2jax.inference.weight_sync import publish
         from tests.test_weight_sync import _params
 
         def dying_save(tensors, path, metadata=None):

@@ -27,6 +27,7 @@ from tau2jax.learn.metric_writer import MetricWriter
 from tau2jax.learn.optimizer import make_optimizer
 from tau2jax.learn.sft_step import jit_step, make_sft_step
 from tau2jax.learn.train_state import create_state, state_shardings
+from tau2jax.models import qwen3
 from tau2jax.parallel import sharding
 
 
@@ -59,7 +60,7 @@ def run(config) -> dict:
         raise config_lib.ConfigError("config.data.train_files: the data yields no batch")
     tx, schedule = make_optimizer(config.optim, total_steps)
 
-    param_shardings = sharding.param_shardings(model_cfg, mesh)
+    param_shardings = qwen3.param_shardings(model_cfg, mesh)
     abstract_params = model_setup.abstract_params(model_cfg, config.model.param_dtype)
     shardings = state_shardings(tx, abstract_params, param_shardings, mesh)
     batch_sharding = sharding.batch_sharding(mesh)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from tau2jax.models.configs import ModelConfig
-from tau2jax.parallel.sharding import constrain
+from tau2jax.parallel.sharding import constrain, tree_shardings
 
 # The layer body always runs inside lax.scan, where CSE across the remat boundary cannot happen,
 # so prevent_cse=False is safe and avoids needless optimisation barriers.
@@ -92,6 +92,12 @@ def param_axes(cfg: ModelConfig) -> dict:
 
 # --------------------------------------------------------------------------- building blocks
 
+
+
+def param_shardings(cfg: ModelConfig, mesh):
+    """NamedSharding for every parameter (same pytree as init_params), from `param_axes`."""
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    return tree_shardings(mesh, shapes, param_axes(cfg))
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """fp32 statistics; normalised value cast back to x.dtype before the weight multiply (as HF)."""

@@ -79,13 +79,12 @@ def named_sharding(mesh: Mesh, shape: Sequence[int], axes: Sequence[str | None],
     return NamedSharding(mesh, _fit(shape, logical_to_pspec(axes, rules), dict(mesh.shape)))
 
 
-def param_shardings(cfg, mesh: Mesh, rules: Mapping = LOGICAL_RULES):
-    """NamedSharding for every parameter of `qwen3.init_params(cfg, ...)` (same pytree)."""
-    from tau2jax.models import qwen3  # qwen3 imports this module for `constrain`
-
-    shapes = jax.eval_shape(lambda: qwen3.init_params(cfg, jax.random.key(0)))
+def tree_shardings(mesh: Mesh, shapes, axes_tree, rules: Mapping = LOGICAL_RULES):
+    """NamedSharding for every leaf of `shapes` (arrays or ShapeDtypeStructs) from the matching
+    leaf of `axes_tree` (tuples of logical names). The caller owns the axes (e.g.
+    `qwen3.param_axes`), so this module imports no model."""
     return jax.tree.map(lambda s, axes: named_sharding(mesh, s.shape, axes, rules), shapes,
-                        qwen3.param_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+                        axes_tree, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping = LOGICAL_RULES) -> NamedSharding:

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tau2jax.rollout.tau2_env import DomainSpec
+from tau2jax.env.tau2_env import DomainSpec
 
 
 class FormatError(ValueError):

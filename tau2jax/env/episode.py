@@ -38,9 +38,9 @@ import time
 import traceback
 from collections import defaultdict
 
-from tau2jax.rollout import prompts, rewards, tau2_env
-from tau2jax.rollout.engine import ContextLengthError, Engine, SamplingParams
-from tau2jax.rollout.trajectory import INFRA_ERROR, Trajectory
+from tau2jax.env import prompts, rewards, tau2_env
+from tau2jax.inference.engine import ContextLengthError, Engine, SamplingParams
+from tau2jax.env.trajectory import INFRA_ERROR, Trajectory
 
 _AGENT, _USER, _ENV = "agent", "user", "env"
 _STOP_STRINGS = ("</tool_call>",)
@@ -153,7 +153,7 @@ def run_episode(
 ) -> Trajectory:
     """Play `task` of `domain` once and score it. See the module docstring for the protocol.
 
-    engine: rollout.engine.Engine (called with one prompt per agent turn).
+    engine: inference.engine.Engine (called with one prompt per agent turn).
     user: a tau2 BaseUser, fresh or reusable (its state comes from get_init_state).
     chat: data.chat.ChatFormat. style: a PromptStyle or its name ("native" | "recipe").
     sampling: per-turn sampling; the runner adds the `<|im_end|>` / `</tool_call>` stops.

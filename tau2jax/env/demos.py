@@ -18,9 +18,10 @@ import sys
 from tqdm import tqdm
 
 from tau2jax.config import ConfigError, csv
-from tau2jax.rollout import engine as engine_lib
-from tau2jax.rollout import episode, prompts, rewards, tau2_env
-from tau2jax.rollout.scripted_user import ScriptedUser
+from tau2jax.inference import engine as engine_lib
+from tau2jax.env.gold import GoldEngine
+from tau2jax.env import episode, prompts, rewards, tau2_env
+from tau2jax.env.scripted_user import ScriptedUser
 
 
 def _train_tasks(domain: str, task_ids: list[str]) -> list:
@@ -68,7 +69,7 @@ def run(config) -> dict:
                 traj = episode.run_episode(
                     task,
                     domain,
-                    engine=engine_lib.GoldEngine(task, style, chat),
+                    engine=GoldEngine(task, style, chat),
                     user=ScriptedUser(task),
                     chat=chat,
                     style=style,

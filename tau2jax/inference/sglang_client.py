@@ -1,5 +1,5 @@
 """`SGLangEngine`: the Engine protocol over HTTP, against `python -m sglang.launch_server` or our
-own `python -m tau2jax.rollout.server` (same API).
+own `python -m tau2jax.inference.server` (same API).
 
     engine = SGLangEngine("http://127.0.0.1:30000", concurrency=8)
     engine.wait_ready(600)
@@ -30,7 +30,7 @@ import time
 
 import httpx
 
-from tau2jax.rollout.engine import ContextLengthError, GenerateResult, SamplingParams, per_prompt
+from tau2jax.inference.engine import ContextLengthError, GenerateResult, SamplingParams, per_prompt
 
 
 class EngineRequestError(ValueError):
@@ -70,6 +70,8 @@ def _finish(meta: dict) -> tuple[str, str | int | None]:
 
 
 class SGLangEngine:
+    kind = "sglang"
+
     def __init__(self, url: str, *, concurrency: int = 8, timeout_s: float = 300.0, max_retries: int = 3,
                  backoff_s: float = 0.5, max_backoff_s: float = 10.0, policy_version: int = 0):
         if concurrency < 1:

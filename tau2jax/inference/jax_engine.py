@@ -16,7 +16,7 @@ Decoding runs `decode_chunk` steps per dispatch in a `lax.while_loop` (which exi
 every row is done); stop token ids and max_new_tokens are checked on device, stop strings on the
 host, and the host reads chunk i while the device already runs chunk i+1.
 
-Sampling and log-probs: see `tau2jax.rollout.sampling`. `logprobs` are under the distribution
+Sampling and log-probs: see `tau2jax.inference.sampling`. `logprobs` are under the distribution
 actually sampled from (temperature, then top-k, then top-p); greedy (temperature 0) reports
 log_softmax(logits) at the argmax. Each result also carries `raw_logprobs` (temperature 1, no
 filtering). A request with a `seed` samples the same tokens whatever batch it lands in (its
@@ -47,9 +47,9 @@ import numpy as np
 
 from tau2jax.models import qwen3
 from tau2jax.models.configs import ModelConfig
-from tau2jax.parallel.sharding import constrain, param_shardings
-from tau2jax.rollout import sampling
-from tau2jax.rollout.engine import ContextLengthError, GenerateResult, SamplingParams
+from tau2jax.parallel.sharding import constrain
+from tau2jax.inference import sampling
+from tau2jax.inference.engine import ContextLengthError, GenerateResult, SamplingParams
 
 MIN_PROMPT_BUCKET = 16
 MIN_STOP_ID_SLOTS = 8  # stop-id table width; more stop ids round up to a power of two (a new shape)
@@ -207,6 +207,8 @@ class JaxEngine:
     for stop strings. decode_chunk: decode steps per dispatch (one host sync each).
     """
 
+    kind = "builtin"
+
     def __init__(self, params, cfg: ModelConfig, *, tokenizer=None, max_seq_len: int = 4096,
                  max_batch: int = 16, decode_chunk: int = 16, prefill_chunk: int = 512,
                  compute_dtype=jnp.float32, cache_dtype=None, mesh: jax.sharding.Mesh | None = None,
@@ -221,7 +223,7 @@ class JaxEngine:
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
         self.max_seq_len, self.max_batch, self.batch_wait_s = max_seq_len, max_batch, batch_wait_s
         self._shapes = jax.eval_shape(lambda: qwen3.init_params(cfg, jax.random.key(0)))
-        self._shardings = (param_shardings(cfg, mesh) if mesh is not None else
+        self._shardings = (qwen3.param_shardings(cfg, mesh) if mesh is not None else
                            jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), self._shapes))
         self._params = self._own(params)
         self.policy_version = policy_version

@@ -2,7 +2,7 @@
 
     python -m tau2jax.train --config configs/eval.py[:gold]
 
-Every (domain, task, sample) is one episode (`rollout.episode.run_episode`), num_samples per
+Every (domain, task, sample) is one episode (`env.episode.run_episode`), num_samples per
 task, run `eval.concurrency` at a time on a thread pool. Outputs, under `<workdir>/eval/`:
 
 - `trajectories.jsonl`: one `Trajectory` JSON per line (`Trajectory.from_json` reads it back),
@@ -13,7 +13,7 @@ task, run `eval.concurrency` at a time on a thread pool. Outputs, under `<workdi
 
 Infrastructure failures (engine or user-simulator outage, recorded by the episode runner as
 `infra_error`) are retried up to `eval.max_infra_retries` times; an episode still failing is
-written with its `infra_error` and kept out of the model metrics (see `tau2jax.metrics`).
+written with its `infra_error` and kept out of the model metrics (see `tau2jax.eval.metrics`).
 
 Resuming: a rerun with the same workdir skips every (domain, task, sample) that has a scored
 record, and runs the rest, including earlier infrastructure failures (their records are dropped
@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tau2jax import config as config_lib
-from tau2jax import metrics
+from tau2jax.eval import metrics
 
 TRAJECTORIES = "trajectories.jsonl"
 INFRA_RETRIES = "infra_retries.jsonl"
@@ -56,8 +56,8 @@ RESULT_FIELDS = (
 
 # Engines shared by all episodes: engine.kind -> "module:function(config) -> Engine" (thread-safe).
 SHARED_ENGINES = {
-    "builtin": "tau2jax.rollout.jax_engine:from_config",
-    "sglang": "tau2jax.rollout.sglang_client:from_config",
+    "builtin": "tau2jax.inference.jax_engine:from_config",
+    "sglang": "tau2jax.inference.sglang_client:from_config",
 }
 
 
@@ -70,7 +70,7 @@ def engine_factory(config, chat, style):
     the others are one engine shared by every episode."""
     kind = config.engine.kind
     if kind == "gold":
-        from tau2jax.rollout.engine import GoldEngine
+        from tau2jax.env.gold import GoldEngine
 
         return lambda task: GoldEngine(task, style, chat)
     if kind not in SHARED_ENGINES:
@@ -84,11 +84,11 @@ def engine_factory(config, chat, style):
 def user_factory(config):
     """-> `user_for(task, domain) -> tau2 BaseUser`, fresh per episode."""
     if config.user.kind == "scripted":
-        from tau2jax.rollout.scripted_user import ScriptedUser
+        from tau2jax.env.scripted_user import ScriptedUser
 
         return lambda task, domain: ScriptedUser(task)
-    from tau2jax.rollout import tau2_env
-    from tau2jax.rollout.llm_user import make_llm_user
+    from tau2jax.env import tau2_env
+    from tau2jax.env.llm_user import make_llm_user
 
     tools: dict[str, list | None] = {}  # user tool schemas per domain (only schemas are used)
     lock = threading.Lock()
@@ -110,7 +110,7 @@ def select_tasks(config) -> list[tuple[str, object]]:
     and retail ids overlap: pick the domain with `tau2.domains`); `eval.max_tasks_per_domain`
     then keeps the first N of each domain.
     """
-    from tau2jax.rollout import tau2_env
+    from tau2jax.env import tau2_env
 
     wanted = config_lib.csv(config.tau2.task_ids)
     found: set[str] = set()
@@ -230,9 +230,9 @@ def run(config) -> dict:
 
     from tau2jax.data.chat import ChatFormat
     from tau2jax.data.tokenizer import load_tokenizer
-    from tau2jax.rollout import prompts, rewards, tau2_env
-    from tau2jax.rollout.engine import SamplingParams
-    from tau2jax.rollout.episode import run_episode
+    from tau2jax.env import prompts, rewards, tau2_env
+    from tau2jax.inference.engine import SamplingParams
+    from tau2jax.env.episode import run_episode
 
     t_start = time.time()
     tau2_env.init_tau2(config.tau2.data_dir)

@@ -1,6 +1,6 @@
 """Serve an inference engine over the subset of SGLang's HTTP API that tau2jax uses.
 
-    python -m tau2jax.rollout.server --checkpoint /ckpt/qwen3_4b [--host 127.0.0.1] [--port 30000] \\
+    python -m tau2jax.inference.server --checkpoint /ckpt/qwen3_4b [--host 127.0.0.1] [--port 30000] \\
         [--tokenizer HF_DIR] [--max-batch 32] [--batch-window-ms 5] [--max-seq-len 8192] \\
         [--dtype float32|bfloat16] [--max-tokens 1024]
 
@@ -51,8 +51,8 @@ import httpx
 from fastapi.responses import JSONResponse
 
 from tau2jax.data.chat import ChatFormat, parse_tool_calls
-from tau2jax.rollout.engine import GenerateResult, SamplingParams
-from tau2jax.rollout.weight_sync import load_hf_params
+from tau2jax.inference.engine import GenerateResult, SamplingParams
+from tau2jax.inference.weight_sync import load_hf_params
 
 log = logging.getLogger(__name__)
 
@@ -516,7 +516,7 @@ def wait_healthy(url: str, timeout_s: float, interval_s: float = 0.05) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tau2jax.rollout.server", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tau2jax.inference.server", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="Orbax weights dir (checkpoints_tools.hf_to_orbax output)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -536,7 +536,7 @@ def main(argv=None) -> int:
     import uvicorn
 
     from tau2jax.data.tokenizer import load_tokenizer
-    from tau2jax.rollout.jax_engine import JaxEngine
+    from tau2jax.inference.jax_engine import JaxEngine
 
     try:
         tokenizer = load_tokenizer(args.tokenizer)

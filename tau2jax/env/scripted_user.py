@@ -9,7 +9,7 @@ Its rules, in order, when the agent talks to it:
 3. If the agent asks a question ("?"), it repeats what it knows.
 4. Otherwise it is satisfied and ends the conversation (`###STOP###`).
 
-So the gold agent (engine.GoldEngine) gets a complete conversation: opening, requested user
+So the gold agent (env.gold.GoldEngine) gets a complete conversation: opening, requested user
 actions performed on the user side, and a stop after the final message. Any other agent gets
 the same rules; an LLM user (tau2's UserSimulator) is the realistic alternative.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from tau2jax.rollout import tau2_env  # noqa: F401  (first: quiets tau2's import-time logging)
+from tau2jax.env import tau2_env  # noqa: F401  (first: quiets tau2's import-time logging)
 
 from tau2.data_model.message import MultiToolMessage, ToolCall, ToolMessage, UserMessage
 from tau2.user.base import STOP, BaseUser, UserState
