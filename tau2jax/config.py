@@ -102,8 +102,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.engine.kind = "builtin"  # builtin | sglang | gold
     c.engine.url = "http://127.0.0.1:30000"  # sglang: the policy server
     c.engine.checkpoint = ""  # builtin: converted weights (hf_to_orbax output or an SFT run's params/)
-    c.engine.max_seq_len = 32768  # builtin: KV-cache length (prompt + generated tokens)
+    c.engine.max_seq_len = 32768  # builtin: context (prompt + generated); the largest KV-cache bucket
     c.engine.max_batch = 16  # builtin: sequences decoded together
+    c.engine.dtype = "auto"  # builtin: weights, compute and KV cache; auto = bfloat16 on GPU, else float32
+    # builtin: KV slots kept for prefix reuse across turns (0 = off); Qwen3-4B bf16: 144 KiB a slot,
+    # so 64K slots = 9 GiB, enough for 8 concurrent episodes of 8K tokens.
+    c.engine.prefix_cache_tokens = 65536
     c.engine.max_new_tokens = 1200
     c.engine.timeout_s = 300.0
     c.engine.max_retries = 3
@@ -117,6 +121,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.concurrency = 4  # episodes in flight
     c.eval.max_infra_retries = 2
     c.eval.max_tasks_per_domain = 0  # first N tasks of each domain split (smoke runs); 0 = all
+    c.eval.floor = True  # report the do-nothing floor (tau2jax/eval/floor.py) beside Pass@k
+    c.eval.floor_cache_dir = ""  # floor outcomes per task; "" = $XDG_CACHE_HOME/tau2jax/floor
 
     # Shaped reward: shaped = reward + alpha * partial.
     c.reward = ml_collections.ConfigDict()
@@ -155,6 +161,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _require(not p or os.path.exists(p), path_field, f"path {p!r} does not exist")
     _require(c.data.overlong in ("truncate", "drop"), "data.overlong", "must be 'truncate' or 'drop'")
     _require(c.data.max_len > 0 and c.data.batch_size > 0, "data", "max_len and batch_size must be > 0")
+    for field, chunk in (("train.loss_chunk", c.train.loss_chunk), ("model.attn_chunk", c.model.attn_chunk)):
+        _require(chunk >= 0 and (chunk == 0 or chunk >= c.data.max_len or c.data.max_len % chunk == 0), field,
+                 f"{chunk} must be 0 or divide data.max_len ({c.data.max_len}); a remainder would "
+                 "silently fall back to the dense, unchunked memory peak")
     _require(c.optim.schedule in ("cosine", "constant"), "optim.schedule", f"unknown {c.optim.schedule!r}")
     _require(c.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
     _require(c.data.batch_size % c.optim.grad_accum == 0, "optim.grad_accum",
@@ -168,6 +178,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.user.timeout_s > 0, "user.timeout_s", "must be > 0")
     _require(c.user.max_retries >= 0 and c.user.retry_backoff_s >= 0, "user", "max_retries and retry_backoff_s must be >= 0")
     _require(c.engine.kind in ("builtin", "sglang", "gold"), "engine.kind", "must be builtin, sglang or gold")
+    _require(c.engine.dtype in ("auto", "float32", "bfloat16"), "engine.dtype", "must be auto, float32 or bfloat16")
+    _require(c.engine.max_seq_len >= 2 and c.engine.max_batch >= 1, "engine",
+             "max_seq_len must be >= 2 and max_batch >= 1")
+    _require(c.engine.prefix_cache_tokens >= 0, "engine.prefix_cache_tokens", "must be >= 0 (0 = off)")
     _require(c.eval.num_samples >= 1, "eval.num_samples", "must be >= 1")
     _require(c.eval.concurrency >= 1, "eval.concurrency", "must be >= 1")
     _require(c.eval.max_infra_retries >= 0, "eval.max_infra_retries", "must be >= 0")

@@ -238,3 +238,55 @@ def test_conversation_outgrowing_the_context_ends_the_episode_and_is_scored(chat
     assert traj.context_exhausted
     assert traj.termination_reason == "agent_error"
     assert traj.reward == 0.0
+
+
+class _RecordingEngine(ScriptedEngine):
+    """A ScriptedEngine that also records the SamplingParams of every call."""
+
+    def __init__(self, tokenizer, responses):
+        super().__init__(tokenizer, responses)
+        self.params: list[SamplingParams] = []
+
+    def generate(self, input_ids, params):
+        self.params.append(params)
+        return super().generate(input_ids, params)
+
+
+def _seeded_play(task, chat, seed):
+    responses = ["<tool_call>oops", call("create_task", CREATE), "The task was created.<|im_end|>"]
+    engine = _RecordingEngine(chat.tokenizer, responses)
+    traj = run_episode(task, "mock", engine=engine, user=ScriptedUser(task), chat=chat, style="native",
+                       sampling=SamplingParams(temperature=0.7, top_k=20, max_new_tokens=512, seed=seed))
+    return traj, [p.seed for p in engine.params]
+
+
+def test_each_turn_and_repair_gets_its_own_reproducible_seed(chat, task):
+    """One episode seed -> a different sampling seed per engine call (turn 0, its repair, turn 1),
+    the same ones again for the same episode seed, others for another."""
+    traj, seeds = _seeded_play(task, chat, seed=1234)
+    assert [t["kind"] for t in traj.turns] == ["malformed", "repair", "policy"]
+    assert len(seeds) == 3 and len(set(seeds)) == 3 and 1234 not in seeds
+    assert [t["seed"] for t in traj.turns] == seeds
+    assert _seeded_play(task, chat, seed=1234)[1] == seeds
+    assert not set(_seeded_play(task, chat, seed=1235)[1]) & set(seeds)
+
+
+def test_turns_record_sampling_engine_and_finish(chat, task):
+    traj, _ = _seeded_play(task, chat, seed=7)
+    for t in traj.turns:
+        assert t["engine"] == "scripted" and t["temperature"] == 0.7 and t["top_k"] == 20 and t["top_p"] == 1.0
+        assert t["policy_version"] == 0
+    assert [t["finish_reason"] for t in traj.turns] == ["length", "stop", "stop"]
+    # the record survives JSON
+    assert Trajectory.from_json(traj.to_json()).turns == traj.turns
+
+
+def test_endoftext_closes_a_turn_without_a_forced_im_end(chat, task):
+    """`<|endoftext|>` is Qwen3's other EOS: the turn ends there, no `<|im_end|>` is forced after it."""
+    tok = chat.tokenizer
+    text = tok.encode("The task was created.") + [tok.pad_id]
+    traj, _ = play(task, chat, [call("create_task", CREATE), text])
+    s, e = sampled_spans(traj)[1]
+    assert traj.token_ids[e - 1] == tok.pad_id and traj.loss_mask[e - 1] == 1
+    assert traj.token_ids[e : e + len(chat.turn_end())] == chat.turn_end()
+    assert traj.messages[-1]["content"] == "The task was created."

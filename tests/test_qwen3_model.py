@@ -238,6 +238,8 @@ def test_chunked_attention_equals_dense_on_packed_rows():
     g_dense = jax.grad(loss)(params, 0)
     g_chunk = jax.grad(loss)(params, 8)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), g_chunk, g_dense)
+    with pytest.raises(ValueError, match="attn_chunk=12 does not divide"):  # no silent dense fallback
+        qwen3.forward(params, cfg, tokens, pos, seg, attn_chunk=12)
 
 
 def test_flash_attention_kernel_equals_xla_on_packed_rows():

@@ -34,6 +34,8 @@ def _summary(proc) -> dict:
     ("--config.data.train_files=/nonexistent/sft.jsonl", "/nonexistent/sft.jsonl"),
     ("--config.tau2.prompt_style=fancy", "tau2.prompt_style"),
     ("--config.optim.grad_accum=3", "optim.grad_accum"),
+    ("--config.train.loss_chunk=100", "train.loss_chunk"),
+    ("--config.model.attn_chunk=300", "model.attn_chunk"),
 ])
 def test_bad_config_is_rejected_by_name(override, expected, tmp_path):
     proc = _train("--config", "configs/tiny_sft.py", f"--config.workdir={tmp_path}", override, check=False, timeout=300)
@@ -93,3 +95,30 @@ def test_tiny_sft_config_halves_the_loss(tmp_path):
     assert summary["loss_halved"] is True
     assert os.path.isdir(summary["checkpoint"])
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+
+
+def _params_digest(path) -> str:
+    import hashlib
+
+    import jax
+    import numpy as np
+
+    from checkpoints_tools.orbax_io import restore_params
+
+    params, _ = restore_params(path)
+    return hashlib.sha1(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(params))).hexdigest()
+
+
+def test_continued_run_exports_its_new_final_step(tmp_path, short_sft_jsonl):
+    """A finished run continued to more steps in the same workdir exports the new weights (the
+    first wave kept the first export), records the step, and leaves one export directory."""
+    common = ["--config", "configs/tiny_sft.py", f"--config.data.train_files={short_sft_jsonl}",
+              "--config.data.max_len=64", "--config.data.batch_size=2", "--config.optim.lr=1e-3",
+              f"--config.workdir={tmp_path}"]
+    first = _summary(_train(*common, "--config.train.steps=3"))
+    assert first["params_step"] == 3
+    digest3 = _params_digest(first["params"])
+    second = _summary(_train(*common, "--config.train.steps=6"))
+    assert second["params_step"] == 6 and second["resumed_from"] == 3
+    assert _params_digest(second["params"]) != digest3
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("params")) == ["params", "params-step6"]

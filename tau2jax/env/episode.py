@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import traceback
+import zlib
 from collections import defaultdict
 
 from tau2jax.env import prompts, rewards, tau2_env
@@ -67,6 +68,9 @@ class _Conversation:
         self.chat, self.traj = chat, traj
         self.prev_role = None
         self.im_end = chat.tokenizer.im_end_id
+        # A turn the model closed itself; `<|endoftext|>` (Qwen3's other EOS) closes it too, so no
+        # `<|im_end|>` is forced after it.
+        self.end_of_turn = {chat.tokenizer.im_end_id, chat.tokenizer.eos_id, chat.tokenizer.pad_id}
 
     def _extend(self, ids, mask=None, logprobs=None):
         ids = list(ids)
@@ -86,22 +90,36 @@ class _Conversation:
         self.traj.messages.append(msg)
         self.prev_role = msg["role"]
 
-    def generated(self, result, kind: str) -> str:
-        """Append an engine turn (header, sampled ids, forced closers); return its text."""
+    def generated(self, result, kind: str, sampling: SamplingParams, engine_kind: str) -> str:
+        """Append an engine turn (header, sampled ids, forced closers); return its text.
+
+        The turn record keeps what the learner needs to recompute its behaviour log-probs and to
+        mask it: the sampling settings, the engine, the weights' version and how it finished."""
         out = list(result.output_ids)
         self._extend(self.chat.generation_prompt())
         start = len(self.traj.token_ids)
         trained = kind != "repair"
         self._extend(out, [int(trained)] * len(out), list(result.logprobs) if trained else None)
-        self.traj.turns.append(
-            {"start": start, "end": len(self.traj.token_ids), "kind": kind, "policy_version": result.policy_version}
-        )
-        if not out or out[-1] != self.im_end:  # stopped at </tool_call>, or cut at the length limit
+        self.traj.turns.append({
+            "start": start, "end": len(self.traj.token_ids), "kind": kind,
+            "policy_version": result.policy_version, "engine": engine_kind,
+            "finish_reason": result.finish_reason, "temperature": sampling.temperature,
+            "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed,
+        })  # fmt: skip
+        ended = bool(out) and out[-1] in self.end_of_turn
+        if not ended:  # stopped at </tool_call>, or cut at the length limit
             self._extend([self.im_end])
         self._extend(self.chat.turn_end())
         self.prev_role = "assistant"
-        body = out[:-1] if out and out[-1] == self.im_end else out
-        return self.chat.tokenizer.decode(body)
+        return self.chat.tokenizer.decode(out[:-1] if ended else out)
+
+
+def turn_seed(episode_seed: int | None, turn: int, attempt: int) -> int | None:
+    """The sampling seed of one engine call: fresh noise for every turn and repair attempt of an
+    episode, reproducible from the episode's seed (None = let the engine draw one)."""
+    if episode_seed is None:
+        return None
+    return zlib.crc32(f"{episode_seed}/{turn}/{attempt}".encode()) & 0x7FFFFFFF
 
 
 def _history_record(style: prompts.PromptStyle, msg, calls: dict) -> dict | None:
@@ -156,7 +174,9 @@ def run_episode(
     engine: inference.engine.Engine (called with one prompt per agent turn).
     user: a tau2 BaseUser, fresh or reusable (its state comes from get_init_state).
     chat: data.chat.ChatFormat. style: a PromptStyle or its name ("native" | "recipe").
-    sampling: per-turn sampling; the runner adds the `<|im_end|>` / `</tool_call>` stops.
+    sampling: per-turn sampling; the runner adds the `<|im_end|>` / `</tool_call>` stops. Its `seed`
+      is the episode's: each engine call gets `turn_seed(seed, turn, attempt)` (fresh noise per
+      turn and per repair attempt, the same episode again for the same seed).
     max_repairs: repair prompts allowed per agent turn after unparseable output.
     """
     from tau2.data_model.message import AssistantMessage, MultiToolMessage, UserMessage
@@ -174,6 +194,7 @@ def run_episode(
         stop_token_ids=tuple(dict.fromkeys([*sampling.stop_token_ids, *sorted(stops)])),
         stop_strings=tuple(dict.fromkeys([*sampling.stop_strings, *_STOP_STRINGS])),
     )
+    engine_kind = getattr(engine, "kind", type(engine).__name__)
     traj = Trajectory(task_id=task.id, domain=domain, prompt_style=style.name, sample_index=sample_index)
     traj.tools = style.template_tools(spec)
     conv = _Conversation(chat, traj)
@@ -209,14 +230,16 @@ def run_episode(
     def agent_turn():
         """Sample until the output parses (at most max_repairs repairs). -> (action, call_id) | None."""
         nonlocal num_errors, n_calls
+        turn = sum(t["kind"] != "repair" for t in traj.turns)
         for attempt in range(max_repairs + 1):
             t = time.perf_counter()
             prompt = traj.token_ids + list(chat.generation_prompt())
-            result = _guard("engine", engine.generate, [prompt], sampling)[0]
+            params = dataclasses.replace(sampling, seed=turn_seed(sampling.seed, turn, attempt))
+            result = _guard("engine", engine.generate, [prompt], params)[0]
             timings["engine"] += time.perf_counter() - t
             if result.finish_reason == "abort":
-                raise _InfraError("engine: generation aborted")
-            text = conv.generated(result, "policy" if attempt == 0 else "repair")
+                raise _InfraError(f"engine: generation aborted ({result.stop_reason})")
+            text = conv.generated(result, "policy" if attempt == 0 else "repair", params, engine_kind)
             try:
                 action = style.parse(text, chat)
             except prompts.FormatError as e:

@@ -8,8 +8,11 @@ stop, the `\\n` after each turn) and on turns regenerated after a format-repair 
 "repair": conditioned on a prompt the policy never saw in ordinary play, so never trained as if
 sampled). `behaviour_logprobs` is 0.0 wherever the mask is 0.
 
-`turns` lists every generated span as {"start", "end", "kind", "policy_version"} (token offsets,
-end exclusive, covering the sampled ids only), so a learner can re-mask any kind it chooses.
+`turns` lists every generated span as {"start", "end", "kind", "policy_version", "engine",
+"finish_reason", "temperature", "top_p", "top_k", "seed"} (token offsets, end exclusive, covering
+the sampled ids only; the sampling settings and seed of that engine call), so a learner can re-mask
+any kind it chooses (e.g. length-cut turns) and recompute the behaviour log-probs at the turn's own
+temperature (convention: `inference.engine.GenerateResult`).
 """
 
 from __future__ import annotations

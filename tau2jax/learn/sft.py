@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints_tools import orbax_io
 from tau2jax import config as config_lib
 from tau2jax.data.pipeline import make_sft_dataset
 from tau2jax.data.tokenizer import load_tokenizer
 from tau2jax.learn import model_setup
 from tau2jax.learn.checkpoint import Checkpointer, abstract_like
+from tau2jax.learn.export import export_params, exported_step
 from tau2jax.learn.metric_writer import MetricWriter
 from tau2jax.learn.optimizer import make_optimizer
 from tau2jax.learn.sft_step import jit_step, make_sft_step
@@ -122,10 +122,7 @@ def run(config) -> dict:
     elapsed = time.perf_counter() - t_start
     ckpt.close()
     writer.close()
-    # Params alone, in the converted-weights layout that engines, export and later stages load.
-    params_dir = os.path.join(config.workdir, "params")
-    if not os.path.isdir(os.path.join(params_dir, orbax_io.PARAMS_DIR)):
-        orbax_io.save_params(params_dir, state.params, model_cfg)
+    params_dir = export_params(config.workdir, state.params, model_cfg, total_steps)
     summary = {
         "stage": "sft",
         "steps": total_steps,
@@ -133,7 +130,8 @@ def run(config) -> dict:
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "checkpoint": ckpt.step_dir(total_steps),
-        "params": os.path.abspath(params_dir),
+        "params": params_dir,
+        "params_step": exported_step(config.workdir),
         "tokens_per_s": input_tokens / elapsed if elapsed > 0 else None,
     }
     if losses:

@@ -185,8 +185,10 @@ def segment_causal_attention(q, k, v, segment_ids, scale: float, chunk: int = 0,
         # XLA implementation: softmax statistics in fp32; GQA is handled natively (H % K == 0).
         return jax.nn.dot_product_attention(qc, k, v, mask=mask[:, None], scale=scale)
 
-    if not chunk or chunk >= T or T % chunk:
+    if not chunk or chunk >= T:
         return attend(q, segment_ids, key_idx)
+    if T % chunk:  # a silent dense fallback would hide a [T, T] memory peak
+        raise ValueError(f"attn_chunk={chunk} does not divide the sequence length {T}")
     n = T // chunk
     qs = q.reshape(q.shape[0], n, chunk, *q.shape[2:]).swapaxes(0, 1)
     segs = segment_ids.reshape(-1, n, chunk).swapaxes(0, 1)

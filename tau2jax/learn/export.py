@@ -1,0 +1,52 @@
+"""A training stage's final weights, in the converted-weights layout engines and later stages load.
+
+`{workdir}/params` is a symlink to `{workdir}/params-step{N}/` (`params/` Orbax + `model_config.json`
++ `export.json` with the step). Each export writes a new step directory and then swaps the link with
+one `os.replace`, so a reader sees the old weights or the new ones, never a half-written mix, and a
+run continued to more steps always exports its new final step. Older step directories are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+
+from checkpoints_tools import orbax_io
+
+LINK = "params"
+INFO_FILE = "export.json"
+
+
+def exported_step(workdir: str) -> int | None:
+    """The step of the weights `{workdir}/params` holds now (None: nothing exported yet)."""
+    info = os.path.join(workdir, LINK, INFO_FILE)
+    if not os.path.isfile(info):
+        return None
+    with open(info) as f:
+        return int(json.load(f)["step"])
+
+
+def export_params(workdir: str, params, model_cfg, step: int) -> str:
+    """Write `params` as the export of `step` (collective on multi-host); -> the `params` path."""
+    link = os.path.join(os.path.abspath(workdir), LINK)
+    if exported_step(workdir) == step:
+        return link
+    target = f"params-step{step}"
+    step_dir = os.path.join(os.path.dirname(link), target)
+    if jax.process_index() == 0 and os.path.isdir(step_dir):
+        shutil.rmtree(step_dir)  # left by a crash before the link moved: never read, safe to redo
+    orbax_io.save_params(step_dir, params, model_cfg)
+    if jax.process_index() == 0:
+        orbax_io.write_json_atomic(os.path.join(step_dir, INFO_FILE), {"step": step})
+        if os.path.isdir(link) and not os.path.islink(link):  # an export from before the link layout
+            shutil.rmtree(link)
+        tmp_link = f"{link}.tmp-{os.getpid()}"
+        os.symlink(target, tmp_link)
+        os.replace(tmp_link, link)
+        for name in os.listdir(os.path.dirname(link)):
+            if name.startswith("params-step") and name != target:
+                shutil.rmtree(os.path.join(os.path.dirname(link), name), ignore_errors=True)
+    return link
