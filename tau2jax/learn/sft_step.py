@@ -30,37 +30,57 @@ def sequence_logprobs(params, model_cfg, batch, *, compute_dtype=jnp.float32, re
     return chunked_token_logprobs(hidden, batch["targets"], head, chunk)
 
 
+def accumulate_gradients(loss_fn, params, batch, grad_accum: int):
+    """Sum `loss_fn`'s gradients over `grad_accum` micro-batches of `batch`.
+
+    loss_fn(params, micro) -> ((loss_sum, count), aux) with `aux` a dict of sums. Returns
+    (grads, loss_sum, count, aux), all summed: the caller divides once by the global count, so
+    accumulation and the data-parallel average are exact. Shared by the SFT and GRPO steps.
+    """
+    def split(p, mb):
+        (s, n), aux = loss_fn(p, mb)
+        return s, (n, aux)
+
+    grad_fn = jax.value_and_grad(split, has_aux=True)
+    if grad_accum == 1:  # no accumulator: saves a params-sized fp32 buffer on large models
+        (loss_sum, (count, aux)), grads = grad_fn(params, batch)
+        return grads, loss_sum, count, aux
+    # Micro-batch i takes rows i, i+A, i+2A, …: each micro-batch stays spread over every
+    # data-parallel device instead of living on a slice of them.
+    micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def add(carry, mb):
+        (s, (n, aux)), g = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, carry, (g, s, n, aux)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                         jax.eval_shape(lambda: (params, 0.0, 0.0, loss_fn(params, first)[1])))
+    (grads, loss_sum, count, aux), _ = jax.lax.scan(add, zeros, micro)
+    return grads, loss_sum, count, aux
+
+
+def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads, denom):
+    """Divide the summed gradients by `denom` and take one optimizer step. -> (state, grad_norm)."""
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    return new_state, optax.global_norm(grads)
+
+
 def make_sft_step(model_cfg, tx: optax.GradientTransformation, schedule, *, grad_accum=1,
                   compute_dtype=jnp.float32, remat="none", loss_chunk=0, attn_chunk=0, attn_impl="xla"):
     def loss_fn(params, micro):
         lp = sequence_logprobs(params, model_cfg, micro, compute_dtype=compute_dtype, remat=remat,
                                loss_chunk=loss_chunk, attn_chunk=attn_chunk, attn_impl=attn_impl)
-        return masked_nll(lp, micro["loss_mask"])
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        return masked_nll(lp, micro["loss_mask"]), {}
 
     def step(state: TrainState, batch):
-        if grad_accum == 1:  # no accumulator: saves a params-sized fp32 buffer on large models
-            (loss_sum, count), grads = grad_fn(state.params, batch)
-        else:
-            # Micro-batch i takes rows i, i+A, i+2A, …: each micro-batch stays spread over every
-            # data-parallel device instead of living on a slice of them.
-            micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
-
-            def accumulate(carry, mb):
-                acc, s_acc, n_acc = carry
-                (s, n), g = grad_fn(state.params, mb)
-                return (jax.tree.map(jnp.add, acc, g), s_acc + s, n_acc + n), None
-
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            (grads, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
+        grads, loss_sum, count, _ = accumulate_gradients(loss_fn, state.params, batch, grad_accum)
         denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                  opt_state=opt_state)
-        metrics = {"loss": loss_sum / denom, "tokens": count, "grad_norm": optax.global_norm(grads),
-                   "lr": schedule(state.step)}
+        new_state, grad_norm = apply_gradients(state, tx, grads, denom)
+        metrics = {"loss": loss_sum / denom, "tokens": count, "grad_norm": grad_norm, "lr": schedule(state.step)}
         return new_state, metrics
 
     return step
