@@ -21,10 +21,46 @@
 # --mem-fraction-static of its own, so sharing a GPU between them runs out of memory.
 # Both servers bind 127.0.0.1 only: nothing off the node can reach them.
 #
+# SGLang >= 0.5.3 (checked at launch): --weight-version needs 0.5.1, the per-request
+# sampling_seed 0.5.3. DETERMINISTIC=1 launches both servers with --enable-deterministic-inference,
+# without which SGLang ignores sampling_seed (seeded episodes are then not reproducible); it costs
+# ~34% overhead (batch-invariant kernels; see docs/gpu_serving.md).
+#
 # Everything is a local path (no hub downloads). Override any variable from the environment:
 #   POLICY_MODEL=/models/export USER_MODEL=/models/Qwen3-4B-Instruct-2507 launch/gpu_node.sh ...
 set -euo pipefail
 
+SGLANG_PYTHON=${SGLANG_PYTHON:-python}    # SGLang lives in its own env (its torch/CUDA pins clash with ours)
+SGLANG_MIN_VERSION=0.5.3
+DETERMINISTIC=${DETERMINISTIC:-0}
+
+check_sglang_version() {  # fails, saying what to do, unless $SGLANG_PYTHON has sglang >= SGLANG_MIN_VERSION
+  local have
+  if ! have=$("$SGLANG_PYTHON" -c 'import sglang; print(sglang.__version__)'); then
+    echo "error: '$SGLANG_PYTHON' cannot import sglang; install it in its own venv" \
+      "(pip install 'sglang[all]>=$SGLANG_MIN_VERSION') and point SGLANG_PYTHON at that python" >&2
+    return 1
+  fi
+  if [[ $(printf '%s\n' "$SGLANG_MIN_VERSION" "$have" | sort -V | head -n 1) != "$SGLANG_MIN_VERSION" ]]; then
+    echo "error: sglang $have at '$SGLANG_PYTHON' is too old: tau2jax needs >= $SGLANG_MIN_VERSION" \
+      "(sampling_seed; --weight-version); upgrade with: $SGLANG_PYTHON -m pip install 'sglang[all]>=$SGLANG_MIN_VERSION'" >&2
+    return 1
+  fi
+}
+
+deterministic_args() {  # the SGLang flags DETERMINISTIC asks for
+  case "$DETERMINISTIC" in
+    0) ;;
+    1) echo --enable-deterministic-inference ;;
+    *) echo "error: DETERMINISTIC must be 0 or 1, got '$DETERMINISTIC'" >&2; return 1 ;;
+  esac
+}
+
+# Sourced (tests): the functions above only.
+if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then return 0; fi
+
+check_sglang_version
+EXTRA_SGLANG_ARGS=$(deterministic_args)
 POLICY_MODEL=${POLICY_MODEL:?set POLICY_MODEL to the HF dir the policy starts from (e.g. the orbax_to_hf export of the SFT checkpoint)}
 USER_MODEL=${USER_MODEL:?set USER_MODEL to the HF dir of the user-simulator model (e.g. /models/Qwen3-4B-Instruct-2507)}
 USER_NAME=${USER_NAME:-qwen3-4b}          # served model name; litellm calls it openai/$USER_NAME
@@ -39,7 +75,6 @@ MEM_FRACTION=${MEM_FRACTION:-0.85}        # weights (8 GB bf16) + KV cache; the 
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-900}   # model load + CUDA graph capture take minutes
 LOG_DIR=${LOG_DIR:-runs/gpu_node_logs}
 PYTHON=${PYTHON:-.venv/bin/python}        # the venv with tau2jax and jax[cuda12]
-SGLANG_PYTHON=${SGLANG_PYTHON:-python}    # SGLang lives in its own env (its torch/CUDA pins clash with ours)
 
 mkdir -p "$LOG_DIR"
 num_gpus() { awk -F, '{print NF}' <<<"$1"; }
@@ -56,13 +91,13 @@ trap cleanup EXIT INT TERM
 # to the exact policy version that sampled it (SGLangEngine reads it). No --tool-call-parser: the
 # policy is driven token-in/token-out and tau2jax parses <tool_call> itself.
 # Log-probs: SGLang returns log-softmax(logits / temperature) of the sampled token, before
-# top-k/top-p; with top_k=0, top_p=1 (GRPO rollouts) that is exactly what the learner recomputes.
+# top-k/top-p: tau2jax's behaviour log-prob convention (what the learner recomputes).
 CUDA_VISIBLE_DEVICES=$POLICY_GPUS "$SGLANG_PYTHON" -m sglang.launch_server \
   --model-path "$POLICY_MODEL" --served-model-name policy \
   --host 127.0.0.1 --port "$POLICY_PORT" \
   --dp-size "$(num_gpus "$POLICY_GPUS")" --tp-size 1 \
   --dtype bfloat16 --context-length "$CONTEXT_LENGTH" --mem-fraction-static "$MEM_FRACTION" \
-  --weight-version 0 \
+  --weight-version 0 $EXTRA_SGLANG_ARGS \
   >"$LOG_DIR/policy.log" 2>&1 &
 pids+=($!)
 
@@ -73,7 +108,7 @@ CUDA_VISIBLE_DEVICES=$USER_GPUS "$SGLANG_PYTHON" -m sglang.launch_server \
   --host 127.0.0.1 --port "$USER_PORT" \
   --dp-size "$(num_gpus "$USER_GPUS")" --tp-size 1 \
   --dtype bfloat16 --context-length "$CONTEXT_LENGTH" --mem-fraction-static "$MEM_FRACTION" \
-  --tool-call-parser qwen25 \
+  --tool-call-parser qwen25 $EXTRA_SGLANG_ARGS \
   >"$LOG_DIR/user.log" 2>&1 &
 pids+=($!)
 

@@ -100,3 +100,26 @@ def test_env_assertion_on_state_the_agent_never_created_scores_zero_not_infra():
     info = rewards.evaluate(task, "mock", msgs, "user_stop")
     assert info.reward == 0.0
     assert "task_2" in info.info["env_assertion_error"]
+
+
+def test_reward_presets_cookbook_and_recipe_code():
+    """recipe_code: renormalised 0.5/0.35/0.15 (db weight 0), alpha 0.25 × (retail 0.8, telecom 1.6),
+    telecom's own weights 0.35/0.35/0.30 — worked by hand."""
+    from tau2jax.env.rewards import PRESETS
+
+    cookbook, code = PRESETS["cookbook"], PRESETS["recipe_code"]
+    assert cookbook == RewardConfig()
+    info = RewardInfo(reward=0.0, action_checks=_actions(True, False), env_assertions=_env(True),
+                      communicate_checks=_comm(False), db_check=DBCheck(db_match=True, db_reward=1.0))
+    # db is a component of weight 0: it changes nothing
+    assert partial_reward(info, code, "airline") == pytest.approx(0.5 * 0.5 + 0.35 * 1.0 + 0.15 * 0.0)
+    assert partial_reward(info, code, "telecom") == pytest.approx(0.35 * 0.5 + 0.30 * 1.0 + 0.35 * 0.0)
+    assert shaped_reward(1.0, 0.5, code, "airline") == pytest.approx(1.0 + 0.25 * 0.5)
+    assert shaped_reward(1.0, 0.5, code, "retail") == pytest.approx(1.0 + 0.2 * 0.5)
+    assert shaped_reward(0.0, 0.5, code, "telecom") == pytest.approx(0.4 * 0.5)
+    section = default_config().reward
+    section.preset = "recipe_code"
+    assert RewardConfig.from_config(section) == code
+    section.preset = "nope"
+    with pytest.raises(Exception, match="reward.preset"):
+        RewardConfig.from_config(section)

@@ -1,7 +1,10 @@
 """Scoring: tau2's own evaluator gives the task reward; a partial score shapes it for RL.
 
-    partial = (w_action·action_frac + w_env·env_assertion_frac + w_comm·communicate_frac) / Σw
-    shaped  = reward + alpha·partial
+    partial = (w_action·action_frac + w_env·env_assertion_frac + w_comm·communicate_frac + w_db·db) / Σw
+    shaped  = reward + alpha(domain)·partial
+
+Presets (`reward.preset`): "cookbook" (the cookbook's text) and "recipe_code" (what its public code
+runs: other weights, alpha 0.25 scaled per domain, telecom's own weights); see PRESETS.
 
 Each fraction is the share of that component's checks met in tau2's RewardInfo; the weights are
 renormalised over the components the task actually has (a component without checks is left
@@ -22,16 +25,49 @@ class RewardConfig:
     w_action: float = 0.7
     w_env_assertion: float = 0.2
     w_communicate: float = 0.1
+    w_db: float = 0.0
+    # Per-domain overrides: alpha multipliers, and weights {component: weight} replacing the above.
+    domain_alpha: tuple[tuple[str, float], ...] = ()
+    domain_weights: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
 
     @classmethod
     def from_config(cls, reward_section) -> "RewardConfig":
-        """From the `reward` section of the run config."""
+        """From the `reward` section of the run config: a named preset, or the explicit fields."""
+        if reward_section.preset:
+            if reward_section.preset not in PRESETS:
+                from tau2jax.config import ConfigError
+
+                raise ConfigError(f"config.reward.preset: {reward_section.preset!r}; known: {sorted(PRESETS)}")
+            return PRESETS[reward_section.preset]
         return cls(
             alpha=reward_section.alpha,
             w_action=reward_section.w_action,
             w_env_assertion=reward_section.w_env_assertion,
             w_communicate=reward_section.w_communicate,
         )
+
+    def weights(self, domain: str | None = None) -> dict[str, float]:
+        override = dict(self.domain_weights).get(domain)
+        if override is not None:
+            return dict(override)
+        return {"action": self.w_action, "env_assertion": self.w_env_assertion,
+                "communicate": self.w_communicate, "db": self.w_db}
+
+    def alpha_for(self, domain: str | None = None) -> float:
+        return self.alpha * dict(self.domain_alpha).get(domain, 1.0)
+
+
+PRESETS = {
+    # The cookbook's text: 0.7 action / 0.2 env assertions / 0.1 communicate, alpha 0.3.
+    "cookbook": RewardConfig(),
+    # What the recipe's public code runs (recipe-facts.md): renormalised 0.5 / 0.35 / 0.15 / db 0,
+    # alpha 0.25 scaled per domain (retail ×0.8, telecom ×1.6), telecom's own weights.
+    "recipe_code": RewardConfig(
+        alpha=0.25, w_action=0.5, w_env_assertion=0.35, w_communicate=0.15, w_db=0.0,
+        domain_alpha=(("retail", 0.8), ("airline", 1.0), ("telecom", 1.6)),
+        domain_weights=(("telecom", (("action", 0.35), ("communicate", 0.35), ("env_assertion", 0.30), ("db", 0.0))),),
+    ),
+}
 
 
 def _as_reward_info(info):
@@ -50,11 +86,13 @@ def partial_components(reward_info) -> dict[str, float]:
         out["env_assertion"] = sum(c.met for c in info.env_assertions) / len(info.env_assertions)
     if info.communicate_checks:
         out["communicate"] = sum(c.met for c in info.communicate_checks) / len(info.communicate_checks)
+    if info.db_check is not None:
+        out["db"] = float(info.db_check.db_match)
     return out
 
 
-def partial_reward(reward_info, cfg: RewardConfig = RewardConfig()) -> float:
-    weights = {"action": cfg.w_action, "env_assertion": cfg.w_env_assertion, "communicate": cfg.w_communicate}
+def partial_reward(reward_info, cfg: RewardConfig = RewardConfig(), domain: str | None = None) -> float:
+    weights = cfg.weights(domain)
     comps = partial_components(reward_info)
     total = sum(weights[k] for k in comps)
     if total <= 0:
@@ -62,8 +100,8 @@ def partial_reward(reward_info, cfg: RewardConfig = RewardConfig()) -> float:
     return sum(weights[k] * v for k, v in comps.items()) / total
 
 
-def shaped_reward(reward: float, partial: float, cfg: RewardConfig = RewardConfig()) -> float:
-    return reward + cfg.alpha * partial
+def shaped_reward(reward: float, partial: float, cfg: RewardConfig = RewardConfig(), domain: str | None = None) -> float:
+    return reward + cfg.alpha_for(domain) * partial
 
 
 def evaluate(task, domain: str, messages: list, termination_reason: str, duration: float = 0.0):

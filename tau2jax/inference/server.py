@@ -8,7 +8,8 @@ The CLI serves the built-in `JaxEngine`; in Python any Engine can be served (tes
 `ScriptedEngine`): `RunningServer(create_app(Server(engine, tokenizer)))` runs it on a thread.
 
 Endpoints (request/response shapes follow `sglang.launch_server`, so `SGLangEngine` and litellm
-talk to this server and to SGLang alike):
+talk to this server and to SGLang alike; POST bodies must be `Content-Type: application/json`, else
+400, as on SGLang):
 
 - `POST /generate` {"input_ids": [...] | [[...], ...] (or "text"), "sampling_params": {...} | [...],
   "return_logprob": bool} -> {"text", "output_ids", "meta_info": {"finish_reason": {"type":
@@ -17,17 +18,26 @@ talk to this server and to SGLang alike):
   (a list of those for a batch). As in SGLang: output ids and logprobs include the stop token the
   generation ended on, "text" does not; the model's end-of-turn tokens (`<|im_end|>`,
   `<|endoftext|>`) always stop generation, and "ignore_eos": true disables every stop token id.
-  Stop strings ("stop") are applied by the engine (JaxEngine: needs its tokenizer).
+  Stop strings ("stop") are applied by the engine (JaxEngine: needs its tokenizer). The log-probs
+  are the engine's `GenerateResult.logprobs` (the behaviour convention = SGLang's).
+  Context length (the engine's `max_seq_len`): as SGLang, a prompt of >= that many tokens, or
+  prompt + max_new_tokens reaching it, is a 400 with SGLang's wording.
 - `POST /update_weights_from_disk` {"model_path": HF dir, "weight_version": "N"} ->
-  {"success", "message"}: loads the safetensors and swaps them in between two engine calls.
-- `GET /health`, `GET /get_model_info`, `GET /v1/models`.
+  {"success", "message"}: loads the safetensors and swaps them in between two engine calls;
+  without "weight_version" the version stays what it was (as SGLang).
+- `GET /health`, `GET /get_model_info`, `GET /v1/models` (its card's `max_model_len` is the
+  context length, as SGLang's).
 - `POST /v1/chat/completions` (OpenAI, with tools): the messages and tools are rendered with the
-  Qwen3 chat format, `<tool_call>` blocks in the reply become OpenAI `tool_calls`. This is what the
-  user simulator (tau2 via litellm, `api_base=http://HOST:PORT/v1`) calls.
+  Qwen3 chat format, `<tool_call>` blocks in the reply become OpenAI `tool_calls` (with "index");
+  finish_reason "tool_calls" only when generation stopped, "length" stays "length" (as SGLang).
+  Without max_tokens the reply may take --max-tokens, capped to the room the context leaves.
+  This is what the user simulator (tau2 via litellm, `api_base=http://HOST:PORT/v1`) calls.
 
-Requests are batched: one worker thread owns the engine; each `engine.generate` call takes every
-prompt that queued while the previous call ran (up to --max-batch), waiting at most
---batch-window-ms after the first for more to arrive.
+Requests are validated one by one (`Server.validate`) before they are queued, so a bad one fails
+alone with 400. Then they are batched: one worker thread owns the engine; each `engine.generate`
+call takes every prompt that queued while the previous call ran (up to --max-batch), waiting at
+most --batch-window-ms after the first for more to arrive. An engine exception fails the batch it
+hit (HTTP 500: clients retry).
 """
 
 from __future__ import annotations
@@ -129,17 +139,16 @@ class Batcher:
                 return
 
     def _serve(self, batch: list[_Item]) -> None:
+        # Requests are validated before they are queued (`Server.validate`), so an exception here is
+        # the engine's, not one prompt's: every request of the batch fails with it (HTTP 500, retried).
         try:
             with self.lock:
                 results = self.engine.generate([b.ids for b in batch], [b.params for b in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(batch)} prompts")
         except Exception as e:
-            if len(batch) > 1:  # one bad prompt must not fail the requests batched with it
-                for b in batch:
-                    self._serve([b])
-            else:
-                batch[0].future.set_exception(e)
+            for b in batch:
+                b.future.set_exception(e)
             return
         for b, r in zip(batch, results):
             b.future.set_result(r)
@@ -189,7 +198,8 @@ class Server:
     """The engine + tokenizer behind the app: parsing, engine calls, response building."""
 
     def __init__(self, engine, tokenizer, *, model_path: str = "", max_batch: int = 32,
-                 batch_window_s: float = 0.005, default_max_tokens: int = 1024):
+                 batch_window_s: float = 0.005, default_max_tokens: int = 1024,
+                 context_length: int | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.chat = ChatFormat(tokenizer)
@@ -200,6 +210,25 @@ class Server:
         self.eos_ids = (tokenizer.im_end_id, tokenizer.pad_id)
         cfg = getattr(engine, "cfg", None)
         self.vocab_size = cfg.vocab_size if cfg is not None else tokenizer.vocab_size
+        # SGLang's context length (`max_model_len` in /v1/models); None = unlimited (ScriptedEngine)
+        self.context_length = context_length or getattr(engine, "max_seq_len", None)
+
+    def validate(self, ids: list[int], params: SamplingParams) -> None:
+        """SGLang's per-request length checks (its tokenizer manager's, same words), run before a
+        request is queued so that a bad one fails alone (HTTP 400) and never reaches a batch."""
+        if not ids:
+            raise RequestError("empty prompt")
+        c = self.context_length
+        if c is None:
+            return
+        if len(ids) >= c:
+            raise RequestError(f"The input ({len(ids)} tokens) is longer than the model's context length ({c} tokens).")
+        if len(ids) + params.max_new_tokens >= c:
+            raise RequestError(
+                f"Requested token count exceeds the model's maximum context length of {c} tokens. You requested "
+                f"a total of {len(ids) + params.max_new_tokens} tokens: {len(ids)} tokens from the input messages "
+                f"and {params.max_new_tokens} tokens for the completion. Please reduce the number of tokens in "
+                f"the input messages or the completion to fit within the limit.")
 
     # /generate
 
@@ -246,8 +275,6 @@ class Server:
             prompts = ids if batched else [ids]
             for i, p in enumerate(prompts):
                 _token_ids(p, f"input_ids[{i}]" if batched else "input_ids", self.vocab_size)
-        if any(not p for p in prompts):
-            raise RequestError("empty prompt")
         sps = body.get("sampling_params") or {}
         if isinstance(sps, list):
             if len(sps) != len(prompts):
@@ -256,7 +283,9 @@ class Server:
             sps = [sps] * len(prompts)
         reqs = []
         for p, sp in zip(prompts, sps):
-            reqs.append(_Request(p, self.parse_sampling(sp), bool(sp.get("no_stop_trim", False)),
+            params = self.parse_sampling(sp)
+            self.validate(p, params)
+            reqs.append(_Request(p, params, bool(sp.get("no_stop_trim", False)),
                                  bool(sp.get("skip_special_tokens", True))))
         return reqs, batched
 
@@ -303,14 +332,19 @@ class Server:
             ids, _ = self.chat.render([_chat_message(m) for m in messages], tools, add_generation_prompt=True)
         except (KeyError, TypeError, ValueError) as e:
             raise RequestError(f"cannot render messages: {e}") from None
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or self.default_max_tokens
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if max_tokens is None:  # like SGLang: no max_tokens means "whatever fits"
+            room = self.default_max_tokens if self.context_length is None else self.context_length - 1 - len(ids)
+            max_tokens = max(1, min(self.default_max_tokens, room))
         sp = {"max_new_tokens": max_tokens, "stop": body.get("stop")}
         for key in ("temperature", "top_p", "top_k"):
             if body.get(key) is not None:
                 sp[key] = body[key]
         if body.get("seed") is not None:
             sp["sampling_seed"] = body["seed"]
-        return ids, self.parse_sampling(sp), bool(tools) and tool_choice == "auto"
+        params = self.parse_sampling(sp)
+        self.validate(ids, params)
+        return ids, params, bool(tools) and tool_choice == "auto"
 
     def chat_response(self, body: dict, prompt: list[int], r: GenerateResult, with_tools: bool) -> dict:
         if r.finish_reason == "abort":  # OpenAI has no "abort": a 500 makes the client retry
@@ -322,15 +356,16 @@ class Server:
         if r.finish_reason == "stop" and isinstance(r.stop_reason, str):
             text = text[: text.find(r.stop_reason)] if r.stop_reason in text else text
         message = {"role": "assistant", "content": text}
-        finish = "length" if r.finish_reason == "length" else "stop"
+        finish = r.finish_reason
         if with_tools:
             content, calls, error = parse_tool_calls(text)
             if calls and error is None:  # a malformed call comes back as plain text, like SGLang
                 message = {"role": "assistant", "content": content or None, "tool_calls": [
-                    {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                    {"id": f"call_{uuid.uuid4().hex[:24]}", "index": i, "type": "function",
                      "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                    for c in calls]}
-                finish = "tool_calls"
+                    for i, c in enumerate(calls)]}
+                # As SGLang: a reply cut by the length limit keeps finish "length" (calls parsed all the same)
+                finish = "tool_calls" if finish == "stop" else finish
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", self.model_path),
@@ -384,6 +419,10 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 async def _json_body(request: fastapi.Request) -> dict:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":  # SGLang answers 400 too (curl -d sends form encoding)
+        raise RequestError(f"Content-Type must be application/json, got {media_type or 'none'!r} "
+                           "(curl: -H 'Content-Type: application/json')")
     try:
         body = await request.json()
     except ValueError as e:
@@ -411,10 +450,8 @@ def create_app(server: Server) -> fastapi.FastAPI:
         return _error(500, str(e))
 
     async def generate_many(reqs: list[_Request]) -> list[GenerateResult]:
-        try:
+        try:  # requests were validated before queuing: what the engine raises is its own failure
             return await asyncio.gather(*(server.run(r.ids, r.params) for r in reqs))
-        except ValueError as e:  # the engine's verdict on a prompt (too long, ...): the client's fault
-            raise RequestError(str(e)) from e
         except Exception as e:
             raise EngineFailure(f"{type(e).__name__}: {e}") from e
 
@@ -429,8 +466,11 @@ def create_app(server: Server) -> fastapi.FastAPI:
                 "max_batch": server.batcher.max_batch}
 
     @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": server.model_path, "object": "model", "owned_by": "tau2jax"}]}
+    async def models():  # SGLang's ModelCard: max_model_len is the context length it validates against
+        card = {"id": server.model_path, "object": "model", "root": server.model_path, "owned_by": "tau2jax"}
+        if server.context_length is not None:
+            card["max_model_len"] = server.context_length
+        return {"object": "list", "data": [card]}
 
     @app.post("/generate")
     async def generate(request: fastapi.Request):
@@ -455,8 +495,8 @@ def create_app(server: Server) -> fastapi.FastAPI:
         if not isinstance(path, str) or not path:
             raise RequestError("model_path (a HF model directory) is required")
         version = body.get("weight_version")
-        try:
-            version = server.engine.policy_version + 1 if version is None else int(version)
+        try:  # as SGLang: no weight_version keeps the current one
+            version = server.engine.policy_version if version is None else int(version)
         except ValueError:
             raise RequestError(f"weight_version must be an integer policy version, got {version!r}") from None
         try:

@@ -9,22 +9,33 @@ Token in, token out: prompts go as `input_ids`, and the sampled ids and their lo
 `meta_info.output_token_logprobs` (so the stop token is included, as the protocol requires), never
 from re-tokenized text.
 
-Semantics to know on SGLang:
-- Log-probs are SGLang's: after temperature scaling, before top-p/top-k truncation.
+Semantics to know on SGLang (>= 0.5.3: `sampling_seed` needs it, and is honoured only by a server
+launched with `--enable-deterministic-inference`; `launch/gpu_node.sh` checks the version):
+- Log-probs are SGLang's `output_token_logprobs`: log_softmax(logits / T) of the sampled token,
+  before top-p/top-k truncation; exactly `GenerateResult.logprobs`' convention.
 - The model's EOS ids (generation_config.json) always stop generation, besides `stop_token_ids`
   (SGLang's `ignore_eos` would disable both, so it is never sent). Our server does the same.
+- Context: SGLang rejects (400) a prompt + max_new_tokens that reaches its context length. The
+  client reads that length once (`max_model_len` of GET /v1/models), caps max_new_tokens to the
+  room left, and raises `ContextLengthError` without a request for a prompt that leaves none.
+- Finish: `{"type": "abort"}` and SGLang's NaN stop (`{"type": "stop", "matched": "NaN happened"}`)
+  are finish_reason "abort" (an infrastructure failure), never a stop.
 - `policy_version` of a result is the server's `weight_version` when it is an integer (both servers
   report it per request, so a result is attributed to the weights that produced it even while a
-  sync races with it), else the version this client last loaded.
+  sync races with it), else the version this client last loaded. With `expect_version` set, a
+  response from any other weight version is an "abort" whose stop_reason says so: the episode is
+  re-queued as an infrastructure failure instead of being trained as the wrong policy.
 
 Failures: connection errors, timeouts and 5xx are retried with exponential backoff (generation has
 no side effects); 4xx are the caller's mistake and raise `EngineRequestError` at once. When retries
 run out, `EngineUnavailableError` is raised; the episode runner records it as an infrastructure
-failure. A thread-safe pooled `httpx.Client` plus a semaphore bound the requests in flight.
+failure. A thread-safe pooled `httpx.Client` plus a semaphore bound the requests in flight; bodies
+go as JSON with `Content-Type: application/json` (SGLang rejects other content types).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -59,21 +70,32 @@ def sampling_json(p: SamplingParams) -> dict:
     return sp
 
 
+# SGLang ends a request whose sampled id is outside the vocabulary (NaN logits) with this "stop",
+# after overwriting that id with a stop token (schedule_batch.Req's vocab-boundary check).
+NAN_MATCHED = "NaN happened"
+
+
 def _finish(meta: dict) -> tuple[str, str | int | None]:
     fr = meta.get("finish_reason") or {}
     kind = fr.get("type")
-    if kind == "stop":
+    if kind == "stop" and fr.get("matched") != NAN_MATCHED:
         return "stop", fr.get("matched")
     if kind == "length":
         return "length", None
+    if kind == "stop":
+        return "abort", f"the server's logits were NaN ({NAN_MATCHED!r})"
     return "abort", fr.get("message") or f"finish_reason {fr!r}"
 
 
 class SGLangEngine:
+    """`url`: the server. `expect_version`: when set, a response from any other weight version
+    comes back as an "abort" (see the module docstring)."""
+
     kind = "sglang"
 
     def __init__(self, url: str, *, concurrency: int = 8, timeout_s: float = 300.0, max_retries: int = 3,
-                 backoff_s: float = 0.5, max_backoff_s: float = 10.0, policy_version: int = 0):
+                 backoff_s: float = 0.5, max_backoff_s: float = 10.0, policy_version: int = 0,
+                 expect_version: int | None = None):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.url = url.rstrip("/")
@@ -81,6 +103,10 @@ class SGLangEngine:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.policy_version = policy_version
+        self.expect_version = expect_version
+        self._context_length: int | None = None
+        self._context_known = False
+        self._info_lock = threading.Lock()
         self._sem = threading.BoundedSemaphore(concurrency)
         self._client = httpx.Client(
             base_url=self.url,
@@ -92,28 +118,31 @@ class SGLangEngine:
                  params: SamplingParams | list[SamplingParams]) -> list[GenerateResult]:
         if not input_ids:
             return []
-        ps = per_prompt(params, len(input_ids))
+        ps = self._fit_context(input_ids, per_prompt(params, len(input_ids)))
         batched = len(input_ids) > 1  # a single prompt uses SGLang's non-batch form
         body = {
             "input_ids": [list(map(int, x)) for x in input_ids] if batched else list(map(int, input_ids[0])),
             "sampling_params": [sampling_json(p) for p in ps] if batched else sampling_json(ps[0]),
             "return_logprob": True,
         }
-        version = self.policy_version
+        version, expected = self.policy_version, self.expect_version
         out = self._request("POST", "/generate", body)
         outs = out if batched else [out]
         if not isinstance(outs, list) or len(outs) != len(input_ids):
             raise EngineUnavailableError(
                 f"{self.url}/generate answered {len(outs)} results for {len(input_ids)} prompts")
-        return [self._result(o, version) for o in outs]
+        return [self._result(o, version, expected) for o in outs]
 
-    def _result(self, out: dict, version: int) -> GenerateResult:
+    def _result(self, out: dict, version: int, expected: int | None) -> GenerateResult:
         meta = out["meta_info"]
         pairs = meta.get("output_token_logprobs")
         if pairs is None:
             raise EngineUnavailableError(f"{self.url}/generate returned no output_token_logprobs")
         reason, matched = _finish(meta)
         served = str(meta.get("weight_version", ""))
+        if expected is not None and served != str(expected):  # never train on the wrong weights
+            reason, matched = "abort", (f"weight version mismatch: {self.url} answered with weight_version "
+                                        f"{served or 'none'!r}, expected {expected}")
         return GenerateResult(
             output_ids=[int(t) for _, t, *_ in pairs],
             logprobs=[float(lp) for lp, *_ in pairs],
@@ -121,6 +150,33 @@ class SGLangEngine:
             policy_version=int(served) if served.isdigit() else version,
             stop_reason=matched,
         )
+
+    @property
+    def context_length(self) -> int | None:
+        """The server's context length (`max_model_len` of GET /v1/models; SGLang's
+        model_config.context_len), read once; None when the server states none."""
+        with self._info_lock:
+            if not self._context_known:
+                cards = self._request("GET", "/v1/models").get("data") or [{}]
+                self._context_length = cards[0].get("max_model_len")
+                self._context_known = True
+        return self._context_length
+
+    def _fit_context(self, input_ids: list[list[int]], ps: list[SamplingParams]) -> list[SamplingParams]:
+        """Caps max_new_tokens to the room the context leaves: SGLang rejects (400) a request whose
+        prompt + max_new_tokens reaches its context length. A prompt that leaves no room raises
+        ContextLengthError before anything is sent."""
+        c = self.context_length
+        if c is None:
+            return ps
+        out = []
+        for ids, p in zip(input_ids, ps):
+            room = c - 1 - len(ids)  # SGLang accepts prompt + max_new_tokens < context length
+            if room < 1:
+                raise ContextLengthError(f"prompt of {len(ids)} tokens leaves no room in {self.url}'s "
+                                         f"context length ({c} tokens)")
+            out.append(p if p.max_new_tokens <= room else dataclasses.replace(p, max_new_tokens=room))
+        return out
 
     def update_weights_from_disk(self, path: str, version: int) -> None:
         """Makes the server load the HF checkpoint at `path` (a path on the server's machine) as

@@ -1,0 +1,308 @@
+"""SGLang conformance of our server, our client and the GPU launcher: context-length handling,
+abort finishes, JSON content type, weight versions, tool-call shape, per-request validation before
+batching, the log-prob field, and the launcher's SGLang version check and DETERMINISTIC switch."""
+
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tau2jax.data.tokenizer import load_tokenizer
+from tau2jax.inference import server as server_mod
+from tau2jax.inference.engine import ContextLengthError, GenerateResult, SamplingParams, ScriptedEngine
+from tau2jax.inference.server import Batcher, RunningServer, Server, create_app
+from tau2jax.inference.sglang_client import SGLangEngine
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(REPO, "launch", "gpu_node.sh")
+CONTEXT = 32
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("")
+
+
+class Echo:
+    """Returns fixed results (or raises) and records every engine call's prompts."""
+
+    kind = "scripted"
+
+    def __init__(self, result=None, policy_version=0, error=None, max_seq_len=None):
+        self.result, self.policy_version, self.error = result, policy_version, error
+        self.calls: list[list[list[int]]] = []
+        if max_seq_len is not None:
+            self.max_seq_len = max_seq_len
+
+    def generate(self, input_ids, params):
+        self.calls.append([list(p) for p in input_ids])
+        if self.error is not None:
+            raise self.error
+        return [self.result or GenerateResult(list(p), [-0.5] * len(p), "length", self.policy_version)
+                for p in input_ids]
+
+
+def counting_app(server):
+    """The app plus the list of /generate requests that reached it."""
+    app, hits = create_app(server), []
+
+    @app.middleware("http")
+    async def count(request, call_next):
+        if request.url.path == "/generate":
+            hits.append(request.url.path)
+        return await call_next(request)
+
+    return app, hits
+
+
+# -- 2. context length ------------------------------------------------------------------------------------
+
+
+def test_server_applies_sglang_context_checks_and_reports_max_model_len(tok):
+    with RunningServer(create_app(Server(Echo(), tok, context_length=CONTEXT))) as running:
+        card = httpx.get(f"{running.url}/v1/models").json()["data"][0]
+        assert card["max_model_len"] == CONTEXT
+
+        def post(n_prompt, max_new):
+            return httpx.post(f"{running.url}/generate", json={
+                "input_ids": [5] * n_prompt, "sampling_params": {"max_new_tokens": max_new}})
+
+        assert post(CONTEXT - 11, 10).status_code == 200  # 21 + 10 < 32
+        over = post(CONTEXT - 10, 10)  # 22 + 10 = 32: SGLang rejects a total that reaches the context
+        assert over.status_code == 400
+        assert "exceeds the model's maximum context length of 32 tokens" in over.json()["error"]["message"]
+        full = post(CONTEXT, 1)
+        assert full.status_code == 400
+        assert "longer than the model's context length (32 tokens)" in full.json()["error"]["message"]
+
+
+def test_client_caps_max_new_tokens_to_the_room_left(tok):
+    engine = ScriptedEngine(tok, [list(range(100, 200))])
+    with RunningServer(create_app(Server(engine, tok, context_length=CONTEXT))) as running:
+        client = SGLangEngine(running.url)
+        [r] = client.generate([[7] * 20], SamplingParams(max_new_tokens=100))
+        assert client.context_length == CONTEXT
+        client.close()
+    assert r.output_ids == list(range(100, 111)) and r.finish_reason == "length"  # 20 + 11 = 31 < 32
+
+
+def test_prompt_that_fills_the_context_raises_without_a_request(tok):
+    app, hits = counting_app(Server(Echo(), tok, context_length=CONTEXT))
+    with RunningServer(app) as running:
+        client = SGLangEngine(running.url)
+        with pytest.raises(ContextLengthError, match="context length"):
+            client.generate([[1, 2], [7] * (CONTEXT - 1)], SamplingParams(max_new_tokens=4))
+        assert hits == []
+        client.generate([[7] * (CONTEXT - 2)], SamplingParams(max_new_tokens=4))  # room for one token
+        assert hits == ["/generate"]
+        client.close()
+
+
+# -- 3. abort finishes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("result, reason", [
+    (GenerateResult([5, 6], [-1.0, -1.0], "stop", 0, "NaN happened"), "NaN"),
+    (GenerateResult([5], [-1.0], "abort", 0, "out of memory"), "out of memory"),
+])
+def test_abort_and_nan_finishes_are_aborts(tok, result, reason):
+    with RunningServer(create_app(Server(Echo(result), tok))) as running:
+        wire = httpx.post(f"{running.url}/generate", json={"input_ids": [1, 2]}).json()["meta_info"]["finish_reason"]
+        client = SGLangEngine(running.url)
+        [r] = client.generate([[1, 2]], SamplingParams())
+        client.close()
+    assert wire["type"] in ("stop", "abort")  # what SGLang sends for each case
+    assert r.finish_reason == "abort" and reason in r.stop_reason
+
+
+# -- 4. JSON content type -----------------------------------------------------------------------------------
+
+
+def test_post_bodies_must_be_json_and_the_client_sends_json(tok):
+    engine = ScriptedEngine(tok, ["ok<|im_end|>"])
+    with RunningServer(create_app(Server(engine, tok))) as running:
+        body = json.dumps({"input_ids": [1, 2]})
+        form = httpx.post(f"{running.url}/generate", content=body,
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})  # what curl -d sends
+        assert form.status_code == 400 and "Content-Type" in form.json()["error"]["message"]
+        client = SGLangEngine(running.url)
+        [r] = client.generate([[1, 2]], SamplingParams())
+        client.close()
+    assert tok.decode(r.output_ids) == "ok<|im_end|>" and engine.prompts == [[1, 2]]
+
+
+def test_curl_examples_send_json():
+    for path in ("docs/gpu_serving.md", "launch/gpu_node.sh", "README.md"):
+        with open(os.path.join(REPO, path)) as f:
+            posts = [line for line in f if re.search(r"\bcurl\b.*\s-d\s", line)]
+        assert all("-H 'Content-Type: application/json'" in line for line in posts), (path, posts)
+
+
+# -- 5. weight version, chat tool calls ---------------------------------------------------------------------
+
+
+class Updatable(Echo):
+    def update_weights(self, params, version=None):
+        self.policy_version = self.policy_version + 1 if version is None else int(version)
+        return self.policy_version
+
+
+def test_update_without_weight_version_keeps_the_version(tok, monkeypatch):
+    monkeypatch.setattr(server_mod, "load_hf_params", lambda path: ({}, None))
+    engine = Updatable(policy_version=3)
+    with RunningServer(create_app(Server(engine, tok))) as running:
+        def update(**version):
+            r = httpx.post(f"{running.url}/update_weights_from_disk", json={"model_path": "/ckpt/v", **version})
+            assert r.json()["success"], r.text
+            return httpx.get(f"{running.url}/get_model_info").json()["weight_version"]
+
+        assert update() == "3"  # as SGLang: no weight_version, no change
+        assert update(weight_version="7") == "7"
+
+
+def test_chat_tool_calls_have_an_index_and_only_a_stop_finishes_as_tool_calls(tok):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    calls = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n' \
+            '<tool_call>\n{"name": "f", "arguments": {"a": 2}}\n</tool_call>'
+    engine = ScriptedEngine(tok, [calls + "<|im_end|>", calls])  # the second is cut by max_tokens
+    with RunningServer(create_app(Server(engine, tok))) as running:
+        def chat(max_tokens):
+            return httpx.post(f"{running.url}/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "go"}], "tools": tools,
+                "max_tokens": max_tokens}).json()["choices"][0]
+
+        stopped, cut = chat(200), chat(len(tok.encode(calls)))
+    assert stopped["finish_reason"] == "tool_calls"
+    assert [(c["index"], json.loads(c["function"]["arguments"])) for c in stopped["message"]["tool_calls"]] == [
+        (0, {"a": 1}), (1, {"a": 2})]
+    assert cut["finish_reason"] == "length"
+
+
+def test_chat_without_max_tokens_takes_the_room_the_context_leaves(tok):
+    messages = [{"role": "user", "content": "go"}]
+    n_prompt = len(Server(Echo(), tok).chat.render(messages, None, add_generation_prompt=True)[0])
+    engine = ScriptedEngine(tok, [list(range(100, 200))])
+    with RunningServer(create_app(Server(engine, tok, context_length=n_prompt + 6))) as running:
+        r = httpx.post(f"{running.url}/v1/chat/completions", json={"messages": messages})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 5 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+# -- 6. per-request validation before batching -------------------------------------------------------------
+
+
+class GatedEcho(Echo):
+    """Like JaxEngine, raises for a prompt that does not fit; the first call waits for `release`."""
+
+    def __init__(self):
+        super().__init__(max_seq_len=CONTEXT)
+        self.release = threading.Event()
+
+    def generate(self, input_ids, params):
+        self.calls.append([list(p) for p in input_ids])
+        assert self.release.wait(30)
+        if any(len(p) >= self.max_seq_len for p in input_ids):
+            raise ContextLengthError("prompt longer than the model's context length")
+        return [GenerateResult(p[::-1], [-0.5] * len(p), "length", 0) for p in input_ids]
+
+
+def test_a_bad_request_fails_alone_and_the_others_run_batched(tok):
+    engine, n = GatedEcho(), 4
+    server = Server(engine, tok, max_batch=16, batch_window_s=0.0)
+    with RunningServer(create_app(server)) as running:
+        post = lambda ids: httpx.post(f"{running.url}/generate", json={  # noqa: E731
+            "input_ids": ids, "sampling_params": {"max_new_tokens": 2}}, timeout=60)
+        prompts = [[i + 1, i + 2] for i in range(n)]
+        with ThreadPoolExecutor(n + 1) as pool:
+            first = pool.submit(post, prompts[0])
+            deadline = time.monotonic() + 30
+            while not engine.calls:  # the first request holds the engine; the others queue behind it
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            rest = [pool.submit(post, p) for p in prompts[1:]]
+            bad = pool.submit(post, [9] * CONTEXT).result()
+            while server.batcher.pending() < n - 1:
+                assert time.monotonic() < deadline, server.batcher.pending()
+                time.sleep(0.01)
+            engine.release.set()
+            good = [first.result()] + [f.result() for f in rest]
+    assert bad.status_code == 400 and "context length" in bad.json()["error"]["message"]
+    assert [r.json()["output_ids"] for r in good] == [p[::-1] for p in prompts]
+    assert [sorted(c) for c in engine.calls] == [prompts[:1], prompts[1:]]  # the bad prompt reached no batch
+
+
+def test_an_engine_failure_fails_its_batch_once(tok):
+    engine = Echo(error=RuntimeError("device lost"))
+    batcher = Batcher(engine, max_batch=3, window_s=10.0)  # the batch closes when 3 are queued
+    futures = [batcher.submit([i + 1], SamplingParams()) for i in range(3)]
+    errors = [f.exception(timeout=30) for f in futures]
+    batcher.close()
+    assert all(isinstance(e, RuntimeError) and "device lost" in str(e) for e in errors)
+    assert len(engine.calls) == 1  # no prompt-by-prompt rerun
+
+
+# -- 7./8. log-probs, versions ----------------------------------------------------------------------------
+
+
+def test_server_serves_the_behaviour_logprobs_and_client_returns_them(tok):
+    result = GenerateResult([5, 6], [-0.7, -1.2], "length", 0, None, sampled_logprobs=[-0.1, -0.2])
+    with RunningServer(create_app(Server(Echo(result), tok))) as running:
+        meta = httpx.post(f"{running.url}/generate", json={"input_ids": [1], "return_logprob": True}).json()
+        client = SGLangEngine(running.url)
+        [r] = client.generate([[1]], SamplingParams())
+        client.close()
+    assert meta["meta_info"]["output_token_logprobs"] == [[-0.7, 5, None], [-1.2, 6, None]]
+    assert r.logprobs == [-0.7, -1.2] and r.output_ids == [5, 6]
+    assert client.kind == "sglang" and client.url == running.url
+
+
+def test_a_response_from_an_unexpected_weight_version_is_an_abort(tok):
+    with RunningServer(create_app(Server(Echo(policy_version=3), tok))) as running:
+        client = SGLangEngine(running.url, expect_version=3)
+        [ok] = client.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+        client.expect_version = 4
+        [stale] = client.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+        client.close()
+    assert (ok.finish_reason, ok.policy_version) == ("length", 3)
+    assert (stale.finish_reason, stale.policy_version) == ("abort", 3)
+    assert "weight version mismatch" in stale.stop_reason and "expected 4" in stale.stop_reason
+
+
+# -- 1. the launcher -------------------------------------------------------------------------------------
+
+
+def launcher(tmp_path, snippet, version=None, **env):
+    """Sources launch/gpu_node.sh (functions only) with a stub python that reports `version` as
+    sglang's (or cannot import it), runs `snippet`, returns the CompletedProcess."""
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/sh\n" + (f"echo {version}\n" if version else "echo 'No module named sglang' >&2; exit 1\n"))
+    stub.chmod(0o755)
+    return subprocess.run(["bash", "-c", f'source "{LAUNCHER}"; {snippet}'], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "SGLANG_PYTHON": str(stub), **env}, timeout=30)
+
+
+def test_launcher_parses():
+    assert subprocess.run(["bash", "-n", LAUNCHER]).returncode == 0
+
+
+@pytest.mark.parametrize("version, ok", [("0.5.2", False), ("0.4.10", False), ("0.5.3", True),
+                                         ("0.5.10", True), ("0.5.3.post1", True), ("1.0.0", True), (None, False)])
+def test_launcher_requires_sglang_0_5_3(tmp_path, version, ok):
+    r = launcher(tmp_path, "check_sglang_version", version)
+    assert (r.returncode == 0) == ok, r.stderr
+    if not ok:
+        assert ">=0.5.3" in r.stderr.replace(" ", "") and "error:" in r.stderr
+
+
+def test_launcher_deterministic_switch(tmp_path):
+    assert launcher(tmp_path, "deterministic_args", "0.5.3").stdout.strip() == ""
+    on = launcher(tmp_path, "deterministic_args", "0.5.3", DETERMINISTIC="1")
+    assert on.stdout.split() == ["--enable-deterministic-inference"]
+    bad = launcher(tmp_path, "deterministic_args", "0.5.3", DETERMINISTIC="yes")
+    assert bad.returncode != 0 and "DETERMINISTIC must be 0 or 1" in bad.stderr
