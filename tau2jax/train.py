@@ -25,6 +25,8 @@ STAGE_RUNNERS = {
     "sft": "tau2jax.learn.sft:run",
     "demos": "tau2jax.env.demos:run",
     "eval": "tau2jax.eval.stage:run",
+    "rft": "tau2jax.rl.rft:run",
+    "grpo": "tau2jax.rl.loop:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file returning a ConfigDict.", lock_config=True)

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the train state and the data iterator, saved every N steps, last k kept.
+"""Orbax checkpoints of the train state plus the data iterator (SFT) or a JSON loop state (RL: step
+counters, task queue, curriculum), saved every N steps, last k kept.
 
 Saves are collective (every process calls them); Orbax writes asynchronously and commits a step
 atomically, so a process killed mid-save leaves the previous step restorable.
@@ -24,17 +25,25 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(data_iter))
-        return self.manager.save(step, args=args, force=force)
+    def save(self, step: int, state, data_iter=None, *, meta: dict | None = None, force: bool = False) -> bool:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        if meta is not None:
+            items["meta"] = ocp.args.JsonSave(meta)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, step: int, abstract_state, data_iter):
+    def restore(self, step: int, abstract_state, data_iter=None):
         """Restores the state into the shardings of `abstract_state` (ShapeDtypeStructs) and moves
-        `data_iter` to where it was at `step`."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=grain.checkpoint.CheckpointRestore(data_iter))
-        return self.manager.restore(step, args=args).state
+        `data_iter` (if given) to where it was at `step`."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+
+    def restore_meta(self, step: int) -> dict:
+        """The JSON loop state saved with `step` (`save(..., meta=...)`)."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))

@@ -18,25 +18,26 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return picked - lse
 
 
-def chunked_token_logprobs(hidden: jax.Array, targets: jax.Array, head_fn, chunk: int) -> jax.Array:
-    """token_logprobs without materialising [B, T, V] logits: the length axis is processed in chunks,
-    each rematerialised in the backward pass. With Qwen3's 151k vocabulary this is what keeps the
-    memory of the loss at O(B·chunk·V) instead of O(B·T·V).
+def map_length_chunks(fn, chunk: int, *arrays):
+    """fn over chunks of the length axis (axis 1) of [B, T, ...] arrays, each chunk rematerialised in
+    the backward pass, so the [B, chunk, V] logits inside fn exist for one chunk at a time. fn maps
+    [B, c, ...] arrays to a pytree of [B, c, ...] arrays; the chunk results are concatenated along
+    T. A chunk that does not divide T falls back to one chunk (callers pick one dividing max_len).
     """
-    b, t, d = hidden.shape
+    b, t = arrays[0].shape[:2]
     if t % chunk:
-        chunk = t  # fall back to one chunk; callers choose a chunk that divides max_len
+        chunk = t
     n = t // chunk
-    h = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)  # [n, B, c, D]
-    y = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    split = [a.reshape(b, n, chunk, *a.shape[2:]).swapaxes(0, 1) for a in arrays]  # [n, B, c, ...]
+    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), split)
+    return jax.tree.map(lambda o: o.swapaxes(0, 1).reshape(b, t, *o.shape[3:]), out)
 
-    @jax.checkpoint
-    def one(args):
-        hc, yc = args
-        return token_logprobs(head_fn(hc), yc)
 
-    lp = jax.lax.map(one, (h, y))  # [n, B, c]
-    return lp.swapaxes(0, 1).reshape(b, t)
+def chunked_token_logprobs(hidden: jax.Array, targets: jax.Array, head_fn, chunk: int) -> jax.Array:
+    """token_logprobs without materialising [B, T, V] logits (see map_length_chunks). With Qwen3's
+    151k vocabulary this keeps the memory of the loss at O(B·chunk·V) instead of O(B·T·V).
+    """
+    return map_length_chunks(lambda h, y: token_logprobs(head_fn(h), y), chunk, hidden, targets)
 
 
 def masked_nll(logprobs: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -30,13 +30,15 @@ def sequence_logprobs(params, model_cfg, batch, *, compute_dtype=jnp.float32, re
     return chunked_token_logprobs(hidden, batch["targets"], head, chunk)
 
 
-def accumulate_gradients(loss_fn, params, batch, grad_accum: int):
+def accumulate_gradients(loss_fn, params, batch, grad_accum: int, merge_aux=None):
     """Sum `loss_fn`'s gradients over `grad_accum` micro-batches of `batch`.
 
-    loss_fn(params, micro) -> ((loss_sum, count), aux) with `aux` a dict of sums. Returns
-    (grads, loss_sum, count, aux), all summed: the caller divides once by the global count, so
-    accumulation and the data-parallel average are exact. Shared by the SFT and GRPO steps.
+    loss_fn(params, micro) -> ((loss_sum, count), aux) with `aux` a pytree of sums (or whatever
+    `merge_aux(a, b)` combines; default: add). Returns (grads, loss_sum, count, aux), all summed: the
+    caller divides once by the global count, so accumulation and the data-parallel average are
+    exact. Shared by the SFT and GRPO steps.
     """
+    merge_aux = merge_aux or (lambda a, b: jax.tree.map(jnp.add, a, b))
     def split(p, mb):
         (s, n), aux = loss_fn(p, mb)
         return s, (n, aux)
@@ -50,13 +52,15 @@ def accumulate_gradients(loss_fn, params, batch, grad_accum: int):
     micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def add(carry, mb):
+        g_acc, s_acc, n_acc, aux_acc = carry
         (s, (n, aux)), g = grad_fn(params, mb)
-        return jax.tree.map(jnp.add, carry, (g, s, n, aux)), None
+        return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n, merge_aux(aux_acc, aux)), None
 
-    first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
-                         jax.eval_shape(lambda: (params, 0.0, 0.0, loss_fn(params, first)[1])))
-    (grads, loss_sum, count, aux), _ = jax.lax.scan(add, zeros, micro)
+    # The first micro-batch starts the carry (its aux may hold maxima, which do not start at 0).
+    (s0, (n0, aux0)), g0 = grad_fn(params, jax.tree.map(lambda x: x[0], micro))
+    g0 = jax.tree.map(lambda g: g.astype(jnp.float32), g0)
+    rest = jax.tree.map(lambda x: x[1:], micro)
+    (grads, loss_sum, count, aux), _ = jax.lax.scan(add, (g0, s0, n0, aux0), rest)
     return grads, loss_sum, count, aux
 
 
