@@ -9,7 +9,11 @@ run concurrently here:
         --config.workdir=runs/eval_grpo
 
 Writes runs/…/eval/{trajectories.jsonl, summary.json, summary.md, pass_at_k.png}; rerunning the
-same command resumes (finished episodes are kept, infrastructure failures are tried again).
+same command resumes (finished episodes are kept, infrastructure failures are tried again; any
+changed setting or served weight version is refused). Beside Pass@k the reports give the
+do-nothing floor (tasks tau2 passes for an agent that only apologises: test 6/20 airline, 2/40
+retail, 0/40 telecom) and Pass@k over the tasks it fails; the floor's first run plays ~100 null
+episodes (~2 min on 2 cores), later runs read ~/.cache/tau2jax/floor (eval.floor=False skips it).
 For the published checkpoints add --config.tau2.prompt_style=recipe (the prompt they were
 trained with); the user simulator the recipe reports is gpt-4.1-mini:
 --config.user.model=gpt-4.1-mini --config.user.base_url=https://api.openai.com/v1 --config.user.api_key=$KEY.

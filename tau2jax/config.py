@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-STAGES = ("sft", "demos", "eval")
+STAGES = ("sft", "demos", "eval", "rft", "grpo")
 PROMPT_STYLES = ("recipe", "native")
 DOMAINS = ("mock", "airline", "retail", "telecom")
 
@@ -126,10 +126,59 @@ def default_config() -> ml_collections.ConfigDict:
 
     # Shaped reward: shaped = reward + alpha * partial.
     c.reward = ml_collections.ConfigDict()
+    c.reward.preset = ""  # "" = the fields below | cookbook | recipe_code (env/rewards.py PRESETS)
     c.reward.alpha = 0.3
     c.reward.w_action = 0.7
     c.reward.w_env_assertion = 0.2
     c.reward.w_communicate = 0.1
+
+    # Rejection-sampling fine-tuning (stage rft): sample train tasks, keep successes as SFT data.
+    c.rft = ml_collections.ConfigDict()
+    c.rft.samples = 8  # episodes per train task (recipe: 4-8)
+    c.rft.temperature = 0.8  # recipe: T 0.8, top_p 1, no top_k
+    c.rft.top_p = 1.0
+    c.rft.top_k = 0
+    c.rft.min_partial = 0.6  # a task with no success keeps its best episode if its partial >= this
+    c.rft.concurrency = 8  # episodes in flight
+    c.rft.max_infra_retries = 2
+    c.rft.mix_files = ""  # comma-separated SFT JSONL appended to kept.jsonl as is (e.g. gold demos)
+
+    # GRPO (stage grpo, tau2jax/rl/loop.py): a synchronous loop, K samples per task per step.
+    c.rl = ml_collections.ConfigDict()
+    c.rl.env = "tau2"  # tau2 (tau2.* tasks, split train) | toy (env/toy.py lookup game)
+    c.rl.steps = 200  # optimizer steps = rollout rounds (recipe: 200)
+    c.rl.tasks_per_step = 16  # recipe: 16 tasks × 4 samples = 64 trajectories per step
+    c.rl.samples_per_task = 4
+    c.rl.temperature = 0.7  # rollout sampling (recipe: T 0.7, top_p 1, no top_k)
+    c.rl.top_p = 1.0
+    c.rl.top_k = 0
+    c.rl.concurrency = 32  # episodes in flight
+    c.rl.max_infra_retries = 2  # per episode; a group still missing a sample is re-queued whole
+    c.rl.max_len = 8192  # tokens per packed learner row; longer trajectories follow rl.overlong
+    c.rl.overlong = "truncate"  # truncate | drop
+    c.rl.keep_length_cut = False  # train turns cut by max_new_tokens (masked by default)
+    c.rl.std_normalize = True  # GRPO (r - mean) / std; False = Dr.GRPO (r - mean)
+    c.rl.dynamic_sampling = False  # drop zero-variance groups and refill with other tasks (DAPO)
+    c.rl.max_refill_rounds = 2
+    c.rl.curriculum = False  # recipe's per-task weights on advantages (shared tracker, checkpointed)
+    c.rl.repeat_penalty = 0.0  # subtracted per repeated identical tool call (0 = metric only)
+    c.rl.sync_every = 1  # push weights to the engine every N learner steps
+    c.rl.reference = ""  # frozen KL reference weights; "" = model.init_from (the SFT checkpoint)
+    c.rl.eps_low = 0.2  # PPO clip (recipe: 0.2 / 0.28 clip-higher)
+    c.rl.eps_high = 0.28
+    c.rl.dual_clip = 0.0  # > 1 enables dual-clip (verl: 3.0)
+    c.rl.ratio_level = "token"  # token (PPO) | sequence (GSPO)
+    c.rl.agg_mode = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    c.rl.kl_coef = 0.01  # recipe: k3 (low_var_kl) 0.01 to the SFT reference
+    c.rl.kl_type = "k3"  # k1 | k2 | k3
+    c.rl.entropy_coef = 0.001
+    c.rl.tis_cap = 0.0  # token truncated importance sampling cap (0 = off)
+    c.rl.geo_mask_low = 0.0  # geometric sequence mask bounds (0 = off)
+    c.rl.geo_mask_high = 0.0
+    c.rl.veto_threshold = 0.0  # drop sequences with a token ratio below this (0 = off)
+    c.rl.vocab_chunk = 0  # learner log-probs: vocabulary block (0 = whole vocabulary)
+    c.rl.toy_tasks = 16  # toy env: number of tasks
+    c.rl.toy_shared_table = False  # toy env: one key -> value table for all tasks (memorisable)
 
     c.lock()
     return c
@@ -188,3 +237,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.eval.max_tasks_per_domain >= 0, "eval.max_tasks_per_domain", "must be >= 0 (0 = all)")
     _require(c.eval.temperature >= 0.0, "eval.temperature", "must be >= 0")
     _require(0.0 < c.eval.top_p <= 1.0, "eval.top_p", "must be in (0, 1]")
+    _require(c.rl.env in ("tau2", "toy"), "rl.env", "must be 'tau2' or 'toy'")
+    _require(c.rl.steps >= 1 and c.rl.tasks_per_step >= 1 and c.rl.samples_per_task >= 1, "rl",
+             "steps, tasks_per_step and samples_per_task must be >= 1")
+    _require(c.rl.samples_per_task >= 2 or not c.rl.std_normalize, "rl.samples_per_task",
+             "group advantages need >= 2 samples per task")
+    _require(c.rl.overlong in ("truncate", "drop"), "rl.overlong", "must be 'truncate' or 'drop'")
+    _require(c.rl.sync_every >= 1 and c.rl.concurrency >= 1, "rl", "sync_every and concurrency must be >= 1")
+    _require(c.rl.agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"), "rl.agg_mode",
+             f"unknown {c.rl.agg_mode!r}")
+    _require(c.rl.kl_type in ("k1", "k2", "k3"), "rl.kl_type", f"unknown {c.rl.kl_type!r}")
+    _require(c.rl.ratio_level in ("token", "sequence"), "rl.ratio_level", "must be 'token' or 'sequence'")
+    _require(c.rft.samples >= 1 and c.rft.concurrency >= 1, "rft", "samples and concurrency must be >= 1")
+    _require(c.rft.max_infra_retries >= 0, "rft.max_infra_retries", "must be >= 0")
+    _require(c.rft.temperature >= 0.0 and c.rft.top_k >= 0, "rft", "temperature and top_k must be >= 0")
+    _require(0.0 < c.rft.top_p <= 1.0, "rft.top_p", "must be in (0, 1]")
+    _require(0.0 <= c.rft.min_partial <= 1.0, "rft.min_partial", "must be in [0, 1] (partial rewards are)")

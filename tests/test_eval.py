@@ -18,6 +18,7 @@ def _config(workdir, **overrides):
     c.engine.kind = "gold"
     c.user.kind = "scripted"
     c.eval.concurrency = 2
+    c.eval.floor = False  # tests/test_eval_floor.py covers it
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         c[section][key] = value
@@ -131,31 +132,32 @@ def test_user_simulator_faults_are_retried_or_recorded_as_infra_failures(tmp_pat
     plan = _fault_plan(instructions)
     with FakeChatServer(plan) as srv:
         result = eval_lib.run(_config(tmp_path, user__base_url=srv.base_url, **overrides))
-    assert plan.served == ["timeout", "malformed"]  # one per user turn of update_task_1
+        assert plan.served == ["timeout", "malformed"]  # one per user turn of update_task_1
 
-    recs = {r["task_id"]: r for r in _lines(out / "trajectories.jsonl")}
-    assert len(_lines(out / "trajectories.jsonl")) == len(recs) == 4  # one final record per episode
-    down = recs[ALWAYS_DOWN]
-    assert down["infra_error"].startswith("user: UserSimulatorError") and down["reward"] is None
-    assert "failed after 2 attempt(s)" in down["infra_error"]
-    for t in (FLAKY_TURNS, FLAKY_EPISODE, HEALTHY):
-        assert recs[t]["infra_error"] is None and recs[t]["reward"] == 1.0, recs[t]["termination_reason"]
-    # 2 tries x 2 episode attempts reached the server for the task that is always down
-    down_text = instructions[ALWAYS_DOWN]
-    assert sum(down_text in r["messages"][0]["content"] for r in srv.requests) == 4
-    retried = _lines(out / "infra_retries.jsonl")
-    assert sorted(r["task_id"] for r in retried) == [ALWAYS_DOWN, FLAKY_EPISODE]
+        recs = {r["task_id"]: r for r in _lines(out / "trajectories.jsonl")}
+        assert len(_lines(out / "trajectories.jsonl")) == len(recs) == 4  # one final record per episode
+        down = recs[ALWAYS_DOWN]
+        assert down["infra_error"].startswith("user: UserSimulatorError") and down["reward"] is None
+        assert "failed after 2 attempt(s)" in down["infra_error"]
+        for t in (FLAKY_TURNS, FLAKY_EPISODE, HEALTHY):
+            assert recs[t]["infra_error"] is None and recs[t]["reward"] == 1.0, recs[t]["termination_reason"]
+        # 2 tries x 2 episode attempts reached the server for the task that is always down
+        down_text = instructions[ALWAYS_DOWN]
+        assert sum(down_text in r["messages"][0]["content"] for r in srv.requests) == 4
+        retried = _lines(out / "infra_retries.jsonl")
+        assert sorted(r["task_id"] for r in retried) == [ALWAYS_DOWN, FLAKY_EPISODE]
 
-    assert result["infra_failures"] == 1 and result["infra_retries"] == 2
-    assert result["pass@1"]["overall"] == 1.0  # the outage is not a model failure
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["metrics"]["overall"]["num_tasks"] == 3
-    assert summary["metrics"]["overall"]["infra_failures"] == 1
-    assert summary["episodes"]["overall"]["termination_reasons"]["infra_error"] == 1
-    assert "| infrastructure failures | 1 | 1 |" in (out / "summary.md").read_text()
+        assert result["infra_failures"] == 1 and result["infra_retries"] == 2
+        assert result["pass@1"]["overall"] == 1.0  # the outage is not a model failure
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["metrics"]["overall"]["num_tasks"] == 3
+        assert summary["metrics"]["overall"]["infra_failures"] == 1
+        assert summary["episodes"]["overall"]["termination_reasons"]["infra_error"] == 1
+        assert "| infrastructure failures | 1 | 1 |" in (out / "summary.md").read_text()
 
-    # The simulator is back (on another port): a rerun plays only the failed episode.
-    with FakeChatServer(lambda body, i: _reply(body)) as srv:
+        # The simulator is back (same URL: another one would be another user simulator, refused):
+        # a rerun plays only the failed episode.
+        srv.plan = lambda body, i: _reply(body)
         result = eval_lib.run(_config(tmp_path, user__base_url=srv.base_url, **overrides))
     recs = _lines(out / "trajectories.jsonl")
     assert len(recs) == 4 and all(r["infra_error"] is None and r["reward"] == 1.0 for r in recs)

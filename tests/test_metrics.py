@@ -87,3 +87,20 @@ def test_infra_failures_are_excluded_and_counted():
 def test_empty_group_reports_none():
     m = metrics.compute([_rec("mock", "a", 0, 0.0, infra="down")], k=1)["overall"]
     assert m["pass@1"] is None and m["num_tasks"] == 0 and m["infra_failures"] == 1
+
+
+def test_per_task_counts_first_valid_attempt_and_infra_failures():
+    recs = [
+        _rec("mock", "a", 1, 1.0),  # out of order: the first valid attempt is sample 1, not this line's order
+        _rec("mock", "a", 0, 0.0, infra="down"),
+        _rec("mock", "a", 2, 0.0),
+        _rec("air", "b", 0, 0.0),
+        _rec("air", "b", 1, 1.0),
+        _rec("air", "c", 0, 1.0, infra="down"),
+    ]
+    t = metrics.per_task(recs)
+    assert t["mock"]["a"] == {"valid_samples": 2, "successes": 1, "infra_failures": 1, "first_attempt_success": True}
+    assert t["air"]["b"] == {"valid_samples": 2, "successes": 1, "infra_failures": 0, "first_attempt_success": False}
+    assert t["air"]["c"] == {"valid_samples": 0, "successes": 0, "infra_failures": 1, "first_attempt_success": None}
+    m = metrics.compute(recs, k=3)  # the same first attempts as the pooled metrics
+    assert m["overall"]["pass@1"] == 0.5 and m["overall"]["num_tasks"] == 2

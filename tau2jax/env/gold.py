@@ -1,5 +1,5 @@
 """The gold agent: a task's expected actions played as an engine (demos, gold-replay tests, the
-eval's `gold` engine)."""
+eval's `gold` engine); and the null agent, which only apologises (the eval's do-nothing floor)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ class GoldEngine:
 
     kind = "gold"
 
-    def __init__(self, task, style, chat, policy_version: int = 0):
+    def __init__(self, task, style, chat, policy_version: int = 0, *, script=None, closing=None):
+        """script / closing: the turns to play and the one after them (default: the task's gold
+        script, then the style's closing action)."""
         from tau2.data_model.message import AssistantMessage
 
         from tau2jax.env.tau2_env import initial_messages
@@ -61,8 +63,8 @@ class GoldEngine:
         def ids(action):
             return tok.encode(style.action_text(action)) + [tok.im_end_id]
 
-        self._turns = [ids(a) for a in gold_script(task)]
-        self._closing = ids(style.closing_action())
+        self._turns = [ids(a) for a in (gold_script(task) if script is None else script)]
+        self._closing = ids(closing or style.closing_action())
         # `<|im_start|>assistant` opens every assistant turn, sampled or not
         self._opener = list(chat.generation_prompt())[:2]
         self._n_fixed = sum(isinstance(m, AssistantMessage) for m in initial_messages(task))
@@ -79,3 +81,23 @@ class GoldEngine:
             ids = self._turns[k] if 0 <= k < len(self._turns) else self._closing
             results.append(_finish(ids, p, self.policy_version))
         return results
+
+
+NULL_AGENT_MESSAGE = "I'm sorry, I can't help with that."
+
+
+class NullEngine(GoldEngine):
+    """The do-nothing agent: every turn is a polite `NULL_AGENT_MESSAGE`, in the prompt style's text
+    (native: a plain message; recipe: `respond`, then the style's closing `done`). What it passes
+    is the floor an evaluation's Pass@k must be read against (tau2 rewards some tasks for doing
+    nothing)."""
+
+    kind = "null"
+
+    def __init__(self, task, style, chat, policy_version: int = 0):
+        from tau2jax.env.prompts import AgentAction
+
+        sorry, closing = AgentAction.say(NULL_AGENT_MESSAGE), style.closing_action()
+        # a style whose closing action is a message (native) keeps apologising instead
+        super().__init__(task, style, chat, policy_version, script=[sorry],
+                         closing=closing if closing.kind == "stop" else sorry)

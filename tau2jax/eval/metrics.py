@@ -9,6 +9,8 @@ Reported per group (each domain, and "overall" = all tasks pooled, not a mean of
 - `pass@k_unbiased[k]` — Chen et al. (2021): 1 - C(n-c, k) / C(n, k), averaged over tasks.
 - `pass^k[k]` — tau2's reliability metric: C(c, k) / C(n, k) (all k of k attempts succeed).
 
+`per_task` gives the same outcomes task by task (valid samples, successes, first attempt).
+
 Infrastructure failures (`infra_error` set on the final record: engine or user-simulator outage)
 are not model outcomes: those samples are dropped before scoring and counted under
 `infra_failures`. A task with some infra-failed samples is scored over its n < k valid samples:
@@ -75,6 +77,26 @@ def compute(records: Iterable[Any], k: int) -> dict:
     for domain, group in by_domain.items():
         out[domain] = _group(group, k)
     return out
+
+
+def per_task(records: Iterable[Any]) -> dict[str, dict[str, dict]]:
+    """{domain: {task_id: {"valid_samples", "successes", "infra_failures", "first_attempt_success"}}}
+    ("first attempt" as in `compute`: the lowest valid sample_index; None without a valid sample)."""
+    out: dict[str, dict[str, dict]] = defaultdict(dict)
+    for rec in sorted(records, key=lambda r: int(_get(r, "sample_index"))):
+        row = out[_get(rec, "domain")].setdefault(
+            str(_get(rec, "task_id")),
+            {"valid_samples": 0, "successes": 0, "infra_failures": 0, "first_attempt_success": None},
+        )
+        if _get(rec, "infra_error"):
+            row["infra_failures"] += 1
+            continue
+        ok = is_success(_get(rec, "reward"))
+        if row["valid_samples"] == 0:
+            row["first_attempt_success"] = ok
+        row["valid_samples"] += 1
+        row["successes"] += ok
+    return dict(out)
 
 
 def _group(tasks: list[dict[int, bool | None]], k: int) -> dict:

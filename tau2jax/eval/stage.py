@@ -8,8 +8,10 @@ task, run `eval.concurrency` at a time on a thread pool. Outputs, under `<workdi
 - `trajectories.jsonl`: one `Trajectory` JSON per line (`Trajectory.from_json` reads it back),
   appended and flushed as each episode finishes, so a crash loses only episodes in flight.
 - `infra_retries.jsonl`: one line per attempt cut by an infrastructure failure and tried again.
-- `summary.json` (metrics, episode statistics, timings, the config), `summary.md` (the recipe's
-  table: rows Pass@1 / Pass@k, columns Overall + domains, then details), `pass_at_k.png`.
+- `summary.json` (metrics, per-task outcomes, the do-nothing floor, episode statistics, timings,
+  policy versions, the config), `summary.md` (the recipe's table: rows Pass@1 / Pass@k, columns
+  Overall + domains; the floor table; then details), `pass_at_k.png`.
+- `settings.json`: what a resumed run must match (below).
 
 Infrastructure failures (engine or user-simulator outage, recorded by the episode runner as
 `infra_error`) are retried up to `eval.max_infra_retries` times; an episode still failing is
@@ -17,9 +19,17 @@ written with its `infra_error` and kept out of the model metrics (see `tau2jax.e
 
 Resuming: a rerun with the same workdir skips every (domain, task, sample) that has a scored
 record, and runs the rest, including earlier infrastructure failures (their records are dropped
-first, so the file keeps exactly one final record per episode). Settings that change results
-(sampling, engine, user simulator, split, ...) must match the earlier run; `settings.json` holds
-them and a mismatch is an error rather than a silently mixed report.
+first, so the file keeps exactly one final record per episode). Settings that change what an
+episode produces (`run_settings`: sampling, limits, engine and its weights, user simulator,
+reward weights, data) must match the earlier run; `settings.json` holds them, and a mismatch is
+a `ConfigError` naming the field and both values rather than a silently mixed report. The policy
+itself is checked too: the engine's policy version (SGLang: the served `weight_version` and
+`model_path`, read once at start) against the earlier run's, and every kept record's turns
+against it. Which tasks and how many samples may change (a resumed run may extend the task set).
+
+The do-nothing floor (`eval.floor`, `tau2jax.eval.floor`): which tasks tau2 passes for an agent
+that only apologises, per domain (`summary["floor"]`), per task (`per_task[domain][id]
+["null_agent_passes"]`), and Pass@k over the tasks it fails (`metrics_beyond_floor`).
 
 Multi-host: process 0 runs the episodes and writes every file; the other processes return at
 once (episodes are host-side work; a policy engine sharded over hosts serves process 0's
@@ -39,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tau2jax import config as config_lib
+from tau2jax.eval import floor as floor_lib
 from tau2jax.eval import metrics
 
 TRAJECTORIES = "trajectories.jsonl"
@@ -47,12 +58,17 @@ SETTINGS = "settings.json"
 
 # Config fields that change what an episode produces: a resumed run must not mix values.
 RESULT_FIELDS = (
-    "seed", "tau2.split", "tau2.data_dir", "tau2.prompt_style", "tau2.max_steps", "tau2.max_errors",
-    "model.name", "model.hf_dir", "model.init_from", "tokenizer.path",
+    "seed", "tau2.split", "tau2.prompt_style", "tau2.max_steps", "tau2.max_errors", "tau2.max_repairs",
+    "tokenizer.path", "model.hf_dir",  # the tokenizer (model.hf_dir when tokenizer.path is "")
     "engine.kind", "engine.max_new_tokens",
     "eval.temperature", "eval.top_p", "eval.top_k",
-    "user.kind", "user.model", "user.temperature",
+    "user.kind",
+    "reward.alpha", "reward.w_action", "reward.w_env_assertion", "reward.w_communicate",
 )  # fmt: skip
+# ... and those that matter for one engine or user kind only (the served weights: engine_identity).
+ENGINE_FIELDS = {"builtin": ("engine.checkpoint", "engine.max_seq_len", "engine.dtype"),
+                 "sglang": ("engine.url",), "gold": ()}  # fmt: skip
+USER_FIELDS = {"llm": ("user.model", "user.base_url", "user.temperature"), "scripted": ()}
 
 # Engines shared by all episodes: engine.kind -> "module:function(config) -> Engine" (thread-safe).
 SHARED_ENGINES = {
@@ -151,6 +167,7 @@ def _light(rec: dict) -> dict:
         "num_format_errors": rec.get("num_format_errors", 0),
         "num_repairs": rec.get("num_repairs", 0),
         "timings": rec.get("timings", {}),
+        "policy_versions": sorted({t["policy_version"] for t in rec.get("turns", [])} or {rec.get("policy_version")}),
     }
 
 
@@ -183,13 +200,30 @@ def load_finished(path: Path) -> dict[tuple, dict]:
     return done
 
 
-def _check_settings(out_dir: Path, config) -> None:
-    current = {f: _cfg_get(config, f) for f in RESULT_FIELDS}
-    path = out_dir / SETTINGS
-    if not path.exists():
-        _write_atomic(path, json.dumps(current, indent=2, sort_keys=True))
-        return
-    earlier = json.loads(path.read_text())
+def run_settings(config, data_root) -> dict:
+    """The config values that decide what an episode produces (plus the tau2 data in use)."""
+    fields = RESULT_FIELDS + ENGINE_FIELDS.get(config.engine.kind, ()) + USER_FIELDS.get(config.user.kind, ())
+    out = {f: _cfg_get(config, f) for f in fields} | {"tau2.data_root": str(data_root)}
+    if config.engine.kind == "builtin":  # "auto" is another dtype on another platform
+        from tau2jax.inference.jax_engine import engine_dtype
+
+        out["engine.dtype"] = engine_dtype(config.engine.dtype).name
+    return out
+
+
+def engine_identity(engine) -> dict:
+    """Which policy the engine serves: `policy_version` (what its results carry), plus, for an HTTP
+    engine, the server's `model_path` and `weight_version` (read once, at start)."""
+    if not hasattr(engine, "model_info"):
+        return {"policy_version": engine.policy_version}
+    info = engine.model_info()
+    served = str(info.get("weight_version", ""))
+    # as the client stamps results: the served version when it is an integer, else its own
+    version = int(served) if served.isdigit() else engine.policy_version
+    return {"policy_version": version, "engine.model_path": info.get("model_path"), "engine.weight_version": served}
+
+
+def _check_same(out_dir: Path, earlier: dict, current: dict) -> None:
     diff = {f: (earlier.get(f), v) for f, v in current.items() if earlier.get(f) != v}
     if diff:
         lines = ", ".join(f"{f}: {a!r} -> {b!r}" for f, (a, b) in diff.items())
@@ -197,6 +231,17 @@ def _check_settings(out_dir: Path, config) -> None:
             f"workdir {str(out_dir)!r} holds an eval run with other settings ({lines}); "
             "use a new config.workdir, or the earlier values to resume"
         )
+
+
+def check_records(out_dir: Path, finished: dict[tuple, dict], policy_version) -> None:
+    """Every kept record must come from the run's policy version (else the report mixes policies)."""
+    for key, rec in sorted(finished.items()):
+        other = [v for v in rec["policy_versions"] if v != policy_version]
+        if other:
+            raise config_lib.ConfigError(
+                f"workdir {str(out_dir)!r}: the record of {key} has policy_version {other[0]!r}, this run's "
+                f"engine serves {policy_version!r}; use a new config.workdir (one report, one policy)"
+            )
 
 
 def _cfg_get(config, dotted: str):
@@ -235,10 +280,14 @@ def run(config) -> dict:
     from tau2jax.env.episode import run_episode
 
     t_start = time.time()
-    tau2_env.init_tau2(config.tau2.data_dir)
+    data_root = tau2_env.init_tau2(config.tau2.data_dir)
     out_dir = Path(config.workdir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_settings(out_dir, config)
+    settings_path = out_dir / SETTINGS
+    earlier = json.loads(settings_path.read_text()) if settings_path.exists() else None
+    settings = run_settings(config, data_root)
+    if earlier is not None:  # before anything touches the earlier run's files
+        _check_same(out_dir, earlier, settings)
 
     tasks = select_tasks(config)
     # sample-major order: an interrupted run has Pass@1 for every task first
@@ -250,6 +299,14 @@ def run(config) -> dict:
     chat = ChatFormat(load_tokenizer(config.tokenizer.path or config.model.hf_dir))
     style = prompts.get_style(config.tau2.prompt_style)
     engine_for = engine_factory(config, chat, style) if pending else None
+    if engine_for is not None:
+        settings |= engine_identity(engine_for(pending[0][1]))
+        if earlier is not None:
+            _check_same(out_dir, earlier, settings)
+    else:  # nothing to run (no engine built): the earlier run's policy is the report's
+        settings |= {k: v for k, v in (earlier or {}).items() if k not in settings}
+    check_records(out_dir, finished, settings.get("policy_version"))
+    _write_atomic(settings_path, json.dumps(settings, indent=2, sort_keys=True))
     user_for = user_factory(config)
     reward_config = rewards.RewardConfig.from_config(config.reward)
 
@@ -269,7 +326,7 @@ def run(config) -> dict:
                 task, domain,
                 engine=engine_for(task), user=user_for(task, domain), chat=chat, style=style,
                 sampling=sampling, max_steps=config.tau2.max_steps, max_errors=config.tau2.max_errors,
-                reward_config=reward_config, sample_index=sample_index,
+                max_repairs=config.tau2.max_repairs, reward_config=reward_config, sample_index=sample_index,
             )  # fmt: skip
             if traj.infra_error is None:
                 break
@@ -305,8 +362,12 @@ def run(config) -> dict:
         pool.shutdown(wait=False, cancel_futures=True)
 
     records = [r for key, r in {**finished, **new}.items() if key in planned_keys]
+    floor = (
+        floor_lib.outcomes(tasks, chat=chat, style=style, cache_dir=config.eval.floor_cache_dir)
+        if config.eval.floor else None
+    )  # fmt: skip
     summary = build_summary(
-        records, config, tasks,
+        records, config, tasks, floor=floor,
         infra_retries=sum(_key(r) in planned_keys for r in _read_jsonl(out_dir / INFRA_RETRIES)),
         run_info={"wall_s": round(time.time() - t_start, 2), "episodes_run": len(pending),
                   "episodes_resumed": len(planned) - len(pending)},
@@ -348,23 +409,37 @@ def episode_stats(records: list[dict]) -> dict:
     }
 
 
-def build_summary(records: list[dict], config, tasks, *, infra_retries: int | None, run_info: dict) -> dict:
+def build_summary(records: list[dict], config, tasks, *, infra_retries: int | None, run_info: dict,
+                  floor: dict[tuple, bool] | None = None) -> dict:
+    """floor: {(domain, task_id): the null agent passes it} (`floor_lib.outcomes`), or None."""
     k = config.eval.num_samples
     domains = config_lib.csv(config.tau2.domains)
     by_domain = defaultdict(list)
     for r in records:
         by_domain[r["domain"]].append(r)
-    return {
+    per_task = metrics.per_task(records)
+    summary = {
         "k": k,
         "domains": domains,
         "split": config.tau2.split,
         "num_tasks": {d: sum(1 for dd, _ in tasks if dd == d) for d in domains},
         "metrics": metrics.compute(records, k),
         "episodes": {"overall": episode_stats(records)} | {d: episode_stats(by_domain[d]) for d in domains},
+        "policy_versions": sorted({v for r in records for v in r["policy_versions"]}, key=str),
+        "per_task": per_task,
         "infra_retries": infra_retries,
         "run": run_info,
         "config": config.to_dict(),
     }
+    if floor is not None:
+        for (domain, task_id), passes in floor.items():
+            if task_id in per_task.get(domain, {}):
+                per_task[domain][task_id]["null_agent_passes"] = passes
+        summary["floor"] = floor_lib.summarize(floor, domains)
+        # what shows learning: Pass@k over the tasks an agent that does nothing fails
+        summary["metrics_beyond_floor"] = metrics.compute(
+            [r for r in records if not floor.get((r["domain"], r["task_id"]), False)], k)
+    return summary
 
 
 def _pct(x) -> str:
@@ -406,6 +481,7 @@ def render_markdown(summary: dict) -> str:
         f"Pass@{k}: any of the {k} attempts; averaged over tasks (overall pools all tasks). "
         "Infrastructure failures are excluded from these numbers (counts below).",
         "",
+        *_floor_lines(summary),
         "## Estimators (unbiased pass@k, tau2 pass^k)",
         "",
         *head,
@@ -430,6 +506,35 @@ def render_markdown(summary: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _floor_lines(summary: dict) -> list[str]:
+    """The do-nothing floor beside Pass@1 / Pass@k, per domain, and Pass@k over the tasks it fails."""
+    if "floor" not in summary:
+        return []
+    k, m, beyond, fl = summary["k"], summary["metrics"], summary["metrics_beyond_floor"], summary["floor"]
+    passk = [f"Pass@{k}"] if k > 1 else []
+    head = ["Tasks", "Do-nothing floor", "Pass@1", *passk, "Tasks it fails", "Pass@1 on those",
+            *[f"{p} on those" for p in passk]]  # fmt: skip
+
+    def row(name):
+        f, g, b = fl.get(name, {}), m.get(name, {}), beyond.get(name, {})
+        cells = [str(f.get("tasks", 0)), f"{_pct(f.get('pass_rate'))} ({f.get('passed', 0)})", _pct(g.get("pass@1")),
+                 *[_pct(g.get(p.lower())) for p in passk], str(f.get("tasks", 0) - f.get("passed", 0)),
+                 _pct(b.get("pass@1")), *[_pct(b.get(p.lower())) for p in passk]]  # fmt: skip
+        return f"| {name.capitalize()} | " + " | ".join(cells) + " |"
+
+    return [
+        "## Against the do-nothing floor",
+        "",
+        "| | " + " | ".join(head) + " |",
+        "|---" * (len(head) + 1) + "|",
+        *[row(name) for name in ["overall", *summary["domains"]]],
+        "",
+        "Do-nothing floor: the tasks tau2 passes for an agent that only says \"I'm sorry, I can't help with "
+        "that.\" (scripted user, tau2's evaluator). Learning shows on the tasks it fails.",
+        "",
+    ]
 
 
 def _num(x) -> str:
@@ -472,6 +577,7 @@ def _cli_result(summary: dict, out_dir: Path) -> dict:
         "k": k,
         "pass@1": {name: g["pass@1"] for name, g in m.items()},
         f"pass@{k}": {name: g[f"pass@{k}"] for name, g in m.items()},
+        "floor": {name: f["pass_rate"] for name, f in summary.get("floor", {}).items()},
         "episodes": summary["episodes"]["overall"]["episodes"],
         "infra_failures": summary["episodes"]["overall"]["infra_failures"],
         "infra_retries": summary["infra_retries"],
