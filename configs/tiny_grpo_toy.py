@@ -5,6 +5,12 @@
 No tokenizer, no user simulator, no SFT: a random policy over the 16-token vocabulary already wins
 a few percent of episodes, so group advantages have signal from the first step. The last stdout line
 is JSON with `first_reward` and `final_reward` (mean task reward over the first / last 3 steps).
+Measured on 2 cores (2026-11-27): 0.18 -> 0.93 in 40 steps, about a minute.
+
+One key -> value table for every task (`rl.toy_shared_table`): the answer can be learnt per key
+or read from the lookup tool. With a table per task (`--config.rl.toy_shared_table=False`) the
+value is only in the tool result and the model must learn to copy it: harder, ~0.07 -> 0.2-0.3 in
+40-60 steps, too noisy for a CI bar.
 """
 
 from tau2jax.config import default_config
@@ -19,6 +25,7 @@ def get_config(arg: str = ""):
 
     c.rl.env = "toy"
     c.rl.toy_tasks = 16
+    c.rl.toy_shared_table = True
     c.rl.steps = 40
     c.rl.tasks_per_step = 8
     c.rl.samples_per_task = 8  # more samples per group: more groups with a success early on

@@ -55,7 +55,7 @@ def make_environment(config):
     if config.rl.env == "toy":
         from tau2jax.env.toy import ToyEnvironment
 
-        env = ToyEnvironment(num_tasks=config.rl.toy_tasks, seed=config.seed)
+        env = ToyEnvironment(num_tasks=config.rl.toy_tasks, seed=config.seed, shared_table=config.rl.toy_shared_table)
         return env, None, model_setup.resolve_model_config(config)
     from tau2jax.data.chat import ChatFormat
     from tau2jax.data.tokenizer import load_tokenizer
