@@ -123,10 +123,26 @@ def run(size: str, iters: int, threads: int) -> dict:
     }
 
 
+def _grpo_batch(rng, b: int, seq_len: int, vocab: int) -> dict:
+    """A packed GRPO batch: 4 trajectories a row, half the tokens sampled, random advantages."""
+    seg = np.repeat(np.arange(1, 5, dtype=np.int32), seq_len // 4)[None].repeat(b, 0)
+    pos = np.tile(np.arange(seq_len // 4, dtype=np.int32), 4)[None].repeat(b, 0)
+    mask = (rng.random((b, seq_len)) < 0.5).astype(np.int32)
+    return dict(tokens=rng.integers(0, vocab, (b, seq_len), dtype=np.int32),
+                targets=rng.integers(0, vocab, (b, seq_len), dtype=np.int32), loss_mask=mask,
+                behaviour_logprobs=(-rng.random((b, seq_len)) * 5 * mask).astype(np.float32),
+                temperature=np.full((b, seq_len), 0.7, np.float32),
+                advantages=(rng.standard_normal((b, seq_len)) * mask).astype(np.float32),
+                policy_version=np.zeros((b, seq_len), np.int32), group=np.zeros((b, seq_len), np.int32),
+                segment_ids=seg, positions=pos)
+
+
 def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chunk: int = 1024,
-            attn_impl: str = "xla") -> dict:
+            attn_impl: str = "xla", grpo: bool = False) -> dict:
     """Qwen3-4B-shaped step (random init, fp32 masters, bf16 compute, --remat) on one GPU.
-    The batch is the largest of 8, 4, 2, 1 rows whose compiled step fits in device memory."""
+    The batch is the largest of 8, 4, 2, 1 rows whose compiled step fits in device memory.
+    grpo: the GRPO step (recipe loss: clip 0.2/0.28, k3 KL 0.01 to a frozen bf16 reference,
+    entropy 0.001, vocab-chunked log-probs); its FLOPs count the reference forward too (8N, not 6N)."""
     import jax
     import jax.numpy as jnp
 
@@ -152,20 +168,32 @@ def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chu
     shardings = state_shardings(tx, jax.eval_shape(lambda: params), p_shard, mesh)
     state = create_state(params, tx, shardings, seed=0)
     del params
-    step = jit_step(make_sft_step(cfg, tx, schedule, compute_dtype=jnp.bfloat16, remat=remat, loss_chunk=1024,
-                                  attn_chunk=attn_chunk, attn_impl=attn_impl),
-                    shardings, sharding.batch_sharding(mesh))
+    kw = dict(compute_dtype=jnp.bfloat16, remat=remat, loss_chunk=1024, attn_chunk=attn_chunk, attn_impl=attn_impl)
+    if grpo:
+        from tau2jax.rl.grpo_step import jit_grpo_step, make_grpo_step
+        from tau2jax.rl.losses import PolicyLossConfig
+
+        loss_cfg = PolicyLossConfig(eps_low=0.2, eps_high=0.28, kl_coef=0.01, kl_type="k3", entropy_coef=0.001)
+        ref = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state.params)
+        ref_shard = jax.tree.map(lambda x: x.sharding, ref)
+        jitted = jit_grpo_step(make_grpo_step(cfg, tx, schedule, loss_cfg, vocab_chunk=151936 // 8, **kw),
+                               shardings, sharding.batch_sharding(mesh), ref_shard)
+        def lower(st, bt):
+            return jitted.lower(st, bt, ref)
+    else:
+        lower = jit_step(make_sft_step(cfg, tx, schedule, **kw), shardings, sharding.batch_sharding(mesh)).lower
     limit = dev.memory_stats()["bytes_limit"]
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh):
         for b in (8, 4, 2, 1):
-            batch = dict(tokens=rng.integers(0, cfg.vocab_size, (b, seq_len), dtype=np.int32),
+            batch = _grpo_batch(rng, b, seq_len, cfg.vocab_size) if grpo else dict(
+                         tokens=rng.integers(0, cfg.vocab_size, (b, seq_len), dtype=np.int32),
                          targets=rng.integers(0, cfg.vocab_size, (b, seq_len), dtype=np.int32),
                          loss_mask=np.ones((b, seq_len), np.int32),
                          positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (b, seq_len)).copy(),
                          segment_ids=np.ones((b, seq_len), np.int32))
             try:
-                compiled = step.lower(state, batch).compile()
+                compiled = lower(state, batch).compile()
             except jax.errors.JaxRuntimeError as e:  # XLA's autotuner can run out of memory first
                 if "RESOURCE_EXHAUSTED" not in str(e):
                     raise
@@ -177,18 +205,21 @@ def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chu
                 break
         else:
             raise SystemExit(f"even batch 1 x {seq_len} needs {need / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB")
-        state, _ = compiled(state, batch)  # warm-up
+        call = (lambda st: compiled(st, batch, ref)) if grpo else (lambda st: compiled(st, batch))
+        state, _ = call(state)  # warm-up
         jax.block_until_ready(state)
         times = []
         for _ in range(iters):
             t0 = time.perf_counter()
-            state, metrics = compiled(state, batch)
+            state, metrics = call(state)
             jax.block_until_ready(state)
             times.append(time.perf_counter() - t0)
     tok_s = b * seq_len / float(np.median(times))
+    flops = flops_per_token(cfg, seq_len) * (8 / 6 if grpo else 1)  # + the reference's forward
     return {
+        "step": "grpo" if grpo else "sft",
         "tokens_per_s": round(tok_s, 1),
-        "mfu": round(flops_per_token(cfg, seq_len) * tok_s / PEAK_BF16[dev.device_kind], 4),
+        "mfu": round(flops * tok_s / PEAK_BF16[dev.device_kind], 4),
         "loss": round(float(metrics["loss"]), 4),
         "config": {"model": "qwen3_4b", "num_layers": layers, "batch": b, "seq_len": seq_len, "iters": iters, "compute_dtype": "bfloat16",
                    "remat": remat, "loss_chunk": 1024, "attn_chunk": attn_chunk, "attn_impl": attn_impl, "device": dev.device_kind,
@@ -206,15 +237,16 @@ def main(argv=None) -> int:
     p.add_argument("--attn-chunk", type=int, default=1024, help="--mfu: queries per attention block (0 = dense)")
     p.add_argument("--attn-impl", default="xla", help="--mfu: xla | flash")
     p.add_argument("--iters", type=int, default=5, help="timed steps per framework (median is reported)")
+    p.add_argument("--grpo", action="store_true", help="--mfu: the GRPO step (KL reference forward included)")
     common.add_threads_arg(p)
     p.add_argument("--out", default=None, help="result file (default benchmarks/results/train_step[_mfu].json)")
     args = p.parse_args(argv)
     out = args.out or common.result_path("train_step_mfu.json" if args.mfu else "train_step.json")
     if args.mfu:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the default 0.75 leaves 20 GB idle
-        result = run_mfu(args.iters, args.seq_len, args.layers, args.remat, args.attn_chunk, args.attn_impl)
+        result = run_mfu(args.iters, args.seq_len, args.layers, args.remat, args.attn_chunk, args.attn_impl, args.grpo)
         c = result["config"]
-        print(f"Qwen3-4B SFT step on {c['device']}: batch {c['batch']} x seq {c['seq_len']}, bf16, remat {c['remat']}, attention {c['attn_impl']}/{c['attn_chunk']}, "
+        print(f"Qwen3-4B {result['step'].upper()} step on {c['device']}: batch {c['batch']} x seq {c['seq_len']}, bf16, remat {c['remat']}, attention {c['attn_impl']}/{c['attn_chunk']}, "
               f"{result['tokens_per_s']:.0f} tokens/s, MFU {100 * result['mfu']:.1f}%")
         common.write_result(result, out)
         return 0

@@ -48,6 +48,10 @@ _SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=QWEN3_TOKENIZER_VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6, rms_norm_eps=1e-6,
                  tie_word_embeddings=True, max_position_embeddings=4096),
+    # GRPO on CPU with env/toy.py: its 16-token vocabulary (toy.VOCAB_SIZE), the "tiny" body.
+    "toy": dict(vocab_size=16, hidden_size=64, intermediate_size=128, num_layers=2,
+                num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6, rms_norm_eps=1e-6,
+                tie_word_embeddings=True, max_position_embeddings=256),
     # Qwen/Qwen3-0.6B config.json
     "qwen3_0_6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28,
                        num_heads=16, num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
