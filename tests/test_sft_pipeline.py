@@ -192,3 +192,51 @@ def test_tools_as_json_string_render_the_same(tok, rendered, tmp_path):
     for conv, (ids, mask) in zip(convs, rendered, strict=True):
         got_ids, got_mask = render_conversation(chat, conv)
         assert (got_ids == ids).all() and (got_mask == mask).all()
+
+
+def _token_record(ids, mask, **meta):
+    return {"token_ids": [int(i) for i in ids], "loss_mask": [int(m) for m in mask], **meta}
+
+
+@pytest.mark.parametrize("max_len,overlong", [(2048, "truncate"), (1000, "truncate"), (1000, "drop")])
+def test_token_records_pack_like_the_conversations_they_render(tok, rendered, tmp_path, max_len, overlong):
+    # Every other line a token record (the rendering of that line's conversation): a mixed file
+    # must give the same stats and batch rows as the conversations alone.
+    with open(FIXTURE) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(
+        (json.dumps(_token_record(*rendered[i], task="mock/x", reward=1.0)) if i % 2 else line) + "\n"
+        for i, line in enumerate(lines)))  # fmt: skip
+    kw = dict(max_len=max_len, overlong=overlong, batch_size=2, num_epochs=2, seed=5)
+    want, got = dataset(tok, **kw), dataset(tok, files=[str(mixed)], **kw)
+    assert got.stats == want.stats
+    want_batches, got_batches = list(want), list(got)
+    assert len(got_batches) == len(want_batches) > 0
+    for a, b in zip(want_batches, got_batches):
+        assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_bad_token_records_name_file_line_and_field(tok, tmp_path):
+    good = json.dumps(_token_record([1, 2, 3], [0, 1, 1]))
+
+    def bad_line(record):
+        path = tmp_path / "tokens.jsonl"
+        path.write_text(good + "\n" + json.dumps(record) + "\n")
+        with pytest.raises(DataError) as e:
+            dataset(tok, files=[str(path)])
+        assert str(e.value).startswith(f"{path}:2: ")
+        return str(e.value)
+
+    (tmp_path / "ok.jsonl").write_text(good + "\n")
+    (rec,) = load_conversations([str(tmp_path / "ok.jsonl")], tok.vocab_size)
+    assert rec.token_ids.tolist() == [1, 2, 3] and rec.loss_mask.tolist() == [False, True, True]
+    assert "loss_mask: has 2 items, token_ids 3" in bad_line(_token_record([1, 2, 3], [0, 1]))
+    assert "loss_mask: item 1 is not 0 or 1" in bad_line(_token_record([1, 2, 3], [0, 2, 1]))
+    assert f"token_ids: item 2 = {tok.vocab_size} is outside the vocabulary [0, {tok.vocab_size})" in bad_line(
+        _token_record([1, 2, tok.vocab_size], [0, 1, 1]))
+    assert "token_ids: item 0 = -1 is outside" in bad_line(_token_record([-1, 2, 3], [0, 1, 1]))
+    assert "token_ids: item 1 is 2.0, not an integer" in bad_line({"token_ids": [1, 2.0, 3], "loss_mask": [0, 1, 1]})
+    assert "loss_mask: item 0 is True, not an integer" in bad_line({"token_ids": [1, 2], "loss_mask": [True, 1]})
+    assert "loss_mask: must be a non-empty list" in bad_line({"token_ids": [1, 2]})
+    assert "no trained target" in bad_line(_token_record([1, 2, 3], [1, 0, 0]))

@@ -1,6 +1,6 @@
-"""SFT input pipeline (grain): JSONL conversations -> packed, batched rows of next-token examples.
+"""SFT input pipeline (grain): JSONL records -> packed, batched rows of next-token examples.
 
-    files --load/validate/render (once, eagerly)--> (ids, loss_mask) per conversation
+    files --load/validate/render (once, eagerly)--> (ids, loss_mask) per record
           --overlong: truncate | drop (counted in `.stats`)-->
           MapDataset --shuffle(seed, reshuffled per epoch)--> repeat(num_epochs)
           --> (tokens, targets, loss_mask) --FirstFitPackIterDataset--> rows of max_len
@@ -14,6 +14,8 @@ Batches are dicts of numpy int32 arrays [batch_size / process_count, max_len]:
     segment_ids  1..n for the conversations packed in a row, 0 = padding
     positions    0.. restarting at every conversation
 
+Both record kinds of `sft_data` (conversations, rendered here; token records, taken as written)
+go through the same steps below; "conversation" there means either.
 A conversation of n ids becomes n-1 (token, target) pairs, built before packing, so a target never
 comes from the next conversation in the row and the loss never crosses a segment boundary.
 Padding is 0 in every array. `max_len` counts pairs: a conversation fits if it has <= max_len + 1 ids.
@@ -46,7 +48,7 @@ OVERLONG_MODES = ("truncate", "drop")
 @dataclasses.dataclass(frozen=True)
 class DataStats:
     """Counts over one pass of the files (one epoch)."""
-    conversations: int  # read from the files
+    conversations: int  # records read from the files (both kinds)
     kept: int  # that go into training
     truncated: int  # kept, cut to max_len + 1 ids
     dropped_overlong: int  # overlong="drop"
@@ -129,7 +131,7 @@ def make_sft_dataset(files: str | Sequence[str], tokenizer, *, max_len: int, bat
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
 
-    examples, stats = prepare_examples(load_conversations(files), ChatFormat(tokenizer),
+    examples, stats = prepare_examples(load_conversations(files, tokenizer.vocab_size), ChatFormat(tokenizer),
                                        max_len=max_len, overlong=overlong)
     if not examples:
         raise DataError(f"{files}: no conversation fits max_len={max_len} ({stats}); "

@@ -1,5 +1,7 @@
-"""SFT conversations from JSONL: one conversation per line, OpenAI chat format (as public tau2 SFT
-sets are published):
+"""SFT records from JSONL, one per line, of two kinds (a file may mix them).
+
+A conversation, in OpenAI chat format (as public tau2 SFT sets are published), rendered here with
+the chat template:
 
     {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str|null,
                    "tool_calls": [{"id": .., "type": "function",
@@ -10,6 +12,11 @@ sets are published):
 "tools" is optional and may also be a JSON string (how Arrow-backed data sets store it). Every
 problem is reported as `path:line: where: what`. String arguments stay verbatim, as the chat
 template inserts them; they must still parse to a JSON object.
+
+A token record, trained on exactly as written (never re-rendered): the ids a policy saw and
+sampled, e.g. a kept RFT trajectory, with its mask over the same ids (1 = trained, as target):
+
+    {"token_ids": [int, ...], "loss_mask": [0|1, ...], ...metadata (task, reward, source, ...)}
 """
 
 from __future__ import annotations
@@ -105,7 +112,47 @@ def validate_conversation(obj, where: str) -> Conversation:
     return Conversation(messages=messages, tools=_check_tools(obj.get("tools"), where), source=where)
 
 
-def read_jsonl(path: str) -> list[Conversation]:
+@dataclasses.dataclass(frozen=True)
+class TokenRecord:
+    token_ids: np.ndarray  # int32 [n]
+    loss_mask: np.ndarray  # bool [n]
+    source: str  # "path:line"
+
+
+def validate_token_record(obj: dict, where: str, vocab_size: int | None = None) -> TokenRecord:
+    """Checks a {"token_ids", "loss_mask"} record: equal lengths, 0/1 mask, ids in [0, vocab_size)."""
+    arrays = {}
+    for name in ("token_ids", "loss_mask"):
+        value = obj.get(name)
+        if not isinstance(value, list) or not value:
+            raise DataError(f"{where}: {name}: must be a non-empty list of integers")
+        bad = next((i for i, v in enumerate(value) if type(v) is not int), None)  # bool is not an id
+        if bad is not None:
+            raise DataError(f"{where}: {name}: item {bad} is {value[bad]!r}, not an integer")
+        arrays[name] = np.asarray(value, np.int64)
+    ids, mask = arrays["token_ids"], arrays["loss_mask"]
+    if len(ids) != len(mask):
+        raise DataError(f"{where}: loss_mask: has {len(mask)} items, token_ids {len(ids)}; they must align")
+    if not np.isin(mask, (0, 1)).all():
+        raise DataError(f"{where}: loss_mask: item {int(np.flatnonzero(~np.isin(mask, (0, 1)))[0])} is not 0 or 1")
+    out_of_range = (ids < 0) | (ids >= vocab_size if vocab_size is not None else False)
+    if out_of_range.any():
+        i = int(np.flatnonzero(out_of_range)[0])
+        raise DataError(f"{where}: token_ids: item {i} = {int(ids[i])} is outside the vocabulary "
+                        f"[0, {vocab_size if vocab_size is not None else 'inf'})")
+    if not mask[1:].any():
+        raise DataError(f"{where}: loss_mask: no trained target (mask is 0 after the first id), nothing to train on")
+    return TokenRecord(token_ids=ids.astype(np.int32), loss_mask=mask.astype(bool), source=where)
+
+
+def validate_record(obj, where: str, vocab_size: int | None = None) -> Conversation | TokenRecord:
+    """A decoded JSONL line of either kind; "token_ids" marks a token record."""
+    if isinstance(obj, dict) and "token_ids" in obj:
+        return validate_token_record(obj, where, vocab_size)
+    return validate_conversation(obj, where)
+
+
+def read_jsonl(path: str, vocab_size: int | None = None) -> list[Conversation | TokenRecord]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: SFT data file not found")
     out = []
@@ -118,7 +165,7 @@ def read_jsonl(path: str) -> list[Conversation]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e})") from e
-            out.append(validate_conversation(obj, where))
+            out.append(validate_record(obj, where, vocab_size))
     return out
 
 
@@ -138,16 +185,19 @@ def expand_files(files: str | Sequence[str]) -> list[str]:
     return out
 
 
-def load_conversations(files: str | Sequence[str]) -> list[Conversation]:
-    """All conversations of `files` (globs allowed), in file then line order."""
+def load_conversations(files: str | Sequence[str], vocab_size: int | None = None) -> list[Conversation | TokenRecord]:
+    """All records of `files` (globs allowed), in file then line order; token ids are checked
+    against `vocab_size` when given."""
     paths = expand_files(files)
     if not paths:
         raise DataError("no SFT data files given")
-    return [conv for path in paths for conv in read_jsonl(path)]
+    return [rec for path in paths for rec in read_jsonl(path, vocab_size)]
 
 
-def render_conversation(chat: ChatFormat, conv: Conversation) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int32 [n], loss_mask bool [n]) of one conversation."""
+def render_conversation(chat: ChatFormat, conv: Conversation | TokenRecord) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [n], loss_mask bool [n]) of one record: a conversation rendered, a token record as is."""
+    if isinstance(conv, TokenRecord):
+        return conv.token_ids, conv.loss_mask
     try:
         ids, mask = chat.render(conv.messages, conv.tools)
     except (KeyError, TypeError, ValueError) as e:

@@ -328,8 +328,8 @@ def run_episode(
     else:
         traj.reward = float(info.reward)
         traj.reward_info = info.model_dump(mode="json")
-        traj.partial_reward = rewards.partial_reward(info, reward_config)
-        traj.shaped_reward = rewards.shaped_reward(traj.reward, traj.partial_reward, reward_config)
+        traj.partial_reward = rewards.partial_reward(info, reward_config, domain)
+        traj.shaped_reward = rewards.shaped_reward(traj.reward, traj.partial_reward, reward_config, domain)
     traj.num_steps = step
     traj.policy_version = traj.turns[0]["policy_version"] if traj.turns else engine.policy_version
     traj.timings = {k: round(v, 4) for k, v in timings.items()} | {"total": round(time.perf_counter() - t_start, 4)}

@@ -1,0 +1,330 @@
+"""Stage "rft": rejection-sampling fine-tuning data, sampled from the current policy.
+
+    python -m tau2jax.train --config configs/tiny_rft.py        # CPU, mock domain
+    python -m tau2jax.train --config configs/qwen3_4b_rft.py    # 8×H100, SGLang
+
+Every train task is played `rft.samples` times (`rft.temperature`, `top_p`, `top_k`) by the
+configured engine (`engine.*`, as the eval) against the configured user (`user.*`), through
+`rl.collector` (infrastructure failures are retried and never scored). The keep rule
+(`select`), per task: every episode with reward >= 1.0; if there is none, the one with the best
+partial reward when that is >= `rft.min_partial`; else nothing.
+
+Outputs, under `{workdir}/rft/`:
+- `kept.jsonl`: SFT token records of the kept episodes, exactly as sampled
+  ({"token_ids", "loss_mask", "source": "rft", "task", "sample_index", "reward",
+  "partial_reward", "kept_as", "policy_versions"}; repair turns are mask 0 already), in task
+  order, then the lines of `rft.mix_files` as they are (e.g. the demos stage's gold demos).
+- `ledger.jsonl`: one record per episode played, retried attempts included
+  (`collector.ledger_record`): status "kept" (reason "success" | "best_partial") or "dropped"
+  (reason "failed" | "not_best" | "partial_below_min" | "infra_error" | "group_incomplete").
+- `kept_trajectories.jsonl`: the kept episodes' full `Trajectory` JSON (messages, turns, rewards).
+- `stats.json` + `stats.md`: per domain and overall (`build_stats`), with the do-nothing floor.
+
+Resuming: a task is finished once the ledger holds its scored group; a rerun plays only the
+others (an incomplete group, one whose sample kept failing on infrastructure, is played again).
+Settings that change what an episode produces must match the earlier run (`settings.json`).
+Multi-host: process 0 plays and writes everything; the others return at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from tau2jax import config as config_lib
+
+LEDGER = "ledger.jsonl"
+KEPT = "kept.jsonl"
+KEPT_TRAJECTORIES = "kept_trajectories.jsonl"
+SETTINGS = "settings.json"
+KEPT_REASONS = ("success", "best_partial")
+MODEL_DROP_REASONS = ("failed", "not_best", "partial_below_min")
+# the reasons of a finished task's scored episodes (infra failures and incomplete groups excluded)
+FINAL_REASONS = KEPT_REASONS + MODEL_DROP_REASONS
+
+# Config fields that change what an episode produces or keeps: a resumed run must not mix values.
+RESULT_FIELDS = (
+    "seed", "tau2.split", "tau2.prompt_style", "tau2.max_steps", "tau2.max_errors", "tau2.max_repairs",
+    "tokenizer.path", "model.hf_dir", "engine.kind", "engine.max_new_tokens", "user.kind",
+    "rft.samples", "rft.temperature", "rft.top_p", "rft.top_k", "rft.min_partial",
+)  # fmt: skip
+
+
+def select(trajectories: list, min_partial: float) -> list[tuple[object, str, str]]:
+    """The keep rule on one task's scored episodes -> [(trajectory, status, reason)] in order."""
+    if any(t.success for t in trajectories):
+        return [(t, "kept", "success") if t.success else (t, "dropped", "failed") for t in trajectories]
+    best = max(trajectories, key=lambda t: (t.partial_reward or 0.0, -t.sample_index))
+    if (best.partial_reward or 0.0) < min_partial:
+        return [(t, "dropped", "partial_below_min") for t in trajectories]
+    return [(t, "kept", "best_partial") if t is best else (t, "dropped", "not_best") for t in trajectories]
+
+
+def group_records(group, min_partial: float) -> tuple[list[dict], list]:
+    """-> (ledger records of every episode of a collected group, kept trajectories)."""
+    from tau2jax.rl.collector import ledger_record
+
+    def rec(traj, status, reason):
+        return ledger_record(traj, step=0, group_id=group.group_id, status=status, reason=reason)
+
+    records = [rec(t, "dropped", "infra_error") for t in group.failed_attempts]
+    if not group.complete:  # scored samples of a group that lost one: played again on a rerun
+        return records + [rec(t, "dropped", "group_incomplete") for t in group.trajectories], []
+    decisions = select(group.trajectories, min_partial)
+    return records + [rec(*d) for d in decisions], [t for t, status, _ in decisions if status == "kept"]
+
+
+def token_record(traj, reason: str) -> dict:
+    """A kept episode as an SFT token record (`data.sft_data`): the ids and mask as sampled."""
+    return {
+        "token_ids": traj.token_ids, "loss_mask": traj.loss_mask, "source": "rft",
+        "task": f"{traj.domain}/{traj.task_id}", "sample_index": traj.sample_index, "reward": traj.reward,
+        "partial_reward": traj.partial_reward, "kept_as": reason, "policy_versions": traj.policy_versions,
+    }  # fmt: skip
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file we append to; a torn last line (a crash mid-write) is skipped."""
+    if not path.exists():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def finished_tasks(ledger: list[dict]) -> set[str]:
+    """Tasks whose scored group is in the ledger (a finished task is never played again)."""
+    return {r["task"] for r in ledger if r["reason"] in FINAL_REASONS}
+
+
+def build_stats(records: list[dict], tasks: list[tuple[str, str]], floor: dict[tuple, bool] | None) -> dict:
+    """From the ledger records of `tasks` ((domain, task_id)), every attempt included.
+    Per domain and overall: tasks, episodes (= kept + dropped), scored samples, success rate,
+    kept by reason, dropped by reason, tasks with none kept, kept episodes on tasks the do-nothing
+    agent passes; `per_task` rows carry `null_agent_passes` (None without a floor)."""
+    per_task = {f"{d}/{t}": {"domain": d, "task_id": t, "samples": 0, "successes": 0, "kept": 0,
+                             "kept_as": [], "finished": False,
+                             "null_agent_passes": None if floor is None else floor.get((d, t))}
+                for d, t in tasks}  # fmt: skip
+    for r in records:
+        row = per_task[r["task"]]
+        if r["reason"] in FINAL_REASONS:
+            row["finished"] = True
+            row["samples"] += 1
+            row["successes"] += r["reward"] is not None and r["reward"] >= 1.0
+        if r["status"] == "kept":
+            row["kept"] += 1
+            row["kept_as"].append(r["reason"])
+
+    def group(domain: str | None) -> dict:
+        recs = [r for r in records if domain is None or r["task"].split("/", 1)[0] == domain]
+        rows = [row for row in per_task.values() if domain is None or row["domain"] == domain]
+        kept = Counter(r["reason"] for r in recs if r["status"] == "kept")
+        dropped = Counter(r["reason"] for r in recs if r["status"] == "dropped")
+        samples = sum(row["samples"] for row in rows)
+        successes = sum(row["successes"] for row in rows)
+        return {
+            "tasks": len(rows), "tasks_finished": sum(row["finished"] for row in rows),
+            "episodes": len(recs), "samples": samples, "successes": successes,
+            "success_rate": round(successes / samples, 4) if samples else None,
+            "kept": sum(kept.values()), "kept_success": kept["success"], "kept_partial": kept["best_partial"],
+            "dropped": dict(sorted(dropped.items())), "infra_failures": dropped["infra_error"],
+            "tasks_none_kept": sum(row["finished"] and not row["kept"] for row in rows),
+            "null_agent_passing_tasks": None if floor is None else sum(bool(row["null_agent_passes"]) for row in rows),
+            "kept_on_null_agent_passing_tasks": None if floor is None else sum(
+                row["kept"] for row in rows if row["null_agent_passes"]),
+        }  # fmt: skip
+
+    domains = list(dict.fromkeys(d for d, _ in tasks))
+    return {"overall": group(None)} | {d: group(d) for d in domains} | {"per_task": per_task}
+
+
+def render_markdown(stats: dict, domains: list[str], workdir: str) -> str:
+    cols = ["overall", *domains]
+    rows = [
+        ("tasks (finished)", lambda g: f"{g['tasks']} ({g['tasks_finished']})"),
+        ("episodes played (incl. retried)", lambda g: str(g["episodes"])),
+        ("scored samples", lambda g: str(g["samples"])),
+        ("success rate", lambda g: "–" if g["success_rate"] is None else f"{100 * g['success_rate']:.1f}%"),
+        ("kept: success", lambda g: str(g["kept_success"])),
+        ("kept: best partial", lambda g: str(g["kept_partial"])),
+        ("tasks with none kept", lambda g: str(g["tasks_none_kept"])),
+        ("do-nothing agent passes (tasks)", lambda g: str(g["null_agent_passing_tasks"])),
+        ("kept on those tasks", lambda g: str(g["kept_on_null_agent_passing_tasks"])),
+        ("infrastructure failures", lambda g: str(g["infra_failures"])),
+    ]
+    lines = [f"# RFT: {workdir}", "", "| | " + " | ".join(c.capitalize() for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]  # fmt: skip
+    lines += [f"| {name} | " + " | ".join(fn(stats[c]) for c in cols) + " |" for name, fn in rows]
+    lines += ["", "Kept: every episode with reward ≥ 1; on a task with none, its best one if its partial "
+              "reward reaches rft.min_partial. Episodes on tasks the do-nothing agent passes teach little.", ""]
+    return "\n".join(lines)
+
+
+def run_settings(config, data_root) -> dict:
+    """The config values that decide what an episode produces and what is kept (+ the tau2 data)."""
+    from tau2jax.eval.stage import ENGINE_FIELDS, USER_FIELDS
+
+    fields = (RESULT_FIELDS + tuple(f"reward.{k}" for k in config.reward)
+              + ENGINE_FIELDS.get(config.engine.kind, ()) + USER_FIELDS.get(config.user.kind, ()))
+    return {f: _cfg_get(config, f) for f in fields} | {"tau2.data_root": str(data_root)}
+
+
+def _cfg_get(config, dotted: str):
+    section, _, key = dotted.rpartition(".")
+    return (config[section] if section else config)[key]
+
+
+def check_settings(out_dir: Path, settings: dict) -> None:
+    """Refuses to resume a run made with other settings; records the settings (merged)."""
+    path = out_dir / SETTINGS
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    diff = {f: (earlier[f], v) for f, v in settings.items() if f in earlier and earlier[f] != v}
+    if diff:
+        raise config_lib.ConfigError(
+            f"workdir {str(out_dir)!r} holds an rft run with other settings ("
+            + ", ".join(f"{f}: {a!r} -> {b!r}" for f, (a, b) in diff.items())
+            + "); use a new config.workdir, or the earlier values to resume")
+    _write_atomic(path, json.dumps(earlier | settings, indent=2, sort_keys=True))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    """One write per group, flushed: a crash loses at most the group being written."""
+    if records:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            f.flush()
+
+
+def write_kept(out_dir: Path, records: list[dict], order: list[str], mix_files: list[str]) -> tuple[int, int]:
+    """kept.jsonl from the ledger's kept episodes (their last stored trajectory) and `mix_files`
+    -> (rft records, mixed lines)."""
+    from tau2jax.env.trajectory import Trajectory
+
+    kept = {(r["task"], r["sample_index"]): r["reason"] for r in records if r["status"] == "kept"}
+    trajs = {(f"{t['domain']}/{t['task_id']}", t["sample_index"]): t
+             for t in read_jsonl(out_dir / KEPT_TRAJECTORIES)}  # the last copy of a replayed task wins
+    rank = {task: i for i, task in enumerate(order)}
+    lines = []
+    for key in sorted(kept, key=lambda k: (rank[k[0]], k[1])):
+        lines.append(json.dumps(token_record(Trajectory.from_dict(trajs[key]), kept[key])))
+    mixed = [line.rstrip("\n") for path in mix_files for line in open(path, encoding="utf-8") if line.strip()]
+    _write_atomic(out_dir / KEPT, "".join(line + "\n" for line in lines + mixed))
+    return len(lines), len(mixed)
+
+
+def play_pending(env, pending: list, engine_for, config, out_dir: Path) -> None:
+    """Plays `rft.samples` episodes of each pending task; as each task's group completes, appends
+    its kept trajectories, then its ledger records (so the ledger never names a kept episode that
+    was not stored)."""
+    from tqdm import tqdm
+
+    from tau2jax.inference.engine import SamplingParams
+    from tau2jax.rl.collector import collect
+
+    r = config.rft
+    sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_new_tokens=config.engine.max_new_tokens)
+    # One task per outer thread, its episodes on the shared pool: groups finish (and are written)
+    # one by one, and enough tasks are in flight to keep `concurrency` episodes running.
+    episodes = ThreadPoolExecutor(r.concurrency, thread_name_prefix="rft-episode")
+    tasks_pool = ThreadPoolExecutor(math.ceil(r.concurrency / r.samples) + 1, thread_name_prefix="rft-task")
+
+    def play(ref):
+        return collect(env, [(ref.key, ref)], engine=engine_for(ref.task), sampling=sampling, samples=r.samples,
+                       seed=config.seed, concurrency=r.concurrency, max_infra_retries=r.max_infra_retries,
+                       pool=episodes)[0]  # fmt: skip
+
+    bar = tqdm(total=len(pending), desc="rft", unit="task", file=sys.stderr, dynamic_ncols=True)
+    try:
+        for fut in as_completed([tasks_pool.submit(play, ref) for ref in pending]):
+            records, kept = group_records(fut.result(), r.min_partial)
+            _append(out_dir / KEPT_TRAJECTORIES, [t.to_dict() for t in kept])
+            _append(out_dir / LEDGER, records)
+            bar.update()
+    finally:
+        bar.close()
+        tasks_pool.shutdown(wait=False, cancel_futures=True)
+        episodes.shutdown(wait=False, cancel_futures=True)
+
+
+def _process_index() -> int:
+    import jax  # lazily: stages that never touch a device should not pay for it
+
+    return jax.process_index()
+
+
+def run(config) -> dict:
+    index = _process_index()
+    if index != 0:
+        return {"stage": "rft", "process_index": index, "note": "process 0 samples and writes the RFT data"}
+
+    from tau2jax.data.chat import ChatFormat
+    from tau2jax.data.sft_data import expand_files, load_conversations
+    from tau2jax.data.tokenizer import load_tokenizer
+    from tau2jax.env import tau2_env
+    from tau2jax.env.environments import Tau2Environment
+    from tau2jax.eval import floor as floor_lib
+    from tau2jax.eval.stage import engine_factory, engine_identity
+
+    if config.tau2.split != "train":
+        raise config_lib.ConfigError(f"config.tau2.split: RFT samples train tasks only, got {config.tau2.split!r} "
+                                     "(test tasks must not become training data)")
+    t_start = time.time()
+    tokenizer = load_tokenizer(config.tokenizer.path or config.model.hf_dir)
+    mix_files = expand_files(config_lib.csv(config.rft.mix_files))
+    if mix_files:  # bad data fails now, not after hours of sampling
+        load_conversations(mix_files, tokenizer.vocab_size)
+    chat = ChatFormat(tokenizer)
+    env = Tau2Environment(config, chat, split="train")
+    refs = env.tasks()
+    order = [r.key for r in refs]
+    out_dir = Path(config.workdir) / "rft"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = run_settings(config, tau2_env.init_tau2(config.tau2.data_dir))
+    check_settings(out_dir, settings)  # before anything touches the earlier run's files
+
+    done = finished_tasks(read_jsonl(out_dir / LEDGER))
+    pending = [r for r in refs if r.key not in done]
+    if pending:
+        engine_for = engine_factory(config, chat, env.style)
+        check_settings(out_dir, settings | engine_identity(engine_for(pending[0].task)))
+        play_pending(env, pending, engine_for, config, out_dir)
+
+    planned = set(order)
+    records = [r for r in read_jsonl(out_dir / LEDGER) if r["task"] in planned]
+    floor = floor_lib.outcomes([(r.domain, r.task) for r in refs], chat=chat, style=env.style,
+                               cache_dir=config.eval.floor_cache_dir)
+    stats = build_stats(records, [(r.domain, r.task_id) for r in refs], floor)
+    n_kept, n_mixed = write_kept(out_dir, records, order, mix_files)
+    stats["run"] = {"wall_s": round(time.time() - t_start, 2), "tasks_played": len(pending),
+                    "tasks_resumed": len(refs) - len(pending), "kept_records": n_kept, "mixed_records": n_mixed,
+                    "mix_files": mix_files}  # fmt: skip
+    _write_atomic(out_dir / "stats.json", json.dumps(stats, indent=2, sort_keys=True))
+    domains = list(dict.fromkeys(r.domain for r in refs))
+    _write_atomic(out_dir / "stats.md", render_markdown(stats, domains, config.workdir))
+    groups = ["overall", *domains]
+    return {
+        "stage": "rft", "file": str(out_dir / KEPT), "kept": n_kept, "mixed": n_mixed,
+        "success_rate": {g: stats[g]["success_rate"] for g in groups},
+        "kept_by_domain": {g: stats[g]["kept"] for g in groups},
+        "tasks_unfinished": stats["overall"]["tasks"] - stats["overall"]["tasks_finished"],
+        "wall_s": stats["run"]["wall_s"],
+    }  # fmt: skip
