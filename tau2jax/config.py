@@ -143,7 +143,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rft.max_infra_retries = 2
     c.rft.mix_files = ""  # comma-separated SFT JSONL appended to kept.jsonl as is (e.g. gold demos)
 
-    # GRPO (stage grpo, tau2jax/rl/loop.py): a synchronous loop, K samples per task per step.
+    # GRPO (stage grpo, tau2jax/rl/loop.py): K samples per task per step, rollouts on worker threads.
     c.rl = ml_collections.ConfigDict()
     c.rl.env = "tau2"  # tau2 (tau2.* tasks, split train) | toy (env/toy.py lookup game)
     c.rl.steps = 200  # optimizer steps = rollout rounds (recipe: 200)
@@ -179,9 +179,22 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.vocab_chunk = 0  # learner log-probs: vocabulary block (0 = whole vocabulary)
     c.rl.toy_tasks = 16  # toy env: number of tasks
     c.rl.toy_shared_table = False  # toy env: one key -> value table for all tasks (memorisable)
+    c.rl.toy_turn_latency_s = 0.0  # toy env: sleep per agent turn (models user/tool latency; benchmarks)
+    # Asynchrony (tau2jax/rl/rollout_workers.py): groups for learner step s start once the engine serves
+    # version >= s - max_staleness, so rollouts overlap the learner; 0 = synchronous.
+    c.rl.max_staleness = 0
+    c.rl.stale_policy = "drop"  # over the bound: drop (ledger "stale") | correct (token TIS, rl.tis_cap or 2.0)
 
     c.lock()
     return c
+
+
+def redacted(c: ml_collections.ConfigDict) -> dict:
+    """The config as a dict for reports, secrets (API keys) replaced."""
+    d = c.to_dict()
+    if d.get("user", {}).get("api_key") not in (None, "", "EMPTY"):
+        d["user"]["api_key"] = "<redacted>"
+    return d
 
 
 def csv(value: str) -> list[str]:
@@ -244,6 +257,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
              "group advantages need >= 2 samples per task")
     _require(c.rl.overlong in ("truncate", "drop"), "rl.overlong", "must be 'truncate' or 'drop'")
     _require(c.rl.sync_every >= 1 and c.rl.concurrency >= 1, "rl", "sync_every and concurrency must be >= 1")
+    _require(c.rl.max_staleness >= c.rl.sync_every - 1, "rl.max_staleness",
+             f"must be >= rl.sync_every - 1 ({c.rl.sync_every - 1}): between syncs the engine serves a version "
+             "that many steps old, and groups may only start within the staleness bound")
+    _require(c.rl.stale_policy in ("drop", "correct"), "rl.stale_policy", "must be 'drop' or 'correct'")
+    _require(c.rl.toy_turn_latency_s >= 0, "rl.toy_turn_latency_s", "must be >= 0")
     _require(c.rl.agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"), "rl.agg_mode",
              f"unknown {c.rl.agg_mode!r}")
     _require(c.rl.kl_type in ("k1", "k2", "k3"), "rl.kl_type", f"unknown {c.rl.kl_type!r}")

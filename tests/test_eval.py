@@ -163,3 +163,10 @@ def test_user_simulator_faults_are_retried_or_recorded_as_infra_failures(tmp_pat
     assert len(recs) == 4 and all(r["infra_error"] is None and r["reward"] == 1.0 for r in recs)
     assert result["infra_failures"] == 0 and result["pass@1"]["overall"] == 1.0
     assert json.loads((out / "summary.json").read_text())["run"]["episodes_run"] == 1
+
+
+def test_reports_never_carry_the_api_key():
+    c = config_lib.default_config()
+    c.user.api_key = "sk-secret"
+    assert config_lib.redacted(c)["user"]["api_key"] == "<redacted>"
+    assert c.user.api_key == "sk-secret"  # the run itself keeps it

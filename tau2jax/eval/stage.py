@@ -429,7 +429,7 @@ def build_summary(records: list[dict], config, tasks, *, infra_retries: int | No
         "per_task": per_task,
         "infra_retries": infra_retries,
         "run": run_info,
-        "config": config.to_dict(),
+        "config": config_lib.redacted(config),
     }
     if floor is not None:
         for (domain, task_id), passes in floor.items():
