@@ -20,6 +20,7 @@ from tau2jax.models import qwen3  # noqa: E402
 from tau2jax.parallel.sharding import make_mesh  # noqa: E402
 from tau2jax.inference import sampling  # noqa: E402
 from tau2jax.inference.engine import Engine, SamplingParams  # noqa: E402
+from tau2jax.inference import jax_engine  # noqa: E402
 from tau2jax.inference.jax_engine import JaxEngine  # noqa: E402
 
 VOCAB, MAX_SEQ, MAX_BATCH = 512, 64, 4
@@ -77,9 +78,16 @@ def test_greedy_matches_transformers_generate(setup):
         assert (r.finish_reason, r.stop_reason, r.policy_version) == ("length", None, 0)
         # greedy: log-prob of the argmax under the unscaled distribution
         np.testing.assert_allclose(r.logprobs, log_softmax_at(ref, r.output_ids), atol=1e-4, rtol=0)
-        assert r.raw_logprobs == r.logprobs
+        assert r.sampled_logprobs == r.logprobs
     # Random tiny models repeat themselves; enough distinct tokens that the match means something.
     assert len({t for r in results for t in r.output_ids}) >= 6, [r.output_ids for r in results]
+
+
+def np_sglang_logprobs(logits, ids, t):
+    """SGLang's output_token_logprobs, independently in float64 numpy: log_softmax(logits / T)."""
+    x = logits.astype(np.float64) / t
+    x = x - x.max(-1, keepdims=True)
+    return (x - np.log(np.exp(x).sum(-1, keepdims=True)))[np.arange(len(ids)), ids]
 
 
 def test_sampled_logprobs_match_full_forward_and_seeds_reproduce(setup):
@@ -87,18 +95,28 @@ def test_sampled_logprobs_match_full_forward_and_seeds_reproduce(setup):
     p0, p1, p2 = PROMPTS
     reqs = [(p0, SamplingParams(temperature=1.0, max_new_tokens=20, seed=1)),
             (p1, SamplingParams(temperature=0.7, top_k=20, max_new_tokens=20, seed=2)),
-            (p2, SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=20, seed=3)),
-            (p1, SamplingParams(temperature=1.0, top_k=1, max_new_tokens=20))]  # top_k=1 = greedy
+            (p2, SamplingParams(temperature=0.7, top_k=30, top_p=0.9, max_new_tokens=20, seed=3)),
+            (p0, SamplingParams(temperature=1.0, top_k=25, top_p=0.8, max_new_tokens=20, seed=4))]
     results = engine.generate([p for p, _ in reqs], [s for _, s in reqs])
     refs = full_forward_logits(engine, [(p, r.output_ids) for (p, _), r in zip(reqs, results)])
     for (p, s), r, ref in zip(reqs, results, refs):
-        assert len(r.output_ids) == 20 and r.finish_reason == "length"
-        want = sampling.behaviour_logprobs(ref, np.array(r.output_ids), s.temperature, s.top_k, s.top_p)
-        np.testing.assert_allclose(r.logprobs, want, atol=1e-4, rtol=0)
-        np.testing.assert_allclose(r.raw_logprobs, log_softmax_at(ref, r.output_ids), atol=1e-4, rtol=0)
-    # temperature 1 without filtering: the behaviour log-prob is the plain log-softmax
-    np.testing.assert_allclose(results[0].logprobs, results[0].raw_logprobs, atol=1e-6)
-    assert results[3].output_ids == hf_greedy(hf, p1, 20) and results[3].logprobs == [0.0] * 20
+        ids = np.array(r.output_ids)
+        assert len(ids) == 20 and r.finish_reason == "length"
+        # behaviour log-probs: SGLang's formula (before top-k/top-p) and the learner's recomputation
+        np.testing.assert_allclose(r.logprobs, np_sglang_logprobs(ref, ids, s.temperature), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(r.logprobs, sampling.temperature_logprobs(ref, ids, s.temperature),
+                                   atol=1e-4, rtol=0)
+        want = sampling.sampled_logprobs(ref, ids, s.temperature, s.top_k, s.top_p)
+        np.testing.assert_allclose(r.sampled_logprobs, want, atol=1e-4, rtol=0)
+        if s.top_k or s.top_p < 1:  # filtering moves mass onto the kept tokens
+            assert np.all(np.array(r.sampled_logprobs) > np.array(r.logprobs))
+    # temperature 1 without filtering: both are the plain log-softmax
+    np.testing.assert_allclose(results[0].logprobs, results[0].sampled_logprobs, atol=1e-6)
+    # top_k=1 is greedy: all of the filtered mass on the argmax, the behaviour log-prob unfiltered
+    r = engine.generate([p1], SamplingParams(temperature=1.0, top_k=1, max_new_tokens=20))[0]
+    assert r.output_ids == hf_greedy(hf, p1, 20) and r.sampled_logprobs == [0.0] * 20
+    np.testing.assert_allclose(r.logprobs, log_softmax_at(full_forward_logits(engine, [(p1, r.output_ids)])[0],
+                                                          r.output_ids), atol=1e-4, rtol=0)
     # A seeded request samples the same tokens in another batch position and batch mix.
     again = engine.generate([p2, p0, p2], [reqs[2][1], reqs[0][1], SamplingParams(max_new_tokens=20)])
     assert again[0].output_ids == results[2].output_ids and again[1].output_ids == results[0].output_ids
@@ -125,13 +143,13 @@ def test_sampling_frequencies_match_filtered_softmax(t, k, p):
     logits = np.array([2.0, 1.5, 1.2, 1.0, 0.3, 0.0, -0.5, -1.0], np.float32)
     keys = jax.random.split(jax.random.key(0), n)
     draw = jax.jit(sampling.sample)
-    toks, lps, raw = (np.asarray(a) for a in draw(keys, np.broadcast_to(logits, (n, 8)), t, k, p))
+    toks, lps, slps = (np.asarray(a) for a in draw(keys, np.broadcast_to(logits, (n, 8)), t, k, p))
     want = _expected_probs(logits.astype(np.float64), t, k, p)
     freq = np.bincount(toks, minlength=8) / n
     assert np.all(freq[want == 0] == 0)  # filtered tokens are never drawn
     np.testing.assert_allclose(freq, want, atol=4.5 * np.sqrt(want.max() * (1 - want.max()) / n) + 1e-3)
-    np.testing.assert_allclose(lps, np.log(want[toks]), atol=1e-5)  # log-prob of the filtered distribution
-    np.testing.assert_allclose(raw, np.asarray(jax.nn.log_softmax(logits))[toks], atol=1e-6)
+    np.testing.assert_allclose(slps, np.log(want[toks]), atol=1e-5)  # log-prob of the filtered distribution
+    np.testing.assert_allclose(lps, np.log(_expected_probs(logits.astype(np.float64), t, 0, 1.0))[toks], atol=1e-5)
     again = np.asarray(draw(keys, np.broadcast_to(logits, (n, 8)), t, k, p)[0])
     assert np.array_equal(toks, again)  # same keys, same draws
 
@@ -142,12 +160,16 @@ def test_sampling_greedy_and_top_k_1():
     argmax = logits.argmax(-1)
     # rows 0-2 greedy (temperature 0), rows 3-5 top_k=1 at temperature 1.3: all the argmax
     t, k = np.array([0, 0, 0, 1.3, 1.3, 1.3], np.float32), np.array([0, 0, 0, 1, 1, 1])
-    toks, lps, raw = (np.asarray(a) for a in sampling.sample(keys, logits, t, k, 1.0))
+    toks, lps, slps = (np.asarray(a) for a in sampling.sample(keys, logits, t, k, 1.0))
     assert np.array_equal(toks, argmax)
-    np.testing.assert_allclose(lps[:3], raw[:3])  # greedy: the unscaled log-prob
-    np.testing.assert_allclose(raw, np.asarray(jax.nn.log_softmax(logits))[np.arange(6), argmax], atol=1e-6)
-    np.testing.assert_allclose(lps[3:], 0.0, atol=1e-6)  # all mass on one token
-    np.testing.assert_allclose(sampling.behaviour_logprobs(logits, toks, t, k, 1.0), lps, atol=1e-6)
+    unscaled = np.asarray(jax.nn.log_softmax(logits))[np.arange(6), argmax]
+    np.testing.assert_allclose(lps[:3], unscaled[:3], atol=1e-6)  # greedy: the unscaled log-prob
+    np.testing.assert_allclose(slps[:3], unscaled[:3], atol=1e-6)
+    np.testing.assert_allclose(lps[3:], np.asarray(jax.nn.log_softmax(logits / 1.3))[np.arange(3, 6), argmax[3:]],
+                               atol=1e-6)  # before filtering
+    np.testing.assert_allclose(slps[3:], 0.0, atol=1e-6)  # all filtered mass on one token
+    np.testing.assert_allclose(sampling.sampled_logprobs(logits, toks, t, k, 1.0), slps, atol=1e-6)
+    np.testing.assert_allclose(sampling.temperature_logprobs(logits, toks, t), lps, atol=1e-6)
 
 
 def test_filter_rows_are_independent():
@@ -211,7 +233,7 @@ def test_stops_and_max_new_tokens(setup):
     assert (r_id.output_ids, r_id.finish_reason, r_id.stop_reason) == (seq[:cut], "stop", stop_id)
     assert (r_str.output_ids, r_str.finish_reason, r_str.stop_reason) == (seq[:str_cut], "stop", stop_str)
     assert (r_len.output_ids, r_len.finish_reason, r_len.stop_reason) == (seq[:5], "length", None)
-    assert len(r_id.logprobs) == cut and len(r_str.raw_logprobs) == str_cut
+    assert len(r_id.logprobs) == cut and len(r_str.sampled_logprobs) == str_cut
     assert (len(r_clip.output_ids), r_clip.finish_reason) == (2, "length")
 
 
@@ -224,18 +246,27 @@ def test_same_bucket_batches_do_not_recompile(setup):
     params = [SamplingParams(temperature=0.9, top_p=0.5, max_new_tokens=9, stop_token_ids=(3,)),
               SamplingParams(temperature=0.0, max_new_tokens=30), SamplingParams(top_k=7, max_new_tokens=2),
               SamplingParams(temperature=2.0, max_new_tokens=17, seed=4)]
+    batches = engine.batches_run
     engine.generate(other, params)
+    assert engine.batches_run == batches + 1  # one call's prompts are queued together: one batch
     assert engine.compile_counts == counts and counts["prefill"] >= 1 and counts["decode"] >= 1
 
 
 def test_sharded_engine_matches_single_device(setup):
     """Params on a (data, fsdp, tensor) mesh of the 8 CPU test devices: same tokens as one device."""
     base = setup["engine"]
-    engine = JaxEngine(base._params, base.cfg, mesh=make_mesh(data=2, fsdp=2, tensor=2), **ENGINE_KW)
+    engine = JaxEngine(base._params, base.cfg, mesh=make_mesh(data=2, fsdp=2, tensor=2), prefix_cache_tokens=1024,
+                       **ENGINE_KW)
     assert engine._params["layers"]["q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
     params = [GREEDY, SamplingParams(temperature=0.8, top_k=20, max_new_tokens=24, seed=5), GREEDY]
-    want = [r.output_ids for r in base.generate(PROMPTS, params)]
-    assert [r.output_ids for r in engine.generate(PROMPTS, params)] == want
+    want = base.generate(PROMPTS, params)
+    assert [r.output_ids for r in engine.generate(PROMPTS, params)] == [r.output_ids for r in want]
+    # the next turns, from the sharded prefix cache
+    turn2 = [p + r.output_ids[:8] + [1, 2] for p, r in zip(PROMPTS, want)]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=8)] * 3
+    want = [r.output_ids for r in base.generate(turn2, params)]
+    assert [r.output_ids for r in engine.generate(turn2, params)] == want
+    assert engine.stats()["prefix_hits"] == 3
     engine.close()
 
 
@@ -276,3 +307,110 @@ def test_prompt_longer_than_the_context_is_a_context_length_error(setup):
 
     with pytest.raises(ContextLengthError, match="context length"):
         setup["engine"].generate([list(range(MAX_SEQ + 1))], GREEDY)
+
+
+def test_noise_is_fresh_per_position_and_reproducible_per_request(setup):
+    """final_norm = 0 makes every logit 0: at T=1 each token is pure noise, keyed on (seed,
+    absolute position). An episode's next turn (a longer prompt, same seed) must draw fresh
+    noise; one (seed, prompt) the same tokens in any batch."""
+    base = setup["engine"]
+    flat = JaxEngine({**base._params, "final_norm": np.zeros_like(base._params["final_norm"])}, base.cfg,
+                     **ENGINE_KW)
+    s = SamplingParams(temperature=1.0, max_new_tokens=12, seed=7)
+    turn1 = flat.generate([PROMPTS[0]], s)[0]
+    np.testing.assert_allclose(turn1.logprobs, -np.log(VOCAB), atol=1e-5)  # uniform, as intended
+    turn2_prompt = PROMPTS[0] + turn1.output_ids + [5, 6]
+    turn2 = flat.generate([turn2_prompt], s)[0]
+    assert sum(a == b for a, b in zip(turn1.output_ids, turn2.output_ids)) <= 2  # chance: 12/512 expected
+    # Keyed on the absolute position (like SGLang's seeded sampling): a prompt 4 tokens longer
+    # meets the same noise 4 tokens later; an episode's turns never revisit a position.
+    shifted = flat.generate([PROMPTS[0] + [5, 6, 7, 8]], s)[0]
+    assert shifted.output_ids[:8] == turn1.output_ids[4:]
+    # the same request alone, and as the third row beside other requests
+    mixed = flat.generate([PROMPTS[1], PROMPTS[0], turn2_prompt], [SamplingParams(max_new_tokens=3), GREEDY, s])
+    assert mixed[2].output_ids == turn2.output_ids
+    flat.close()
+
+
+def test_kv_cache_follows_the_batch_need(setup):
+    """The cache is the next power of two >= max(prompt + max_new) (>= 256, <= max_seq_len): a new
+    decode compile exactly when a batch needs a bigger bucket, none within a bucket."""
+    base = setup["engine"]
+    engine = JaxEngine(base._params, base.cfg, max_seq_len=512, max_batch=1, decode_chunk=8)
+
+    def decode_compiles(prompt_len, max_new):
+        before = engine.compile_counts["decode"]
+        prompt = [t % VOCAB for t in range(prompt_len)]
+        engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=max_new))
+        return engine.compile_counts["decode"] - before
+
+    decode_compiles(10, 2)  # bucket 256, compiled here or by an earlier test
+    assert decode_compiles(20, 200) == 0  # need 220: still 256
+    assert decode_compiles(250, 70) == 1  # need 320: 512 (= max_seq_len)
+    assert decode_compiles(20, 900) == 0  # need clipped to max_seq_len: 512 again
+    engine.close()
+
+
+def test_prefill_in_slices_matches_one_slice(setup):
+    base = setup["engine"]
+    sliced = JaxEngine(base._params, base.cfg, **{**ENGINE_KW, "prefill_chunk": 16})
+    prompts = [PROMPTS[2] * 3, PROMPTS[0]]  # 42 tokens: 3 slices of 16 (bucket 64 = 4, last all padding)
+    params = [GREEDY, SamplingParams(temperature=0.8, top_k=20, max_new_tokens=16, seed=3)]
+    want, got = base.generate(prompts, params), sliced.generate(prompts, params)
+    for w, g in zip(want, got):
+        assert g.output_ids == w.output_ids
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
+    sliced.close()
+
+
+def test_prefill_slice_bounds_attention_scores():
+    from tau2jax.models.configs import get_model_config
+
+    spec = jax_engine._Spec(get_model_config("qwen3_4b"), 512, 16, jnp.bfloat16, jnp.bfloat16)
+    assert jax_engine._slice_len(spec, 16, 32768, 32768) == 32  # 16 x 32 heads x 32 x 32K = 2^29 scores
+    assert jax_engine._slice_len(spec, 1, 64, 4096) == 64  # short prompt: one slice
+    assert jax_engine._slice_len(spec, 1, 8192, 8192) == 512  # prefill_chunk caps it
+
+
+def test_request_queued_while_closing_fails_instead_of_hanging(setup):
+    base = setup["engine"]
+    engine = JaxEngine(base._params, base.cfg, **ENGINE_KW)
+    validating, release = threading.Event(), threading.Event()
+    validate = engine._validate
+
+    def slow_validate(*args):  # holds submit() between its checks and the queue while close() runs
+        validating.set()
+        release.wait()
+        validate(*args)
+
+    engine._validate = slow_validate
+    futures = []
+    t = threading.Thread(target=lambda: futures.append(engine.submit(PROMPTS[0], GREEDY)))
+    t.start()
+    validating.wait()
+    engine.close()
+    release.set()
+    t.join()
+    with pytest.raises(RuntimeError, match="closed"):
+        futures[0].result(timeout=30)
+
+
+def test_from_config_dtype_and_mesh(setup, tmp_path):
+    from tau2jax.config import ConfigError, default_config, validate
+
+    orbax_dir = str(tmp_path / "orbax")
+    hf_to_orbax.convert(setup["hf_dir"], orbax_dir)
+    c = default_config()
+    c.engine.checkpoint, c.engine.max_seq_len, c.engine.prefix_cache_tokens = orbax_dir, 128, 512
+    c.mesh.data, c.mesh.tensor = 4, 2
+    engine = jax_engine.from_config(c)  # 8 test devices: params restored sharded on config.mesh
+    assert dict(engine.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert engine._params["layers"]["q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert engine._params["embed"].dtype == jnp.float32  # auto on CPU
+    assert (engine.max_seq_len, engine._prefix.capacity) == (128, 512)
+    engine.close()
+    c.engine.dtype = "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(jax_engine.from_config(c)._params)} == {jnp.dtype(jnp.bfloat16)}
+    c.engine.dtype = "fp8"
+    with pytest.raises(ConfigError, match="engine.dtype"):
+        validate(c)

@@ -1,31 +1,46 @@
 """The built-in JAX inference engine: batched prefill + KV-cache decoding on `qwen3.forward_cached`.
 
 Serving model
-    Every `generate` / `submit` call puts its prompts on one queue; a worker thread takes up to
-    `max_batch` queued requests at a time (whatever is waiting, after an optional `batch_wait_s`)
-    and runs them as one static batch until every row has finished. So concurrent callers
-    (episode threads, HTTP handlers) are batched together without coordinating, and the engine
-    is safe to call from any thread. Requests queued while a batch runs go into the next one.
+    Every `generate` / `submit` call puts its prompts on one queue, as one group; a worker thread
+    takes up to `max_batch` queued requests at a time (whatever is waiting, after an optional
+    `batch_wait_s`; a group is not split unless it overflows the batch) and runs them as one
+    static batch until every row has finished. So concurrent callers (episode threads, HTTP
+    handlers) are batched together without coordinating, and the engine is safe to call from any
+    thread. Requests queued while a batch runs go into the next one. `close()` lets the requests
+    queued before it finish; later ones fail with a RuntimeError.
 
-Shapes never depend on the traffic: the batch is padded to a bucket (1, 2, 4, ..., max_batch),
-the prompt to a power of two (>= 16), and the KV cache is always `max_seq_len` long. So
-prefill compiles once per (batch bucket, prompt bucket) and decode once per batch bucket;
-`compile_counts` says how many times each was traced. Prefill runs the prompt through the cache
-in `prefill_chunk`-token slices (attention scores are [chunk, max_seq_len], not [P, max_seq_len]).
-Decoding runs `decode_chunk` steps per dispatch in a `lax.while_loop` (which exits as soon as
-every row is done); stop token ids and max_new_tokens are checked on device, stop strings on the
-host, and the host reads chunk i while the device already runs chunk i+1.
+Shapes follow the traffic in powers of two, so compiles stay bounded: the batch is padded to a
+bucket (1, 2, 4, ..., max_batch), the prompt to a power of two (>= 16), and the KV cache to the
+batch's need, the next power of two >= max(prompt + max_new) over its rows (>= 256, at most
+`max_seq_len`). Prefill compiles once per (batch, prompt, cache) bucket, decode once per (batch,
+cache) bucket; `compile_counts` says how many times each was traced. Prefill runs the prompt
+through the cache in slices small enough that one slice's attention scores (batch x heads x
+slice x cache length) stay under `PREFILL_SCORES` elements, and computes logits only for each
+row's last prompt token. Decoding runs `decode_chunk` steps per dispatch in a `lax.while_loop`
+(which exits as soon as every row is done); stop token ids and max_new_tokens are checked on
+device, stop strings on the host, and the host reads chunk i while the device runs chunk i+1.
 
-Sampling and log-probs: see `tau2jax.inference.sampling`. `logprobs` are under the distribution
-actually sampled from (temperature, then top-k, then top-p); greedy (temperature 0) reports
-log_softmax(logits) at the argmax. Each result also carries `raw_logprobs` (temperature 1, no
-filtering). A request with a `seed` samples the same tokens whatever batch it lands in (its
-keys are fold_in(key(seed), token index)); without one the engine draws a seed from its own RNG.
+Prefix cache (`prefix_cache_tokens` > 0)
+    The KV of every finished request (its prompt and output) is kept on device, keyed by those
+    token ids, in an LRU bounded by the cache slots it holds. A new request takes the entry that
+    shares the longest prefix with its prompt, copies that KV into its row and prefills only the
+    rest (at least its last token). A tau2 episode's next turn extends the previous turn's prompt
+    and output, so it prefills only the new user / tool messages. The cache is emptied on every
+    `update_weights`: KV from old weights never serves a newer policy version. `stats()` counts
+    hits and prefill tokens saved.
+
+Sampling and log-probs (see `tau2jax.inference.sampling`): `logprobs` follow the behaviour
+convention of `GenerateResult`, log_softmax(logits / T) at the token before top-k / top-p
+(T = 0: log_softmax(logits)); `sampled_logprobs` are under the filtered distribution actually
+drawn from. The noise of a request's token at absolute position i (prompt length + index) is keyed
+on fold_in(key(seed), i): the same (seed, prompt) samples the same tokens in any batch, while a
+later turn of the same episode (a longer prompt) draws fresh noise even with the same seed.
+Without a seed the engine draws one from its own RNG.
 
 Stops: generation ends at the first stop token (kept in `output_ids`), or at the first token
 whose detokenized text completes a stop string (that token is kept; needs `tokenizer`), with
 finish_reason "stop" and `stop_reason` the id / string; else after max_new_tokens (clipped to
-the cache: prompt + new <= max_seq_len) with "length". Every result carries the
+the context: prompt + new <= max_seq_len) with "length". Every result carries the
 `policy_version` of the weights that generated it.
 """
 
@@ -52,19 +67,16 @@ from tau2jax.inference import sampling
 from tau2jax.inference.engine import ContextLengthError, GenerateResult, SamplingParams
 
 MIN_PROMPT_BUCKET = 16
+MIN_CACHE_BUCKET = 256
 MIN_STOP_ID_SLOTS = 8  # stop-id table width; more stop ids round up to a power of two (a new shape)
-
-
-@dataclasses.dataclass
-class JaxGenerateResult(GenerateResult):
-    # log_softmax(logits) at each sampled token: temperature 1, unfiltered.
-    raw_logprobs: list[float] = dataclasses.field(default_factory=list)
+# Attention-score elements of one prefill slice (B x heads x slice x cache): 2 GiB in fp32. Qwen3-4B
+# (32 heads), batch 16, cache 32K -> 32-token slices; short caches keep `prefill_chunk`.
+PREFILL_SCORES = 2 ** 29
 
 
 class _Spec(NamedTuple):
     """Everything static about the compiled functions; engines with equal specs share them."""
     cfg: ModelConfig
-    max_seq_len: int
     prefill_chunk: int
     decode_chunk: int
     compute_dtype: jnp.dtype
@@ -79,14 +91,23 @@ def _bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << (n - 1).bit_length())
 
 
+def _slice_len(spec: _Spec, B: int, P: int, S: int) -> int:
+    """Prefill slice: a power of two dividing P, at most prefill_chunk, scores under PREFILL_SCORES."""
+    fits = max(1, PREFILL_SCORES // (B * spec.cfg.num_heads * S))
+    return min(spec.prefill_chunk, P, 1 << (fits.bit_length() - 1))
+
+
 # --------------------------------------------------------------------------- jitted device code
-# rows:  per-request constants [B]: temperature, top_k, top_p, seed, max_new, stop_ids [B, NS]
+# rows:  per-request constants [B]: temperature, top_k, top_p, seed, max_new, prompt_len,
+#        stop_ids [B, NS]
 # state: cache, lengths (tokens in cache), last (sampled, not yet fed), done, n_gen [B]
-# out:   tokens [k, B] (-1 where the row emitted nothing), logprobs, raw [k, B]
+# out:   tokens [k, B] (-1 where the row emitted nothing), logprobs, sampled [k, B]
 
 
 def _sample_next(logits, rows, n_gen):
-    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(rows["seed"], n_gen)
+    # Keyed on the token's absolute position, not on n_gen alone: see the module docstring.
+    pos = rows["prompt_len"] + n_gen
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(rows["seed"], pos)
     return sampling.sample(keys, logits, rows["temperature"], rows["top_k"], rows["top_p"])
 
 
@@ -94,23 +115,43 @@ def _finished(rows, tok, n_gen):
     return jnp.any(tok[:, None] == rows["stop_ids"], axis=1) | (n_gen >= rows["max_new"])
 
 
-@functools.partial(jax.jit, static_argnames="spec")
-def _prefill(params, rows, tokens, prompt_lens, *, spec: _Spec):
+@functools.partial(jax.jit, static_argnames=("spec", "batch", "length"))
+def _empty_cache(*, spec: _Spec, batch: int, length: int):
+    cache = qwen3.init_cache(spec.cfg, batch, length, spec.cache_dtype)
+    return {n: constrain(a, ax) for (n, a), ax in zip(cache.items(), qwen3.cache_axes().values())}
+
+
+@functools.partial(jax.jit, static_argnames="length", donate_argnames="cache")
+def _put_prefix(cache, entry, row, *, length: int):
+    """Copies slots [0, length) of a prefix entry {"k","v": [L, n, K, Dh]} into cache row `row`."""
+    return {n: jax.lax.dynamic_update_slice(cache[n], entry[n][:, None, :length], (0, row, 0, 0, 0))
+            for n in cache}
+
+
+@functools.partial(jax.jit, static_argnames="length")
+def _take_prefix(cache, row, *, length: int):
+    """Slots [0, length) of cache row `row`, as a prefix entry {"k","v": [L, length, K, Dh]}."""
+    return {n: jax.lax.dynamic_index_in_dim(cache[n], row, axis=1, keepdims=False)[:, :length] for n in cache}
+
+
+@functools.partial(jax.jit, static_argnames="spec", donate_argnames="cache")
+def _prefill(params, rows, cache, tokens, start, *, spec: _Spec):
+    """Feeds each row's prompt from position `start` [B] on (slots < start already hold its
+    prefix); tokens [B, P] = prompt[start:], right-padded. Samples the first new token."""
     _TRACES["prefill", spec] += 1
     cfg = spec.cfg
     B, P = tokens.shape
-    c = min(spec.prefill_chunk, P)  # both powers of two, so c divides P
-    cache = qwen3.init_cache(cfg, B, spec.max_seq_len, spec.cache_dtype)
-    cache = {n: constrain(a, ax) for (n, a), ax in zip(cache.items(), qwen3.cache_axes().values())}
+    c = _slice_len(spec, B, P, cache["k"].shape[2])
+    n_new = rows["prompt_len"] - start
 
-    def chunk(carry, start):
+    def chunk(carry, off):
         cache, last_hidden = carry
-        pos = start + jnp.arange(c)
+        pos = off + jnp.arange(c)
         hidden, cache = qwen3.forward_cached(
-            params, cfg, jax.lax.dynamic_slice_in_dim(tokens, start, c, axis=1), cache,
-            jnp.minimum(start, prompt_lens), pos[None] < prompt_lens[:, None],
+            params, cfg, jax.lax.dynamic_slice_in_dim(tokens, off, c, axis=1), cache,
+            start + jnp.minimum(off, n_new), pos[None] < n_new[:, None],
             compute_dtype=spec.compute_dtype, return_hidden=True)
-        idx = prompt_lens - 1 - start  # each row's last prompt token, if in this slice
+        idx = n_new - 1 - off  # each row's last prompt token, if in this slice
         here = hidden[jnp.arange(B), jnp.clip(idx, 0, c - 1)]
         last_hidden = jnp.where(((idx >= 0) & (idx < c))[:, None], here, last_hidden)
         return (cache, last_hidden), None
@@ -119,10 +160,10 @@ def _prefill(params, rows, tokens, prompt_lens, *, spec: _Spec):
     (cache, last_hidden), _ = jax.lax.scan(chunk, init, jnp.arange(0, P, c))
     logits = qwen3.logits_from_hidden(params, cfg, last_hidden)
     n_gen = jnp.zeros(B, jnp.int32)
-    tok, lp, raw = _sample_next(logits, rows, n_gen)
+    tok, lp, slp = _sample_next(logits, rows, n_gen)
     n_gen = n_gen + 1
-    state = dict(cache=cache, lengths=prompt_lens, last=tok, done=_finished(rows, tok, n_gen), n_gen=n_gen)
-    return state, dict(tokens=tok[None], logprobs=lp[None], raw=raw[None])
+    state = dict(cache=cache, lengths=rows["prompt_len"], last=tok, done=_finished(rows, tok, n_gen), n_gen=n_gen)
+    return state, dict(tokens=tok[None], logprobs=lp[None], sampled=slp[None])
 
 
 @functools.partial(jax.jit, static_argnames="spec", donate_argnames="state")
@@ -130,7 +171,7 @@ def _decode(params, rows, state, *, spec: _Spec):
     _TRACES["decode", spec] += 1
     k, B = spec.decode_chunk, state["last"].shape[0]
     out = dict(tokens=jnp.full((k, B), -1, jnp.int32), logprobs=jnp.zeros((k, B), jnp.float32),
-               raw=jnp.zeros((k, B), jnp.float32))
+               sampled=jnp.zeros((k, B), jnp.float32))
 
     def cond(carry):
         i, st, _ = carry
@@ -141,16 +182,78 @@ def _decode(params, rows, state, *, spec: _Spec):
         active = ~st["done"]
         logits, cache = qwen3.forward_cached(params, spec.cfg, st["last"][:, None], st["cache"], st["lengths"],
                                              active[:, None], compute_dtype=spec.compute_dtype)
-        tok, lp, raw = _sample_next(logits[:, 0], rows, st["n_gen"])
+        tok, lp, slp = _sample_next(logits[:, 0], rows, st["n_gen"])
         n_gen = st["n_gen"] + active
         st = dict(cache=cache, lengths=st["lengths"] + active, last=jnp.where(active, tok, st["last"]),
                   done=st["done"] | (active & _finished(rows, tok, n_gen)), n_gen=n_gen)
         out = dict(tokens=out["tokens"].at[i].set(jnp.where(active, tok, -1)),
-                   logprobs=out["logprobs"].at[i].set(lp), raw=out["raw"].at[i].set(raw))
+                   logprobs=out["logprobs"].at[i].set(lp), sampled=out["sampled"].at[i].set(slp))
         return i + 1, st, out
 
     _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
     return state, out
+
+
+# --------------------------------------------------------------------------- prefix cache
+
+
+@dataclasses.dataclass
+class _Entry:
+    ids: np.ndarray  # int32 token ids whose KV `kv` holds (slots >= len(ids) are garbage)
+    kv: dict  # {"k","v": [L, slots, K, Dh]} on device
+    slots: int
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    m = min(len(a), len(b))
+    diff = np.flatnonzero(a[:m] != b[:m])
+    return int(diff[0]) if diff.size else m
+
+
+class PrefixCache:
+    """LRU of finished requests' KV keyed by token ids, holding at most `capacity` cache slots.
+    Not thread-safe: the engine guards it with its lock."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
+        self.slots = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def match(self, prompt: np.ndarray) -> tuple[_Entry | None, int]:
+        """(the entry sharing the longest prefix with `prompt`, that length), leaving at least
+        the prompt's last token to prefill; (None, 0) if nothing is shared."""
+        best, n = None, 0
+        for e in self._entries.values():
+            m = min(_common_prefix(prompt, e.ids), len(prompt) - 1)
+            if m > n:
+                best, n = e, m
+        if best is not None:
+            self._entries.move_to_end(best.ids.tobytes())
+        return best, n
+
+    def covers(self, ids: np.ndarray) -> bool:
+        """Whether an entry already holds `ids` (as a prefix of its own): storing it adds nothing."""
+        return any(len(e.ids) >= len(ids) and _common_prefix(ids, e.ids) == len(ids)
+                   for e in self._entries.values())
+
+    def add(self, ids: np.ndarray, kv: dict, slots: int) -> None:
+        """Stores an entry; drops those it extends (it serves every prompt they served, as well),
+        then the least recently used until the slots fit."""
+        if slots > self.capacity:
+            return
+        for key in [k for k, e in self._entries.items() if _common_prefix(ids, e.ids) == len(e.ids)]:
+            self.slots -= self._entries.pop(key).slots
+        self._entries[ids.tobytes()] = _Entry(ids, kv, slots)
+        self.slots += slots
+        while self.slots > self.capacity:
+            self.slots -= self._entries.popitem(last=False)[1].slots
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.slots = 0
 
 
 # --------------------------------------------------------------------------- host side
@@ -160,7 +263,7 @@ def _decode(params, rows, state, *, spec: _Spec):
 class _Request:
     prompt: list[int]
     params: SamplingParams
-    max_new: int  # max_new_tokens clipped to the cache
+    max_new: int  # max_new_tokens clipped to the context
     seed: int
     future: concurrent.futures.Future
 
@@ -172,7 +275,7 @@ class _Row:
         self.req, self.tokenizer = req, tokenizer
         self.ids: list[int] = []
         self.logprobs: list[float] = []
-        self.raw: list[float] = []
+        self.sampled: list[float] = []
         self.finish: str | None = None
         self.stop_reason: str | int | None = None
         self.stops = set(req.params.stop_token_ids)
@@ -180,8 +283,8 @@ class _Row:
         # A string of n characters spans at most 4n byte-level tokens (a token holds >= 1 byte).
         self.window = 4 * max(map(len, self.stop_strings), default=0) + 4
 
-    def add(self, tok: int, lp: float, raw: float) -> None:
-        self.ids.append(tok), self.logprobs.append(lp), self.raw.append(raw)
+    def add(self, tok: int, lp: float, slp: float) -> None:
+        self.ids.append(tok), self.logprobs.append(lp), self.sampled.append(slp)
         if tok in self.stops:
             self.finish, self.stop_reason = "stop", tok
         elif self.stop_strings and (hit := self._stop_string()) is not None:
@@ -195,8 +298,26 @@ class _Row:
         tail = self.tokenizer.decode(self.ids[-self.window:])
         return next((s for s in self.stop_strings if s in tail), None)
 
-    def result(self, policy_version: int) -> JaxGenerateResult:
-        return JaxGenerateResult(self.ids, self.logprobs, self.finish, policy_version, self.stop_reason, self.raw)
+    def result(self, policy_version: int) -> GenerateResult:
+        return GenerateResult(self.ids, self.logprobs, self.finish, policy_version, self.stop_reason, self.sampled)
+
+
+def _pack(batch: list[_Request], prompts: list[np.ndarray], cached: list[int], B: int, P: int):
+    """Host arrays of a batch padded to B rows: tokens [B, P] (each prompt after its `cached`
+    prefix), start [B] (= cached) and the per-row constants `rows` of the jitted functions."""
+    ns = _bucket(max((len(r.params.stop_token_ids) for r in batch), default=0), MIN_STOP_ID_SLOTS)
+    tokens, start = np.zeros((B, P), np.int32), np.zeros(B, np.int32)
+    rows = dict(temperature=np.zeros(B, np.float32), top_k=np.zeros(B, np.int32),
+                top_p=np.ones(B, np.float32), seed=np.zeros(B, np.uint32), max_new=np.ones(B, np.int32),
+                prompt_len=np.ones(B, np.int32),  # padding rows: one token, done after one step
+                stop_ids=np.full((B, ns), -1, np.int32))
+    for i, (r, prompt, n) in enumerate(zip(batch, prompts, cached)):
+        p = r.params
+        tokens[i, :len(prompt) - n], start[i] = prompt[n:], n
+        rows["temperature"][i], rows["top_k"][i], rows["top_p"][i] = p.temperature, p.top_k, p.top_p
+        rows["seed"][i], rows["max_new"][i], rows["prompt_len"][i] = r.seed, r.max_new, len(prompt)
+        rows["stop_ids"][i, :len(p.stop_token_ids)] = p.stop_token_ids
+    return tokens, start, rows
 
 
 class JaxEngine:
@@ -204,7 +325,10 @@ class JaxEngine:
 
     params: the `qwen3.init_params` pytree (placed by `param_shardings` when `mesh` is given;
     its dtype is kept, e.g. bf16 weights with compute_dtype=bf16 on GPU). tokenizer: needed only
-    for stop strings. decode_chunk: decode steps per dispatch (one host sync each).
+    for stop strings. max_seq_len: the context (prompt + generated tokens), the largest KV cache
+    bucket. decode_chunk: decode steps per dispatch (one host sync each). prefill_chunk: most
+    prompt tokens per prefill slice. prefix_cache_tokens: cache slots the prefix cache may hold
+    (0 = off; each slot costs 2 x layers x kv_heads x head_dim values of cache_dtype).
     """
 
     kind = "builtin"
@@ -212,14 +336,14 @@ class JaxEngine:
     def __init__(self, params, cfg: ModelConfig, *, tokenizer=None, max_seq_len: int = 4096,
                  max_batch: int = 16, decode_chunk: int = 16, prefill_chunk: int = 512,
                  compute_dtype=jnp.float32, cache_dtype=None, mesh: jax.sharding.Mesh | None = None,
-                 batch_wait_s: float = 0.0, policy_version: int = 0, seed: int = 0):
-        if max_seq_len < 2 or max_batch < 1 or decode_chunk < 1:
-            raise ValueError("JaxEngine: max_seq_len must be >= 2, max_batch and decode_chunk >= 1")
+                 batch_wait_s: float = 0.0, prefix_cache_tokens: int = 0, policy_version: int = 0, seed: int = 0):
+        if max_seq_len < 2 or max_batch < 1 or decode_chunk < 1 or prefix_cache_tokens < 0:
+            raise ValueError("JaxEngine: max_seq_len must be >= 2, max_batch and decode_chunk >= 1, "
+                             "prefix_cache_tokens >= 0")
         if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
             raise ValueError(f"JaxEngine: prefill_chunk must be a power of two, got {prefill_chunk}")
         compute_dtype = jnp.dtype(compute_dtype)
-        self._spec = _Spec(cfg, max_seq_len, prefill_chunk, decode_chunk, compute_dtype,
-                           jnp.dtype(cache_dtype or compute_dtype))
+        self._spec = _Spec(cfg, prefill_chunk, decode_chunk, compute_dtype, jnp.dtype(cache_dtype or compute_dtype))
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
         self.max_seq_len, self.max_batch, self.batch_wait_s = max_seq_len, max_batch, batch_wait_s
         self._shapes = jax.eval_shape(lambda: qwen3.init_params(cfg, jax.random.key(0)))
@@ -228,7 +352,10 @@ class JaxEngine:
         self._params = self._own(params)
         self.policy_version = policy_version
         self.batches_run = 0
-        self._lock = threading.Lock()  # guards (_params, policy_version) and the seed RNG
+        # Guards _params, policy_version, the prefix cache, the seed RNG, _closed and the counters.
+        self._lock = threading.Lock()
+        self._prefix = PrefixCache(prefix_cache_tokens)
+        self._counts = collections.Counter()
         self._rng = np.random.default_rng(seed)
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
@@ -239,7 +366,8 @@ class JaxEngine:
 
     @classmethod
     def from_checkpoint(cls, orbax_dir: str, *, dtype=None, mesh=None, **kwargs) -> "JaxEngine":
-        """Weights from `checkpoints_tools` Orbax format (`restore_params`), cast to `dtype`."""
+        """Weights from `checkpoints_tools` Orbax format (`restore_params`, sharded on `mesh` if
+        given), cast to `dtype`."""
         from checkpoints_tools.orbax_io import restore_params
 
         params, cfg = restore_params(orbax_dir, mesh=mesh, dtype=dtype)
@@ -257,44 +385,34 @@ class JaxEngine:
     # ------------------------------------------------------------------ public API
 
     def generate(self, input_ids: list[list[int]],
-                 params: SamplingParams | list[SamplingParams]) -> list[JaxGenerateResult]:
-        """Blocking; thread-safe. Prompts of one call may be split over batches, and share them
-        with other callers' prompts. Every request is validated before any is queued."""
+                 params: SamplingParams | list[SamplingParams]) -> list[GenerateResult]:
+        """Blocking; thread-safe. Every request is validated before any is queued; the prompts of
+        one call are queued together, so they share a batch as far as max_batch allows (and
+        share it with other callers' prompts)."""
         per = [params] * len(input_ids) if isinstance(params, SamplingParams) else list(params)
         if len(per) != len(input_ids):
             raise ValueError(f"{len(per)} SamplingParams for {len(input_ids)} prompts")
         for ids, p in zip(input_ids, per):
             self._validate(ids, p)
-        futures = [self.submit(ids, p) for ids, p in zip(input_ids, per)]
-        return [f.result() for f in futures]
+        return [f.result() for f in self._enqueue(list(zip(input_ids, per)))]
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> concurrent.futures.Future:
-        """Queues one request; the future resolves to its JaxGenerateResult (or the batch's
-        exception). For servers: submit each incoming request and await
-        `asyncio.wrap_future(future)`; the worker batches whatever is queued."""
-        if self._closed:
-            raise RuntimeError("JaxEngine is closed")
-        prompt = [int(t) for t in prompt_ids]
-        self._validate(prompt, params)
-        with self._lock:
-            seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
-            version = self.policy_version
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        max_new = min(params.max_new_tokens, self.max_seq_len - len(prompt))
-        if max_new == 0:
-            future.set_result(JaxGenerateResult([], [], "length", version, None, []))
-        else:
-            self._queue.put(_Request(prompt, params, max_new, seed & 0xFFFFFFFF, future))
-        return future
+        """Queues one request; the future resolves to its GenerateResult (or the batch's
+        exception; a RuntimeError once the engine is closed). For servers: submit each incoming
+        request and await `asyncio.wrap_future(future)`; the worker batches whatever is queued."""
+        self._validate(prompt_ids, params)
+        return self._enqueue([(prompt_ids, params)])[0]
 
     def update_weights(self, params, version: int | None = None) -> int:
         """Swaps in new weights (same tree and shapes; cast to the engine's dtypes, placed on its
-        shardings, so nothing recompiles) and sets policy_version to `version` (default: +1).
-        The engine keeps its own copy: the caller may donate or delete its arrays afterwards.
-        A batch already running finishes on the old weights and reports the old version."""
+        shardings, so nothing recompiles), empties the prefix cache and sets policy_version to
+        `version` (default: +1). The engine keeps its own copy: the caller may donate or delete
+        its arrays afterwards. A batch already running finishes on the old weights and reports
+        the old version."""
         new = self._own(params, self._params)
         with self._lock:
             self._params = new
+            self._prefix.clear()
             self.policy_version = self.policy_version + 1 if version is None else int(version)
             return self.policy_version
 
@@ -304,10 +422,21 @@ class JaxEngine:
         engines with the same config share compiled code and these counts."""
         return {name: _TRACES[name, self._spec] for name in ("prefill", "decode")}
 
+    def stats(self) -> dict[str, int]:
+        """Counters since construction: requests, prompt_tokens, prefill_tokens (prompt tokens
+        actually computed), prefix_hits, prefix_tokens_saved; and the prefix cache's current
+        prefix_entries / prefix_slots."""
+        with self._lock:
+            return {**{k: self._counts[k] for k in ("requests", "prompt_tokens", "prefill_tokens", "prefix_hits",
+                                                    "prefix_tokens_saved")},
+                    "prefix_entries": len(self._prefix), "prefix_slots": self._prefix.slots}
+
     def close(self) -> None:
-        """Stops the worker after the queued requests are done."""
-        self._closed = True
-        self._queue.put(None)
+        """Stops the worker after the requests already queued are done; later ones fail."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(None)
         self._worker.join()
 
     # ------------------------------------------------------------------ internals
@@ -345,20 +474,46 @@ class JaxEngine:
         if p.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: build the engine with tokenizer=...")
 
+    def _enqueue(self, requests: list[tuple[list[int], SamplingParams]]) -> list[concurrent.futures.Future]:
+        """Queues validated requests as one group (the worker takes a group whole where it fits
+        the batch) and returns their futures."""
+        futures, group = [], []
+        # Checked and queued under the lock that close() takes: nothing lands behind its stop
+        # marker, where the worker would never see it.
+        with self._lock:
+            for ids, p in requests:
+                prompt = [int(t) for t in ids]
+                future: concurrent.futures.Future = concurrent.futures.Future()
+                futures.append(future)
+                max_new = min(p.max_new_tokens, self.max_seq_len - len(prompt))
+                if self._closed:
+                    future.set_exception(RuntimeError("JaxEngine is closed: the request was not run"))
+                elif max_new == 0:
+                    future.set_result(GenerateResult([], [], "length", self.policy_version, None, []))
+                else:
+                    seed = p.seed if p.seed is not None else int(self._rng.integers(2**31))
+                    group.append(_Request(prompt, p, max_new, seed & 0xFFFFFFFF, future))
+            if group:
+                self._queue.put(group)
+        return futures
+
     def _serve(self) -> None:
-        while (first := self._queue.get()) is not None:
-            batch = [first]
+        pending: collections.deque[_Request] = collections.deque()  # queued, not yet in a batch
+        while pending or (group := self._queue.get()) is not None:
+            if not pending:
+                pending.extend(group)
             deadline = time.monotonic() + self.batch_wait_s
-            while len(batch) < self.max_batch:
+            while len(pending) < self.max_batch:
                 remaining = deadline - time.monotonic()
                 try:
-                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                    group = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:  # close(): finish this batch, then stop
+                if group is None:  # close(): finish what was queued before it, then stop
                     self._queue.put(None)
                     break
-                batch.append(item)
+                pending.extend(group)
+            batch = [pending.popleft() for _ in range(min(len(pending), self.max_batch))]
             try:
                 results = self._run_batch(batch)
             except BaseException as e:  # the callers see it; the worker keeps serving
@@ -368,30 +523,28 @@ class JaxEngine:
                 for r, res in zip(batch, results):
                     r.future.set_result(res)
 
-    def _run_batch(self, batch: list[_Request]) -> list[JaxGenerateResult]:
-        with self._lock:
+    def _cache_len(self, need: int) -> int:
+        return min(self.max_seq_len, _bucket(need, MIN_CACHE_BUCKET))
+
+    def _run_batch(self, batch: list[_Request]) -> list[GenerateResult]:
+        prompts = [np.asarray(r.prompt, np.int32) for r in batch]
+        with self._lock:  # the prefix KV must come from the weights this batch runs on
             params, version = self._params, self.policy_version
+            hits = [self._prefix.match(p) for p in prompts]
         B = min(_bucket(len(batch)), self.max_batch)
-        P = _bucket(max(len(r.prompt) for r in batch), MIN_PROMPT_BUCKET)
-        ns = _bucket(max((len(r.params.stop_token_ids) for r in batch), default=0), MIN_STOP_ID_SLOTS)
-        tokens = np.zeros((B, P), np.int32)
-        rows = dict(temperature=np.zeros(B, np.float32), top_k=np.zeros(B, np.int32),
-                    top_p=np.ones(B, np.float32), seed=np.zeros(B, np.uint32),
-                    max_new=np.ones(B, np.int32), stop_ids=np.full((B, ns), -1, np.int32))
-        prompt_lens = np.ones(B, np.int32)  # padding rows: one token, done after one step
-        for i, r in enumerate(batch):
-            p = r.params
-            tokens[i, :len(r.prompt)] = r.prompt
-            prompt_lens[i] = len(r.prompt)
-            rows["temperature"][i], rows["top_k"][i], rows["top_p"][i] = p.temperature, p.top_k, p.top_p
-            rows["seed"][i], rows["max_new"][i] = r.seed, r.max_new
-            rows["stop_ids"][i, :len(p.stop_token_ids)] = p.stop_token_ids
+        S = self._cache_len(max(len(r.prompt) + r.max_new for r in batch))
+        P = _bucket(max(len(p) - n for p, (_, n) in zip(prompts, hits)), MIN_PROMPT_BUCKET)
+        tokens, start, rows = _pack(batch, prompts, [n for _, n in hits], B, P)
         hosts = [_Row(r, self.tokenizer) for r in batch]
 
         mesh_ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
         with mesh_ctx:
             rows = jax.device_put(rows)
-            state, out = _prefill(params, rows, tokens, prompt_lens, spec=self._spec)
+            cache = _empty_cache(spec=self._spec, batch=B, length=S)
+            for i, (entry, _) in enumerate(hits):
+                if entry is not None:
+                    cache = _put_prefix(cache, entry.kv, i, length=min(entry.slots, S))
+            state, out = _prefill(params, rows, cache, tokens, start, spec=self._spec)
             while True:
                 # Dispatch the next chunk before reading this one, so the device never waits on
                 # the host; at most one chunk is wasted once every row has finished.
@@ -403,34 +556,64 @@ class JaxEngine:
                 ended = [i for i, h in enumerate(hosts) if h.finish is not None]
                 state["done"] = state["done"].at[np.array(ended, np.int32)].set(True) if ended else state["done"]
                 out = nxt
-        self.batches_run += 1
+            self._remember(hosts, state["cache"], version, S)
+        with self._lock:
+            self.batches_run += 1
+            self._counts.update(requests=len(batch), prompt_tokens=sum(map(len, prompts)),
+                                prefill_tokens=sum(len(p) - n for p, (_, n) in zip(prompts, hits)),
+                                prefix_hits=sum(n > 0 for _, n in hits), prefix_tokens_saved=sum(n for _, n in hits))
         return [h.result(version) for h in hosts]
+
+    def _remember(self, hosts: list[_Row], cache, version: int, S: int) -> None:
+        """Stores each finished row's KV in the prefix cache, unless the weights changed meanwhile."""
+        if not self._prefix.capacity:
+            return
+        for i, h in enumerate(hosts):
+            ids = np.asarray(h.req.prompt + h.ids[:-1], np.int32)  # the last sampled token was never fed
+            with self._lock:
+                if version != self.policy_version or self._prefix.covers(ids):
+                    continue
+            slots = min(_bucket(len(ids), MIN_CACHE_BUCKET), S)
+            kv = _take_prefix(cache, i, length=slots)
+            with self._lock:
+                if version == self.policy_version:
+                    self._prefix.add(ids, kv, slots)
 
     @staticmethod
     def _consume(hosts: list[_Row], out) -> bool:
         """Appends a chunk's tokens to the unfinished rows; True while any row is unfinished."""
         out = jax.device_get(out)
-        toks, lps, raws = out["tokens"], out["logprobs"], out["raw"]
+        toks, lps, slps = out["tokens"], out["logprobs"], out["sampled"]
         for i, h in enumerate(hosts):
             for t in range(toks.shape[0]):
                 if h.finish is not None or toks[t, i] < 0:
                     break
-                h.add(int(toks[t, i]), float(lps[t, i]), float(raws[t, i]))
+                h.add(int(toks[t, i]), float(lps[t, i]), float(slps[t, i]))
         return any(h.finish is None for h in hosts)
 
 
+def engine_dtype(name: str) -> jnp.dtype:
+    """`engine.dtype` -> weights / compute / cache dtype; "auto" = bfloat16 on GPU, else float32."""
+    if name == "auto":
+        return jnp.dtype(jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
+    return jnp.dtype(name)
+
+
 def from_config(config) -> JaxEngine:
-    """The engine for `config.engine.kind == "builtin"`: weights from `engine.checkpoint`
-    (an `hf_to_orbax` output, or an SFT run's `params/`), computing in `model.compute_dtype`."""
+    """The engine for `config.engine.kind == "builtin"`: weights from `engine.checkpoint` (an
+    `hf_to_orbax` output, or an SFT run's `params/`) in `engine.dtype`; with more than one device,
+    restored sharded on the `config.mesh` mesh."""
     from tau2jax.config import ConfigError
     from tau2jax.data.tokenizer import load_tokenizer
+    from tau2jax.parallel.sharding import make_mesh
 
     e = config.engine
     if not e.checkpoint:
         raise ConfigError("config.engine.checkpoint: the builtin engine needs converted weights "
                           "(python -m checkpoints_tools.hf_to_orbax, or an SFT run's params/ dir)")
-    compute_dtype = jnp.dtype(config.model.compute_dtype)
+    dtype = engine_dtype(e.dtype)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor) if jax.device_count() > 1 else None
     return JaxEngine.from_checkpoint(
-        e.checkpoint, dtype=compute_dtype, compute_dtype=compute_dtype, max_seq_len=e.max_seq_len,
-        max_batch=e.max_batch, tokenizer=load_tokenizer(config.tokenizer.path or config.model.hf_dir),
-        seed=config.seed)
+        e.checkpoint, dtype=dtype, compute_dtype=dtype, mesh=mesh, max_seq_len=e.max_seq_len,
+        max_batch=e.max_batch, prefix_cache_tokens=e.prefix_cache_tokens,
+        tokenizer=load_tokenizer(config.tokenizer.path or config.model.hf_dir), seed=config.seed)

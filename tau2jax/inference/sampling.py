@@ -1,20 +1,24 @@
 """Sampling math shared by the built-in engine (behaviour) and the learner (recomputation).
 
-The distribution a token is sampled from, for temperature T > 0, is
+A token is drawn, for temperature T > 0, from
 
     softmax(filter(logits / T))
 
 where `filter` keeps the top-k logits (k = 0: off) and then the top-p nucleus of the resulting
 distribution (the smallest set of most likely tokens whose mass reaches p; p = 1: off), in
 transformers' order (temperature -> top-k -> top-p), setting everything else to -inf. Ties at
-either threshold are kept. The engine's behaviour log-prob of a sampled token is its log-prob
-under exactly that distribution, and `behaviour_logprobs` recomputes the same quantity from the
-learner's full-forward logits, so RL importance ratios compare like with like. A token the
-learner's filter would drop (possible only when its logit sits on a threshold and the two
-forwards differ by rounding) gets -inf; mask or clip such ratios.
+either threshold are kept. Temperature 0 is greedy: the token is argmax(logits).
 
-Temperature 0 is greedy: the token is argmax(logits) and its log-prob is taken under the
-unscaled, unfiltered distribution, log_softmax(logits)[argmax] (the "raw" log-prob).
+Two log-probs of a sampled token (see `GenerateResult`):
+
+- the behaviour log-prob, `temperature_logprobs`: log_softmax(logits / T)[token], *before*
+  filtering (SGLang's `output_token_logprobs`); T = 0 -> log_softmax(logits)[token]. Every engine
+  reports this, and the learner recomputes it from its full-forward logits with the same function,
+  so RL importance ratios compare like with like whichever engine sampled.
+- the sampled log-prob, `sampled_logprobs`: under the filtered distribution actually drawn from
+  (= the behaviour log-prob when no filter is on; T = 0 -> log_softmax(logits)). A token the
+  learner's filter would drop (possible only when its logit sits on a threshold and the two
+  forwards differ by rounding) gets -inf there.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
     t = _per_row(temperature, lead, jnp.float32)
     k = _per_row(top_k, lead, jnp.int32)
     p = _per_row(top_p, lead, jnp.float32)
-    x = logits.astype(jnp.float32) / jnp.where(t > 0, t, 1.0)[..., None]
+    x = _scaled(logits, t)
     k = jnp.where((k <= 0) | (k > V), V, k)  # V = no top-k
     neg_inf = jnp.float32(-jnp.inf)
 
@@ -75,12 +79,24 @@ def _logprob_at(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
 
 
-def behaviour_logprobs(logits: jax.Array, tokens: jax.Array, temperature, top_k=0, top_p=1.0) -> jax.Array:
-    """Log-prob of `tokens` [...] under the distribution the engine sampled them from, given the
-    logits [..., V] that preceded each token (e.g. a full forward's logits[:, :-1] and
-    tokens[:, 1:]). Sampling params are scalars or per-row arrays (see `filter_logits`).
-    temperature 0 -> log_softmax(logits) at the token (greedy convention). Sorts the vocabulary
-    when top_p < 1 or top_k > 64: chunk long sequences if [..., V] sorts do not fit."""
+def _scaled(logits: jax.Array, temperature) -> jax.Array:
+    """logits / T in float32; rows with T = 0 unscaled (the greedy convention)."""
+    t = _per_row(temperature, logits.shape[:-1], jnp.float32)
+    return logits.astype(jnp.float32) / jnp.where(t > 0, t, 1.0)[..., None]
+
+
+def temperature_logprobs(logits: jax.Array, tokens: jax.Array, temperature) -> jax.Array:
+    """The behaviour log-prob: log_softmax(logits / T) at `tokens` [...], given the logits [..., V]
+    that preceded each token (e.g. a full forward's logits[:, :-1] and tokens[:, 1:]); T = 0 ->
+    log_softmax(logits). temperature: a scalar or per-row array. What the learner recomputes."""
+    return _logprob_at(_scaled(logits, temperature), tokens)
+
+
+def sampled_logprobs(logits: jax.Array, tokens: jax.Array, temperature, top_k=0, top_p=1.0) -> jax.Array:
+    """Log-prob of `tokens` under the filtered distribution they were drawn from (arguments as in
+    `temperature_logprobs`, plus top_k / top_p, scalars or per row); T = 0 -> log_softmax(logits).
+    Sorts the vocabulary when top_p < 1 or top_k > 64: chunk long sequences if [..., V] sorts do
+    not fit."""
     filtered = filter_logits(logits, temperature, top_k, top_p)
     t = _per_row(temperature, tokens.shape, jnp.float32)
     return jnp.where(t > 0, _logprob_at(filtered, tokens), _logprob_at(logits.astype(jnp.float32), tokens))
@@ -88,8 +104,8 @@ def behaviour_logprobs(logits: jax.Array, tokens: jax.Array, temperature, top_k=
 
 def sample(keys: jax.Array, logits: jax.Array, temperature, top_k, top_p):
     """One token per row. keys: typed PRNG keys [B]; logits [B, V]; params scalars or [B].
-    Returns (tokens [B] int32, logprobs [B] = behaviour_logprobs, raw_logprobs [B] =
-    log_softmax(logits) at the token, i.e. temperature 1 and no filtering)."""
+    Returns (tokens [B] int32, logprobs [B] = `temperature_logprobs`, sampled [B] =
+    `sampled_logprobs`)."""
     filtered = filter_logits(logits, temperature, top_k, top_p)
     t = _per_row(temperature, logits.shape[:-1], jnp.float32)
     greedy = jnp.argmax(logits, axis=-1)
@@ -97,5 +113,5 @@ def sample(keys: jax.Array, logits: jax.Array, temperature, top_k, top_p):
     drawn = jax.lax.cond(jnp.any(t > 0), lambda: jax.vmap(jax.random.categorical)(keys, filtered),
                          lambda: greedy)
     tokens = jnp.where(t > 0, drawn, greedy).astype(jnp.int32)
-    raw = _logprob_at(logits.astype(jnp.float32), tokens)
-    return tokens, jnp.where(t > 0, _logprob_at(filtered, tokens), raw), raw
+    behaviour = temperature_logprobs(logits, tokens, temperature)
+    return tokens, behaviour, jnp.where(t > 0, _logprob_at(filtered, tokens), behaviour)

@@ -1,0 +1,154 @@
+"""Rollout throughput: tau2 episodes through the built-in engine, prefix cache off vs on.
+
+    python benchmarks/rollout.py [--quick]    # ~2 min on 2 CPU cores; --quick ~1 min
+
+Episodes of the tau2 `mock` domain (ScriptedUser, `run_episode`, one thread per episode, all
+sharing one JaxEngine that batches their turns) with the tiny random Qwen3 and the real Qwen3
+tokenizer, T=1, 32 new tokens a turn. A random model never writes a parseable tool call, so with
+the `recipe` prompt style every turn is answered with a format-repair prompt and regenerated
+(2 repairs with --quick, else 3): each engine call extends the previous prompt by the last
+output and the repair message, as a multi-turn episode does. With the prefix cache off every turn
+prefills the whole conversation again; on, it prefills only what is new since the cached prefix
+(and the system prompt is shared across episodes).
+
+Each round runs the same seeded episodes on a fresh engine (compiled code is shared, the prefix
+cache is not): untimed rounds per mode to compile, then timed rounds alternating between the
+modes; the median round counts. Episode tokens/s counts every trajectory token (prompt, sampled
+and forced) over the round's wall time. Prints a table and, as the last line, a JSON object with
+`speedup_vs_reprefill` (tokens/s on / off), also written to benchmarks/results/rollout.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import sys
+import time
+
+import numpy as np
+
+import common  # benchmarks/common.py; also puts the repo root on sys.path
+
+SIZES = {"full": dict(episodes=8, repairs=3, rounds=3), "quick": dict(episodes=4, repairs=2, rounds=2)}
+MAX_NEW_TOKENS = 32
+PREFIX_CACHE_TOKENS = 65536  # the config default
+
+
+def _compiles() -> int:
+    """Engine prefill + decode traces so far (shared by every engine of one static config)."""
+    from tau2jax.inference import jax_engine
+
+    return sum(jax_engine._TRACES.values())
+
+
+def run_round(tasks, engine, chat, repairs: int) -> tuple[float, list]:
+    from tau2jax.env.episode import run_episode
+    from tau2jax.env.scripted_user import ScriptedUser
+    from tau2jax.inference.engine import SamplingParams
+
+    def episode(i):
+        task = tasks[i % len(tasks)]
+        return run_episode(task, "mock", engine=engine, user=ScriptedUser(task), chat=chat, style="recipe",
+                           sampling=SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW_TOKENS, seed=i),
+                           max_repairs=repairs, max_errors=repairs + 2, sample_index=i)
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(tasks)) as pool:
+        trajs = list(pool.map(episode, range(len(tasks))))
+    return time.perf_counter() - t0, trajs
+
+
+def run(size: str, threads: int) -> dict:
+    import jax
+
+    from tau2jax.data.chat import ChatFormat
+    from tau2jax.data.tokenizer import load_tokenizer
+    from tau2jax.env import tau2_env
+    from tau2jax.inference.jax_engine import JaxEngine
+    from tau2jax.models import qwen3
+    from tau2jax.models.configs import get_model_config
+
+    spec = SIZES[size]
+    n, repairs, rounds = spec["episodes"], spec["repairs"], spec["rounds"]
+    tok = load_tokenizer("")
+    chat = ChatFormat(tok)
+    cfg = get_model_config("tiny")
+    params = qwen3.init_params(cfg, jax.random.key(0))
+    tasks = tau2_env.load_tasks("mock")[:n]
+
+    def engine(prefix_tokens):
+        # batch_wait_s: the episodes' next turns arrive a few ms apart; let them share one batch.
+        return JaxEngine(params, cfg, tokenizer=tok, max_seq_len=4096, max_batch=n, batch_wait_s=0.05,
+                         prefix_cache_tokens=prefix_tokens, seed=0)
+
+    modes = {"reprefill": 0, "prefix_cache": PREFIX_CACHE_TOKENS}
+    # Compile rounds, until one meets no new shape: batch composition varies with thread timing.
+    for prefix_tokens in modes.values():
+        for _ in range(3):
+            before, eng = _compiles(), engine(prefix_tokens)
+            run_round(tasks, eng, chat, repairs)
+            eng.close()
+            if _compiles() == before:
+                break
+    compiles = _compiles()
+    secs, trajs, stats = {name: [] for name in modes}, {}, {}
+    for _ in range(rounds):  # alternating, so that other load on the machine hits both alike
+        for name, prefix_tokens in modes.items():
+            eng = engine(prefix_tokens)
+            sec, trajs[name] = run_round(tasks, eng, chat, repairs)
+            secs[name].append(sec)
+            stats[name] = eng.stats()
+            eng.close()
+    rows = {}
+    for name in modes:
+        errors = [t.infra_error for t in trajs[name] if t.infra_error]
+        assert not errors, errors[0]
+        sec, st = float(np.median(secs[name])), stats[name]
+        episode_tokens = sum(len(t.token_ids) for t in trajs[name])
+        rows[name] = {"seconds": round(sec, 3), "episode_tokens": episode_tokens,
+                      "episode_tokens_per_s": round(episode_tokens / sec, 1),
+                      "sampled_tokens": sum(turn["end"] - turn["start"] for t in trajs[name] for turn in t.turns),
+                      "engine_calls": st["requests"], "prompt_tokens": st["prompt_tokens"],
+                      "prefill_tokens": st["prefill_tokens"], "prefix_hits": st["prefix_hits"]}
+    same = sum(a.token_ids == b.token_ids for a, b in zip(trajs["reprefill"], trajs["prefix_cache"]))
+    return {
+        "speedup_vs_reprefill": round(rows["prefix_cache"]["episode_tokens_per_s"]
+                                      / rows["reprefill"]["episode_tokens_per_s"], 3),
+        **rows,
+        "trajectories_identical": same,
+        "compiles_in_timed_rounds": _compiles() - compiles,
+        "config": {"model": "tiny", **{k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "num_layers")},
+                   "episodes": n, "max_repairs": repairs, "timed_rounds": rounds, "prompt_style": "recipe",
+                   "domain": "mock",
+                   "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "prefix_cache_tokens": PREFIX_CACHE_TOKENS,
+                   "size": size, "jax_backend": jax.default_backend(), "cpu_threads": threads,
+                   "load_average_1m": round(os.getloadavg()[0], 2)},
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer episodes and repair turns")
+    common.add_threads_arg(p)
+    p.add_argument("--out", default=common.result_path("rollout.json"))
+    args = p.parse_args(argv)
+    common.pin_threads(p, args.threads)
+    result = run("quick" if args.quick else "full", args.threads)
+    c = result["config"]
+    print(f"tau2 mock rollouts: {c['episodes']} concurrent episodes x {c['max_repairs'] + 1} engine calls, tiny "
+          f"random Qwen3 (vocab {c['vocab_size']}), T=1, {c['max_new_tokens']} new tokens a turn, "
+          f"{c['cpu_threads']} CPU thread(s), median of {c['timed_rounds']} timed rounds")
+    print(f"{'engine':<28}{'s':>8}{'episode tok/s':>15}{'prompt tok':>12}{'prefilled':>11}{'hits':>6}")
+    for name in ("reprefill", "prefix_cache"):
+        r = result[name]
+        print(f"{name:<28}{r['seconds']:>8.2f}{r['episode_tokens_per_s']:>15.0f}{r['prompt_tokens']:>12}"
+              f"{r['prefill_tokens']:>11}{r['prefix_hits']:>6}")
+    print(f"speedup vs re-prefill: {result['speedup_vs_reprefill']:.2f}x; identical trajectories: "
+          f"{result['trajectories_identical']}/{c['episodes']}")
+    common.write_result(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
