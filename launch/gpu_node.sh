@@ -16,6 +16,9 @@
 #                               config.user.base_url=http://127.0.0.1:30001/v1,
 #                               config.user.model=openai/$USER_NAME).
 #   TRAIN_GPUS                  the JAX trainer (FSDP mesh over these GPUs).
+#                               With --config.rl.max_staleness >= 1 (tau2jax/rl/rollout_workers.py)
+#                               POLICY_GPUS sample the next step while TRAIN_GPUS train: split the
+#                               GPUs so that a rollout step and a learner step take similar time.
 #
 # Separate GPUs per process: JAX preallocates 75% of every GPU it sees and SGLang reserves
 # --mem-fraction-static of its own, so sharing a GPU between them runs out of memory.

@@ -24,11 +24,11 @@
 # host0 is process 0's address (it serves the coordinator on that port; open it between hosts).
 # config.workdir must be on a filesystem every host sees: every process writes its shards of the
 # Orbax checkpoints and of the final params export into it; metrics come from process 0 alone.
-# Under SLURM, srun sets everything: `srun --nodes=N --ntasks-per-node=1 .venv/bin/python -m
-# tau2jax.train ...` (coordinator = first node of the step, port derived from the job id, or
-# JAX_COORDINATOR_PORT). With one task per GPU instead (--ntasks-per-node=8) each process keeps the
-# GPU of its SLURM_LOCALID. A resumed run must use the same process count (the data iterator's
-# position is checkpointed per process).
+# Under SLURM, use launch/slurm.sbatch (srun sets the process count and ids, the coordinator is
+# the first node). A resumed run may use another process or device count (the data position
+# follows the step; Orbax reshards the state). A bad launch (coordinator nobody serves, processes
+# missing or started with different JAX_NUM_PROCESSES) fails within TAU2JAX_INIT_TIMEOUT_S seconds
+# (default 300) with what to fix.
 set -uo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

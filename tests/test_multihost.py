@@ -1,13 +1,15 @@
-"""Multi-process runs: 2 processes × 2 CPU devices train exactly like 1 process × 4 devices.
+"""Multi-process runs: 2 processes × 2 CPU devices train exactly like 1 process × 4 devices, their
+checkpoint resumes in 1 process (elastic), bad launches fail fast by name, SLURM launches.
 
 The 2-process run goes through launch/multihost.sh (jax.distributed over 127.0.0.1, gloo
 collectives); the reference is a plain single-process run on 4 fake CPU devices. About 50 s on
-2 CPU cores (three processes each compile the tiny model).
+2 CPU cores (three processes each compile the tiny model), shared by the tests of this module.
 """
 
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,8 +23,9 @@ import pytest
 from tau2jax.parallel import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIST_VARS = (*distributed.ENV_VARS, "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_NODELIST", "SLURM_PROCID",
-             "SLURM_LOCALID")
+DIST_VARS = (*distributed.ENV_VARS, distributed.TIMEOUT_VAR, "JAX_COORDINATOR_PORT", "JAX_LOCAL_DEVICE_IDS",
+             "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID",
+             "SLURM_STEP_NUM_NODES")
 # Each child gets its own device count; none inherits the 8 fake devices or a coordinator.
 BASE_ENV = {k: v for k, v in os.environ.items() if k not in (*DIST_VARS, "XLA_FLAGS")} | {"JAX_PLATFORMS": "cpu"}
 TIMEOUT_S = 300
@@ -73,26 +76,44 @@ def _restore_on_one_device(path):
     return jax.device_get(ckptr.restore(path, target))
 
 
-def test_two_processes_match_one_process(tmp_path, short_sft_jsonl):
-    data = short_sft_jsonl
-    common = ["--config", "configs/tiny_sft.py", f"--config.data.train_files={data}", "--config.data.max_len=64",
-              "--config.data.batch_size=4", "--config.train.steps=6", "--config.train.checkpoint_every=3",
-              "--config.train.loss_chunk=64", "--config.optim.lr=1e-3", "--config.mesh.data=-1"]
-    one_dir, two_dir, logs = tmp_path / "one", tmp_path / "two", tmp_path / "logs"
+COMMON = ["--config", "configs/tiny_sft.py", "--config.data.max_len=64", "--config.data.batch_size=4",
+          "--config.train.steps=6", "--config.train.checkpoint_every=3", "--config.train.loss_chunk=64",
+          "--config.optim.lr=1e-3", "--config.mesh.data=-1"]
 
+
+def _one_process_env(devices: int) -> dict:
+    return BASE_ENV | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same 6-step run (checkpoints at 3 and 6), once by 1 process × 4 devices, once by
+    launch/multihost.sh with 2 processes × 2 devices."""
+    tmp = tmp_path_factory.mktemp("multihost")
+    data = tmp / "short.jsonl"  # conftest's short_sft_jsonl, for a module-scoped fixture
+    with open(data, "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                             {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n")
+    common = [*COMMON, f"--config.data.train_files={data}"]
+    one_dir, two_dir, logs = tmp / "one", tmp / "two", tmp / "logs"
     # Reference: one process, 4 devices, no jax.distributed.
-    one_env = BASE_ENV | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    one = _check(_run([sys.executable, "-m", "tau2jax.train", *common, f"--config.workdir={one_dir}"], one_env),
-                 "1 process × 4 devices")
-
+    one = _check(_run([sys.executable, "-m", "tau2jax.train", *common, f"--config.workdir={one_dir}"],
+                      _one_process_env(4)), "1 process × 4 devices")
     # Two processes × 2 devices through the launcher (it sets XLA_FLAGS and the JAX_* variables).
     launch_env = BASE_ENV | {"NUM_PROCESSES": "2", "DEVICES_PER_PROCESS": "2", "PORT": str(_free_port()),
                              "LOG_DIR": str(logs), "PYTHON": sys.executable}
     launch = ["bash", "launch/multihost.sh", *common, f"--config.workdir={two_dir}"]
     proc = _run(launch, launch_env)
     two = _check(proc, "launch/multihost.sh, 2 processes × 2 devices")
-    assert "jax.distributed: 2 processes, 4 global devices (2 local, cpu)" in proc.stderr
-    with open(logs / "process_1.log") as f:
+    return dict(common=common, one_dir=one_dir, two_dir=two_dir, logs=logs, one=one, two=two, proc=proc,
+                launch=launch, launch_env=launch_env)
+
+
+def test_two_processes_match_one_process(runs):
+    one_dir, two_dir, one, two = runs["one_dir"], runs["two_dir"], runs["one"], runs["two"]
+    assert "jax.distributed: 2 processes, 4 global devices (2 local, cpu)" in runs["proc"].stderr
+    with open(runs["logs"] / "process_1.log") as f:
         log1 = f.read()
     assert "jax.distributed:" not in log1  # process 0 alone reports
     assert json.loads(log1.strip().splitlines()[-1])["steps"] == 6  # process 1 ran to the end too
@@ -106,14 +127,14 @@ def test_two_processes_match_one_process(tmp_path, short_sft_jsonl):
     assert _files_named(two_dir, lambda f: f == "metrics.jsonl") == [str(two_dir / "metrics.jsonl")]
     events = _files_named(two_dir, lambda f: f.startswith("events.out.tfevents"))
     assert len(events) == 1 and os.path.dirname(events[0]) == str(two_dir / "tensorboard")
-    # The data iterator is checkpointed per process.
-    assert sorted(os.listdir(two_dir / "checkpoints" / "6" / "data")) == [
-        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+    # Nothing in a checkpoint is per process (the data position follows the step).
+    assert "data" not in os.listdir(two_dir / "checkpoints" / "6")
+    assert not _files_named(two_dir / "checkpoints", lambda f: re.fullmatch(r"process_\d+-of-\d+\.json", f))
 
-    # The final checkpoint restores under 2 processes (collective Orbax restore + each process's
-    # iterator position): a rerun resumes at step 6 with nothing left to train.
-    launch_env["PORT"] = str(_free_port())
-    resumed = _check(_run(launch, launch_env), "2-process resume")
+    # The final checkpoint restores under 2 processes (collective Orbax restore): a rerun resumes
+    # at step 6 with nothing left to train.
+    launch_env = runs["launch_env"] | {"PORT": str(_free_port())}
+    resumed = _check(_run(runs["launch"], launch_env), "2-process resume")
     assert resumed["resumed_from"] == 6 and resumed["final_loss"] is None
     assert len(_losses(two_dir)) == 6
 
@@ -128,6 +149,24 @@ def test_two_processes_match_one_process(tmp_path, short_sft_jsonl):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), params2, state2["params"])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [4, 2])
+def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path, devices):
+    """Interrupted after step 3 (the 2-process run's step-3 checkpoint alone), resumed by ONE process
+    on 4 or 2 devices: steps 4..6 match the uninterrupted run. ~25 s each on 2 cores."""
+    shutil.copytree(runs["two_dir"] / "checkpoints" / "3", tmp_path / "checkpoints" / "3")
+    resumed = _check(_run([sys.executable, "-m", "tau2jax.train", *runs["common"], f"--config.workdir={tmp_path}"],
+                          _one_process_env(devices)), f"1 process × {devices} devices resuming")
+    assert resumed["resumed_from"] == 3 and resumed["steps"] == 6
+    ref, got = dict(_losses(runs["one_dir"])), _losses(tmp_path)
+    assert [s for s, _ in got] == [4, 5, 6]
+    np.testing.assert_allclose([l for _, l in got], [ref[s] for s, _ in got], rtol=0, atol=1e-5)
+    state = _restore_on_one_device(str(tmp_path / "checkpoints" / "6" / "state"))
+    assert int(state["step"]) == 6
+    ref_state = _restore_on_one_device(str(runs["one_dir"] / "checkpoints" / "6" / "state"))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), state, ref_state)
+
+
 @pytest.mark.parametrize("env, expected", [
     ({"JAX_NUM_PROCESSES": "2"}, "JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID missing"),
     ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES missing"),
@@ -136,7 +175,14 @@ def test_two_processes_match_one_process(tmp_path, short_sft_jsonl):
     ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
      "JAX_NUM_PROCESSES='two'"),
     ({"JAX_COORDINATOR_ADDRESS": "localhost", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "host:port"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "5"},
+     "JAX_PROCESS_ID=5, JAX_NUM_PROCESSES=2: need 0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES; give the processes "
+     "the ids 0..1"),
     ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, "srun"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "n1", "SLURM_PROCID": "1",
+      "SLURM_LOCALID": "0", "JAX_PROCESS_ID": "5"}, "JAX_PROCESS_ID=5, JAX_NUM_PROCESSES=2"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1",
+      distributed.TIMEOUT_VAR: "0"}, f"{distributed.TIMEOUT_VAR}=0: must be >= 1"),
 ])
 def test_incomplete_environment_is_rejected_by_name(env, expected, monkeypatch):
     for k in DIST_VARS:
@@ -162,3 +208,178 @@ def test_cli_reports_a_partial_environment(tmp_path):
     assert proc.returncode == 2
     assert "error: multi-process run: JAX_NUM_PROCESSES set but JAX_COORDINATOR_ADDRESS" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+SLURM_STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_STEP_NUM_NODES": "2"}
+JOB_PORT = 4242 % 4096 + 61440  # JAX's port for a SLURM job id
+
+
+@pytest.mark.parametrize("env, expected", [
+    # One task per node: each process keeps all of its node's devices.
+    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0"},
+     distributed.Launch(f"node01:{JOB_PORT}", 2, 1, None)),
+    # Two tasks per node: one device each, by local rank.
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1"},
+     distributed.Launch(f"node01:{JOB_PORT}", 4, 3, (1,))),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "0", "JAX_COORDINATOR_PORT": "1234"},
+     distributed.Launch("node01:1234", 4, 2, (0,))),
+    # launch/slurm.sbatch exports the coordinator; count and id still come from srun.
+    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "JAX_COORDINATOR_ADDRESS": "gpu7:999"},
+     distributed.Launch("gpu7:999", 2, 0, None)),
+])
+def test_slurm_variables_give_coordinator_count_and_id(env, expected, monkeypatch):
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in (SLURM_STEP | env).items():
+        monkeypatch.setenv(k, v)
+    assert distributed.resolve() == expected
+
+
+def _cli(env, *args, timeout=120) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tau2jax.train", "--config", "configs/tiny_sft.py", *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(procs, timeout=120) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        try:
+            out.append((p.wait(timeout=timeout), p.communicate()[1]))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                os.killpg(q.pid, signal.SIGKILL)
+            raise AssertionError(f"a bad launch was still running after {timeout}s") from None
+    return out
+
+
+def _joining(num_processes, process_id, port, timeout_s=3):
+    return BASE_ENV | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(num_processes),
+                       "JAX_PROCESS_ID": str(process_id), distributed.TIMEOUT_VAR: str(timeout_s)}
+
+
+def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
+    """Process 1 of 2, nobody serving the port: JAX alone would abort after 300 s blaming "another task"."""
+    port = _free_port()
+    [(rc, err)] = _finish([_cli(_joining(2, 1, port), f"--config.workdir={tmp_path}")])
+    assert rc == 2, err[-2000:]
+    assert (f"error: process 1: nothing accepts connections at JAX_COORDINATOR_ADDRESS=127.0.0.1:{port} after 3 s: "
+            "start process 0") in err
+    assert f"raise {distributed.TIMEOUT_VAR}=3" in err
+
+
+@pytest.mark.parametrize("counts, expected", [
+    # The coordinator (process 0) expects 2: process 1 joins although it was told 3.
+    ((2, 3), "error: JAX_NUM_PROCESSES differs between processes (process 0: 2, process 1: 3; the run has 2): "
+             "start every process with the same JAX_NUM_PROCESSES"),
+    # The coordinator expects 3, only 2 come.
+    ((3, 2), "processes joined the coordinator at JAX_COORDINATOR_ADDRESS=127.0.0.1:{port} within 3 s: "
+             "start JAX_PROCESS_ID=0.."),
+])
+def test_processes_started_with_different_counts_all_fail_by_name(tmp_path, counts, expected):
+    port = _free_port()
+    results = _finish([_cli(_joining(n, i, port), f"--config.workdir={tmp_path}") for i, n in enumerate(counts)])
+    for rc, err in results:
+        assert rc == 2 and expected.format(port=port) in err, err[-2000:]
+
+
+def test_mesh_not_dividing_the_devices_is_a_config_error(tmp_path):
+    [(rc, err)] = _finish([_cli(_one_process_env(4), f"--config.workdir={tmp_path}", "--config.mesh.fsdp=3")])
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    assert ("error: mesh.data=-1, mesh.fsdp=3, mesh.tensor=1: the 4 devices are not divisible by 3; pick sizes "
+            "whose product divides 4") in err
+
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# srun on one machine: --nodes × --ntasks-per-node local processes with srun's step variables.
+nodes=1 per_node=1
+while [[ $1 == -* ]]; do
+  case $1 in --nodes=*) nodes=${1#*=} ;; --ntasks-per-node=*) per_node=${1#*=} ;; esac
+  shift
+done
+n=$((nodes * per_node)) rc=0 pids=()
+for ((i = 0; i < n; i++)); do
+  SLURM_NTASKS=$n SLURM_PROCID=$i SLURM_LOCALID=$((i % per_node)) SLURM_NODEID=$((i / per_node)) \
+    SLURM_STEP_NUM_NODES=$nodes SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST \
+    "$@" >"$FAKE_SRUN_DIR/task_$i.out" 2>"$FAKE_SRUN_DIR/task_$i.err" &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+exit $rc
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+printf '%s\\n' ${FAKE_NODES:-node01 node02}  # `scontrol show hostnames node[01-02]`
+"""
+# Stands in for python under PER_GPU: prints what the trainer would read.
+FAKE_PYTHON = """#!/usr/bin/env bash
+env | grep -E '^(SLURM|JAX)_' | sort
+echo "ARGS $*"
+"""
+
+
+def _sbatch(tmp_path, env, *args, timeout=TIMEOUT_S):
+    """launch/slurm.sbatch as sbatch would run it on the first of 2 nodes, with a fake srun/scontrol."""
+    bin_dir, task_dir = tmp_path / "bin", tmp_path / "tasks"
+    for d in (bin_dir, task_dir):
+        d.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("python", FAKE_PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = BASE_ENV | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SRUN_DIR": str(task_dir),
+                      "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_JOB_NUM_NODES": "2",
+                      "SLURM_SUBMIT_DIR": ROOT} | env
+    proc = _run(["bash", "launch/slurm.sbatch", *args], env, timeout=timeout)
+    tasks = sorted(task_dir.glob("task_*.out"), key=lambda p: int(p.stem.split("_")[1]))
+    return proc, [(p.read_text(), p.with_suffix(".err").read_text()) for p in tasks]
+
+
+def test_slurm_sbatch_one_process_per_gpu_derives_each_tasks_run(tmp_path, monkeypatch):
+    # A long node list: `scontrol ... | head -n 1` under pipefail would die of SIGPIPE.
+    nodes = " ".join(["node01", "node02", *(f"n{i}" for i in range(12000))])
+    proc, tasks = _sbatch(tmp_path, {"PER_GPU": "1", "GPUS_PER_NODE": "2", "PYTHON": str(tmp_path / "bin" / "python"),
+                                     "WORKDIR": "/shared/run", "FAKE_NODES": nodes}, "--config", "configs/tiny_sft.py")
+    assert proc.returncode == 0, proc.stderr
+    assert f"2 node(s) x 2 process(es), coordinator node01:{JOB_PORT}" in proc.stderr
+    assert len(tasks) == 4
+    for i, (out, _) in enumerate(tasks):
+        env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line and not line.startswith("ARGS"))
+        assert out.splitlines()[-1] == "ARGS -m tau2jax.train --config configs/tiny_sft.py --config.workdir=/shared/run"
+        for k in DIST_VARS:
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert distributed.resolve() == distributed.Launch(f"node01:{JOB_PORT}", 4, i, (i % 2,))
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"PER_GPU": "yes"}, "PER_GPU='yes': must be 0"),
+    ({"PER_GPU": "1"}, "PER_GPU=1: GPUS_PER_NODE='' must be a positive count"),
+    ({"SLURM_JOB_ID": ""}, "not inside a SLURM job"),
+])
+def test_slurm_sbatch_rejects_a_bad_setup(tmp_path, env, expected):
+    proc, tasks = _sbatch(tmp_path, env, "--config", "configs/tiny_sft.py")
+    assert proc.returncode == 2 and expected in proc.stderr and not tasks
+
+
+@pytest.mark.slow
+def test_slurm_sbatch_trains_on_two_nodes_and_a_requeue_resumes(tmp_path):
+    """Two fake nodes × 1 process × 2 CPU devices train through srun; the requeued job (same script,
+    same arguments) resumes from the workdir. ~40 s on 2 cores."""
+    data = tmp_path / "short.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}?"},
+                                                     {"role": "assistant", "content": f"{i}."}]}) + "\n"
+                            for i in range(8)))
+    env = {"PORT": str(_free_port()), "PYTHON": sys.executable, "WORKDIR": str(tmp_path / "run"),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "FAKE_NODES": "127.0.0.1 127.0.0.1"}
+    args = ["--config", "configs/tiny_sft.py", f"--config.data.train_files={data}", "--config.data.max_len=64",
+            "--config.data.batch_size=4", "--config.train.steps=2", "--config.train.loss_chunk=64"]
+    proc, tasks = _sbatch(tmp_path, env, *args)
+    assert proc.returncode == 0, proc.stderr + "".join(err[-3000:] for _, err in tasks)
+    assert "jax.distributed: 2 processes, 4 global devices (2 local, cpu)" in tasks[0][1]
+    assert [json.loads(out.splitlines()[-1])["steps"] for out, _ in tasks] == [2, 2]
+    assert [s for s, _ in _losses(tmp_path / "run")] == [1, 2]
+
+    env["PORT"] = str(_free_port())
+    proc, tasks = _sbatch(tmp_path, env | {"SLURM_RESTART_COUNT": "1"}, *args)
+    assert proc.returncode == 0 and "(restart 1)" in proc.stderr
+    assert [json.loads(out.splitlines()[-1])["resumed_from"] for out, _ in tasks] == [2, 2]

@@ -26,8 +26,9 @@ contiguous slice of each global batch: all processes see the same number of step
 process's own conversations would give them different step counts and deadlock a multi-host run),
 and the global batch does not depend on the number of processes.
 
-The iterator is a grain DatasetIterator: `get_state()`/`set_state()` and
-`grain.checkpoint.CheckpointSave/CheckpointRestore` (Orbax) resume it exactly.
+Global batch i is the same for every process count, so a resumed run needs no saved iterator state:
+`SFTDataset.iterator(start=step)` positions a fresh one at the checkpoint's step (any process count).
+The iterator is a grain DatasetIterator (`get_state()`/`set_state()` also resume it exactly).
 """
 
 from __future__ import annotations
@@ -66,6 +67,18 @@ class SFTDataset(grain.IterDataset):
 
     def __iter__(self) -> grain.DatasetIterator:
         return self._parent.__iter__()
+
+    def iterator(self, start: int = 0) -> grain.DatasetIterator:
+        """An iterator positioned at global batch `start` (a resumed run's step): the batches before
+        it are built and dropped. The position is a function of the step alone, so a run resumes
+        under any process count; skipping costs host-side packing only (grain has no skip for an
+        iterator over packed rows, whose count per element is only known by packing)."""
+        it = iter(self)
+        for done in range(start):
+            if next(it, None) is None:
+                raise DataError(f"the data ends after {done} batches, before batch {start}: the data files or "
+                                "data.* settings changed since that step was checkpointed")
+        return it
 
     def __str__(self) -> str:
         return f"SFTDataset({self.stats})"

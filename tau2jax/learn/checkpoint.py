@@ -1,15 +1,17 @@
-"""Orbax checkpoints of the train state plus the data iterator (SFT) or a JSON loop state (RL: step
-counters, task queue, curriculum), saved every N steps, last k kept.
+"""Orbax checkpoints of the train state, optionally with a JSON loop state (RL: step counters, task
+queue, curriculum), saved every N steps, last k kept.
 
 Saves are collective (every process calls them); Orbax writes asynchronously and commits a step
-atomically, so a process killed mid-save leaves the previous step restorable.
+atomically, so a process killed mid-save leaves the previous step restorable. Nothing saved is per
+process: a checkpoint restores under any process count and mesh (the restore target's shardings
+decide the layout), and the SFT data position is re-derived from the step. Older checkpoints also
+hold a per-process grain iterator item ("data"); it is ignored.
 """
 
 from __future__ import annotations
 
 import os
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -25,21 +27,16 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iter=None, *, meta: dict | None = None, force: bool = False) -> bool:
+    def save(self, step: int, state, *, meta: dict | None = None, force: bool = False) -> bool:
         items = {"state": ocp.args.StandardSave(state)}
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if meta is not None:
             items["meta"] = ocp.args.JsonSave(meta)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, step: int, abstract_state, data_iter=None):
-        """Restores the state into the shardings of `abstract_state` (ShapeDtypeStructs) and moves
-        `data_iter` (if given) to where it was at `step`."""
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+    def restore(self, step: int, abstract_state):
+        """Restores the state into the shardings of `abstract_state` (ShapeDtypeStructs), whatever
+        mesh or process count saved it."""
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
 
     def restore_meta(self, step: int) -> dict:
         """The JSON loop state saved with `step` (`save(..., meta=...)`)."""

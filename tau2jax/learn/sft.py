@@ -3,7 +3,8 @@
     python -m tau2jax.train --config configs/tiny_sft.py
 
 Rerunning the same command after an interruption resumes from the last checkpoint in
-`workdir/checkpoints` (params, optimizer, step, rng and the data iterator position).
+`workdir/checkpoints` (params, optimizer, step, rng), with any number of processes / devices: Orbax
+reshards the state onto this run's mesh, and the data position is re-derived from the step.
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ def run(config) -> dict:
     shardings = state_shardings(tx, abstract_params, param_shardings, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
 
-    data_iter = iter(dataset)
     ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"), save_every=config.train.checkpoint_every,
                         keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint)
     start = ckpt.latest_step()
@@ -75,7 +75,9 @@ def run(config) -> dict:
         start = 0
     else:
         abstract_state = jax.eval_shape(lambda p: create_state(p, tx, shardings, config.seed), abstract_params)
-        state = ckpt.restore(start, abstract_like(abstract_state, shardings), data_iter)
+        state = ckpt.restore(start, abstract_like(abstract_state, shardings))
+    # Global batch `start` is the same under any process count: no per-process iterator state.
+    data_iter = dataset.iterator(start)
 
     step_fn = jit_step(make_sft_step(model_cfg, tx, schedule, grad_accum=config.optim.grad_accum,
                                      compute_dtype=compute_dtype, remat=config.model.remat,
@@ -117,7 +119,7 @@ def run(config) -> dict:
                 writer.write(step + 1, metrics)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(metrics['lr']):.2e}")
             bar.update(1)
-            ckpt.save(step + 1, state, data_iter, force=step + 1 == total_steps)
+            ckpt.save(step + 1, state, force=step + 1 == total_steps)
     bar.close()
     elapsed = time.perf_counter() - t_start
     ckpt.close()

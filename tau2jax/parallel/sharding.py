@@ -14,6 +14,8 @@ from typing import Mapping, Sequence
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from tau2jax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis, tuple of mesh axes, or None (replicated).
@@ -33,23 +35,23 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
-    """Mesh with axes ("data", "fsdp", "tensor"); one size may be -1 (= the remaining devices)."""
+    """Mesh with axes ("data", "fsdp", "tensor"); one size may be -1 (= the remaining devices).
+    Sizes that cannot work raise a ConfigError naming `mesh.*` (the config fields they come from)."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     sizes = [data, fsdp, tensor]
+    given = f"mesh.data={data}, mesh.fsdp={fsdp}, mesh.tensor={tensor}"
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"make_mesh(data={data}, fsdp={fsdp}, tensor={tensor}): sizes must be positive, "
-                         "with at most one -1 (= the remaining devices)")
+        raise ConfigError(f"{given}: sizes must be positive, with at most one -1 (= the remaining devices)")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n % known:
-            raise ValueError(f"make_mesh(data={data}, fsdp={fsdp}, tensor={tensor}): {n} devices are not "
-                             f"divisible by {known}; pick sizes whose product divides {n}")
+            raise ConfigError(f"{given}: the {n} devices are not divisible by {known}; pick sizes whose "
+                              f"product divides {n}")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(f"make_mesh(data={data}, fsdp={fsdp}, tensor={tensor}): data*fsdp*tensor = "
-                         f"{math.prod(sizes)} but there are {n} devices; make the product equal {n} "
-                         "or set one size to -1")
+        raise ConfigError(f"{given}: data*fsdp*tensor = {math.prod(sizes)} but there are {n} devices; make "
+                          f"the product equal {n} or set one size to -1")
     # Auto axes: GSPMD propagates shardings; with_sharding_constraint is a hint, not an assert.
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
