@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-STAGES = ("sft", "demos", "eval", "rft", "grpo")
+STAGES = ("sft", "demos", "eval", "rft", "grpo", "pipeline")
 PROMPT_STYLES = ("recipe", "native")
 DOMAINS = ("mock", "airline", "retail", "telecom")
 
@@ -177,6 +177,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.geo_mask_high = 0.0
     c.rl.veto_threshold = 0.0  # drop sequences with a token ratio below this (0 = off)
     c.rl.vocab_chunk = 0  # learner log-probs: vocabulary block (0 = whole vocabulary)
+    # Packed rows per micro-batch (memory bound; a step's row count follows its rollouts); 0 = use
+    # optim.grad_accum micro-batches whatever the rows.
+    c.rl.micro_batch_rows = 0
     c.rl.toy_tasks = 16  # toy env: number of tasks
     c.rl.toy_shared_table = False  # toy env: one key -> value table for all tasks (memorisable)
     c.rl.toy_turn_latency_s = 0.0  # toy env: sleep per agent turn (models user/tool latency; benchmarks)
@@ -184,6 +187,14 @@ def default_config() -> ml_collections.ConfigDict:
     # version >= s - max_staleness, so rollouts overlap the learner; 0 = synchronous.
     c.rl.max_staleness = 0
     c.rl.stale_policy = "drop"  # over the bound: drop (ledger "stale") | correct (token TIS, rl.tis_cap or 2.0)
+
+    # Stage pipeline (tau2jax/pipeline.py): demos -> sft -> rft -> sft -> grpo, evals between them.
+    # Every step starts from this whole config; these sub-configs (same keys as the config itself)
+    # override it for one kind of step. `eval` applies to all four evals, so their numbers compare.
+    c.pipeline = ml_collections.ConfigDict()
+    c.pipeline.rft_mix_demos = True  # the second SFT trains on RFT's kept episodes and the gold demos
+    for step in ("demos", "sft", "rft", "sft_rft", "grpo", "eval"):
+        c.pipeline[step] = ml_collections.ConfigDict()
 
     c.lock()
     return c

@@ -129,8 +129,9 @@ def test_assemble_accounts_for_every_episode():
     ok = collector.Group("a", TaskRef("toy", "a"), [_traj(1.0), _traj(0.0)], failed_attempts=[_traj(0, infra="x")])
     flat = collector.Group("b", TaskRef("toy", "b"), [_traj(1.0), _traj(1.0)])
     broken = collector.Group("c", TaskRef("toy", "c"), [_traj(1.0)], failed_attempts=[_traj(0, infra="y")], complete=False)
-    items, ledger, counts = assemble([ok, flat, broken], rl, None, step=1)
-    assert counts == {"groups_requeued": 1, "groups_zero_variance": 1, "groups_trained": 1}
+    items, ledger, counts, ages = assemble([ok, flat, broken], rl, None, step=1, learner_version=0)
+    assert counts == {"groups_requeued": 1, "groups_zero_variance": 1, "groups_trained": 1, "samples_stale": 0}
+    assert ages == [0] * 4  # scored samples of complete groups, all sampled by version 0
     assert [a for _, a, _ in items] == pytest.approx([1 / (2 ** 0.5 + 1e-6 * 2), -1 / (2 ** 0.5 + 1e-6 * 2)], rel=1e-4)
     by = {(r["group_id"], r["status"], r["reason"]) for r in ledger}
     assert by == {("a", "trained", ""), ("a", "dropped", "infra_error_retried"), ("b", "dropped", "zero_variance"),
@@ -190,3 +191,27 @@ def test_toy_grpo_raises_reward():
     with tempfile.TemporaryDirectory() as d:
         summary = _train("--config", "configs/tiny_grpo_toy.py", f"--config.workdir={d}")
     assert summary["final_reward"] - summary["first_reward"] >= 0.3, summary
+
+
+def test_micro_batches_by_rows_equal_one_pass(rollouts):
+    """rl.micro_batch_rows: the step accumulates rows // micro_batch_rows micro-batches; as (sum, count)
+    the loss and the updated params equal one pass over all rows."""
+    params, groups = rollouts
+    batch, _ = build_batch(_items(groups), BatchConfig(max_len=16, keep_length_cut=True, row_multiple=2))
+    assert batch["tokens"].shape[0] >= 2
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    optim = default_config().optim
+    optim.schedule, optim.warmup_frac = "constant", 0.0
+    tx, schedule = make_optimizer(optim, 10)
+    p_shard = qwen3.param_shardings(CFG, mesh)
+    shardings = state_shardings(tx, jax.eval_shape(lambda: params), p_shard, mesh)
+    out = {}
+    for rows in (0, 1):
+        step = jit_grpo_step(make_grpo_step(CFG, tx, schedule, PolicyLossConfig(), micro_batch_rows=rows),
+                             shardings, sharding.batch_sharding(mesh))
+        out[rows] = step(create_state(params, tx, shardings, 0), batch, None)
+    np.testing.assert_allclose(out[1][1]["loss"], out[0][1]["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out[1][0].params, out[0][0].params)
+    with pytest.raises(ValueError, match="micro_batch_rows"):
+        jit_grpo_step(make_grpo_step(CFG, tx, schedule, PolicyLossConfig(), micro_batch_rows=3),
+                      shardings, sharding.batch_sharding(mesh))(create_state(params, tx, shardings, 0), batch, None)

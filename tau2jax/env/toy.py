@@ -97,15 +97,16 @@ class ToyEnvironment:
     num_tasks: tasks of the chosen split. split: "train" or "test". max_turns: agent turns before
     the episode ends unanswered ("max_steps"). shaped_alpha: weight of the partial reward.
     shared_table: one key -> value table for all tasks (learnable in a CI run) or one per task.
+    turn_latency_s: seconds each agent turn waits (models user/tool latency; benchmarks/rl_overlap.py).
     """
 
     def __init__(self, num_tasks: int = 8, seed: int = 0, *, split: str = "train", max_turns: int = 3,
-                 shaped_alpha: float = 0.3, shared_table: bool = True):
+                 shaped_alpha: float = 0.3, shared_table: bool = True, turn_latency_s: float = 0.0):
         if split not in ("train", "test"):
             raise ValueError(f"ToyEnvironment: split must be 'train' or 'test', got {split!r}")
         if num_tasks < 1 or max_turns < 1:
             raise ValueError(f"ToyEnvironment: num_tasks and max_turns must be >= 1, got {num_tasks}, {max_turns}")
-        self.max_turns, self.shaped_alpha = max_turns, shaped_alpha
+        self.max_turns, self.shaped_alpha, self.turn_latency_s = max_turns, shaped_alpha, turn_latency_s
         table_rng, train_rng, test_rng = (np.random.default_rng([seed, i]) for i in range(3))
         table = tuple(int(v) for v in table_rng.permutation(NUM_VALUES)[:NUM_KEYS]) if shared_table else None
         tasks = _draw_tasks(train_rng, num_tasks, table)
@@ -118,7 +119,8 @@ class ToyEnvironment:
 
     def play(self, ref: TaskRef, *, engine: Engine, sampling: SamplingParams, sample_index: int) -> Trajectory:
         return play_episode(ref.task, ref.task_id, engine=engine, sampling=sampling, sample_index=sample_index,
-                            max_turns=self.max_turns, shaped_alpha=self.shaped_alpha)
+                            max_turns=self.max_turns, shaped_alpha=self.shaped_alpha,
+                            turn_latency_s=self.turn_latency_s)
 
 
 def _turn_record(start: int, end: int, kind: str, result, params: SamplingParams, engine_kind: str) -> dict:
@@ -128,9 +130,10 @@ def _turn_record(start: int, end: int, kind: str, result, params: SamplingParams
 
 
 def play_episode(task: ToyTask, task_id: str, *, engine: Engine, sampling: SamplingParams, sample_index: int = 0,
-                 max_turns: int = 3, shaped_alpha: float = 0.3) -> Trajectory:
+                 max_turns: int = 3, shaped_alpha: float = 0.3, turn_latency_s: float = 0.0) -> Trajectory:
     """One scored episode of `task`. `sampling.seed` is the episode's seed; each turn samples one
-    token (max_new_tokens is forced to 1) with seed turn_seed(seed, turn, 0)."""
+    token (max_new_tokens is forced to 1) with seed turn_seed(seed, turn, 0). `turn_latency_s`: a
+    sleep after each engine call, standing in for user-simulator / tool latency (no CPU used)."""
     t_start = time.perf_counter()
     sampling = dataclasses.replace(sampling, max_new_tokens=1, stop_token_ids=(END,), stop_strings=())
     engine_kind = getattr(engine, "kind", type(engine).__name__)
@@ -162,6 +165,8 @@ def play_episode(task: ToyTask, task_id: str, *, engine: Engine, sampling: Sampl
             break
         finally:
             engine_s += time.perf_counter() - t
+        if turn_latency_s:
+            time.sleep(turn_latency_s)
         if result.finish_reason == "abort":
             traj.infra_error = f"engine: generation aborted ({result.stop_reason})"
             break

@@ -21,13 +21,15 @@ from tau2jax.models import qwen3
 
 def sequence_logprobs(params, model_cfg, batch, *, compute_dtype=jnp.float32, remat="none", loss_chunk=0,
                       attn_chunk=0, attn_impl="xla"):
-    """log p(targets) per position [B, T], float32. Shared by SFT and the RL losses."""
+    """log p(targets) per position [B, T], float32; 0 in length chunks (`loss_chunk`) where the batch's
+    `loss_mask` (if any) has no trained token: those skip the vocabulary head."""
     hidden = qwen3.forward(params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"],
                            compute_dtype=compute_dtype, remat=remat, return_hidden=True,
                            attn_chunk=attn_chunk, attn_impl=attn_impl)
     head = functools.partial(qwen3.logits_from_hidden, params, model_cfg)
     chunk = loss_chunk or hidden.shape[1]
-    return chunked_token_logprobs(hidden, batch["targets"], head, chunk)
+    needed = batch["loss_mask"] > 0 if "loss_mask" in batch else None
+    return chunked_token_logprobs(hidden, batch["targets"], head, chunk, needed=needed)
 
 
 def accumulate_gradients(loss_fn, params, batch, grad_accum: int, merge_aux=None):

@@ -77,14 +77,16 @@ def _vocab_chunked_stats(h, y, inv_t, w, vocab_chunk: int):
 
 
 def token_logprobs_and_entropy(hidden: jax.Array, targets: jax.Array, head_w: jax.Array, temperature,
-                               chunk: int = 0, vocab_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+                               chunk: int = 0, vocab_chunk: int = 0,
+                               needed: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(log p(targets), entropy), both [B, T] float32, under softmax(hidden @ head_wᵀ / T).
 
     hidden [B, T, D] final-normed (qwen3.forward(..., return_hidden=True)); targets [B, T] int;
     head_w [V, D] (`lm_head_weight`); temperature a scalar, per row [B] or per token [B, T]
     (packed rows hold trajectories sampled at different temperatures); T = 0 -> T = 1, the greedy
     convention. chunk: length-chunk size (0 = whole row; falls back to one chunk if it does not
-    divide T); vocab_chunk: vocab block size (0 = the whole vocabulary at once).
+    divide T); vocab_chunk: vocab block size (0 = the whole vocabulary at once); needed: [B, T] bool
+    (e.g. the loss mask), length chunks without a needed position skip the head and give 0, 0.
     """
     b, t = targets.shape
     if hidden.shape[:2] != (b, t) or head_w.shape[1] != hidden.shape[2]:
@@ -102,4 +104,4 @@ def token_logprobs_and_entropy(hidden: jax.Array, targets: jax.Array, head_w: ja
             return _vocab_chunked_stats(h, y, it, head_w, vc)
         return _dense_stats(h, y, it, head_w)
 
-    return map_length_chunks(stats, chunk or t, hidden, targets, inv_t)
+    return map_length_chunks(stats, chunk or t, hidden, targets, inv_t, needed=needed)
