@@ -41,6 +41,7 @@ def get_config(arg: str = ""):
     c.rl.kl_coef = 0.0  # a tiny model, a few steps: the reference term only slows learning here
     c.rl.entropy_coef = 0.0
     c.train.loss_chunk = 256  # 151k-vocabulary logits a chunk at a time
+    c.rl.micro_batch_rows = 2  # [2, 256, 151k] logits at a time; a step's rows vary with its episodes
     c.train.checkpoint_every = 5
 
     c.optim.lr = 1e-3

@@ -79,6 +79,18 @@ def make_environment(config):
     return env, tokenizer, model_setup.resolve_model_config(config, tokenizer)
 
 
+def null_solvable_tasks(config, env) -> set[str] | None:
+    """"domain/task_id" of the tau2 tasks a do-nothing agent passes (eval/floor.py, cached): the
+    share of successes on them tells learning from a policy collapsing to refusals."""
+    if config.rl.env != "tau2" or not config.eval.floor:
+        return None
+    from tau2jax.eval import floor
+
+    tasks = [(ref.domain, ref.task) for ref in env.tasks()]
+    passes = floor.outcomes(tasks, chat=env.chat, style=env.style, cache_dir=config.eval.floor_cache_dir)
+    return {f"{d}/{t}" for (d, t), ok in passes.items() if ok}
+
+
 def loss_config(rl) -> PolicyLossConfig:
     geo = (rl.geo_mask_low, rl.geo_mask_high) if rl.geo_mask_high > 0 else None
     return PolicyLossConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, dual_clip=rl.dual_clip,
@@ -281,6 +293,7 @@ def run(config) -> dict:
     t_start = time.perf_counter()
     # --- setup
     env, tokenizer, model_cfg = make_environment(config)
+    null_solvable = null_solvable_tasks(config, env)
     tasks = env.tasks()
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     compute_dtype = jnp.dtype(config.model.compute_dtype)
@@ -376,7 +389,7 @@ def run(config) -> dict:
                 items, ledger, counts, ages = assemble(groups, rl, tracker, step=step + 1, learner_version=step)
                 seen += ages
                 trajs = [t for g in groups if g.complete for t in g.trajectories]
-                m |= rollout_metrics.episode_metrics(trajs) | counts | staleness.histogram(ages)
+                m |= rollout_metrics.episode_metrics(trajs, null_solvable) | counts | staleness.histogram(ages)
                 m |= {"refill_rounds": rounds, "staleness_max": max(ages, default=0)} | workers.throughput()
                 batch, bstats = build_batch(items, batch_cfg)
                 t1 = time.perf_counter()
