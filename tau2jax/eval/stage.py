@@ -50,6 +50,7 @@ from pathlib import Path
 
 from tau2jax import config as config_lib
 from tau2jax.eval import floor as floor_lib
+from tau2jax.env.environments import user_factory
 from tau2jax.eval import metrics
 
 TRAJECTORIES = "trajectories.jsonl"
@@ -95,28 +96,6 @@ def engine_factory(config, chat, style):
     fn = getattr(importlib.import_module(module_name), fn_name)
     engine = fn(config)
     return lambda task: engine
-
-
-def user_factory(config):
-    """-> `user_for(task, domain) -> tau2 BaseUser`, fresh per episode."""
-    if config.user.kind == "scripted":
-        from tau2jax.env.scripted_user import ScriptedUser
-
-        return lambda task, domain: ScriptedUser(task)
-    from tau2jax.env import tau2_env
-    from tau2jax.env.llm_user import make_llm_user
-
-    tools: dict[str, list | None] = {}  # user tool schemas per domain (only schemas are used)
-    lock = threading.Lock()
-
-    def user_for(task, domain):
-        with lock:
-            if domain not in tools:
-                env = tau2_env.make_environment(domain)
-                tools[domain] = env.get_user_tools() if env.user_tools is not None else None
-        return make_llm_user(config.user, task, tools[domain])
-
-    return user_for
 
 
 def select_tasks(config) -> list[tuple[str, object]]:
@@ -307,7 +286,7 @@ def run(config) -> dict:
         settings |= {k: v for k, v in (earlier or {}).items() if k not in settings}
     check_records(out_dir, finished, settings.get("policy_version"))
     _write_atomic(settings_path, json.dumps(settings, indent=2, sort_keys=True))
-    user_for = user_factory(config)
+    user_for = user_factory(config.user)
     reward_config = rewards.RewardConfig.from_config(config.reward)
 
     def play(domain, task, sample_index):
