@@ -41,7 +41,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import threading
 import time
 import zlib
 from collections import Counter, defaultdict
