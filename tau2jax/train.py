@@ -27,9 +27,10 @@ STAGE_RUNNERS = {
     "eval": "tau2jax.eval.stage:run",
     "rft": "tau2jax.rl.rft:run",
     "grpo": "tau2jax.rl.loop:run",
+    "pipeline": "tau2jax.pipeline:run",
 }
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file returning a ConfigDict.", lock_config=True)
+_CONFIG = None  # the --config flag, defined only when this module is the program (`pipeline` imports it)
 
 
 def run_stage(config) -> dict:
@@ -55,4 +56,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file returning a ConfigDict.",
+                                              lock_config=True)
     app.run(main)

@@ -1,0 +1,339 @@
+"""Stage `pipeline`: the recipe end to end, each step's output the next one's input.
+
+    python -m tau2jax.train --config configs/tiny_pipeline.py       # CPU, tau2 mock (make demo)
+    python -m tau2jax.train --config configs/qwen3_4b_pipeline.py   # one 8×H100 node with SGLang
+
+Steps, in order, each in its own `{workdir}/{step}/`:
+
+    demos      gold demonstrations of the train tasks                    -> SFT JSONL
+    eval_base  eval of model.init_from (the untrained policy)
+    sft        SFT from model.init_from on the demos                     -> params
+    eval_sft
+    rft        samples of the SFT policy; successes kept (+ the demos)   -> rft/kept.jsonl
+    sft_rft    SFT from the SFT params on kept.jsonl                     -> params
+    eval_rft
+    grpo       GRPO from the RFT params (also its KL reference)          -> params
+    eval_grpo
+
+then `{workdir}/report.{md,json,png}`: Pass@1, Pass@k and pass^k per domain per step, beside the
+do-nothing floor, over all tasks and over the tasks the do-nothing agent fails.
+
+Config: every step starts from the pipeline's whole config; `pipeline.<kind>` (same keys as the
+config itself) overrides it for that kind of step (`pipeline.eval` for all four evals, so they
+compare), then the pipeline wires the step to its inputs (`step_config`).
+
+Resume: a step is finished once its `pipeline_step.json` (its config and result) is written; a rerun
+reuses it without running it, and refuses (ConfigError naming the fields) if the config it derives
+for that step now differs. An unfinished step runs again and resumes by its own rules (SFT and
+GRPO checkpoints, eval and RFT records).
+
+Engines: the built-in engine loads each step's params from disk (`engine.checkpoint`). With
+`engine.kind=sglang` the policy server is re-pointed before each eval and RFT step: the step's
+params are published (`inference.weight_sync`, under `{workdir}/served/`) as that step's version
+and loaded with `update_weights_from_disk`. GRPO pushes its own weights every step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import ml_collections
+
+from tau2jax import config as config_lib
+
+# (step, stage it runs, pipeline.<kind> overrides it takes)
+STEPS = (
+    ("demos", "demos", "demos"),
+    ("eval_base", "eval", "eval"),
+    ("sft", "sft", "sft"),
+    ("eval_sft", "eval", "eval"),
+    ("rft", "rft", "rft"),
+    ("sft_rft", "sft", "sft_rft"),
+    ("eval_rft", "eval", "eval"),
+    ("grpo", "grpo", "grpo"),
+    ("eval_grpo", "eval", "eval"),
+)
+# eval step -> (the policy's name in reports, the step whose params it evaluates; None = model.init_from)
+EVALS = {"eval_base": ("base", None), "eval_sft": ("sft", "sft"), "eval_rft": ("rft", "sft_rft"),
+         "eval_grpo": ("grpo", "grpo")}
+DONE = "pipeline_step.json"
+# The config sections a stage reads: a finished step is refused only when one of these changed (a
+# GRPO setting changed after SFT finished is GRPO's business, not SFT's).
+SECTIONS = {
+    "demos": ("seed", "tokenizer", "model", "tau2", "user", "engine", "reward"),
+    "sft": ("seed", "tokenizer", "model", "mesh", "data", "optim", "train"),
+    "eval": ("seed", "tokenizer", "model", "tau2", "user", "engine", "reward", "eval"),
+    "rft": ("seed", "tokenizer", "model", "tau2", "user", "engine", "reward", "eval", "rft"),
+    "grpo": ("seed", "tokenizer", "model", "mesh", "tau2", "user", "engine", "reward", "optim", "train", "rl"),
+}
+
+
+def apply_overrides(config, overrides, where: str) -> None:
+    """Set every leaf of `overrides` (a nested ConfigDict) in `config`; an unknown key or a value
+    of the wrong type is a ConfigError naming `where.key`."""
+    for key, value in overrides.items():
+        if key not in config:
+            raise config_lib.ConfigError(f"config.{where}.{key}: no such config field")
+        if isinstance(value, ml_collections.ConfigDict):
+            if not isinstance(config[key], ml_collections.ConfigDict):
+                raise config_lib.ConfigError(f"config.{where}.{key}: {key!r} is a value, not a section")
+            apply_overrides(config[key], value, f"{where}.{key}")
+            continue
+        try:
+            config[key] = value
+        except TypeError as e:
+            raise config_lib.ConfigError(f"config.{where}.{key}: {e}") from None
+
+
+def step_config(config, step: str, inputs: dict) -> ml_collections.ConfigDict:
+    """The config one step runs with: the pipeline's, its overrides, then its inputs.
+
+    inputs: what finished steps produced — "demo_files" (list), "params" (step -> params dir),
+    "rft_file"; only those this step reads need to be there.
+    """
+    stage, kind = next((st, k) for s, st, k in STEPS if s == step)
+    c = ml_collections.ConfigDict(config.to_dict())  # a deep, unlocked copy
+    c.stage = stage
+    c.workdir = os.path.join(config.workdir, step)
+    apply_overrides(c, config.pipeline[kind], f"pipeline.{kind}")
+    if stage in ("demos", "rft", "grpo"):
+        c.tau2.split = "train"  # these stages make training data; the evals keep the configured split
+    if step == "demos":
+        c.engine.kind = "gold"
+    elif step == "sft":
+        c.data.train_files = ",".join(inputs["demo_files"])
+    elif step == "rft":
+        c.engine.checkpoint = inputs["params"]["sft"]
+        c.rft.mix_files = ",".join(inputs["demo_files"]) if config.pipeline.rft_mix_demos else ""
+    elif step == "sft_rft":
+        c.model.init_from = inputs["params"]["sft"]
+        c.data.train_files = inputs["rft_file"]
+    elif step == "grpo":
+        c.model.init_from = inputs["params"]["sft_rft"]
+        c.rl.reference = ""  # the KL reference is the init: the RFT policy
+    elif stage == "eval":
+        source = EVALS[step][1]
+        c.engine.checkpoint = inputs["params"][source] if source else config.model.init_from
+    c.lock()
+    return c
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _relevant(config_dict: dict, stage: str) -> dict:
+    """The dotted fields of the sections `stage` reads."""
+    return {k: v for k, v in _flatten(config_dict).items() if k.split(".")[0] in SECTIONS[stage]}
+
+
+def finished(step_dir: str, config) -> dict | None:
+    """The result of a finished step, or None; a finished step with other settings is refused."""
+    path = os.path.join(step_dir, DONE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        done = json.load(f)
+    # JSON round trip: tuples become lists, as in the stored copy
+    before = _relevant(done["config"], config.stage)
+    now = _relevant(json.loads(json.dumps(config.to_dict())), config.stage)
+    diff = {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
+    if diff:
+        lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise config_lib.ConfigError(
+            f"pipeline step {os.path.basename(step_dir)!r} finished in {step_dir!r} with other settings ({lines}); "
+            f"use a new config.workdir, or delete {step_dir!r} to run that step (and the ones after it) again")
+    return done["result"]
+
+
+def _mark_finished(step_dir: str, config, result: dict) -> None:
+    path = os.path.join(step_dir, DONE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"config": config.to_dict(), "result": result}, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def serve(config, params_dir: str, version: int) -> None:
+    """Re-point the SGLang policy server at `params_dir` as `version` (publish, then load from disk)."""
+    from checkpoints_tools.orbax_io import restore_params
+    from tau2jax.inference import sglang_client, weight_sync
+
+    root = os.path.join(os.path.dirname(config.workdir), "served")
+    params, model_cfg = restore_params(params_dir)
+    extra = os.path.join(params_dir, "hf_extra")
+    weight_sync.publish(params, model_cfg, root, version, extra_dir=extra if os.path.isdir(extra) else None)
+    engine = sglang_client.from_config(config)
+    try:
+        weight_sync.sync_engine(engine, root, version)
+    finally:
+        engine.close()
+
+
+def collect_inputs(step: str, result: dict, inputs: dict) -> None:
+    """Record what `step` produced for the steps after it."""
+    stage = next(st for s, st, _ in STEPS if s == step)
+    if stage == "demos":
+        inputs["demo_files"] = [v["file"] for v in result.values() if isinstance(v, dict) and v.get("file")]
+    elif stage in ("sft", "grpo"):
+        inputs["params"][step] = result["params"]
+    elif stage == "rft":
+        inputs["rft_file"] = result["file"]
+    elif stage == "eval":
+        inputs["evals"][step] = os.path.join(result["out_dir"], "summary.json")
+
+
+def run(config, run_stage=None) -> dict:
+    """Every step in order (finished ones reused), then the report. `run_stage(step_config) -> dict`
+    runs one stage (default: `tau2jax.train.run_stage`; tests pass stand-ins)."""
+    if run_stage is None:
+        from tau2jax.train import run_stage
+    if not config.model.init_from:
+        raise config_lib.ConfigError("config.model.init_from: the pipeline starts from converted weights "
+                                     "(checkpoints_tools.hf_to_orbax); eval_base evaluates them")
+    t_start = time.time()
+    inputs: dict = {"params": {}, "evals": {}}
+    timings = {}
+    for index, (step, stage, _) in enumerate(STEPS):
+        c = step_config(config, step, inputs)
+        step_dir = c.workdir
+        result = finished(step_dir, c)
+        if result is None:
+            t = time.time()
+            if c.engine.kind == "sglang" and stage in ("eval", "rft"):
+                serve(c, c.engine.checkpoint, version=index)
+            result = run_stage(c)
+            timings[step] = round(time.time() - t, 1)
+            result.setdefault("wall_s", timings[step])
+            os.makedirs(step_dir, exist_ok=True)
+            _mark_finished(step_dir, c, result)
+        collect_inputs(step, result, inputs)
+    report = write_report(config, inputs["evals"])
+    return {"stage": "pipeline", "workdir": config.workdir, "report": report["files"],
+            "stages": report["headline"], "steps_run": timings, "wall_s": round(time.time() - t_start, 1)}
+
+
+# ----------------------------------------------------------------------------- the report
+
+def _group_row(summary: dict, group: str, key: str) -> dict:
+    """Pass@1, Pass@k and pass^k of one domain (or "overall") from an eval summary's `key`
+    ("metrics": all tasks, "metrics_beyond_floor": the tasks the do-nothing agent fails)."""
+    k = summary["k"]
+    m = summary.get(key, {}).get(group, {})
+    return {"tasks": m.get("num_tasks", 0), "pass@1": m.get("pass@1"), "pass@k": m.get(f"pass@{k}"),
+            "pass^k": m.get("pass^k", {}).get(str(k))}
+
+
+def report_data(config, evals: dict) -> dict:
+    """{"k", "groups", "trained_on", "rows": {policy: {group: {"floor", "all", "beyond_floor"}}}}."""
+    summaries = {}
+    for step, path in evals.items():
+        with open(path) as f:
+            summaries[EVALS[step][0]] = json.load(f)
+    first = next(iter(summaries.values()))
+    groups = ["overall", *first["domains"]]
+    rows = {policy: {g: {"floor": s.get("floor", {}).get(g), "all": _group_row(s, g, "metrics"),
+                         "beyond_floor": _group_row(s, g, "metrics_beyond_floor")} for g in groups}
+            for policy, s in summaries.items()}
+    return {"k": first["k"], "split": first["split"], "groups": groups, "rows": rows,
+            "trained_on": trained_on(config, first)}
+
+
+def trained_on(config, summary: dict) -> dict:
+    """Per domain: how many train tasks the policy learnt from, how many tasks the eval scored,
+    how many of those it learnt from (the overlap), and whether the domain has a train/test split."""
+    from tau2jax.env import tau2_env
+
+    tau2_env.init_tau2(config.tau2.data_dir)
+    wanted = set(config_lib.csv(config.tau2.task_ids))
+    out = {}
+    for domain, tasks in summary["per_task"].items():
+        train = {t.id for t in tau2_env.load_tasks(domain, "train")}
+        train = train & wanted if wanted else train
+        out[domain] = {"trained": len(train), "evaluated": len(tasks), "overlap": len(train & set(tasks)),
+                       "has_split": tau2_env.task_splits(domain) is not None}
+    return out
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _metrics(k: int) -> list[tuple[str, str]]:
+    """(key, label) of the report's columns; with one sample per task the three would agree."""
+    return [("pass@1", "Pass@1")] + ([("pass@k", f"Pass@{k}"), ("pass^k", f"pass^{k}")] if k > 1 else [])
+
+
+def render_report(data: dict) -> str:
+    k, groups = data["k"], data["groups"]
+    metrics = _metrics(k)
+    lines = ["# tau2jax pipeline: base → SFT → RFT → GRPO", ""]
+    for domain, t in data["trained_on"].items():
+        note = (f"{domain}: evaluated on {t['evaluated']} tasks ({data['split']} split); trained on {t['trained']} "
+                f"train-split tasks; {t['overlap']} of the evaluated tasks were trained on")
+        if not t["has_split"]:
+            note += " (the domain has no train/test split: these numbers measure fitting, not generalisation)"
+        lines.append(f"- {note}.")
+    for title, key in (("Tasks the do-nothing agent fails (what shows learning)", "beyond_floor"),
+                       ("All tasks", "all")):
+        head = ["policy"] + [f"{g} {label}" for g in groups for _, label in metrics]
+        lines += ["", f"## {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for policy, row in data["rows"].items():
+            cells = [_pct(row[g][key][m]) for g in groups for m, _ in metrics]
+            lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    floor = next(iter(data["rows"].values()))
+    lines += ["", "Do-nothing floor (tasks tau2 passes for an agent that only apologises): "
+              + ", ".join(f"{g} {_pct((floor[g]['floor'] or {}).get('pass_rate'))} of {(floor[g]['floor'] or {}).get('tasks', 0)}"
+                          for g in groups) + ".",
+              f"Pass@1: the first of {k} samples succeeds; Pass@{k}: any does; pass^{k}: all do (tau2's estimator)."
+              if k > 1 else "One sample per task: Pass@1 = Pass@k = pass^k.", ""]
+    return "\n".join(lines)
+
+
+def plot_report(data: dict, path: str) -> None:
+    """Pass@1 / Pass@k / pass^k per policy on the tasks the do-nothing agent fails, one panel per group."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups, policies, k = data["groups"], list(data["rows"]), data["k"]
+    fig = Figure(figsize=(3.2 * len(groups) + 1, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, g in enumerate(groups):
+        ax = fig.add_subplot(1, len(groups), i + 1)
+        metrics = _metrics(k)
+        width = 0.8 / len(metrics)
+        for j, (m, label) in enumerate(metrics):
+            vals = [100 * (data["rows"][p][g]["beyond_floor"][m] or 0.0) for p in policies]
+            ax.bar([x + width * (j - (len(metrics) - 1) / 2) for x in range(len(policies))], vals, width=width,
+                   label=label)
+        ax.set_xticks(range(len(policies)), policies)
+        ax.set_ylim(0, 102)
+        n = data["rows"][policies[0]][g]["beyond_floor"]["tasks"]
+        ax.set_title(f"{g}: {n} tasks the do-nothing agent fails", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.axes[0].set_ylabel("%")
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_report(config, evals: dict) -> dict:
+    """{workdir}/report.{json,md,png} -> {"files", "headline": {policy: {"pass@1", "pass@k"}} over the
+    tasks the do-nothing agent fails, all domains pooled}."""
+    data = report_data(config, evals)
+    files = {ext: os.path.join(config.workdir, f"report.{ext}") for ext in ("json", "md", "png")}
+    with open(files["json"], "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    with open(files["md"], "w") as f:
+        f.write(render_report(data))
+    plot_report(data, files["png"])
+    headline = {p: {m: row["overall"]["beyond_floor"][m] for m in ("pass@1", "pass@k")} for p, row in data["rows"].items()}
+    return {"files": files, "headline": headline}
