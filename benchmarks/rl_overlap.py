@@ -18,7 +18,8 @@ of its timed wall.
 one JSON object (also written to benchmarks/results/rl_overlap.json) with `async_speedup`,
 `learner_busy_frac_sync` / `_async` (learner seconds / step wall, mean over timed steps),
 `max_staleness_seen` (of the asynchronous run; bound 1) and both runs' first/final reward (mean task
-reward over their first / last 3 steps: the asynchronous run must learn as the synchronous one).
+reward over their first / last 3 steps: the asynchronous run must learn as the synchronous one),
+and `learner_compiles_sync` / `_async`: the learner-step shapes each run compiled (goal 1: one row bucket).
 """
 
 from __future__ import annotations
@@ -101,10 +102,10 @@ def main() -> None:
                                               latency=args.latency))
     timed = size["steps"] - 1
     print(f"{'run':<6} {'max_staleness':>13} {'wall_s':>7} {'s/step':>7} {'learner_busy':>12} "
-          f"{'staleness_seen':>14} {'reward first -> final':>22}")
+          f"{'staleness_seen':>14} {'compiles':>8} {'reward first -> final':>22}")
     for name, r in runs.items():
         print(f"{name:<6} {r['max_staleness']:>13} {r['steady_s']:>7.2f} {r['steady_s'] / timed:>7.3f} "
-              f"{r['learner_busy_frac']:>12.3f} {r['max_staleness_seen']:>14} "
+              f"{r['learner_busy_frac']:>12.3f} {r['max_staleness_seen']:>14} {r['learner_compiles']:>8} "
               f"{r['first_reward']:>10.3f} -> {r['final_reward']:.3f}")
     s, a = runs["sync"], runs["async"]
     result = {
@@ -116,6 +117,7 @@ def main() -> None:
         "first_reward_sync": s["first_reward"], "final_reward_sync": s["final_reward"],
         "first_reward_async": a["first_reward"], "final_reward_async": a["final_reward"],
         "wall_s_sync": s["steady_s"], "wall_s_async": a["steady_s"], "timed_steps": timed,
+        "learner_compiles_sync": s["learner_compiles"], "learner_compiles_async": a["learner_compiles"],
         "config": {"mode": "quick" if args.quick else "full", "turn_latency_s": args.latency,
                    "concurrency": CONCURRENCY, "steps": size["steps"], "loadavg_1m": os.getloadavg()[0],
                    "cpu_count": os.cpu_count()},

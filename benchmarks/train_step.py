@@ -10,7 +10,8 @@ ours), clip_grad_norm_, step, zero_grad. Both float32 on --threads CPU cores (de
 weights (a random HF Qwen3 converted with hf_to_orbax), same batch of B rows x T tokens, one
 segment per row (no packing, so both compute the same thing). The first step of each is the
 warm-up (JAX compile) and the loss check: the two first-step losses must agree within 1e-4.
-Then --iters steps of each, alternating, and tokens/s from the median step. Prints a table and,
+Then --iters steps of each, alternating, and tokens/s from the median step; compiles_after_warmup
+counts the jitted step's compiles after the first (goal 0: every step has the same shapes). Prints a table and,
 as the last line, a JSON object that is also written to benchmarks/results/train_step.json
 (--mfu: train_step_mfu.json).
 """
@@ -39,7 +40,8 @@ def _optim_config(lr: float):
 
 
 def _jax_step(cfg, params, optim, batch, **step_kw):
-    """A function running one jitted SFT step on a 1-device mesh; returns the loss (blocking)."""
+    """(run, jitted): run() does one jitted SFT step on a 1-device mesh and returns the loss
+    (blocking); jitted is the jax.jit function, whose _cache_size() counts its compiled shapes."""
     import jax
 
     from tau2jax.learn.optimizer import make_optimizer
@@ -63,7 +65,7 @@ def _jax_step(cfg, params, optim, batch, **step_kw):
         jax.block_until_ready(state)
         return float(metrics["loss"])
 
-    return run
+    return run, step
 
 
 def run(size: str, iters: int, threads: int) -> dict:
@@ -82,7 +84,7 @@ def run(size: str, iters: int, threads: int) -> dict:
                  loss_mask=(rng.random((b, t)) < 0.6).astype(np.int32),
                  positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
                  segment_ids=np.ones((b, t), np.int32))
-    jax_step = _jax_step(cfg, params, _optim_config(lr), batch)
+    jax_step, jitted = _jax_step(cfg, params, _optim_config(lr), batch)
 
     # torch: same AdamW hyper-parameters; parameters() yields the tied embedding once.
     named = list(model.named_parameters())
@@ -114,6 +116,9 @@ def run(size: str, iters: int, threads: int) -> dict:
         "speedup_vs_hf": round(sec["hf"] / sec["jax"], 3),
         "loss_first_jax": round(first["jax"], 6),
         "loss_first_hf": round(first["hf"], 6),
+        # The warm-up compiled one entry into the fresh jit; any more means a step of the same
+        # shapes recompiled (e.g. the donated state came back with other shardings). Goal 0.
+        "compiles_after_warmup": jitted._cache_size() - 1,
         "config": {**spec["model"], "batch": b, "seq_len": t, "iters": iters, "dtype": "float32",
                    "optimizer": f"adamw lr={lr} wd=0.01 clip=1.0", "size": size,
                    **common.machine_config(model)},
@@ -260,7 +265,8 @@ def main(argv=None) -> int:
     print(f"{'tau2jax (jit_step, ' + c['jax_backend'] + ')':<34}{result['jax_tokens_per_s']:>10.0f}"
           f"{result['loss_first_jax']:>14.6f}")
     print(f"{'transformers + torch.optim.AdamW':<34}{result['hf_tokens_per_s']:>10.0f}{result['loss_first_hf']:>14.6f}")
-    print(f"speedup vs transformers: {result['speedup_vs_hf']:.2f}x")
+    print(f"speedup vs transformers: {result['speedup_vs_hf']:.2f}x; jax compiles after warm-up: "
+          f"{result['compiles_after_warmup']} over {c['iters']} steps")
     common.write_result(result, out)
     return 0
 

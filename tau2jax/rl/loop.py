@@ -450,5 +450,7 @@ def run(config) -> dict:
         "max_staleness_seen": max(seen, default=0),
         "learner_busy_frac": float(np.mean(busy[1:])) if len(busy) > 1 else None,
         "steady_s": round(steady, 3), "engine_resyncs": synced["resyncs"],
+        # learner step shapes compiled this run: one per power-of-two row bucket met
+        "learner_compiles": step_fn._cache_size(),
         "wall_s": round(time.perf_counter() - t_start, 1),
     }  # fmt: skip
