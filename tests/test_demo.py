@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_demo_learns_on_tasks_a_do_nothing_agent_fails(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, like a laptop
     proc = subprocess.run([sys.executable, "-m", "tau2jax.demo", "--workdir", str(tmp_path)], cwd=ROOT,

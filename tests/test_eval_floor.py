@@ -156,7 +156,7 @@ def test_floor_off_skips_it(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_floor_matches_taus_evaluator_on_the_real_splits(chat, tmp_path):
     """~5 min on 2 cores: 204 null-agent episodes (uncached)."""
     from tau2jax.env import prompts, tau2_env
