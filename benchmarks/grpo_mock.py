@@ -1,6 +1,6 @@
 """GRPO on real tau2 episodes: does it raise an under-trained tiny SFT policy's success on mock?
 
-    python benchmarks/grpo_mock.py [--sft-steps 40] [--grpo-steps 12] [--workdir runs/grpo_mock]
+    python benchmarks/grpo_mock.py [--sft-steps 120] [--grpo-steps 20] [--temperature 0.5] [--workdir runs/grpo_mock]
 
 1. gold demos of mock -> SFT of the `tiny` Qwen3 for only `--sft-steps` steps (under-trained, so its
    sampled episodes sometimes succeed and sometimes fail: groups carry reward variance);
@@ -49,9 +49,11 @@ def _evals(config_mod, params: str, workdir: str, temperature: float) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/grpo_mock")
-    p.add_argument("--sft-steps", type=int, default=40)
-    p.add_argument("--grpo-steps", type=int, default=12)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--sft-steps", type=int, default=120)
+    p.add_argument("--grpo-steps", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.5,
+                   help="rollout and sampled-eval temperature (a tiny model at T=1 rarely succeeds: no group variance)")
+    p.add_argument("--sft-params", default="", help="start from these SFT params (skip demos + SFT)")
     args = p.parse_args(argv)
     work = os.path.abspath(args.workdir)
     t0 = time.time()
@@ -61,13 +63,16 @@ def main(argv=None) -> int:
     from configs import tiny_grpo, tiny_sft
     from tau2jax.train import run_stage
 
-    c = demos_config.get_config("native")
-    c.workdir, c.tau2.domains, c.tau2.task_ids = os.path.join(work, "demos"), "mock", ""
-    demos = run_stage(c)
-    c = tiny_sft.get_config()
-    c.workdir, c.data.train_files = os.path.join(work, "sft"), demos["mock"]["file"]
-    c.data.max_len, c.train.steps, c.train.loss_chunk, c.train.checkpoint_every = 1024, args.sft_steps, 64, 50
-    sft = run_stage(c)
+    if args.sft_params:
+        sft = {"params": os.path.abspath(args.sft_params), "final_loss": None}
+    else:
+        c = demos_config.get_config("native")
+        c.workdir, c.tau2.domains, c.tau2.task_ids = os.path.join(work, "demos"), "mock", ""
+        demos = run_stage(c)
+        c = tiny_sft.get_config()
+        c.workdir, c.data.train_files = os.path.join(work, "sft"), demos["mock"]["file"]
+        c.data.max_len, c.train.steps, c.train.loss_chunk, c.train.checkpoint_every = 1024, args.sft_steps, 64, 50
+        sft = run_stage(c)
     before = _evals(eval_config, sft["params"], os.path.join(work, "eval_sft"), args.temperature)
 
     c = tiny_grpo.get_config()
@@ -77,7 +82,7 @@ def main(argv=None) -> int:
     grpo = run_stage(c)
     after = _evals(eval_config, grpo["params"], os.path.join(work, "eval_grpo"), args.temperature)
 
-    result = {"sft_steps": args.sft_steps, "sft_final_loss": sft["final_loss"], "grpo_steps": args.grpo_steps,
+    result = {"sft_steps": args.sft_steps, "sft_params": sft["params"], "sft_final_loss": sft["final_loss"], "grpo_steps": args.grpo_steps,
               "rollout_temperature": args.temperature, "grpo_first_reward": grpo["first_reward"],
               "grpo_final_reward": grpo["final_reward"], "before": before, "after": after,
               "wall_s": round(time.time() - t0, 1), "load_avg": [round(v, 2) for v in os.getloadavg()]}
