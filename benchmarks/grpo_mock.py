@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     work = os.path.abspath(args.workdir)
     t0 = time.time()
+    load_before = [round(v, 2) for v in os.getloadavg()]
 
     from configs import demos as demos_config
     from configs import eval as eval_config
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     result = {"sft_steps": args.sft_steps, "sft_params": sft["params"], "sft_final_loss": sft["final_loss"], "grpo_steps": args.grpo_steps,
               "rollout_temperature": args.temperature, "grpo_first_reward": grpo["first_reward"],
               "grpo_final_reward": grpo["final_reward"], "before": before, "after": after,
-              "wall_s": round(time.time() - t0, 1), "load_avg": [round(v, 2) for v in os.getloadavg()]}
+              "wall_s": round(time.time() - t0, 1), "load_avg": {"before": load_before, "after": [round(v, 2) for v in os.getloadavg()]}}
     for name in ("greedy", "sampled"):
         b, a = before[name]["pass@1_beyond_floor"], after[name]["pass@1_beyond_floor"]
         print(f"{name:8s} pass@1 beyond the floor: SFT {b} -> GRPO {a}")

@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NA = "not recorded"
 
 # kind -> a field only that script's result has; the first match wins (mfu files have no other).
-KINDS = (("mfu", "mfu"), ("rl_overlap", "async_speedup"), ("rollout", "speedup_vs_reprefill"),
+KINDS = (("mfu", "mfu"), ("rl_overlap", "async_speedup"), ("grpo_mock", "grpo_final_reward"), ("rollout", "speedup_vs_reprefill"),
          ("weight_sync", "in_process"), ("decode", "engine_tokens_per_s"), ("train_step", "loss_first_jax"),
          ("forward", "jax_tokens_per_s"))
 
@@ -79,6 +79,9 @@ def command(path: str, kind: str, d: dict) -> str:
         args = f"rollout.py{size_flag(c.get('size'))} --threads {c['cpu_threads']}{out}"
     elif kind == "rl_overlap":
         args = f"rl_overlap.py{size_flag(c.get('mode'))} --latency {c['turn_latency_s']}{out}"
+    elif kind == "grpo_mock":
+        args = (f"grpo_mock.py --sft-steps {d['sft_steps']} --grpo-steps {d['grpo_steps']} "
+                f"--temperature {d['rollout_temperature']}")
     elif kind == "weight_sync":  # writes weight_sync[_<model>].json; h100/ holds moved copies
         model = " --quick" if d["model"] == "tiny" else f" --model {d['model']} --layers {d['num_layers']}"
         args = f"weight_sync.py{model} --repeats {d['repeats']}"
@@ -165,6 +168,21 @@ def rl_overlap(files, out_dir) -> list[str]:
                          d[f"final_reward_{run}"], d["async_speedup"]])
     return table(["file", "mode", "steps", "run", "timed steps", "wall s", "learner busy fraction",
                   "max staleness seen", "first reward", "final reward", "async_speedup"], rows)
+
+
+def grpo_mock(files, out_dir) -> list[str]:
+    rows = []
+    for path, kind, d in files:
+        if kind != "grpo_mock":
+            continue
+        for stage in ("before", "after"):
+            g, s = d[stage]["greedy"], d[stage]["sampled"]
+            rows.append([link(path, out_dir), "SFT" if stage == "before" else "GRPO", d["sft_steps"], d["grpo_steps"],
+                         d["rollout_temperature"], g["pass@1_beyond_floor"], s["pass@1_beyond_floor"],
+                         s["pass@4_beyond_floor"], d["grpo_first_reward"], d["grpo_final_reward"]])
+    return table(["file", "policy", "SFT steps", "GRPO steps", "rollout T", "greedy pass@1 beyond floor",
+                  "sampled pass@1 beyond floor", "sampled pass@4 beyond floor", "GRPO first reward",
+                  "GRPO final reward"], rows)
 
 
 def weight_sync(files, out_dir) -> list[str]:
@@ -258,6 +276,10 @@ def render(results_dir: str, out_dir: str) -> str:
              "## CPU: tau2jax vs transformers + torch (same weights, one run each)", "", *vs_transformers(cpu, out_dir),
              "", "## CPU: tau2 rollouts, prefix cache vs re-prefill", "", *rollout(cpu, out_dir),
              "", "## CPU: GRPO on the toy env, asynchronous vs synchronous loop", "", *rl_overlap(cpu, out_dir),
+             "", "## CPU: GRPO on tau2 mock from an under-trained tiny SFT policy", "",
+             "Success on the 8 mock tasks a do-nothing agent fails; GRPO trains on the same tasks (mock has no "
+             "split). Rewards are the GRPO run's mean task reward over its first / last 3 steps (all 9 tasks).", "",
+             *grpo_mock(cpu, out_dir),
              "", "## Weight sync (learner -> engine)", "", *weight_sync(cpu, out_dir),
              "", "## Compile counts after warm-up", "",
              "Compiles after the warm-up (the GRPO learner: every shape it compiled in the run; rl_overlap.py "
