@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.5,
                    help="rollout and sampled-eval temperature (a tiny model at T=1 rarely succeeds: no group variance)")
     p.add_argument("--sft-params", default="", help="start from these SFT params (skip demos + SFT)")
+    p.add_argument("--out", default=None, help="result file (default benchmarks/results/grpo_mock.json)")
     args = p.parse_args(argv)
     work = os.path.abspath(args.workdir)
     t0 = time.time()
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     for name in ("greedy", "sampled"):
         b, a = before[name]["pass@1_beyond_floor"], after[name]["pass@1_beyond_floor"]
         print(f"{name:8s} pass@1 beyond the floor: SFT {b} -> GRPO {a}")
-    common.write_result(result, common.result_path("grpo_mock.json"))
+    common.write_result(result, args.out or common.result_path("grpo_mock.json"))
     return 0
 
 

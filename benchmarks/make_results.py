@@ -81,10 +81,10 @@ def command(path: str, kind: str, d: dict) -> str:
         args = f"rl_overlap.py{size_flag(c.get('mode'))} --latency {c['turn_latency_s']}{out}"
     elif kind == "grpo_mock":
         args = (f"grpo_mock.py --sft-steps {d['sft_steps']} --grpo-steps {d['grpo_steps']} "
-                f"--temperature {d['rollout_temperature']}")
+                f"--temperature {d['rollout_temperature']}{out}")
     elif kind == "weight_sync":  # writes weight_sync[_<model>].json; h100/ holds moved copies
         model = " --quick" if d["model"] == "tiny" else f" --model {d['model']} --layers {d['num_layers']}"
-        args = f"weight_sync.py{model} --repeats {d['repeats']}"
+        args = f"weight_sync.py{model} --repeats {d['repeats']}{out}"
     else:  # mfu
         impl = f" --attn-impl {c['attn_impl']}" if "attn_impl" in c else ""
         args = (f"train_step.py --mfu{' --grpo' if d.get('step') == 'grpo' else ''} --layers {c['num_layers']} "
@@ -271,14 +271,14 @@ def render(results_dir: str, out_dir: str) -> str:
     lines = ["# Benchmark results", "",
              "Written by `python benchmarks/make_results.py` from the result files; do not edit by hand. Every "
              "figure is copied from the file its row names (floats rounded to 4 decimals); nothing here is "
-             "estimated. Machines, load averages and commands are under Sources. The CPU machine has 2 cores "
+             "estimated. Machines, load averages and commands are under Sources. The CPU machine's cores are "
              "shared with other jobs: compare numbers within one file (each ratio is measured in one run).", "",
              "## CPU: tau2jax vs transformers + torch (same weights, one run each)", "", *vs_transformers(cpu, out_dir),
              "", "## CPU: tau2 rollouts, prefix cache vs re-prefill", "", *rollout(cpu, out_dir),
              "", "## CPU: GRPO on the toy env, asynchronous vs synchronous loop", "", *rl_overlap(cpu, out_dir),
              "", "## CPU: GRPO on tau2 mock from an under-trained tiny SFT policy", "",
-             "Success on the 8 mock tasks a do-nothing agent fails; GRPO trains on the same tasks (mock has no "
-             "split). Rewards are the GRPO run's mean task reward over its first / last 3 steps (all 9 tasks).", "",
+             "Success on the mock tasks a do-nothing agent fails; GRPO trains on the same tasks (mock has no "
+             "split). Rewards are the GRPO run's mean task reward over its first / last steps (all mock tasks).", "",
              *grpo_mock(cpu, out_dir),
              "", "## Weight sync (learner -> engine)", "", *weight_sync(cpu, out_dir),
              "", "## Compile counts after warm-up", "",
@@ -295,8 +295,7 @@ def render(results_dir: str, out_dir: str) -> str:
     missing = [what for what, measured in WANTED if not measured(files)]
     lines += ["## Not measured", "", "Asked for by the benchmark issue; no result file holds it yet:", "",
               *([f"- {what}" for what in missing] or ["- (nothing)"]), "",
-              "## Sources", "", "weight_sync.py has no --out: it writes results/weight_sync[_<model>].json, "
-              "which h100/ holds renamed.", "", *sources(files, out_dir), ""]
+              "## Sources", "", *sources(files, out_dir), ""]
     return "\n".join(lines)
 
 

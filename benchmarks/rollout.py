@@ -1,6 +1,6 @@
 """Rollout throughput: tau2 episodes through the built-in engine, prefix cache off vs on.
 
-    python benchmarks/rollout.py [--quick]    # ~2 min on 2 CPU cores; --quick ~1 min
+    python benchmarks/rollout.py [--quick]
 
 Episodes of the tau2 `mock` domain (ScriptedUser, `run_episode`, one thread per episode, all
 sharing one JaxEngine that batches their turns) with the tiny random Qwen3 and the real Qwen3
@@ -29,10 +29,11 @@ import time
 import numpy as np
 
 import common  # benchmarks/common.py; also puts the repo root on sys.path
+from tau2jax.config import default_config  # noqa: E402
 
 SIZES = {"full": dict(episodes=8, repairs=3, rounds=3), "quick": dict(episodes=4, repairs=2, rounds=2)}
 MAX_NEW_TOKENS = 32
-PREFIX_CACHE_TOKENS = 65536  # the config default
+PREFIX_CACHE_TOKENS = default_config().engine.prefix_cache_tokens  # what a run gets by default
 
 
 def _compiles() -> int:

@@ -13,7 +13,7 @@ same command resumes (finished episodes are kept, infrastructure failures are tr
 changed setting or served weight version is refused). Beside Pass@k the reports give the
 do-nothing floor (tasks tau2 passes for an agent that only apologises: test 6/20 airline, 2/40
 retail, 0/40 telecom) and Pass@k over the tasks it fails; the floor's first run plays ~100 null
-episodes (~2 min on 2 cores), later runs read ~/.cache/tau2jax/floor (eval.floor=False skips it).
+episodes, later runs read ~/.cache/tau2jax/floor (eval.floor=False skips it).
 For the published checkpoints add --config.tau2.prompt_style=recipe (the prompt they were
 trained with); the user simulator the recipe reports is gpt-4.1-mini:
 --config.user.model=gpt-4.1-mini --config.user.base_url=https://api.openai.com/v1 --config.user.api_key=$KEY.

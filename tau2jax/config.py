@@ -234,9 +234,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _require(not p or os.path.exists(p), path_field, f"path {p!r} does not exist")
     _require(c.data.overlong in ("truncate", "drop"), "data.overlong", "must be 'truncate' or 'drop'")
     _require(c.data.max_len > 0 and c.data.batch_size > 0, "data", "max_len and batch_size must be > 0")
+    # the packed row length the stage trains on: SFT rows are data.max_len, GRPO rows rl.max_len
+    row_field = "rl.max_len" if c.stage == "grpo" else "data.max_len"
+    row_len = c.rl.max_len if c.stage == "grpo" else c.data.max_len
     for field, chunk in (("train.loss_chunk", c.train.loss_chunk), ("model.attn_chunk", c.model.attn_chunk)):
-        _require(chunk >= 0 and (chunk == 0 or chunk >= c.data.max_len or c.data.max_len % chunk == 0), field,
-                 f"{chunk} must be 0 or divide data.max_len ({c.data.max_len}); a remainder would "
+        _require(chunk >= 0 and (chunk == 0 or chunk >= row_len or row_len % chunk == 0), field,
+                 f"{chunk} must be 0 or divide {row_field} ({row_len}); a remainder would "
                  "silently fall back to the dense, unchunked memory peak")
     _require(c.optim.schedule in ("cosine", "constant"), "optim.schedule", f"unknown {c.optim.schedule!r}")
     _require(c.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1")

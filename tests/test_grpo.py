@@ -215,3 +215,15 @@ def test_micro_batches_by_rows_equal_one_pass(rollouts):
     with pytest.raises(ValueError, match="micro_batch_rows"):
         jit_grpo_step(make_grpo_step(CFG, tx, schedule, PolicyLossConfig(), micro_batch_rows=3),
                       shardings, sharding.batch_sharding(mesh))(create_state(params, tx, shardings, 0), batch, None)
+
+
+def test_chunks_must_divide_the_grpo_row_length():
+    """GRPO rows are rl.max_len long: a loss_chunk that does not divide it is refused by name."""
+    from tau2jax.config import ConfigError, validate
+
+    c = default_config()
+    c.stage, c.rl.max_len, c.data.max_len, c.train.loss_chunk = "grpo", 1000, 1024, 256
+    with pytest.raises(ConfigError, match=r"train.loss_chunk.*rl.max_len \(1000\)"):
+        validate(c)
+    c.rl.max_len = 1024
+    validate(c)

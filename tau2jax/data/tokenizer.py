@@ -82,6 +82,8 @@ class Tokenizer:
         self.im_end_id = self.token_id(IM_END)
         self.eos_id = self.im_end_id  # the instruct model ends every turn with <|im_end|>
         self.pad_id = self.token_id(ENDOFTEXT)
+        # Qwen3's two EOS tokens: either closes an assistant turn the model ended itself
+        self.end_of_turn_ids = (self.im_end_id, self.pad_id)
         self.tool_call_id = self.token_id(TOOL_CALL)
         self.tool_call_end_id = self.token_id(TOOL_CALL_END)
         self.tool_response_id = self.token_id(TOOL_RESPONSE)

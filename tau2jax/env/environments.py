@@ -34,6 +34,18 @@ class Environment(Protocol):
         `infra_error` set (retry them; they are not model failures)."""
 
 
+def retry_infra(play, max_infra_retries: int) -> tuple[Trajectory, list[Trajectory]]:
+    """Run `play()` (one episode) again while it ends in an infrastructure failure, at most
+    `max_infra_retries` more times. -> (last attempt, earlier attempts that failed on infrastructure)."""
+    failed = []
+    for _ in range(max_infra_retries + 1):
+        traj = play()
+        if traj.infra_error is None:
+            return traj, failed
+        failed.append(traj)
+    return failed.pop(), failed
+
+
 def user_factory(user_cfg):
     """-> `user_for(task, domain) -> tau2 BaseUser`, fresh per episode (`config.user`)."""
     if user_cfg.kind == "scripted":

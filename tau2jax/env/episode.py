@@ -41,7 +41,7 @@ from collections import defaultdict
 
 from tau2jax.env import prompts, rewards, tau2_env
 from tau2jax.inference.engine import ContextLengthError, Engine, SamplingParams
-from tau2jax.env.trajectory import INFRA_ERROR, Trajectory
+from tau2jax.env.trajectory import INFRA_ERROR, Trajectory, turn_record
 
 _AGENT, _USER, _ENV = "agent", "user", "env"
 _STOP_STRINGS = ("</tool_call>",)
@@ -68,9 +68,8 @@ class _Conversation:
         self.chat, self.traj = chat, traj
         self.prev_role = None
         self.im_end = chat.tokenizer.im_end_id
-        # A turn the model closed itself; `<|endoftext|>` (Qwen3's other EOS) closes it too, so no
-        # `<|im_end|>` is forced after it.
-        self.end_of_turn = {chat.tokenizer.im_end_id, chat.tokenizer.eos_id, chat.tokenizer.pad_id}
+        # A turn the model closed itself (either EOS): no `<|im_end|>` is forced after it.
+        self.end_of_turn = set(chat.tokenizer.end_of_turn_ids)
 
     def _extend(self, ids, mask=None, logprobs=None):
         ids = list(ids)
@@ -100,12 +99,7 @@ class _Conversation:
         start = len(self.traj.token_ids)
         trained = kind != "repair"
         self._extend(out, [int(trained)] * len(out), list(result.logprobs) if trained else None)
-        self.traj.turns.append({
-            "start": start, "end": len(self.traj.token_ids), "kind": kind,
-            "policy_version": result.policy_version, "engine": engine_kind,
-            "finish_reason": result.finish_reason, "temperature": sampling.temperature,
-            "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed,
-        })  # fmt: skip
+        self.traj.turns.append(turn_record(start, len(self.traj.token_ids), kind, result, sampling, engine_kind))
         ended = bool(out) and out[-1] in self.end_of_turn
         if not ended:  # stopped at </tool_call>, or cut at the length limit
             self._extend([self.im_end])
@@ -114,12 +108,18 @@ class _Conversation:
         return self.chat.tokenizer.decode(out[:-1] if ended else out)
 
 
+def derive_seed(*parts) -> int:
+    """A 31-bit seed from parts (a run seed, ids, indices): stable across processes and reruns,
+    so a resumed or retried episode samples exactly as before."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
 def turn_seed(episode_seed: int | None, turn: int, attempt: int) -> int | None:
     """The sampling seed of one engine call: fresh noise for every turn and repair attempt of an
     episode, reproducible from the episode's seed (None = let the engine draw one)."""
     if episode_seed is None:
         return None
-    return zlib.crc32(f"{episode_seed}/{turn}/{attempt}".encode()) & 0x7FFFFFFF
+    return derive_seed(episode_seed, turn, attempt)
 
 
 def _history_record(style: prompts.PromptStyle, msg, calls: dict) -> dict | None:
@@ -188,7 +188,7 @@ def run_episode(
     style = prompts.get_style(style) if isinstance(style, str) else style
     spec = tau2_env.domain_spec(domain)
     tok = chat.tokenizer
-    stops = {tok.im_end_id, tok.tool_call_end_id, tok.eos_id, tok.pad_id}  # pad = <|endoftext|>
+    stops = {*tok.end_of_turn_ids, tok.tool_call_end_id}
     sampling = dataclasses.replace(
         sampling,
         stop_token_ids=tuple(dict.fromkeys([*sampling.stop_token_ids, *sorted(stops)])),

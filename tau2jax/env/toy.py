@@ -45,7 +45,8 @@ import numpy as np
 
 from tau2jax.env.environments import TaskRef
 from tau2jax.env.episode import turn_seed
-from tau2jax.env.trajectory import INFRA_ERROR, Trajectory
+from tau2jax.env.rewards import RewardConfig, shaped_reward
+from tau2jax.env.trajectory import INFRA_ERROR, Trajectory, turn_record
 from tau2jax.inference.engine import ContextLengthError, Engine, SamplingParams
 
 DOMAIN = "toy"
@@ -123,12 +124,6 @@ class ToyEnvironment:
                             turn_latency_s=self.turn_latency_s)
 
 
-def _turn_record(start: int, end: int, kind: str, result, params: SamplingParams, engine_kind: str) -> dict:
-    return {"start": start, "end": end, "kind": kind, "policy_version": result.policy_version,
-            "engine": engine_kind, "finish_reason": result.finish_reason, "temperature": params.temperature,
-            "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed}
-
-
 def play_episode(task: ToyTask, task_id: str, *, engine: Engine, sampling: SamplingParams, sample_index: int = 0,
                  max_turns: int = 3, shaped_alpha: float = 0.3, turn_latency_s: float = 0.0) -> Trajectory:
     """One scored episode of `task`. `sampling.seed` is the episode's seed; each turn samples one
@@ -176,7 +171,7 @@ def play_episode(task: ToyTask, task_id: str, *, engine: Engine, sampling: Sampl
         extend(out, result.logprobs)
         tok = out[0] if len(out) == 1 else None
         kind = "policy" if tok is not None and KEY0 <= tok < VOCAB_SIZE else "malformed"
-        traj.turns.append(_turn_record(start, len(traj.token_ids), kind, result, params, engine_kind))
+        traj.turns.append(turn_record(start, len(traj.token_ids), kind, result, params, engine_kind))
         extend([END])  # forced closer, as episode.py's <|im_end|> after a length cut
         traj.num_steps += 1
         message("assistant", out)
@@ -199,7 +194,7 @@ def play_episode(task: ToyTask, task_id: str, *, engine: Engine, sampling: Sampl
         traj.termination_reason = reason
         traj.reward = float(answer == task.value)
         traj.partial_reward = float(called_key)
-        traj.shaped_reward = traj.reward + shaped_alpha * traj.partial_reward
+        traj.shaped_reward = shaped_reward(traj.reward, traj.partial_reward, RewardConfig(alpha=shaped_alpha))
         traj.reward_info = {"reward": traj.reward, "answer": answer, "expected": task.value, "called_key": called_key}
     traj.policy_version = traj.turns[0]["policy_version"] if traj.turns else engine.policy_version
     traj.timings = {"engine": round(engine_s, 4), "total": round(time.perf_counter() - t_start, 4)}

@@ -24,6 +24,14 @@ from dataclasses import dataclass, field
 INFRA_ERROR = "infra_error"  # termination_reason of an episode cut by an engine/user/evaluator failure
 
 
+def turn_record(start: int, end: int, kind: str, result, sampling, engine_kind: str) -> dict:
+    """One entry of `Trajectory.turns`: the sampled span and how it was sampled (an engine's
+    GenerateResult, the SamplingParams of that call)."""
+    return {"start": start, "end": end, "kind": kind, "policy_version": result.policy_version,
+            "engine": engine_kind, "finish_reason": result.finish_reason, "temperature": sampling.temperature,
+            "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed}
+
+
 @dataclass
 class Trajectory:
     task_id: str

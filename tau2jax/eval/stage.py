@@ -42,28 +42,26 @@ import importlib
 import json
 import os
 import time
-import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tau2jax import config as config_lib
 from tau2jax.eval import floor as floor_lib
-from tau2jax.env.environments import user_factory
+from tau2jax.env.environments import retry_infra, user_factory
 from tau2jax.eval import metrics
 
 TRAJECTORIES = "trajectories.jsonl"
 INFRA_RETRIES = "infra_retries.jsonl"
 SETTINGS = "settings.json"
 
-# Config fields that change what an episode produces: a resumed run must not mix values.
+# Config fields that change what an episode produces: a resumed run must not mix values (plus the
+# sampling section's temperature/top_p/top_k and every reward.* field: `run_settings`).
 RESULT_FIELDS = (
     "seed", "tau2.split", "tau2.prompt_style", "tau2.max_steps", "tau2.max_errors", "tau2.max_repairs",
     "tokenizer.path", "model.hf_dir",  # the tokenizer (model.hf_dir when tokenizer.path is "")
     "engine.kind", "engine.max_new_tokens",
-    "eval.temperature", "eval.top_p", "eval.top_k",
     "user.kind",
-    "reward.alpha", "reward.w_action", "reward.w_env_assertion", "reward.w_communicate",
 )  # fmt: skip
 # ... and those that matter for one engine or user kind only (the served weights: engine_identity).
 ENGINE_FIELDS = {"builtin": ("engine.checkpoint", "engine.max_seq_len", "engine.dtype"),
@@ -178,9 +176,12 @@ def load_finished(path: Path) -> dict[tuple, dict]:
     return done
 
 
-def run_settings(config, data_root) -> dict:
-    """The config values that decide what an episode produces (plus the tau2 data in use)."""
-    fields = RESULT_FIELDS + ENGINE_FIELDS.get(config.engine.kind, ()) + USER_FIELDS.get(config.user.kind, ())
+def run_settings(config, data_root, sampling: str = "eval", extra: tuple = ()) -> dict:
+    """The config values that decide what an episode produces (plus the tau2 data in use); `sampling`
+    names the section holding temperature/top_p/top_k (eval, rft); `extra`: the stage's own fields."""
+    fields = (RESULT_FIELDS + tuple(f"{sampling}.{k}" for k in ("temperature", "top_p", "top_k"))
+              + tuple(f"reward.{k}" for k in config.reward) + tuple(extra)
+              + ENGINE_FIELDS.get(config.engine.kind, ()) + USER_FIELDS.get(config.user.kind, ()))
     out = {f: _cfg_get(config, f) for f in fields} | {"tau2.data_root": str(data_root)}
     if config.engine.kind == "builtin":  # "auto" is another dtype on another platform
         from tau2jax.inference.jax_engine import engine_dtype
@@ -227,25 +228,20 @@ def _cfg_get(config, dotted: str):
     return (config[section] if section else config)[key]
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
-def _process_index() -> int:
+def process_index() -> int:
     import jax  # lazily: stages that never touch a device should not pay for it
 
     return jax.process_index()
 
 
-def episode_seed(seed: int, domain: str, task_id: str, sample_index: int) -> int:
-    """A sampling seed per episode, stable across runs and retries (reproducible resumes)."""
-    return zlib.crc32(f"{seed}/{domain}/{task_id}/{sample_index}".encode()) & 0x7FFFFFFF
-
-
 def run(config) -> dict:
-    index = _process_index()
+    index = process_index()
     if index != 0:
         return {"stage": "eval", "process_index": index, "note": "process 0 runs the evaluation"}
 
@@ -255,7 +251,7 @@ def run(config) -> dict:
     from tau2jax.data.tokenizer import load_tokenizer
     from tau2jax.env import prompts, rewards, tau2_env
     from tau2jax.inference.engine import SamplingParams
-    from tau2jax.env.episode import run_episode
+    from tau2jax.env.episode import derive_seed, run_episode
 
     t_start = time.time()
     data_root = tau2_env.init_tau2(config.tau2.data_dir)
@@ -284,7 +280,7 @@ def run(config) -> dict:
     else:  # nothing to run (no engine built): the earlier run's policy is the report's
         settings |= {k: v for k, v in (earlier or {}).items() if k not in settings}
     check_records(out_dir, finished, settings.get("policy_version"))
-    _write_atomic(settings_path, json.dumps(settings, indent=2, sort_keys=True))
+    write_atomic(settings_path, json.dumps(settings, indent=2, sort_keys=True))
     user_for = user_factory(config.user)
     reward_config = rewards.RewardConfig.from_config(config.reward)
 
@@ -296,20 +292,15 @@ def run(config) -> dict:
             top_p=config.eval.top_p,
             top_k=config.eval.top_k,
             max_new_tokens=config.engine.max_new_tokens,
-            seed=episode_seed(config.seed, domain, task.id, sample_index),
+            seed=derive_seed(config.seed, domain, task.id, sample_index)  # stable across resumes
         )
-        errors = []
-        for _ in range(config.eval.max_infra_retries + 1):
-            traj = run_episode(
-                task, domain,
-                engine=engine_for(task), user=user_for(task, domain), chat=chat, style=style,
-                sampling=sampling, max_steps=config.tau2.max_steps, max_errors=config.tau2.max_errors,
-                max_repairs=config.tau2.max_repairs, reward_config=reward_config, sample_index=sample_index,
-            )  # fmt: skip
-            if traj.infra_error is None:
-                break
-            errors.append(traj.infra_error)
-        return traj, errors if traj.infra_error is None else errors[:-1]
+        traj, failed = retry_infra(lambda: run_episode(
+            task, domain,
+            engine=engine_for(task), user=user_for(task, domain), chat=chat, style=style,
+            sampling=sampling, max_steps=config.tau2.max_steps, max_errors=config.tau2.max_errors,
+            max_repairs=config.tau2.max_repairs, reward_config=reward_config, sample_index=sample_index,
+        ), config.eval.max_infra_retries)  # fmt: skip
+        return traj, [t.infra_error for t in failed]
 
     new: dict[tuple, dict] = {}
     pool = ThreadPoolExecutor(max_workers=config.eval.concurrency, thread_name_prefix="eval")
@@ -350,8 +341,8 @@ def run(config) -> dict:
         run_info={"wall_s": round(time.time() - t_start, 2), "episodes_run": len(pending),
                   "episodes_resumed": len(planned) - len(pending)},
     )  # fmt: skip
-    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
-    _write_atomic(out_dir / "summary.md", render_markdown(summary))
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    write_atomic(out_dir / "summary.md", render_markdown(summary))
     plot_pass_at_k(summary, out_dir / "pass_at_k.png")
     return _cli_result(summary, out_dir)
 

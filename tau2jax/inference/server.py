@@ -207,7 +207,7 @@ class Server:
         self.default_max_tokens = default_max_tokens
         self.batcher = Batcher(engine, max_batch, batch_window_s)
         # the model's EOS ids (Qwen3 generation_config.json)
-        self.eos_ids = (tokenizer.im_end_id, tokenizer.pad_id)
+        self.eos_ids = tokenizer.end_of_turn_ids
         cfg = getattr(engine, "cfg", None)
         self.vocab_size = cfg.vocab_size if cfg is not None else tokenizer.vocab_size
         # SGLang's context length (`max_model_len` in /v1/models); None = unlimited (ScriptedEngine)

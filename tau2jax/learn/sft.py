@@ -23,7 +23,7 @@ from tau2jax.data.pipeline import make_sft_dataset
 from tau2jax.data.tokenizer import load_tokenizer
 from tau2jax.learn import model_setup
 from tau2jax.learn.checkpoint import Checkpointer, abstract_like
-from tau2jax.learn.export import export_params, exported_step
+from tau2jax.learn.export import export_params
 from tau2jax.learn.metric_writer import MetricWriter
 from tau2jax.learn.optimizer import make_optimizer
 from tau2jax.learn.sft_step import jit_step, make_sft_step
@@ -133,7 +133,7 @@ def run(config) -> dict:
         "final_loss": losses[-1] if losses else None,
         "checkpoint": ckpt.step_dir(total_steps),
         "params": params_dir,
-        "params_step": exported_step(config.workdir),
+        "params_step": total_steps,
         "tokens_per_s": input_tokens / elapsed if elapsed > 0 else None,
     }
     if losses:

@@ -32,15 +32,16 @@ def sequence_logprobs(params, model_cfg, batch, *, compute_dtype=jnp.float32, re
     return chunked_token_logprobs(hidden, batch["targets"], head, chunk, needed=needed)
 
 
-def accumulate_gradients(loss_fn, params, batch, grad_accum: int, merge_aux=None):
+def accumulate_gradients(loss_fn, params, batch, grad_accum: int, merge_aux=None, aux_init=None):
     """Sum `loss_fn`'s gradients over `grad_accum` micro-batches of `batch`.
 
     loss_fn(params, micro) -> ((loss_sum, count), aux) with `aux` a pytree of sums (or whatever
-    `merge_aux(a, b)` combines; default: add). Returns (grads, loss_sum, count, aux), all summed: the
-    caller divides once by the global count, so accumulation and the data-parallel average are
-    exact. Shared by the SFT and GRPO steps.
+    `merge_aux(a, b)` combines, starting from `aux_init(shapes)`; default: add, from zeros). Returns
+    (grads, loss_sum, count, aux), all summed: the caller divides once by the global count, so
+    accumulation and the data-parallel average are exact. Shared by the SFT and GRPO steps.
     """
     merge_aux = merge_aux or (lambda a, b: jax.tree.map(jnp.add, a, b))
+    aux_init = aux_init or (lambda shapes: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
     def split(p, mb):
         (s, n), aux = loss_fn(p, mb)
         return s, (n, aux)
@@ -58,11 +59,11 @@ def accumulate_gradients(loss_fn, params, batch, grad_accum: int, merge_aux=None
         (s, (n, aux)), g = grad_fn(params, mb)
         return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n, merge_aux(aux_acc, aux)), None
 
-    # The first micro-batch starts the carry (its aux may hold maxima, which do not start at 0).
-    (s0, (n0, aux0)), g0 = grad_fn(params, jax.tree.map(lambda x: x[0], micro))
-    g0 = jax.tree.map(lambda g: g.astype(jnp.float32), g0)
-    rest = jax.tree.map(lambda x: x[1:], micro)
-    (grads, loss_sum, count, aux), _ = jax.lax.scan(add, (g0, s0, n0, aux0), rest)
+    # One traced copy of the backward pass (inside the scan): the carry starts from zeros and aux_init.
+    aux_shapes = jax.eval_shape(lambda: split(params, jax.tree.map(lambda x: x[0], micro))[1][1])
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), aux_init(aux_shapes))
+    (grads, loss_sum, count, aux), _ = jax.lax.scan(add, init, micro)
     return grads, loss_sum, count, aux
 
 

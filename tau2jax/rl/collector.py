@@ -13,19 +13,15 @@ Every episode that ran, retried attempts included, gets one ledger record (`ledg
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from tau2jax.env.environments import Environment, TaskRef
+from tau2jax.env.environments import Environment, TaskRef, retry_infra
+from tau2jax.env.episode import derive_seed
 from tau2jax.env.trajectory import Trajectory
 from tau2jax.inference.engine import Engine, SamplingParams
-
-
-def episode_seed(seed: int, group_id: str, sample_index: int) -> int:
-    """A sampling seed per episode, stable across reruns of the same group (reproducible resume)."""
-    return zlib.crc32(f"{seed}/{group_id}/{sample_index}".encode()) & 0x7FFFFFFF
 
 
 @dataclass
@@ -36,34 +32,34 @@ class Group:
     failed_attempts: list[Trajectory] = field(default_factory=list)  # infra failures, retried
     complete: bool = True
 
-    @property
-    def rewards(self) -> list[float]:
-        return [t.shaped_reward if t.shaped_reward is not None else t.reward for t in self.trajectories]
+    def add(self, traj: Trajectory, failed: list[Trajectory]) -> None:
+        """One sample's outcome (`play_episode`): scored, or still an infrastructure failure after
+        its retries, which leaves the group incomplete."""
+        self.failed_attempts += failed
+        if traj.infra_error is None:
+            self.trajectories.append(traj)
+        else:
+            self.failed_attempts.append(traj)
+            self.complete = False
 
 
 def play_episode(env: Environment, ref: TaskRef, *, engine: Engine, sampling: SamplingParams,
                  sample_index: int, max_infra_retries: int) -> tuple[Trajectory, list[Trajectory]]:
     """-> (last attempt, earlier attempts that failed on infrastructure)."""
-    failed = []
-    for _ in range(max_infra_retries + 1):
-        traj = env.play(ref, engine=engine, sampling=sampling, sample_index=sample_index)
-        if traj.infra_error is None:
-            return traj, failed
-        failed.append(traj)
-    return failed.pop(), failed
+    return retry_infra(lambda: env.play(ref, engine=engine, sampling=sampling, sample_index=sample_index),
+                       max_infra_retries)
 
 
 def collect(env: Environment, jobs: list[tuple[str, TaskRef]], *, engine: Engine, sampling: SamplingParams,
             samples: int, seed: int, concurrency: int, max_infra_retries: int,
             pool: ThreadPoolExecutor | None = None) -> list[Group]:
     """Play `samples` episodes for each (group_id, task) of `jobs`, all concurrently, and return
-    the groups in `jobs` order. Each episode's seed comes from (seed, group_id, sample_index)."""
-    own = pool is None
-    pool = pool or ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rollout")
-    try:
+    the groups in `jobs` order. Each episode's seed comes from (seed, group_id, sample_index).
+    `pool`: run the episodes on this executor (shared by several callers) instead of a new one."""
+    with contextlib.nullcontext(pool) if pool else ThreadPoolExecutor(concurrency, "rollout") as pool:
         futures = {
             (gid, i): pool.submit(play_episode, env, ref, engine=engine, sample_index=i,
-                                  sampling=dataclasses.replace(sampling, seed=episode_seed(seed, gid, i)),
+                                  sampling=dataclasses.replace(sampling, seed=derive_seed(seed, gid, i)),
                                   max_infra_retries=max_infra_retries)
             for gid, ref in jobs for i in range(samples)
         }  # fmt: skip
@@ -71,18 +67,9 @@ def collect(env: Environment, jobs: list[tuple[str, TaskRef]], *, engine: Engine
         for gid, ref in jobs:
             g = Group(gid, ref)
             for i in range(samples):
-                traj, failed = futures[(gid, i)].result()  # episodes never raise: a raise is a bug
-                g.failed_attempts += failed
-                if traj.infra_error is None:
-                    g.trajectories.append(traj)
-                else:
-                    g.failed_attempts.append(traj)
-                    g.complete = False
+                g.add(*futures[(gid, i)].result())  # episodes never raise: a raise is a bug
             groups.append(g)
         return groups
-    finally:
-        if own:
-            pool.shutdown(wait=True)
 
 
 def ledger_record(traj: Trajectory, *, step: int, group_id: str, status: str, reason: str = "",

@@ -61,7 +61,8 @@ def make_grpo_step(model_cfg, tx: optax.GradientTransformation, schedule, loss_c
             raise ValueError(f"{rows} rows are not a multiple of micro_batch_rows={micro_batch_rows}")
         n_micro = rows // micro_batch_rows if micro_batch_rows else grad_accum
         grads, loss_sum, count, metrics = accumulate_gradients(
-            lambda p, mb: loss_fn(p, mb, ref_params), state.params, batch, n_micro, losses.merge_metrics)
+            lambda p, mb: loss_fn(p, mb, ref_params), state.params, batch, n_micro, losses.merge_metrics,
+            losses.empty_metrics)
         denom = jnp.maximum(count, 1.0)
         new_state, grad_norm = apply_gradients(state, tx, grads, denom)
         out = losses.metric_values(metrics) | {"loss": loss_sum / denom, "loss_count": count,

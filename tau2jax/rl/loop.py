@@ -104,9 +104,7 @@ def make_engine(config, model_cfg, params, tokenizer, version: int):
     """The rollout engine, holding `params` as policy `version`: the built-in engine in this
     process (weights pushed as device arrays), or SGLang over HTTP (weights published to disk)."""
     if config.engine.kind == "builtin":
-        from tau2jax.inference.jax_engine import JaxEngine
-
-        from tau2jax.inference.jax_engine import engine_dtype
+        from tau2jax.inference.jax_engine import JaxEngine, engine_dtype
 
         dtype = engine_dtype(config.engine.dtype)
         return JaxEngine(jax.tree.map(lambda x: x.astype(dtype), params), model_cfg, tokenizer=tokenizer,
@@ -185,14 +183,10 @@ def checkpoint_meta(meta: dict, in_flight: list[str]) -> dict:
 
 # ----------------------------------------------------------------------------- one step's data
 
-def _rewards(groups, rl) -> dict:
-    """Per trajectory: the reward the advantages use (shaped, minus the repeat penalty)."""
-    out = {}
-    for g in groups:
-        for t in g.trajectories:
-            r = t.shaped_reward if t.shaped_reward is not None else (t.reward or 0.0)
-            out[id(t)] = r - rl.repeat_penalty * rollout_metrics.repeated_tool_calls(t)
-    return out
+def advantage_reward(t, rl) -> float:
+    """The reward group advantages are computed from: shaped, minus the repeat penalty."""
+    r = t.shaped_reward if t.shaped_reward is not None else (t.reward or 0.0)
+    return r - rl.repeat_penalty * rollout_metrics.repeated_tool_calls(t) if rl.repeat_penalty else r
 
 
 def assemble(groups, rl, tracker, *, step: int, learner_version: int):
@@ -202,7 +196,7 @@ def assemble(groups, rl, tracker, *, step: int, learner_version: int):
     dropped. Every drop is counted and has a ledger reason."""
     ledger, items = [], []
     counts = {"groups_requeued": 0, "groups_zero_variance": 0, "groups_trained": 0, "samples_stale": 0}
-    rewards = _rewards(groups, rl)
+    rewards = {id(t): advantage_reward(t, rl) for g in groups for t in g.trajectories}
     kept, ages = [], []
     for gi, g in enumerate(groups):
         for t in g.failed_attempts:
@@ -253,7 +247,7 @@ def assemble(groups, rl, tracker, *, step: int, learner_version: int):
 
 def useful(g, rl) -> bool:
     """Counts toward the step's tasks_per_step: whole, and with dynamic sampling not zero-variance."""
-    return g.complete and not (rl.dynamic_sampling and len(set(g.rewards)) == 1)
+    return g.complete and not (rl.dynamic_sampling and len({advantage_reward(t, rl) for t in g.trajectories}) == 1)
 
 
 def gather(workers, tasks, meta, rl, *, step: int, seed: int, resync) -> tuple[list, int]:

@@ -292,6 +292,13 @@ def diagnostics(cfg: PolicyLossConfig, logp, behaviour_logp, advantages, mask, s
     return out
 
 
+def empty_metrics(shapes: dict) -> dict:
+    """The identity of `merge_metrics` for metrics of these shapes: zero sums, -inf maxima."""
+    return {k: Max(jnp.full(m.value.shape, -jnp.inf, m.value.dtype)) if isinstance(m, Max)
+            else Mean(jnp.zeros(m.sum.shape, m.sum.dtype), jnp.zeros(m.count.shape, m.count.dtype))
+            for k, m in shapes.items()}
+
+
 def merge_metrics(a: dict, b: dict) -> dict:
     """Combine two micro-batches' (or hosts') metrics: Mean adds, Max takes the max."""
     return {k: Max(jnp.maximum(a[k].value, b[k].value)) if isinstance(a[k], Max)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -38,6 +37,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tau2jax import config as config_lib
+from tau2jax.eval.metrics import is_success
+from tau2jax.eval.stage import process_index, write_atomic
 
 LEDGER = "ledger.jsonl"
 KEPT = "kept.jsonl"
@@ -48,12 +49,9 @@ MODEL_DROP_REASONS = ("failed", "not_best", "partial_below_min")
 # the reasons of a finished task's scored episodes (infra failures and incomplete groups excluded)
 FINAL_REASONS = KEPT_REASONS + MODEL_DROP_REASONS
 
-# Config fields that change what an episode produces or keeps: a resumed run must not mix values.
-RESULT_FIELDS = (
-    "seed", "tau2.split", "tau2.prompt_style", "tau2.max_steps", "tau2.max_errors", "tau2.max_repairs",
-    "tokenizer.path", "model.hf_dir", "engine.kind", "engine.max_new_tokens", "user.kind",
-    "rft.samples", "rft.temperature", "rft.top_p", "rft.top_k", "rft.min_partial",
-)  # fmt: skip
+# What an rft run keeps, beside what shapes its episodes (eval.stage.run_settings): a resumed run
+# must not mix values.
+RFT_FIELDS = ("rft.samples", "rft.min_partial")
 
 
 def select(trajectories: list, min_partial: float) -> list[tuple[object, str, str]]:
@@ -122,7 +120,7 @@ def build_stats(records: list[dict], tasks: list[tuple[str, str]], floor: dict[t
         if r["reason"] in FINAL_REASONS:
             row["finished"] = True
             row["samples"] += 1
-            row["successes"] += r["reward"] is not None and r["reward"] >= 1.0
+            row["successes"] += is_success(r["reward"])
         if r["status"] == "kept":
             row["kept"] += 1
             row["kept_as"].append(r["reason"])
@@ -172,20 +170,6 @@ def render_markdown(stats: dict, domains: list[str], workdir: str) -> str:
     return "\n".join(lines)
 
 
-def run_settings(config, data_root) -> dict:
-    """The config values that decide what an episode produces and what is kept (+ the tau2 data)."""
-    from tau2jax.eval.stage import ENGINE_FIELDS, USER_FIELDS
-
-    fields = (RESULT_FIELDS + tuple(f"reward.{k}" for k in config.reward)
-              + ENGINE_FIELDS.get(config.engine.kind, ()) + USER_FIELDS.get(config.user.kind, ()))
-    return {f: _cfg_get(config, f) for f in fields} | {"tau2.data_root": str(data_root)}
-
-
-def _cfg_get(config, dotted: str):
-    section, _, key = dotted.rpartition(".")
-    return (config[section] if section else config)[key]
-
-
 def check_settings(out_dir: Path, settings: dict) -> None:
     """Refuses to resume a run made with other settings; records the settings (merged)."""
     path = out_dir / SETTINGS
@@ -196,13 +180,7 @@ def check_settings(out_dir: Path, settings: dict) -> None:
             f"workdir {str(out_dir)!r} holds an rft run with other settings ("
             + ", ".join(f"{f}: {a!r} -> {b!r}" for f, (a, b) in diff.items())
             + "); use a new config.workdir, or the earlier values to resume")
-    _write_atomic(path, json.dumps(earlier | settings, indent=2, sort_keys=True))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(earlier | settings, indent=2, sort_keys=True))
 
 
 def _append(path: Path, records: list[dict]) -> None:
@@ -226,7 +204,7 @@ def write_kept(out_dir: Path, records: list[dict], order: list[str], mix_files: 
     for key in sorted(kept, key=lambda k: (rank[k[0]], k[1])):
         lines.append(json.dumps(token_record(Trajectory.from_dict(trajs[key]), kept[key])))
     mixed = [line.rstrip("\n") for path in mix_files for line in open(path, encoding="utf-8") if line.strip()]
-    _write_atomic(out_dir / KEPT, "".join(line + "\n" for line in lines + mixed))
+    write_atomic(out_dir / KEPT, "".join(line + "\n" for line in lines + mixed))
     return len(lines), len(mixed)
 
 
@@ -265,14 +243,8 @@ def play_pending(env, pending: list, engine_for, config, out_dir: Path) -> None:
         episodes.shutdown(wait=False, cancel_futures=True)
 
 
-def _process_index() -> int:
-    import jax  # lazily: stages that never touch a device should not pay for it
-
-    return jax.process_index()
-
-
 def run(config) -> dict:
-    index = _process_index()
+    index = process_index()
     if index != 0:
         return {"stage": "rft", "process_index": index, "note": "process 0 samples and writes the RFT data"}
 
@@ -282,7 +254,7 @@ def run(config) -> dict:
     from tau2jax.env import tau2_env
     from tau2jax.env.environments import Tau2Environment
     from tau2jax.eval import floor as floor_lib
-    from tau2jax.eval.stage import engine_factory, engine_identity
+    from tau2jax.eval.stage import engine_factory, engine_identity, run_settings
 
     if config.tau2.split != "train":
         raise config_lib.ConfigError(f"config.tau2.split: RFT samples train tasks only, got {config.tau2.split!r} "
@@ -298,7 +270,7 @@ def run(config) -> dict:
     order = [r.key for r in refs]
     out_dir = Path(config.workdir) / "rft"
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = run_settings(config, tau2_env.init_tau2(config.tau2.data_dir))
+    settings = run_settings(config, tau2_env.init_tau2(config.tau2.data_dir), "rft", RFT_FIELDS)
     check_settings(out_dir, settings)  # before anything touches the earlier run's files
 
     done = finished_tasks(read_jsonl(out_dir / LEDGER))
@@ -311,15 +283,15 @@ def run(config) -> dict:
     planned = set(order)
     records = [r for r in read_jsonl(out_dir / LEDGER) if r["task"] in planned]
     floor = floor_lib.outcomes([(r.domain, r.task) for r in refs], chat=chat, style=env.style,
-                               cache_dir=config.eval.floor_cache_dir)
+                               cache_dir=config.eval.floor_cache_dir) if config.eval.floor else None
     stats = build_stats(records, [(r.domain, r.task_id) for r in refs], floor)
     n_kept, n_mixed = write_kept(out_dir, records, order, mix_files)
     stats["run"] = {"wall_s": round(time.time() - t_start, 2), "tasks_played": len(pending),
                     "tasks_resumed": len(refs) - len(pending), "kept_records": n_kept, "mixed_records": n_mixed,
                     "mix_files": mix_files}  # fmt: skip
-    _write_atomic(out_dir / "stats.json", json.dumps(stats, indent=2, sort_keys=True))
+    write_atomic(out_dir / "stats.json", json.dumps(stats, indent=2, sort_keys=True))
     domains = list(dict.fromkeys(r.domain for r in refs))
-    _write_atomic(out_dir / "stats.md", render_markdown(stats, domains, config.workdir))
+    write_atomic(out_dir / "stats.md", render_markdown(stats, domains, config.workdir))
     groups = ["overall", *domains]
     return {
         "stage": "rft", "file": str(out_dir / KEPT), "kept": n_kept, "mixed": n_mixed,

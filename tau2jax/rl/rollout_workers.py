@@ -38,6 +38,7 @@ from typing import Callable
 from tau2jax.env.environments import Environment, TaskRef
 from tau2jax.env.trajectory import Trajectory
 from tau2jax.inference.engine import Engine, SamplingParams
+from tau2jax.env.episode import derive_seed
 from tau2jax.rl import collector
 
 
@@ -183,7 +184,7 @@ class RolloutWorkers:
     def _play(self, slot: _Slot, i: int) -> None:
         error, traj, failed = None, None, []
         try:
-            seed = collector.episode_seed(self._seed, slot.job.group_id, i)
+            seed = derive_seed(self._seed, slot.job.group_id, i)  # as collector.collect does
             sampling = dataclasses.replace(self._sampling, seed=seed)
             traj, failed = collector.play_episode(self._env, slot.job.ref, engine=self._engine, sampling=sampling,
                                                   sample_index=i, max_infra_retries=self._retries)
@@ -196,14 +197,10 @@ class RolloutWorkers:
             if error is not None:
                 slot.error, g.complete = error, False
             else:
-                g.failed_attempts += failed
+                g.add(traj, failed)
                 if traj.infra_error is None:
-                    g.trajectories.append(traj)
                     self._counts.episodes += 1
                     self._counts.sampled_tokens += sum(t["end"] - t["start"] for t in traj.turns)
-                else:
-                    g.failed_attempts.append(traj)
-                    g.complete = False
             if slot.waiting == 0:  # episodes finish in any order; groups list samples by index
                 g.trajectories.sort(key=lambda t: t.sample_index)
             self._pump()
