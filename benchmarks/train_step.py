@@ -143,11 +143,13 @@ def _grpo_batch(rng, b: int, seq_len: int, vocab: int) -> dict:
 
 
 def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chunk: int = 1024,
-            attn_impl: str = "xla", grpo: bool = False) -> dict:
+            attn_impl: str = "xla", grpo: bool = False, max_batch: int = 8) -> dict:
     """Qwen3-4B-shaped step (random init, fp32 masters, bf16 compute, --remat) on one GPU.
-    The batch is the largest of 8, 4, 2, 1 rows whose compiled step fits in device memory.
-    grpo: the GRPO step (recipe loss: clip 0.2/0.28, k3 KL 0.01 to a frozen bf16 reference,
-    entropy 0.001, vocab-chunked log-probs); its FLOPs count the reference forward too (8N, not 6N)."""
+    The batch is the largest of max_batch, max_batch/2, ..., 1 rows whose compiled step fits in
+    device memory. SFT rows are one sequence each. grpo: the GRPO step (recipe loss: clip
+    0.2/0.28, k3 KL 0.01 to a frozen bf16 reference, entropy 0.001, vocab-chunked log-probs) on
+    rows of 4 packed trajectories; its FLOPs count the reference forward too (8N, not 6N) and
+    attention over each trajectory's own length (seq_len / 4), not the row's."""
     import jax
     import jax.numpy as jnp
 
@@ -190,13 +192,14 @@ def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chu
     limit = dev.memory_stats()["bytes_limit"]
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh):
-        for b in (8, 4, 2, 1):
+        for b in [max_batch >> i for i in range(max_batch.bit_length())]:
             batch = _grpo_batch(rng, b, seq_len, cfg.vocab_size) if grpo else dict(
                          tokens=rng.integers(0, cfg.vocab_size, (b, seq_len), dtype=np.int32),
                          targets=rng.integers(0, cfg.vocab_size, (b, seq_len), dtype=np.int32),
                          loss_mask=np.ones((b, seq_len), np.int32),
                          positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (b, seq_len)).copy(),
                          segment_ids=np.ones((b, seq_len), np.int32))
+            t_compile = time.perf_counter()
             try:
                 compiled = lower(state, batch).compile()
             except jax.errors.JaxRuntimeError as e:  # XLA's autotuner can run out of memory first
@@ -207,6 +210,7 @@ def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chu
             m = compiled.memory_analysis()
             need = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
             if need < 0.95 * limit:
+                t_compile = time.perf_counter() - t_compile
                 break
         else:
             raise SystemExit(f"even batch 1 x {seq_len} needs {need / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB")
@@ -220,12 +224,15 @@ def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chu
             jax.block_until_ready(state)
             times.append(time.perf_counter() - t0)
     tok_s = b * seq_len / float(np.median(times))
-    flops = flops_per_token(cfg, seq_len) * (8 / 6 if grpo else 1)  # + the reference's forward
+    # + the reference's forward; a token attends within its own trajectory (seq_len / 4 in GRPO rows)
+    flops = flops_per_token(cfg, seq_len // 4) * 8 / 6 if grpo else flops_per_token(cfg, seq_len)
     return {
         "step": "grpo" if grpo else "sft",
         "tokens_per_s": round(tok_s, 1),
         "mfu": round(flops * tok_s / PEAK_BF16[dev.device_kind], 4),
         "loss": round(float(metrics["loss"]), 4),
+        "step_s": round(float(np.median(times)), 4),
+        "compile_s": round(t_compile, 1),
         "config": {"model": "qwen3_4b", "num_layers": layers, "batch": b, "seq_len": seq_len, "iters": iters, "compute_dtype": "bfloat16",
                    "remat": remat, "loss_chunk": 1024, "attn_chunk": attn_chunk, "attn_impl": attn_impl, "device": dev.device_kind,
                    "peak_flops": PEAK_BF16[dev.device_kind], "memory_gib": round(need / 2**30, 1)},
@@ -240,7 +247,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=36, help="--mfu: layers of the Qwen3-4B shape (36 = all)")
     p.add_argument("--remat", default="full", help="--mfu: remat policy (none | full | dots)")
     p.add_argument("--attn-chunk", type=int, default=1024, help="--mfu: queries per attention block (0 = dense)")
-    p.add_argument("--attn-impl", default="xla", help="--mfu: xla | flash")
+    p.add_argument("--attn-impl", default="xla", help="--mfu: xla | flash | cudnn")
+    p.add_argument("--max-batch", type=int, default=8, help="--mfu: the first batch size tried (halved until it fits)")
     p.add_argument("--iters", type=int, default=5, help="timed steps per framework (median is reported)")
     p.add_argument("--grpo", action="store_true", help="--mfu: the GRPO step (KL reference forward included)")
     common.add_threads_arg(p)
@@ -249,7 +257,8 @@ def main(argv=None) -> int:
     out = args.out or common.result_path("train_step_mfu.json" if args.mfu else "train_step.json")
     if args.mfu:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the default 0.75 leaves 20 GB idle
-        result = run_mfu(args.iters, args.seq_len, args.layers, args.remat, args.attn_chunk, args.attn_impl, args.grpo)
+        result = run_mfu(args.iters, args.seq_len, args.layers, args.remat, args.attn_chunk, args.attn_impl, args.grpo,
+                         args.max_batch)
         c = result["config"]
         print(f"Qwen3-4B {result['step'].upper()} step on {c['device']}: batch {c['batch']} x seq {c['seq_len']}, bf16, remat {c['remat']}, attention {c['attn_impl']}/{c['attn_chunk']}, "
               f"{result['tokens_per_s']:.0f} tokens/s, MFU {100 * result['mfu']:.1f}%")

@@ -34,7 +34,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights
     c.model.compute_dtype = "float32"  # bfloat16 on GPU
     c.model.remat = "none"  # none | full | dots (what to save in the backward pass)
-    c.model.attn_impl = "xla"  # xla | flash (Pallas/Triton flash attention with segment ids; GPU)
+    c.model.attn_impl = "xla"  # xla | flash (Pallas/Triton, segment ids) | cudnn (cuDNN packed layout); last two GPU
+    c.model.attn_max_segments = 16  # cudnn: most segments (runs, padding included) a packed row may hold
     c.model.attn_chunk = 0  # xla: queries per attention block in training; 0 = dense [T, T] scores
 
     # Device mesh; -1 takes the remaining devices.
@@ -222,7 +223,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     """Reject values that are well-typed but cannot work, naming the field."""
     _require(c.stage in STAGES, "stage", f"{c.stage!r} is not one of {STAGES}")
     _require(c.model.remat in ("none", "full", "dots"), "model.remat", f"unknown policy {c.model.remat!r}")
-    _require(c.model.attn_impl in ("xla", "flash"), "model.attn_impl", "must be 'xla' or 'flash'")
+    _require(c.model.attn_impl in ("xla", "flash", "cudnn"), "model.attn_impl", "must be 'xla', 'flash' or 'cudnn'")
+    _require(c.model.attn_max_segments >= 1, "model.attn_max_segments", "must be >= 1")
     for dt in ("param_dtype", "compute_dtype"):
         _require(getattr(c.model, dt) in ("float32", "bfloat16"), f"model.{dt}", "must be float32 or bfloat16")
     for ax in ("data", "fsdp", "tensor"):

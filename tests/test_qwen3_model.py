@@ -266,3 +266,70 @@ def test_flash_attention_kernel_equals_xla_on_packed_rows():
     np.testing.assert_allclose(np.asarray(out)[0, real], np.asarray(ref)[0, real], atol=tol, rtol=0)
     for a, b in zip(g_out, g_ref):
         np.testing.assert_allclose(np.asarray(a)[0, real], np.asarray(b)[0, real], atol=10 * tol, rtol=0)
+
+
+def _packed_segments(B, T, rng):
+    """Rows of random contiguous segments (ids 1, 2, ...), some ending in padding (id 0)."""
+    seg = np.zeros((B, T), np.int32)
+    for b in range(B):
+        cuts = np.sort(rng.choice(np.arange(1, T), size=rng.integers(0, 5), replace=False))
+        bounds = [0, *cuts, T]
+        for i in range(len(bounds) - 1):
+            seg[b, bounds[i]:bounds[i + 1]] = i + 1
+        if b % 2:
+            seg[b, T - rng.integers(1, T // 3):] = 0
+    return seg
+
+
+def test_segment_runs_encode_exactly_the_packed_causal_mask():
+    """cuDNN's packed layout (offsets + lengths per run) describes the same attention mask as the
+    segment ids: same-segment, causal; padding attends within its own run. Rows with fewer runs
+    than max_segments fill with -1, as cuDNN's packed API wants."""
+    rng = np.random.default_rng(0)
+    B, T, M = 6, 40, 8
+    seg = _packed_segments(B, T, rng)
+    assert qwen3.count_segments(seg) <= M
+    offsets, lengths = map(np.asarray, qwen3.segment_runs(jnp.asarray(seg), M))
+    assert offsets.shape == (B, M + 1) and lengths.shape == (B, M)
+    idx = np.arange(T)
+    want = (seg[:, :, None] == seg[:, None, :]) & (idx[:, None] >= idx[None, :])
+    for b in range(B):
+        n = int((lengths[b] >= 0).sum())
+        assert n == 1 + int((seg[b, 1:] != seg[b, :-1]).sum())
+        assert (offsets[b, n:] == -1).all() and (lengths[b, n:] == -1).all()
+        run = np.full(T, -1)
+        for r in range(n):
+            run[offsets[b, r]:offsets[b, r] + lengths[b, r]] = r
+        assert (run >= 0).all() and lengths[b, :n].sum() == T
+        got = (run[:, None] == run[None, :]) & (idx[:, None] >= idx[None, :])
+        np.testing.assert_array_equal(got, want[b])
+
+
+def test_too_many_segments_for_cudnn_is_refused_by_name():
+    seg = np.repeat(np.arange(1, 11, dtype=np.int32), 4)[None]  # 10 segments
+    qwen3.check_segments(seg, 10)
+    with pytest.raises(ValueError, match="model.attn_max_segments=8"):
+        qwen3.check_segments(seg, 8)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention runs on NVIDIA GPUs only")
+def test_cudnn_attention_equals_xla_on_packed_rows():
+    """GPU: the cuDNN packed-layout path computes the XLA path's attention (bf16, GQA, several
+    segments and padding a row): values and gradients."""
+    rng = np.random.default_rng(1)
+    B, T, H, K, Dh = 4, 256, 8, 2, 128
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, Dh)), jnp.bfloat16) for n in (H, K, K))
+    seg = jnp.asarray(_packed_segments(B, T, rng))
+
+    def f(impl, q, k, v):
+        out = qwen3.segment_causal_attention(q, k, v, seg, Dh ** -0.5, impl=impl, max_segments=8)
+        return (out.astype(jnp.float32) * (seg > 0)[:, :, None, None]).sum(), out
+
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1, 2), has_aux=True)
+    (_, ref), g_ref = grad(functools.partial(f, "xla"))(q, k, v)
+    (_, out), g_out = grad(functools.partial(f, "cudnn"))(q, k, v)
+    real = np.asarray(seg > 0)
+    f32 = lambda x: np.asarray(x.astype(jnp.float32))
+    np.testing.assert_allclose(f32(out)[real], f32(ref)[real], atol=3e-2, rtol=0)
+    for a, b in zip(g_out, g_ref):
+        np.testing.assert_allclose(f32(a)[real], f32(b)[real], atol=1e-1, rtol=3e-2)

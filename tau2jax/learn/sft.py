@@ -82,7 +82,8 @@ def run(config) -> dict:
     step_fn = jit_step(make_sft_step(model_cfg, tx, schedule, grad_accum=config.optim.grad_accum,
                                      compute_dtype=compute_dtype, remat=config.model.remat,
                                      loss_chunk=config.train.loss_chunk, attn_chunk=config.model.attn_chunk,
-                                     attn_impl=config.model.attn_impl),
+                                     attn_impl=config.model.attn_impl,
+                                     attn_max_segments=config.model.attn_max_segments),
                      shardings, batch_sharding)
 
     writer = MetricWriter(config.workdir)
@@ -99,6 +100,8 @@ def run(config) -> dict:
                 raise config_lib.ConfigError(
                     f"config.train.steps={total_steps}: the data ends after step {step}; "
                     "raise data.num_epochs or lower train.steps")
+            if config.model.attn_impl == "cudnn":
+                qwen3.check_segments(local["segment_ids"], config.model.attn_max_segments)
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
                      for k, v in local.items()}
             t0 = time.perf_counter()

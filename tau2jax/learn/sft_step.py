@@ -20,12 +20,12 @@ from tau2jax.models import qwen3
 
 
 def sequence_logprobs(params, model_cfg, batch, *, compute_dtype=jnp.float32, remat="none", loss_chunk=0,
-                      attn_chunk=0, attn_impl="xla"):
+                      attn_chunk=0, attn_impl="xla", attn_max_segments=16):
     """log p(targets) per position [B, T], float32; 0 in length chunks (`loss_chunk`) where the batch's
     `loss_mask` (if any) has no trained token: those skip the vocabulary head."""
     hidden = qwen3.forward(params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"],
                            compute_dtype=compute_dtype, remat=remat, return_hidden=True,
-                           attn_chunk=attn_chunk, attn_impl=attn_impl)
+                           attn_chunk=attn_chunk, attn_impl=attn_impl, attn_max_segments=attn_max_segments)
     head = functools.partial(qwen3.logits_from_hidden, params, model_cfg)
     chunk = loss_chunk or hidden.shape[1]
     needed = batch["loss_mask"] > 0 if "loss_mask" in batch else None
@@ -77,10 +77,12 @@ def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads, 
 
 
 def make_sft_step(model_cfg, tx: optax.GradientTransformation, schedule, *, grad_accum=1,
-                  compute_dtype=jnp.float32, remat="none", loss_chunk=0, attn_chunk=0, attn_impl="xla"):
+                  compute_dtype=jnp.float32, remat="none", loss_chunk=0, attn_chunk=0, attn_impl="xla",
+                  attn_max_segments=16):
     def loss_fn(params, micro):
         lp = sequence_logprobs(params, model_cfg, micro, compute_dtype=compute_dtype, remat=remat,
-                               loss_chunk=loss_chunk, attn_chunk=attn_chunk, attn_impl=attn_impl)
+                               loss_chunk=loss_chunk, attn_chunk=attn_chunk, attn_impl=attn_impl,
+                               attn_max_segments=attn_max_segments)
         return masked_nll(lp, micro["loss_mask"]), {}
 
     def step(state: TrainState, batch):

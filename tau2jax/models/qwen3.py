@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import jax
 import jax.numpy as jnp
 
@@ -152,10 +154,41 @@ def _qkv(lp: dict, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Arra
     return q, k, v
 
 
-ATTENTION_IMPLS = ("xla", "flash")
+ATTENTION_IMPLS = ("xla", "flash", "cudnn")
 
 
-def segment_causal_attention(q, k, v, segment_ids, scale: float, chunk: int = 0, impl: str = "xla"):
+def segment_runs(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """Contiguous runs of equal segment id per row (padding, id 0, is a run of its own), in the
+    packed layout cuDNN takes: offsets [B, M+1] (each run's first index) and lengths [B, M], -1
+    where a row has fewer than M = max_segments runs. Runs beyond M are not represented: callers
+    check count_segments first."""
+    B, T = segment_ids.shape
+    starts = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+    def row(s):
+        idx = jnp.nonzero(s, size=max_segments + 1, fill_value=T)[0].astype(jnp.int32)
+        lengths = jnp.where(idx[:-1] < T, idx[1:] - idx[:-1], -1)
+        return jnp.where(idx < T, idx, -1), lengths
+
+    return jax.vmap(row)(starts)
+
+
+def count_segments(segment_ids) -> int:
+    """Most contiguous runs (as segment_runs counts them) in any row of a host [B, T] array."""
+    seg = np.asarray(segment_ids)
+    return int((1 + (seg[:, 1:] != seg[:, :-1]).sum(axis=1)).max()) if seg.size else 0
+
+
+def check_segments(segment_ids, max_segments: int) -> None:
+    """The cuDNN path sees at most max_segments runs a row; refuse a batch with more, by name."""
+    n = count_segments(segment_ids)
+    if n > max_segments:
+        raise ValueError(f"a packed row holds {n} segments (padding counts as one) but "
+                         f"model.attn_max_segments={max_segments}: raise it for attn_impl='cudnn'")
+
+
+def segment_causal_attention(q, k, v, segment_ids, scale: float, chunk: int = 0, impl: str = "xla",
+                             max_segments: int = 16):
     """Causal attention within segments (packed rows). q [B, T, H, Dh]; k, v [B, T, K, Dh].
 
     impl="xla": `jax.nn.dot_product_attention` with a boolean mask, `chunk` queries at a time.
@@ -167,6 +200,12 @@ def segment_causal_attention(q, k, v, segment_ids, scale: float, chunk: int = 0,
     impl="flash": the Pallas (Triton) flash-attention kernel with segment ids (GPU; interpreted on
       CPU, for tests only): no score matrix in memory and causal blocks above the diagonal skipped.
       Needs T to be a multiple of 128.
+    impl="cudnn": cuDNN's fused flash attention in its packed (THD) layout: each row's segments
+      given as offsets and lengths (segment_runs, at most `max_segments` a row), causal within
+      each, GQA native. Hopper or later, bf16/fp16. The public jax.nn.dot_product_attention
+      (implementation="cudnn") cannot express packed rows except as a dense [B, 1, T, T] mask,
+      which it turns into an additive bias: T^2 memory again, so this calls the cuDNN module's
+      packed entry point (jax._src.cudnn; same in jax 0.10 and 0.11).
     """
     if impl == "flash":
         from jax.experimental.pallas.ops.gpu import attention as pallas_attention
@@ -175,6 +214,13 @@ def segment_causal_attention(q, k, v, segment_ids, scale: float, chunk: int = 0,
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         return pallas_attention.mha(q, k, v, segment_ids, sm_scale=scale, causal=True,
                                     interpret=jax.default_backend() == "cpu")
+    if impl == "cudnn":
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+        offsets, lengths = segment_runs(segment_ids, max_segments)
+        return cudnn_attention.dot_product_attention(
+            q, k, v, None, None, lengths, lengths, offsets, offsets, scale=scale,
+            mask_type=cudnn_attention.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
     if impl != "xla":
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     T = q.shape[1]
@@ -224,19 +270,20 @@ def _embed(params: dict, tokens: jax.Array, dtype) -> jax.Array:
 
 def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
             compute_dtype=jnp.float32, remat: str = "none", return_hidden: bool = False,
-            attn_chunk: int = 0, attn_impl: str = "xla") -> jax.Array:
+            attn_chunk: int = 0, attn_impl: str = "xla", attn_max_segments: int = 16) -> jax.Array:
     """tokens, positions, segment_ids: int [B, T]. Packed rows: a token attends causally to earlier
     tokens of its own segment only. Segment 0 is padding: padding tokens attend only to padding, so
     their rows stay finite and never touch real tokens. Returns logits [B, T, V] float32, or the
     final-normed hidden states [B, T, D] (compute_dtype) when return_hidden (see logits_from_hidden).
-    attn_chunk, attn_impl: how attention is computed (see segment_causal_attention)."""
+    attn_chunk, attn_impl, attn_max_segments: how attention is computed (see segment_causal_attention)."""
     x = _embed(params, tokens, compute_dtype)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
     def layer(x, lp):
         lp = _cast(lp, compute_dtype)
         q, k, v = _qkv(lp, cfg, x, cos, sin)
-        attn = segment_causal_attention(q, k, v, segment_ids, cfg.head_dim ** -0.5, attn_chunk, attn_impl)
+        attn = segment_causal_attention(q, k, v, segment_ids, cfg.head_dim ** -0.5, attn_chunk, attn_impl,
+                                        attn_max_segments)
         return _attend_and_mlp(lp, cfg, x, attn), None
 
     x, _ = jax.lax.scan(_remat(layer, remat), x, params["layers"])

@@ -21,12 +21,12 @@ from tau2jax.rl.logprobs import lm_head_weight, token_logprobs_and_entropy
 
 
 def learner_logprobs(params, model_cfg, batch, *, compute_dtype=jnp.float32, remat="none", loss_chunk=0,
-                     vocab_chunk=0, attn_chunk=0, attn_impl="xla", needed=None):
+                     vocab_chunk=0, attn_chunk=0, attn_impl="xla", attn_max_segments=16, needed=None):
     """(log p(target), entropy) per token [B, T] at each token's rollout temperature; with `needed`
     [B, T] bool, 0 in length chunks (`loss_chunk`) that hold no needed token (they skip the head)."""
     hidden = qwen3.forward(params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"],
                            compute_dtype=compute_dtype, remat=remat, return_hidden=True,
-                           attn_chunk=attn_chunk, attn_impl=attn_impl)
+                           attn_chunk=attn_chunk, attn_impl=attn_impl, attn_max_segments=attn_max_segments)
     return token_logprobs_and_entropy(hidden, batch["targets"], lm_head_weight(params, model_cfg).astype(hidden.dtype),
                                       batch["temperature"], chunk=loss_chunk, vocab_chunk=vocab_chunk,
                                       needed=needed)
@@ -35,7 +35,7 @@ def learner_logprobs(params, model_cfg, batch, *, compute_dtype=jnp.float32, rem
 def make_grpo_step(model_cfg, tx: optax.GradientTransformation, schedule, loss_cfg: losses.PolicyLossConfig, *,
                    grad_accum=1, micro_batch_rows=0, **forward_kw):
     """-> step(state, batch, ref_params) -> (state, metrics). `ref_params` may be None when
-    loss_cfg.kl_coef == 0. forward_kw: compute_dtype, remat, loss_chunk, vocab_chunk, attn_chunk, attn_impl.
+    loss_cfg.kl_coef == 0. forward_kw: compute_dtype, remat, loss_chunk, vocab_chunk, attn_chunk, attn_impl, attn_max_segments.
 
     A step's row count follows its rollouts (rl.batch buckets it), so memory is bounded per
     micro-batch: with `micro_batch_rows` > 0 the step accumulates rows // micro_batch_rows

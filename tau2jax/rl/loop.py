@@ -334,7 +334,7 @@ def run(config) -> dict:
                        micro_batch_rows=dp * rl.micro_batch_rows,
                        compute_dtype=compute_dtype, remat=config.model.remat, loss_chunk=config.train.loss_chunk,
                        vocab_chunk=rl.vocab_chunk, attn_chunk=config.model.attn_chunk,
-                       attn_impl=config.model.attn_impl),
+                       attn_impl=config.model.attn_impl, attn_max_segments=config.model.attn_max_segments),
         shardings, batch_sharding, p_shard if ref_params is not None else None)
 
     # --- rollouts: the engine at the state's version, workers producing whole groups
@@ -388,6 +388,8 @@ def run(config) -> dict:
                 batch, bstats = build_batch(items, batch_cfg)
                 t1 = time.perf_counter()
                 if batch is not None:
+                    if config.model.attn_impl == "cudnn":
+                        qwen3.check_segments(batch["segment_ids"], config.model.attn_max_segments)
                     state, learner = step_fn(state, jax.device_put(batch, batch_sharding), ref_params)
                     learner = jax.device_get(learner)
                     m |= {k: float(v) for k, v in learner.items()}

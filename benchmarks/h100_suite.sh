@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One scripted H100 run (the lent device's jax image; see benchmarks/results/h100/README.md):
+# the cuDNN attention parity test, then Qwen3-4B-shaped SFT/GRPO steps, most important first, each
+# result written as soon as it exists so a run cut short still returns what it measured.
+#   OUT=/some/dir bash benchmarks/h100_suite.sh
+set -u
+OUT=${OUT:-benchmarks/results/h100}
+R="$OUT/h100"; mkdir -p "$R"
+export PYTHONPATH="$PWD/.gpu_pkgs${PYTHONPATH:+:$PYTHONPATH}"  # ml_collections, absent from the image
+export LITELLM_LOCAL_MODEL_COST_MAP=True
+log() { echo "[$(date +%T)] $*" | tee -a "$R/suite.log"; }
+step() {  # step NAME TIMEOUT_S ARGS...: one train_step.py --mfu run into $R/NAME.json
+  local name=$1 t=$2; shift 2
+  log "start $name: $*"
+  timeout "$t" python benchmarks/train_step.py --mfu --iters 3 --out "$R/$name.json" "$@" >>"$R/suite.log" 2>&1
+  log "end $name rc=$?"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$R/suite.log"
+python -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$R/suite.log"
+log "attention parity tests"
+JAX_PLATFORMS=cuda,cpu timeout 150 python -m pytest -q -p no:cacheprovider tests/test_qwen3_model.py \
+  -k "cudnn or flash or segment" >"$R/attention_tests.log" 2>&1; log "tests rc=$?"; tail -3 "$R/attention_tests.log" | tee -a "$R/suite.log"
+step sft_cudnn_16l 150 --layers 16 --attn-impl cudnn
+step sft_flash_16l 150 --layers 16 --attn-impl flash
+step sft_cudnn_36l 170 --layers 36 --attn-impl cudnn --max-batch 4
+step sft_cudnn_16l_dots 150 --layers 16 --attn-impl cudnn --remat dots
+step grpo_cudnn_16l 150 --layers 16 --attn-impl cudnn --grpo
+log done
