@@ -2,7 +2,7 @@
 # One scripted H100 run (the lent device's jax image; see benchmarks/results/h100/README.md):
 # the cuDNN attention parity test, then Qwen3-4B-shaped SFT/GRPO steps, most important first, each
 # result written as soon as it exists so a run cut short still returns what it measured.
-#   OUT=/some/dir bash benchmarks/h100_suite.sh
+#   OUT=/some/dir bash benchmarks/h100_suite.sh [main|scale]
 set -u
 OUT=${OUT:-benchmarks/results/h100}
 R="$OUT/h100"; mkdir -p "$R"
@@ -17,12 +17,25 @@ step() {  # step NAME TIMEOUT_S ARGS...: one train_step.py --mfu run into $R/NAM
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$R/suite.log"
 python -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$R/suite.log"
-log "attention parity tests"
-JAX_PLATFORMS=cuda,cpu timeout 150 python -m pytest -q -p no:cacheprovider tests/test_qwen3_model.py \
-  -k "cudnn or flash or segment" >"$R/attention_tests.log" 2>&1; log "tests rc=$?"; tail -3 "$R/attention_tests.log" | tee -a "$R/suite.log"
-step sft_cudnn_16l 150 --layers 16 --attn-impl cudnn
-step sft_flash_16l 150 --layers 16 --attn-impl flash
-step sft_cudnn_36l 170 --layers 36 --attn-impl cudnn --max-batch 4
-step sft_cudnn_16l_dots 150 --layers 16 --attn-impl cudnn --remat dots
-step grpo_cudnn_16l 150 --layers 16 --attn-impl cudnn --grpo
+case "${1:-main}" in
+main)  # parity, then cuDNN beside Pallas flash, remat policies, GRPO
+  log "attention parity tests"
+  JAX_PLATFORMS=cuda,cpu timeout 150 python -m pytest -q -p no:cacheprovider tests/test_qwen3_model.py \
+    -k "cudnn or flash or segment" >"$R/attention_tests.log" 2>&1; log "tests rc=$?"; tail -3 "$R/attention_tests.log" | tee -a "$R/suite.log"
+  step sft_cudnn_16l 150 --layers 16 --attn-impl cudnn
+  step sft_flash_16l 150 --layers 16 --attn-impl flash
+  step sft_cudnn_16l_dots 150 --layers 16 --attn-impl cudnn --remat dots
+  step grpo_cudnn_16l 150 --layers 16 --attn-impl cudnn --grpo
+  ;;
+scale)  # all 36 layers (batch as memory allows), then step time over sequence length x batch
+  step sft_cudnn_36l 150 --layers 36 --attn-impl cudnn --max-batch 2
+  # the compile-time memory estimate can pass and the first step still not fit (fragmentation): one row
+  [ -f "$R/sft_cudnn_36l.json" ] || step sft_cudnn_36l 150 --layers 36 --attn-impl cudnn --max-batch 1
+  step sft_cudnn_16l_seq2048 100 --layers 16 --attn-impl cudnn --seq-len 2048 --max-batch 16
+  step sft_cudnn_16l_seq8192 100 --layers 16 --attn-impl cudnn --seq-len 8192 --max-batch 4
+  step sft_cudnn_16l_seq16384 100 --layers 16 --attn-impl cudnn --seq-len 16384 --max-batch 2
+  step sft_cudnn_16l_b2 100 --layers 16 --attn-impl cudnn --max-batch 2
+  ;;
+*) echo "usage: $0 [main|scale]"; exit 2 ;;
+esac
 log done
