@@ -1,6 +1,6 @@
 """Writes benchmarks/RESULTS.md from the benchmark result files, so the page never drifts from them.
 
-    python benchmarks/make_results.py     # reads benchmarks/results/*.json and results/h100/*.json
+    python benchmarks/make_results.py     # reads benchmarks/results/*.json and results/h100/**/*.json
 
 Each file is recognised by its fields (what the script that wrote it puts there), not by its name,
 so renamed copies (results/h100/) and extra runs (--out ..._quick.json) are read too. Every figure
@@ -33,9 +33,9 @@ def kind_of(data: dict) -> str | None:
 
 
 def load(results_dir: str) -> list[tuple[str, str | None, dict]]:
-    """[(path, kind or None, data)] of results_dir/*.json and results_dir/h100/*.json, sorted by path."""
+    """[(path, kind or None, data)] of results_dir/*.json and results_dir/h100/**/*.json, sorted by path."""
     paths = sorted(glob.glob(os.path.join(results_dir, "*.json"))
-                   + glob.glob(os.path.join(results_dir, "h100", "*.json")))
+                   + glob.glob(os.path.join(results_dir, "h100", "**", "*.json"), recursive=True))
     out = []
     for path in paths:
         with open(path) as f:
@@ -89,7 +89,7 @@ def command(path: str, kind: str, d: dict) -> str:
         impl = f" --attn-impl {c['attn_impl']}" if "attn_impl" in c else ""
         args = (f"train_step.py --mfu{' --grpo' if d.get('step') == 'grpo' else ''} --layers {c['num_layers']} "
                 f"--seq-len {c['seq_len']}{impl} --attn-chunk {c['attn_chunk']} --remat {c['remat']} "
-                f"--iters {c['iters']}{out}")
+                f"--max-batch {c['batch']} --iters {c['iters']}{out}")
     return f"`python benchmarks/{args}`"
 
 
@@ -223,10 +223,10 @@ def mfu(files, out_dir) -> list[str]:
     for path, _, d in sorted((f for f in files if f[1] == "mfu"), key=key):
         c = d["config"]
         rows.append([link(path, out_dir), d.get("step", "sft"), c["num_layers"], c["batch"], c["seq_len"],
-                     c.get("attn_impl", "xla"), c["attn_chunk"], c["remat"], d["tokens_per_s"], d["mfu"],
-                     c["memory_gib"], c["device"]])
-    return table(["file", "step", "layers", "batch", "seq", "attention", "attn chunk", "remat", "tokens/s",
-                  "MFU (of bf16 peak)", "memory GiB", "device"], rows)
+                     c.get("attn_impl", "xla"), c["attn_chunk"], c["remat"], d.get("step_s"), d["tokens_per_s"],
+                     d["mfu"], d.get("mfu_causal"), c["memory_gib"], c["device"]])
+    return table(["file", "step", "layers", "batch", "seq", "attention", "attn chunk", "remat", "step s", "tokens/s",
+                  "MFU (of bf16 peak)", "MFU, causal attention FLOPs", "memory GiB", "device"], rows)
 
 
 def sources(files, out_dir) -> list[str]:
@@ -266,7 +266,8 @@ WANTED = (
 
 def render(results_dir: str, out_dir: str) -> str:
     files = load(results_dir)
-    cpu = [f for f in files if os.path.basename(os.path.dirname(f[0])) != "h100"]
+    on_gpu = os.path.join(results_dir, "h100") + os.sep
+    cpu = [f for f in files if not f[0].startswith(on_gpu)]
     gpu = [f for f in files if f not in cpu]
     lines = ["# Benchmark results", "",
              "Written by `python benchmarks/make_results.py` from the result files; do not edit by hand. Every "
@@ -288,9 +289,15 @@ def render(results_dir: str, out_dir: str) -> str:
     if gpu:
         lines += ["## GPU", "",
                   "Qwen3-4B-shaped train steps on one GPU, sorted by sequence length, layers, attention and step, "
-                  "so SFT vs GRPO and flash vs XLA attention rows sit together. Files without `attn_impl` or "
-                  "`step` predate those options: XLA attention, SFT step. GRPO's MFU counts the frozen reference's "
-                  "forward too (8N FLOPs a token, not 6N).", "", *mfu(gpu, out_dir), "",
+                  "so SFT vs GRPO and cuDNN vs flash vs XLA attention rows sit together; rows of one sequence "
+                  "length and layer count at several batches are the step-time sweep. Compare rows from one "
+                  "directory (one run on one machine): `session3/` holds cuDNN and flash measured in the same "
+                  "run. Files without `attn_impl` or `step` predate those options: XLA attention, SFT step. "
+                  "MFU counts attention over all T keys (PaLM's convention); the causal column halves it, what a "
+                  "causal kernel computes. GRPO's MFU counts the frozen reference's forward too (8N FLOPs a "
+                  "token, not 6N) and attention over each trajectory's length (4 a row). All 36 layers did not "
+                  "fit one H100 at any batch (`session3/suite_scale.log`: out of memory beside the 64 GB fp32 "
+                  "state).", "", *mfu(gpu, out_dir), "",
                   "Weight sync at Qwen3-4B shape:", "", *weight_sync(gpu, out_dir), ""]
     missing = [what for what, measured in WANTED if not measured(files)]
     lines += ["## Not measured", "", "Asked for by the benchmark issue; no result file holds it yet:", "",

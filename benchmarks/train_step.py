@@ -142,6 +142,21 @@ def _grpo_batch(rng, b: int, seq_len: int, vocab: int) -> dict:
                 segment_ids=seg, positions=pos)
 
 
+def mfu_fields(cfg, seq_len: int, tokens_per_s: float, grpo: bool, peak: float) -> dict:
+    """mfu: PaLM's convention (attention counted over all T keys, as MaxText and Megatron report);
+    mfu_causal: attention FLOPs halved, what a causal kernel actually computes. They part at long
+    T: at 16k tokens attention is half of Qwen3-4B's full-convention FLOPs. GRPO counts the
+    reference forward too, and a token attends within its own trajectory (seq_len / 4 a row)."""
+    from tau2jax.models.configs import flops_per_token
+
+    attn_len = seq_len // 4 if grpo else seq_len
+    full = flops_per_token(cfg, attn_len)
+    attention = full - flops_per_token(cfg, 0)
+    scale = 8 / 6 if grpo else 1.0  # + the reference's forward (2N of the 6N)
+    return {"mfu": round(full * scale * tokens_per_s / peak, 4),
+            "mfu_causal": round((full - attention / 2) * scale * tokens_per_s / peak, 4)}
+
+
 def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chunk: int = 1024,
             attn_impl: str = "xla", grpo: bool = False, max_batch: int = 8) -> dict:
     """Qwen3-4B-shaped step (random init, fp32 masters, bf16 compute, --remat) on one GPU.
@@ -159,7 +174,7 @@ def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chu
     from tau2jax.learn.sft_step import jit_step, make_sft_step
     from tau2jax.learn.train_state import create_state, state_shardings
     from tau2jax.models import qwen3
-    from tau2jax.models.configs import flops_per_token, get_model_config
+    from tau2jax.models.configs import get_model_config
     from tau2jax.parallel import sharding
 
     dev = jax.devices()[0]
@@ -224,12 +239,10 @@ def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chu
             jax.block_until_ready(state)
             times.append(time.perf_counter() - t0)
     tok_s = b * seq_len / float(np.median(times))
-    # + the reference's forward; a token attends within its own trajectory (seq_len / 4 in GRPO rows)
-    flops = flops_per_token(cfg, seq_len // 4) * 8 / 6 if grpo else flops_per_token(cfg, seq_len)
     return {
         "step": "grpo" if grpo else "sft",
         "tokens_per_s": round(tok_s, 1),
-        "mfu": round(flops * tok_s / PEAK_BF16[dev.device_kind], 4),
+        **mfu_fields(cfg, seq_len, tok_s, grpo, PEAK_BF16[dev.device_kind]),
         "loss": round(float(metrics["loss"]), 4),
         "step_s": round(float(np.median(times)), 4),
         "compile_s": round(t_compile, 1),

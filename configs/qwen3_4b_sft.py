@@ -20,9 +20,10 @@ def get_config(arg: str = ""):
     c.model.param_dtype = "float32"  # fp32 master weights and Adam moments
     c.model.compute_dtype = "bfloat16"
     c.model.remat = "full"  # 16k-token rows: recompute each layer rather than hold its activations
-    # Flash attention with segment ids: on one H100, 16 Qwen3-4B layers at 4096 tokens ran at 31.6%
-    # MFU against 13.8% for chunked XLA attention (benchmarks/results/h100/).
-    c.model.attn_impl = "flash"
+    # cuDNN flash attention in its packed layout: on one H100, 16 Qwen3-4B layers at 8 x 4096 tokens
+    # ran at 42.7% MFU against 31.8% for the Pallas kernel in the same run (benchmarks/RESULTS.md).
+    c.model.attn_impl = "cudnn"
+    c.model.attn_max_segments = 32  # conversations a 16k row may pack (checked on each batch)
     # 4B params + Adam in fp32 = 64 GB: FSDP over the 8 GPUs, no tensor parallelism needed.
     c.mesh.data = 1
     c.mesh.fsdp = 8

@@ -111,16 +111,16 @@ def test_same_files_same_page(results_copy):
 
 def test_not_measured_follows_the_files(results_copy):
     results, out_dir = results_copy
-    cudnn = "cuDNN attention on GPU"
-    assert cudnn in make_results.render(results, out_dir).split("## Not measured")[1]
-    with open(os.path.join(results, "h100", "mfu_flash_seq4096.json")) as f:
+    full = "MFU of the full 36-layer Qwen3-4B step"
+    assert full in make_results.render(results, out_dir).split("## Not measured")[1]
+    with open(os.path.join(results, "h100", "session3", "sft_cudnn_16l.json")) as f:
         data = json.load(f)
-    data["config"]["attn_impl"] = "cudnn"
-    with open(os.path.join(results, "h100", "zz_cudnn.json"), "w") as f:
+    data["config"]["num_layers"] = 36
+    with open(os.path.join(results, "h100", "zz_36.json"), "w") as f:
         json.dump(data, f)
     page = make_results.render(results, out_dir)
-    assert cudnn not in page.split("## Not measured")[1]
-    assert "| cudnn |" in page.split("## GPU")[1].split("## Not measured")[0]
+    assert full not in page.split("## Not measured")[1]
+    assert "| [`results/h100/zz_36.json`](results/h100/zz_36.json) | sft | 36 |" in page.split("## GPU")[1]
 
 
 def test_unrecognised_file_is_listed_not_dropped(results_copy):

@@ -36,6 +36,8 @@ def _summary(proc) -> dict:
     ("--config.optim.grad_accum=3", "optim.grad_accum"),
     ("--config.train.loss_chunk=100", "train.loss_chunk"),
     ("--config.model.attn_chunk=300", "model.attn_chunk"),
+    ("--config.model.attn_impl=cuda", "model.attn_impl"),
+    ("--config.model.attn_max_segments=0", "model.attn_max_segments"),
 ])
 def test_bad_config_is_rejected_by_name(override, expected, tmp_path):
     proc = _train("--config", "configs/tiny_sft.py", f"--config.workdir={tmp_path}", override, check=False, timeout=300)
@@ -122,3 +124,15 @@ def test_continued_run_exports_its_new_final_step(tmp_path, short_sft_jsonl):
     assert second["params_step"] == 6 and second["resumed_from"] == 3
     assert _params_digest(second["params"]) != digest3
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("params")) == ["params", "params-step6"]
+
+
+def test_cudnn_rows_with_more_segments_than_allowed_are_refused_by_name(tmp_path, short_sft_jsonl):
+    """attn_impl=cudnn sees at most attn_max_segments runs a row: a packed batch with more is
+    refused before the step (on any backend), naming the field to raise."""
+    proc = _train("--config", "configs/tiny_sft.py", f"--config.data.train_files={short_sft_jsonl}",
+                  "--config.data.max_len=64", "--config.data.batch_size=2", "--config.train.steps=2",
+                  "--config.model.attn_impl=cudnn", "--config.model.attn_max_segments=1",
+                  f"--config.workdir={tmp_path}", check=False, timeout=300)
+    assert proc.returncode != 0
+    assert "config.model.attn_max_segments=1, but a packed row holds" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -101,7 +101,11 @@ def run(config) -> dict:
                     f"config.train.steps={total_steps}: the data ends after step {step}; "
                     "raise data.num_epochs or lower train.steps")
             if config.model.attn_impl == "cudnn":
-                qwen3.check_segments(local["segment_ids"], config.model.attn_max_segments)
+                try:
+                    qwen3.check_segments(local["segment_ids"], config.model.attn_max_segments)
+                except ValueError as e:
+                    bar.close()
+                    raise config_lib.ConfigError(f"config.{e}") from None
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
                      for k, v in local.items()}
             t0 = time.perf_counter()

@@ -183,8 +183,8 @@ def check_segments(segment_ids, max_segments: int) -> None:
     """The cuDNN path sees at most max_segments runs a row; refuse a batch with more, by name."""
     n = count_segments(segment_ids)
     if n > max_segments:
-        raise ValueError(f"a packed row holds {n} segments (padding counts as one) but "
-                         f"model.attn_max_segments={max_segments}: raise it for attn_impl='cudnn'")
+        raise ValueError(f"model.attn_max_segments={max_segments}, but a packed row holds {n} segments "
+                         "(padding counts as one): raise it for attn_impl='cudnn'")
 
 
 def segment_causal_attention(q, k, v, segment_ids, scale: float, chunk: int = 0, impl: str = "xla",

@@ -389,7 +389,10 @@ def run(config) -> dict:
                 t1 = time.perf_counter()
                 if batch is not None:
                     if config.model.attn_impl == "cudnn":
-                        qwen3.check_segments(batch["segment_ids"], config.model.attn_max_segments)
+                        try:
+                            qwen3.check_segments(batch["segment_ids"], config.model.attn_max_segments)
+                        except ValueError as e:
+                            raise config_lib.ConfigError(f"config.{e}") from None
                     state, learner = step_fn(state, jax.device_put(batch, batch_sharding), ref_params)
                     learner = jax.device_get(learner)
                     m |= {k: float(v) for k, v in learner.items()}
