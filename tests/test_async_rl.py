@@ -4,11 +4,8 @@ SIGKILL) with every episode in the ledger, and weight sync bookkeeping. Fast tes
 environment with a pure-Python engine (no JAX); the SIGKILL test runs the CLI."""
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -21,9 +18,8 @@ from tau2jax.env.trajectory import INFRA_ERROR, Trajectory
 from tau2jax.inference.engine import GenerateResult, SamplingParams
 from tau2jax.rl import advantages, collector, loop, staleness
 from tau2jax.rl.rollout_workers import Job, RolloutWorkers
+from cli_runs import start_train, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, like a laptop
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=1)
 
 
@@ -325,13 +321,6 @@ def test_sglang_sync_publishes_then_loads_the_version_and_expects_it(tmp_path):
 
 # ----------------------------------------------------------------------------- the stage (CLI)
 
-def _train(*args, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "tau2jax.train", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.slow
 def test_async_sigkill_resume_trains_no_group_twice(tmp_path):
     """max_staleness=1: killed after a checkpoint while the next step's groups are in flight, the
@@ -340,8 +329,7 @@ def test_async_sigkill_resume_trains_no_group_twice(tmp_path):
     common = ["--config", "configs/tiny_grpo_toy.py", f"--config.workdir={tmp_path}", "--config.rl.steps=8",
               "--config.rl.max_staleness=1", "--config.rl.toy_turn_latency_s=0.005", "--config.rl.curriculum=True",
               "--config.train.checkpoint_every=2", "--config.train.async_checkpoint=False"]
-    proc = subprocess.Popen([sys.executable, "-m", "tau2jax.train", *common], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV)
+    proc = start_train(*common)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
@@ -351,7 +339,7 @@ def test_async_sigkill_resume_trains_no_group_twice(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    summary = _train(*common)
+    summary = train(*common)
     assert summary["resumed_from"] >= 4 and summary["max_staleness_seen"] <= 1
     ledger = [json.loads(line) for line in open(tmp_path / "rollouts" / "ledger.jsonl")]
     trained = [(r["group_id"], r["sample_index"]) for r in ledger if r["status"] == "trained"]

@@ -3,10 +3,7 @@ to the engine's behaviour log-probs -> a step that moves the policy the way the 
 loop's accounting, resume and learning on the toy environment."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -29,9 +26,8 @@ from tau2jax.rl.grpo_step import jit_grpo_step, learner_logprobs, make_grpo_step
 from tau2jax.rl.loop import assemble, next_tasks
 from tau2jax.config import default_config
 from tau2jax.rl.losses import PolicyLossConfig
+from cli_runs import start_train, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, like a laptop
 CFG = configs.get_model_config("toy")
 
 
@@ -151,21 +147,13 @@ def test_next_tasks_requeued_first_then_epoch_order():
     assert [t.key for t in next_tasks(tasks, again, 6, seed=0)] == [t.key for t in first + rest]
 
 
-def _train(*args, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "tau2jax.train", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.slow
 def test_sigkill_resume_trains_no_group_twice(tmp_path):
     """Killed after a checkpoint, the rerun resumes from it; the ledger holds each step's groups
     once, every planned step is logged once, and every episode is accounted for."""
     common = ["--config", "configs/tiny_grpo_toy.py", f"--config.workdir={tmp_path}", "--config.rl.steps=8",
               "--config.train.checkpoint_every=2", "--config.train.async_checkpoint=False"]
-    cmd = [sys.executable, "-m", "tau2jax.train", *common]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    proc = start_train(*common)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
@@ -174,7 +162,7 @@ def test_sigkill_resume_trains_no_group_twice(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    summary = _train(*common)
+    summary = train(*common)
     assert summary["resumed_from"] >= 4 and summary["steps"] == 8
     ledger = [json.loads(line) for line in open(tmp_path / "rollouts" / "ledger.jsonl")]
     trained = [(r["group_id"], r["sample_index"]) for r in ledger if r["status"] == "trained"]
@@ -189,7 +177,7 @@ def test_toy_grpo_raises_reward():
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        summary = _train("--config", "configs/tiny_grpo_toy.py", f"--config.workdir={d}")
+        summary = train("--config", "configs/tiny_grpo_toy.py", f"--config.workdir={d}")
     assert summary["final_reward"] - summary["first_reward"] >= 0.3, summary
 
 

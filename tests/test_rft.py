@@ -10,6 +10,7 @@ import pytest
 from tau2jax import config as config_lib
 from tau2jax.env.trajectory import Trajectory
 from tau2jax.rl import rft
+from cli_runs import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "data", "tiny_sft.jsonl")
@@ -216,22 +217,11 @@ def test_refuses_test_split_and_bad_mix_files(tmp_path):
     assert not (tmp_path / "rft" / "ledger.jsonl").exists()  # refused before any episode ran
 
 
-def _cli(*args):
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, like a laptop
-    proc = subprocess.run([sys.executable, "-m", "tau2jax.train", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.slow
 def test_builtin_engine_rft_keeps_only_passing_episodes_and_sft_learns_them(tmp_path):
     # An under-trained tiny policy (4 SFT steps) samples the mock tasks with the builtin engine.
-    sft = _cli("--config", "configs/tiny_sft.py", f"--config.workdir={tmp_path}/sft", "--config.train.steps=4")
-    out = _cli("--config", "configs/tiny_rft.py", f"--config.workdir={tmp_path}/rft", "--config.rft.samples=2",
+    sft = train("--config", "configs/tiny_sft.py", f"--config.workdir={tmp_path}/sft", "--config.train.steps=4")
+    out = train("--config", "configs/tiny_rft.py", f"--config.workdir={tmp_path}/rft", "--config.rft.samples=2",
                f"--config.engine.checkpoint={sft['params']}", f"--config.eval.floor_cache_dir={tmp_path}/floor")
     records = _lines(out["file"])
     # It passes what a do-nothing agent passes (create_task_1_nl_eval), so something is kept.
@@ -242,7 +232,7 @@ def test_builtin_engine_rft_keeps_only_passing_episodes_and_sft_learns_them(tmp_
     assert {(r["task"], r["sample_index"]) for r in ledger if r["status"] == "kept"} == {
         (r["task"], r["sample_index"]) for r in records}
     # SFT from the same policy on the kept file lowers the loss of its own kept samples.
-    again = _cli("--config", "configs/tiny_sft.py", f"--config.workdir={tmp_path}/sft2", "--config.train.steps=5",
+    again = train("--config", "configs/tiny_sft.py", f"--config.workdir={tmp_path}/sft2", "--config.train.steps=5",
                  f"--config.model.init_from={sft['params']}", f"--config.data.train_files={out['file']}",
                  "--config.data.max_len=1024")  # fmt: skip
     assert again["first_loss"] > again["final_loss"]

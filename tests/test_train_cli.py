@@ -3,29 +3,11 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# A laptop's view: one CPU device, not the 8 fake ones the in-process tests use.
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-
-
-def _train(*args, check=True, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "tau2jax.train", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=ENV)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def _summary(proc) -> dict:
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+from cli_runs import run_train, start_train, train
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -40,7 +22,7 @@ def _summary(proc) -> dict:
     ("--config.model.attn_max_segments=0", "model.attn_max_segments"),
 ])
 def test_bad_config_is_rejected_by_name(override, expected, tmp_path):
-    proc = _train("--config", "configs/tiny_sft.py", f"--config.workdir={tmp_path}", override, check=False, timeout=300)
+    proc = run_train("--config", "configs/tiny_sft.py", f"--config.workdir={tmp_path}", override, check=False, timeout=300)
     assert proc.returncode != 0
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr or expected in proc.stderr.splitlines()[-1]
@@ -62,12 +44,11 @@ def test_sigkill_then_rerun_resumes_with_identical_losses(tmp_path, short_sft_js
               "--config.data.max_len=64", "--config.data.batch_size=2", "--config.train.steps=40",
               "--config.train.checkpoint_every=4", "--config.train.loss_chunk=64", "--config.optim.lr=1e-3"]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    _train(*common, f"--config.workdir={ref_dir}")
+    run_train(*common, f"--config.workdir={ref_dir}")
     reference = _losses(ref_dir)
     assert sorted(reference) == list(range(1, 41))
 
-    cmd = [sys.executable, "-m", "tau2jax.train", *common, f"--config.workdir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    proc = start_train(*common, f"--config.workdir={run_dir}")
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 600
     # Kill once a checkpoint is committed and training has gone past it.
@@ -80,8 +61,7 @@ def test_sigkill_then_rerun_resumes_with_identical_losses(tmp_path, short_sft_js
     killed_at = max(_losses(run_dir))
     assert killed_at < 40
 
-    summary = _summary(_train(*common, f"--config.workdir={run_dir}"))
-    resumed_from = summary["resumed_from"]
+    resumed_from = train(*common, f"--config.workdir={run_dir}")["resumed_from"]
     assert 4 <= resumed_from <= killed_at
     resumed = _losses(run_dir)
     assert sorted(resumed) == list(range(1, 41))
@@ -91,11 +71,11 @@ def test_sigkill_then_rerun_resumes_with_identical_losses(tmp_path, short_sft_js
 
 @pytest.mark.slow
 def test_tiny_sft_config_halves_the_loss(tmp_path):
-    summary = _summary(_train("--config", "configs/tiny_sft.py", f"--config.workdir={tmp_path}"))
-    assert summary["stage"] == "sft" and summary["steps"] == 15
-    assert summary["final_loss"] <= 0.5 * summary["first_loss"]
-    assert summary["loss_halved"] is True
-    assert os.path.isdir(summary["checkpoint"])
+    result = train("--config", "configs/tiny_sft.py", f"--config.workdir={tmp_path}")
+    assert result["stage"] == "sft" and result["steps"] == 15
+    assert result["final_loss"] <= 0.5 * result["first_loss"]
+    assert result["loss_halved"] is True
+    assert os.path.isdir(result["checkpoint"])
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
 
 
@@ -117,10 +97,10 @@ def test_continued_run_exports_its_new_final_step(tmp_path, short_sft_jsonl):
     common = ["--config", "configs/tiny_sft.py", f"--config.data.train_files={short_sft_jsonl}",
               "--config.data.max_len=64", "--config.data.batch_size=2", "--config.optim.lr=1e-3",
               f"--config.workdir={tmp_path}"]
-    first = _summary(_train(*common, "--config.train.steps=3"))
+    first = train(*common, "--config.train.steps=3")
     assert first["params_step"] == 3
     digest3 = _params_digest(first["params"])
-    second = _summary(_train(*common, "--config.train.steps=6"))
+    second = train(*common, "--config.train.steps=6")
     assert second["params_step"] == 6 and second["resumed_from"] == 3
     assert _params_digest(second["params"]) != digest3
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("params")) == ["params", "params-step6"]
@@ -129,7 +109,7 @@ def test_continued_run_exports_its_new_final_step(tmp_path, short_sft_jsonl):
 def test_cudnn_rows_with_more_segments_than_allowed_are_refused_by_name(tmp_path, short_sft_jsonl):
     """attn_impl=cudnn sees at most attn_max_segments runs a row: a packed batch with more is
     refused before the step (on any backend), naming the field to raise."""
-    proc = _train("--config", "configs/tiny_sft.py", f"--config.data.train_files={short_sft_jsonl}",
+    proc = run_train("--config", "configs/tiny_sft.py", f"--config.data.train_files={short_sft_jsonl}",
                   "--config.data.max_len=64", "--config.data.batch_size=2", "--config.train.steps=2",
                   "--config.model.attn_impl=cudnn", "--config.model.attn_max_segments=1",
                   f"--config.workdir={tmp_path}", check=False, timeout=300)

@@ -1,0 +1,38 @@
+"""`python -m tau2jax.train` as a subprocess, the way a user runs it on a laptop: one CPU device
+(the 8 fake devices the in-process tests use are dropped), the repo root as working directory."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAPTOP_ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+def train_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "tau2jax.train", *args]
+
+
+def run_train(*args, check=True, timeout=900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=LAPTOP_ENV)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def summary(proc: subprocess.CompletedProcess) -> dict:
+    """The run's summary: its last stdout line, one JSON object."""
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def train(*args, timeout=900) -> dict:
+    """Run to completion (asserting success) -> the summary."""
+    return summary(run_train(*args, timeout=timeout))
+
+
+def start_train(*args) -> subprocess.Popen:
+    """A run in the background, output discarded (the SIGKILL-resume tests kill it)."""
+    return subprocess.Popen(train_cmd(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=LAPTOP_ENV)
