@@ -116,6 +116,13 @@ def test_gold_rft_keeps_every_passing_sample_as_loadable_token_records(tmp_path)
     assert len(_lines(tmp_path / "rft/ledger.jsonl")) == len(ledger)
     with pytest.raises(config_lib.ConfigError, match=r"rft.min_partial: 0.6 -> 0.5"):
         rft.run(_config(tmp_path, rft__min_partial=0.5))
+    # a field the earlier run did not record counts as changed (as in eval): no silent mixing
+    settings_path = tmp_path / "rft/settings.json"
+    recorded = json.loads(settings_path.read_text())
+    del recorded["rft.samples"]
+    settings_path.write_text(json.dumps(recorded))
+    with pytest.raises(config_lib.ConfigError, match=r"an rft run with other settings \(rft.samples: None -> 2\)"):
+        rft.run(_config(tmp_path, rft__mix_files=FIXTURE))
 
 
 class _Down:

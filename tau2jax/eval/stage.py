@@ -202,14 +202,37 @@ def engine_identity(engine) -> dict:
     return {"policy_version": version, "engine.model_path": info.get("model_path"), "engine.weight_version": served}
 
 
-def _check_same(out_dir: Path, earlier: dict, current: dict) -> None:
+def load_settings(out_dir: Path) -> dict | None:
+    """The settings an earlier run in out_dir recorded, or None."""
+    path = out_dir / SETTINGS
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_same_settings(out_dir: Path, earlier: dict | None, current: dict, stage: str = "eval") -> None:
+    """Refuses, naming each field, to resume a run recorded with other settings (a field the
+    earlier run did not record counts as changed). Shared by the eval and rft stages."""
+    if earlier is None:
+        return
     diff = {f: (earlier.get(f), v) for f, v in current.items() if earlier.get(f) != v}
     if diff:
         lines = ", ".join(f"{f}: {a!r} -> {b!r}" for f, (a, b) in diff.items())
         raise config_lib.ConfigError(
-            f"workdir {str(out_dir)!r} holds an eval run with other settings ({lines}); "
+            f"workdir {str(out_dir)!r} holds an {stage} run with other settings ({lines}); "
             "use a new config.workdir, or the earlier values to resume"
         )
+
+
+def record_settings(out_dir: Path, earlier: dict | None, settings: dict, identity: dict | None,
+                    stage: str = "eval") -> dict:
+    """Adds the engine's identity (None when no episode runs, so no engine was built: the earlier
+    run's fields stand), checks it against the earlier run, writes settings.json. -> the settings."""
+    if identity is not None:
+        settings = settings | identity
+        check_same_settings(out_dir, earlier, settings, stage)
+    else:
+        settings = settings | {k: v for k, v in (earlier or {}).items() if k not in settings}
+    write_atomic(out_dir / SETTINGS, json.dumps(settings, indent=2, sort_keys=True))
+    return settings
 
 
 def check_records(out_dir: Path, finished: dict[tuple, dict], policy_version) -> None:
@@ -257,11 +280,9 @@ def run(config) -> dict:
     data_root = tau2_env.init_tau2(config.tau2.data_dir)
     out_dir = Path(config.workdir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings_path = out_dir / SETTINGS
-    earlier = json.loads(settings_path.read_text()) if settings_path.exists() else None
+    earlier = load_settings(out_dir)
     settings = run_settings(config, data_root)
-    if earlier is not None:  # before anything touches the earlier run's files
-        _check_same(out_dir, earlier, settings)
+    check_same_settings(out_dir, earlier, settings)  # before anything touches the earlier run's files
 
     tasks = select_tasks(config)
     # sample-major order: an interrupted run has Pass@1 for every task first
@@ -273,14 +294,10 @@ def run(config) -> dict:
     chat = ChatFormat(load_tokenizer(config.tokenizer.path or config.model.hf_dir))
     style = prompts.get_style(config.tau2.prompt_style)
     engine_for = engine_factory(config, chat, style) if pending else None
-    if engine_for is not None:
-        settings |= engine_identity(engine_for(pending[0][1]))
-        if earlier is not None:
-            _check_same(out_dir, earlier, settings)
-    else:  # nothing to run (no engine built): the earlier run's policy is the report's
-        settings |= {k: v for k, v in (earlier or {}).items() if k not in settings}
+    # nothing to run (no engine built): the earlier run's policy is the report's
+    identity = engine_identity(engine_for(pending[0][1])) if engine_for is not None else None
+    settings = record_settings(out_dir, earlier, settings, identity)
     check_records(out_dir, finished, settings.get("policy_version"))
-    write_atomic(settings_path, json.dumps(settings, indent=2, sort_keys=True))
     user_for = user_factory(config.user)
     reward_config = rewards.RewardConfig.from_config(config.reward)
 

@@ -43,7 +43,6 @@ from tau2jax.eval.stage import process_index, write_atomic
 LEDGER = "ledger.jsonl"
 KEPT = "kept.jsonl"
 KEPT_TRAJECTORIES = "kept_trajectories.jsonl"
-SETTINGS = "settings.json"
 KEPT_REASONS = ("success", "best_partial")
 MODEL_DROP_REASONS = ("failed", "not_best", "partial_below_min")
 # the reasons of a finished task's scored episodes (infra failures and incomplete groups excluded)
@@ -170,19 +169,6 @@ def render_markdown(stats: dict, domains: list[str], workdir: str) -> str:
     return "\n".join(lines)
 
 
-def check_settings(out_dir: Path, settings: dict) -> None:
-    """Refuses to resume a run made with other settings; records the settings (merged)."""
-    path = out_dir / SETTINGS
-    earlier = json.loads(path.read_text()) if path.exists() else {}
-    diff = {f: (earlier[f], v) for f, v in settings.items() if f in earlier and earlier[f] != v}
-    if diff:
-        raise config_lib.ConfigError(
-            f"workdir {str(out_dir)!r} holds an rft run with other settings ("
-            + ", ".join(f"{f}: {a!r} -> {b!r}" for f, (a, b) in diff.items())
-            + "); use a new config.workdir, or the earlier values to resume")
-    write_atomic(path, json.dumps(earlier | settings, indent=2, sort_keys=True))
-
-
 def _append(path: Path, records: list[dict]) -> None:
     """One write per group, flushed: a crash loses at most the group being written."""
     if records:
@@ -254,7 +240,8 @@ def run(config) -> dict:
     from tau2jax.env import tau2_env
     from tau2jax.env.environments import Tau2Environment
     from tau2jax.eval import floor as floor_lib
-    from tau2jax.eval.stage import engine_factory, engine_identity, run_settings
+    from tau2jax.eval.stage import (check_same_settings, engine_factory, engine_identity, load_settings,
+                                    record_settings, run_settings)
 
     if config.tau2.split != "train":
         raise config_lib.ConfigError(f"config.tau2.split: RFT samples train tasks only, got {config.tau2.split!r} "
@@ -270,14 +257,16 @@ def run(config) -> dict:
     order = [r.key for r in refs]
     out_dir = Path(config.workdir) / "rft"
     out_dir.mkdir(parents=True, exist_ok=True)
+    earlier = load_settings(out_dir)
     settings = run_settings(config, tau2_env.init_tau2(config.tau2.data_dir), "rft", RFT_FIELDS)
-    check_settings(out_dir, settings)  # before anything touches the earlier run's files
+    check_same_settings(out_dir, earlier, settings, "rft")  # before anything touches the earlier run's files
 
     done = finished_tasks(read_jsonl(out_dir / LEDGER))
     pending = [r for r in refs if r.key not in done]
+    engine_for = engine_factory(config, chat, env.style) if pending else None
+    identity = engine_identity(engine_for(pending[0].task)) if pending else None
+    record_settings(out_dir, earlier, settings, identity, "rft")
     if pending:
-        engine_for = engine_factory(config, chat, env.style)
-        check_settings(out_dir, settings | engine_identity(engine_for(pending[0].task)))
         play_pending(env, pending, engine_for, config, out_dir)
 
     planned = set(order)
