@@ -28,9 +28,11 @@ for that step now differs. An unfinished step runs again and resumes by its own 
 GRPO checkpoints, eval and RFT records).
 
 Engines: the built-in engine loads each step's params from disk (`engine.checkpoint`). With
-`engine.kind=sglang` the policy server is re-pointed before each eval and RFT step: the step's
-params are published (`inference.weight_sync`, under `{workdir}/served/`) as that step's version
-and loaded with `update_weights_from_disk`. GRPO pushes its own weights every step.
+`engine.kind=sglang` the policy server is re-pointed before an eval or RFT step that reads other
+params than the server was last given in this run: they are published (`inference.weight_sync`,
+under `{workdir}/served/`) and loaded with `update_weights_from_disk`, as the version of the step
+that produced them (0: the start weights), so the same weights always carry the same version and
+a resumed eval or RFT step sees the version it recorded. GRPO pushes its own weights every step.
 """
 
 from __future__ import annotations
@@ -178,6 +180,13 @@ def serve(config, params_dir: str, version: int) -> None:
         engine.close()
 
 
+def served_version(params_dir: str, inputs: dict) -> int:
+    """The weight version params are served as: the index of the step that produced them, 0 for
+    the start weights."""
+    producer = next((s for s, p in inputs["params"].items() if p == params_dir), None)
+    return 0 if producer is None else [s for s, _, _ in STEPS].index(producer)
+
+
 def collect_inputs(step: str, result: dict, inputs: dict) -> None:
     """Record what `step` produced for the steps after it."""
     stage = next(st for s, st, _ in STEPS if s == step)
@@ -202,14 +211,16 @@ def run(config, run_stage=None) -> dict:
     t_start = time.time()
     inputs: dict = {"params": {}, "evals": {}}
     timings = {}
-    for index, (step, stage, _) in enumerate(STEPS):
+    served = None  # the params dir the SGLang server was last re-pointed at by this run
+    for step, stage, _ in STEPS:
         c = step_config(config, step, inputs)
         step_dir = c.workdir
         result = finished(step_dir, c)
         if result is None:
             t = time.time()
-            if c.engine.kind == "sglang" and stage in ("eval", "rft"):
-                serve(c, c.engine.checkpoint, version=index)
+            if c.engine.kind == "sglang" and stage in ("eval", "rft") and c.engine.checkpoint != served:
+                serve(c, c.engine.checkpoint, version=served_version(c.engine.checkpoint, inputs))
+                served = c.engine.checkpoint
             result = run_stage(c)
             timings[step] = round(time.time() - t, 1)
             result.setdefault("wall_s", timings[step])

@@ -1,20 +1,15 @@
-"""Stage `pipeline`: wiring, resume and refusal with stand-in stages; the report; the head skip."""
+"""Stage `pipeline`: wiring, resume and refusal with stand-in stages; the report."""
 
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import pytest
 
 from configs import tiny_pipeline
 from tau2jax import pipeline
 from tau2jax.config import ConfigError
 from tau2jax.env import tau2_env
-from tau2jax.learn.loss import chunked_token_logprobs
-from tau2jax.rl.logprobs import token_logprobs_and_entropy
 
 # Pass@1 of each policy on the 8 mock tasks the do-nothing agent fails (the stand-in eval's outcome)
 PASSES = {"base": 0, "sft": 5, "rft": 6, "grpo": 6}
@@ -98,6 +93,23 @@ def test_finished_steps_are_reused_and_an_unfinished_one_reruns(config):
     assert out["stages"]["grpo"]["pass@1"] == PASSES["grpo"] / 8
 
 
+def test_sglang_is_repointed_only_when_the_params_change_and_each_keeps_one_version(config, monkeypatch):
+    served = []
+    monkeypatch.setattr(pipeline, "serve", lambda c, params, version: served.append((os.path.basename(c.workdir),
+                                                                                      params, version)))
+    config.engine.kind = "sglang"
+    pipeline.run(config, run_stage=StandIns())
+    w = config.workdir
+    # eval_sft and rft read the same SFT params: published once; versions name the producing step
+    assert served == [("eval_base", config.model.init_from, 0), ("eval_sft", f"{w}/sft/params", 2),
+                      ("eval_rft", f"{w}/sft_rft/params", 5), ("eval_grpo", f"{w}/grpo/params", 7)]
+    # resumed at rft (a fresh process: the server's state unknown), the same params keep their version
+    os.remove(os.path.join(w, "rft", pipeline.DONE))
+    served.clear()
+    pipeline.run(config, run_stage=StandIns())
+    assert served == [("rft", f"{w}/sft/params", 2)]
+
+
 def test_a_changed_setting_of_a_finished_step_is_refused_by_name(config):
     pipeline.run(config, run_stage=StandIns())
     n = config.pipeline.sft.train.steps
@@ -129,47 +141,6 @@ def test_the_report_has_every_policy_beside_the_floor_and_says_what_was_trained(
     data = json.load(open(out["report"]["json"]))
     assert data["rows"]["sft"]["mock"]["all"]["pass@1"] == pytest.approx(6 / 9)
     assert os.path.getsize(out["report"]["png"]) > 0
-
-
-def _head_inputs(seed=0, b=2, t=16, d=8, v=32):
-    k = jax.random.split(jax.random.key(seed), 3)
-    hidden = jax.random.normal(k[0], (b, t, d))
-    w = jax.random.normal(k[1], (v, d))
-    targets = jax.random.randint(k[2], (b, t), 0, v)
-    mask = np.zeros((b, t), bool)
-    mask[0, 5:7] = mask[1, 13] = True  # chunks of 4: two of the four hold a trained token
-    return hidden, w, targets, jnp.asarray(mask)
-
-
-def test_skipping_chunks_without_loss_keeps_the_loss_and_its_gradients():
-    hidden, w, targets, mask = _head_inputs()
-
-    def loss(h, w, needed):
-        lp = chunked_token_logprobs(h, targets, lambda x: x @ w.T, 4, needed=needed)
-        return -(lp * mask).sum(), lp
-
-    (full, lp_full), g_full = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, w, None)
-    (skip, lp_skip), g_skip = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, w, mask)
-    np.testing.assert_allclose(skip, full, rtol=1e-6)
-    for a, b in zip(g_skip, g_full):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    # skipped: chunks 0 and 2 of row 0's chunk grid (no row has a trained token there) are zeros
-    assert np.all(np.asarray(lp_skip)[:, 0:4] == 0) and np.all(np.asarray(lp_full)[:, 0:4] != 0)
-    np.testing.assert_allclose(np.asarray(lp_skip)[np.asarray(mask)], np.asarray(lp_full)[np.asarray(mask)], rtol=1e-6)
-
-
-def test_rl_logprobs_skip_chunks_without_trained_tokens_too():
-    hidden, w, targets, mask = _head_inputs(seed=1)
-
-    def objective(h, w, needed):
-        lp, ent = token_logprobs_and_entropy(h, targets, w, 0.7, chunk=4, vocab_chunk=8, needed=needed)
-        return ((lp + 0.1 * ent) * mask).sum()
-
-    full, g_full = jax.value_and_grad(objective, argnums=(0, 1))(hidden, w, None)
-    skip, g_skip = jax.value_and_grad(objective, argnums=(0, 1))(hidden, w, mask)
-    np.testing.assert_allclose(skip, full, rtol=1e-6)
-    for a, b in zip(g_skip, g_full):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_the_h100_pipeline_takes_each_stage_from_its_own_config_file():
