@@ -12,8 +12,10 @@ prefills the whole conversation again; on, it prefills only what is new since th
 (and the system prompt is shared across episodes).
 
 Each round runs the same seeded episodes on a fresh engine (compiled code is shared, the prefix
-cache is not): untimed rounds per mode to compile, then timed rounds alternating between the
-modes; the median round counts. Episode tokens/s counts every trajectory token (prompt, sampled
+cache is not): `JaxEngine.warmup()` compiles every (batch, cache) bucket first, one untimed round
+per mode follows, then timed rounds alternating between the modes; the median round counts.
+`compiles_in_untimed_rounds` / `compiles_in_timed_rounds` count every XLA compile after the
+warm-up (both should be 0). Episode tokens/s counts every trajectory token (prompt, sampled
 and forced) over the round's wall time. Prints a table and, as the last line, a JSON object with
 `speedup_vs_reprefill` (tokens/s on / off), also written to benchmarks/results/rollout.json.
 """
@@ -36,11 +38,23 @@ MAX_NEW_TOKENS = 32
 PREFIX_CACHE_TOKENS = default_config().engine.prefix_cache_tokens  # what a run gets by default
 
 
-def _compiles() -> int:
-    """Engine prefill + decode traces so far (shared by every engine of one static config)."""
-    from tau2jax.inference import jax_engine
+_COMPILES = [0]
 
-    return sum(jax_engine._TRACES.values())
+
+def _count_compiles() -> None:
+    """Counts every XLA compile in this process (any function, any thread) into _COMPILES."""
+    import jax
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            _COMPILES[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+
+
+def _compiles() -> int:
+    """XLA compiles so far: the engine's (prefill, decode, cache and prefix-block copies) and any other."""
+    return _COMPILES[0]
 
 
 def run_round(tasks, engine, chat, repairs: int) -> tuple[float, list]:
@@ -84,14 +98,18 @@ def run(size: str, threads: int) -> dict:
                          prefix_cache_tokens=prefix_tokens, seed=0)
 
     modes = {"reprefill": 0, "prefix_cache": PREFIX_CACHE_TOKENS}
-    # Compile rounds, until one meets no new shape: batch composition varies with thread timing.
+    # The engine's shapes are a fixed set, one per (batch bucket, cache bucket): warmup() compiles
+    # them all (compiled code is shared by every engine of one static config), whatever batches
+    # the episode threads' timing makes. Then one untimed round per mode, for everything else.
+    _count_compiles()
+    t0, eng = time.perf_counter(), engine(0)
+    buckets = eng.warmup()
+    eng.close()
+    warmup_s, warmup_compiles = time.perf_counter() - t0, _compiles()
     for prefix_tokens in modes.values():
-        for _ in range(3):
-            before, eng = _compiles(), engine(prefix_tokens)
-            run_round(tasks, eng, chat, repairs)
-            eng.close()
-            if _compiles() == before:
-                break
+        eng = engine(prefix_tokens)
+        run_round(tasks, eng, chat, repairs)
+        eng.close()
     compiles = _compiles()
     secs, trajs, stats = {name: [] for name in modes}, {}, {}
     for _ in range(rounds):  # alternating, so that other load on the machine hits both alike
@@ -119,6 +137,8 @@ def run(size: str, threads: int) -> dict:
         **rows,
         "trajectories_identical": same,
         "compiles_in_timed_rounds": _compiles() - compiles,
+        "compiles_in_untimed_rounds": compiles - warmup_compiles,
+        "warmup": {"seconds": round(warmup_s, 1), "buckets": buckets, "compiles": warmup_compiles},
         "config": {"model": "tiny", **{k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "num_layers")},
                    "episodes": n, "max_repairs": repairs, "timed_rounds": rounds, "prompt_style": "recipe",
                    "domain": "mock",

@@ -354,7 +354,7 @@ def test_kv_cache_follows_the_batch_need(setup):
 def test_prefill_in_slices_matches_one_slice(setup):
     base = setup["engine"]
     sliced = JaxEngine(base._params, base.cfg, **{**ENGINE_KW, "prefill_chunk": 16})
-    prompts = [PROMPTS[2] * 3, PROMPTS[0]]  # 42 tokens: 3 slices of 16 (bucket 64 = 4, last all padding)
+    prompts = [PROMPTS[2] * 3, PROMPTS[0]]  # 42 tokens: 3 slices of 16
     params = [GREEDY, SamplingParams(temperature=0.8, top_k=20, max_new_tokens=16, seed=3)]
     want, got = base.generate(prompts, params), sliced.generate(prompts, params)
     for w, g in zip(want, got):

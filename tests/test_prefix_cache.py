@@ -1,5 +1,9 @@
 """The built-in engine's prefix cache: reused KV gives the same tokens and log-probs as recomputing
-it, hits are counted, weight updates empty it, and the LRU keeps its slot bound."""
+it, hits are counted, weight updates empty it, the LRU keeps its slot bound, and after warmup()
+no traffic compiles."""
+
+import concurrent.futures
+import contextlib
 
 import jax
 import numpy as np
@@ -97,3 +101,45 @@ def test_lru_keeps_the_slot_bound_and_drops_superseded_entries():
     assert len(cache) == 2
     cache.clear()
     assert (len(cache), cache.slots) == (0, 0)
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Every XLA compile in the block, in any thread (jitted engine functions and eager ops alike)."""
+    names = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        from jax._src import monitoring
+        monitoring.unregister_event_duration_listener(listener)
+
+
+def test_no_compiles_after_warmup(model):
+    """warmup() compiles every shape the engine makes: afterwards batches of any size, prompts of
+    any length, prefix hits (one or several blocks) and misses, stop ids, host-side stops and
+    cache buckets all run on compiled code."""
+    params, cfg = model
+    engine = JaxEngine(params, cfg, prefix_cache_tokens=8192, max_seq_len=512, max_batch=2, decode_chunk=8)
+    assert engine.warmup() == 2 * 2  # batch buckets 1, 2 x cache buckets 256, 512
+    rng = np.random.RandomState(7)
+    prompt = lambda n: [int(t) for t in rng.randint(0, VOCAB, n)]  # noqa: E731
+    sp = lambda s, n=12, **kw: SamplingParams(temperature=1.0, max_new_tokens=n, seed=s, **kw)  # noqa: E731
+    with count_compiles() as compiles:
+        first = [prompt(5), prompt(40), prompt(300)]
+        turn1 = engine.generate(first, [sp(0), sp(1), sp(2, n=40)])  # batches of 2 and 1, cache 512
+        engine.generate([prompt(3)], sp(3, n=7, stop_token_ids=(1, 2, 3)))  # batch 1, cache 256
+        convs = next_turn(first, turn1, prompt(30))
+        engine.generate(convs[:2], sp(4))  # hits within one block, batch 2
+        engine.generate([convs[2], prompt(50)], [sp(5, n=60), sp(6)])  # a hit of two blocks, a miss
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # whatever batches the threads make
+            list(pool.map(lambda i: engine.generate([convs[i % 3] + [i]], sp(i, n=5 + i)), range(6)))
+        engine.generate([prompt(20)], sp(9, n=9, stop_token_ids=tuple(range(8))))  # 8 stop ids
+    assert engine.stats()["prefix_hits"] >= 3
+    assert compiles == [], compiles
+    engine.close()

@@ -9,23 +9,29 @@ Serving model
     thread. Requests queued while a batch runs go into the next one. `close()` lets the requests
     queued before it finish; later ones fail with a RuntimeError.
 
-Shapes follow the traffic in powers of two, so compiles stay bounded: the batch is padded to a
-bucket (1, 2, 4, ..., max_batch), the prompt to a power of two (>= 16), and the KV cache to the
-batch's need, the next power of two >= max(prompt + max_new) over its rows (>= 256, at most
-`max_seq_len`). Prefill compiles once per (batch, prompt, cache) bucket, decode once per (batch,
-cache) bucket; `compile_counts` says how many times each was traced. Prefill runs the prompt
-through the cache in slices small enough that one slice's attention scores (batch x heads x
-slice x cache length) stay under `PREFILL_SCORES` elements, and computes logits only for each
-row's last prompt token. Decoding runs `decode_chunk` steps per dispatch in a `lax.while_loop`
-(which exits as soon as every row is done); stop token ids and max_new_tokens are checked on
-device, stop strings on the host, and the host reads chunk i while the device runs chunk i+1.
+Shapes are a fixed set, so nothing compiles in steady state: the batch is padded to a bucket (1, 2,
+4, ..., max_batch) and the KV cache to the batch's need, the next power of two >= max(prompt +
+max_new) over its rows (>= 256, at most `max_seq_len` rounded up to a prefix block). Every jitted
+function's shapes depend on that (batch, cache) pair only: prefill takes the prompts padded to the
+cache length and runs only as many slices as the longest new part needs (a `fori_loop` with a
+traced trip count), decode and the prefix-block copies have no other shape (but for a request with
+more than MIN_STOP_ID_SLOTS stop ids, which widens the stop table). `warmup()` compiles
+every pair up front (or those up to a given cache length / batch sizes); `compile_counts` says how
+many times prefill and decode were traced. Prefill runs the prompt through the cache in slices
+small enough that one slice's attention scores (batch x heads x slice x cache length) stay under
+`PREFILL_SCORES` elements (at most `prefill_chunk` tokens, which is also the least a prefill
+computes per row), and computes logits only for each row's last prompt token. Decoding runs
+`decode_chunk` steps per dispatch in a `lax.while_loop` (which exits as soon as every row is
+done); stop token ids and max_new_tokens are checked on device, stop strings on the host, and
+the host reads chunk i while the device runs chunk i+1.
 
 Prefix cache (`prefix_cache_tokens` > 0)
     The KV of every finished request (its prompt and output) is kept on device, keyed by those
-    token ids, in an LRU bounded by the cache slots it holds. A new request takes the entry that
-    shares the longest prefix with its prompt, copies that KV into its row and prefills only the
-    rest (at least its last token). A tau2 episode's next turn extends the previous turn's prompt
-    and output, so it prefills only the new user / tool messages. The cache is emptied on every
+    token ids, in an LRU bounded by the cache slots it holds, as blocks of 256 slots (fewer when
+    max_seq_len is smaller; one fixed-shape copy each). A new request takes the entry that
+    shares the longest prefix with its prompt, copies the blocks holding that prefix into its row
+    and prefills only the rest (at least its last token). A tau2 episode's next turn extends the
+    previous turn's prompt and output, so it prefills only the new user / tool messages. The cache is emptied on every
     `update_weights`: KV from old weights never serves a newer policy version. `stats()` counts
     hits and prefill tokens saved.
 
@@ -66,7 +72,6 @@ from tau2jax.parallel.sharding import constrain
 from tau2jax.inference import sampling
 from tau2jax.inference.engine import ContextLengthError, GenerateResult, SamplingParams
 
-MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 256
 MIN_STOP_ID_SLOTS = 8  # stop-id table width; more stop ids round up to a power of two (a new shape)
 # Attention-score elements of one prefill slice (B x heads x slice x cache): 2 GiB in fp32. Qwen3-4B
@@ -92,9 +97,15 @@ def _bucket(n: int, minimum: int = 1) -> int:
 
 
 def _slice_len(spec: _Spec, B: int, P: int, S: int) -> int:
-    """Prefill slice: a power of two dividing P, at most prefill_chunk, scores under PREFILL_SCORES."""
+    """Prefill slice: a power of two, at most prefill_chunk and P, scores under PREFILL_SCORES."""
     fits = max(1, PREFILL_SCORES // (B * spec.cfg.num_heads * S))
-    return min(spec.prefill_chunk, P, 1 << (fits.bit_length() - 1))
+    return min(spec.prefill_chunk, _bucket(P), 1 << (fits.bit_length() - 1))
+
+
+def _prefill_width(spec: _Spec, B: int, S: int) -> int:
+    """Width of prefill's token array for batch B and cache S: S rounded up to whole slices."""
+    c = _slice_len(spec, B, S, S)
+    return -(-S // c) * c
 
 
 # --------------------------------------------------------------------------- jitted device code
@@ -121,31 +132,34 @@ def _empty_cache(*, spec: _Spec, batch: int, length: int):
     return {n: constrain(a, ax) for (n, a), ax in zip(cache.items(), qwen3.cache_axes().values())}
 
 
-@functools.partial(jax.jit, static_argnames="length", donate_argnames="cache")
-def _put_prefix(cache, entry, row, *, length: int):
-    """Copies slots [0, length) of a prefix entry {"k","v": [L, n, K, Dh]} into cache row `row`."""
-    return {n: jax.lax.dynamic_update_slice(cache[n], entry[n][:, None, :length], (0, row, 0, 0, 0))
-            for n in cache}
+@functools.partial(jax.jit, static_argnames="size", donate_argnames="cache")
+def _put_block(cache, block, row, start, *, size: int):
+    """Writes a prefix block {"k","v": [L, size, K, Dh]} into slots [start, start + size) of cache row `row`."""
+    return {n: jax.lax.dynamic_update_slice(cache[n], block[n][:, None], (0, row, start, 0, 0)) for n in cache}
 
 
-@functools.partial(jax.jit, static_argnames="length")
-def _take_prefix(cache, row, *, length: int):
-    """Slots [0, length) of cache row `row`, as a prefix entry {"k","v": [L, length, K, Dh]}."""
-    return {n: jax.lax.dynamic_index_in_dim(cache[n], row, axis=1, keepdims=False)[:, :length] for n in cache}
+@functools.partial(jax.jit, static_argnames="size")
+def _take_block(cache, row, start, *, size: int):
+    """Slots [start, start + size) of cache row `row`, as a prefix block {"k","v": [L, size, K, Dh]}."""
+    L, _, _, K, Dh = cache["k"].shape
+    return {n: jax.lax.dynamic_slice(cache[n], (0, row, start, 0, 0), (L, 1, size, K, Dh))[:, 0] for n in cache}
 
 
 @functools.partial(jax.jit, static_argnames="spec", donate_argnames="cache")
 def _prefill(params, rows, cache, tokens, start, *, spec: _Spec):
     """Feeds each row's prompt from position `start` [B] on (slots < start already hold its
-    prefix); tokens [B, P] = prompt[start:], right-padded. Samples the first new token."""
+    prefix); tokens [B, W] = prompt[start:], right-padded to W (a multiple of the slice length
+    >= the cache length, so the shape depends on (B, cache) only). Runs only as many slices as the
+    longest row needs. Samples the first new token."""
     _TRACES["prefill", spec] += 1
     cfg = spec.cfg
-    B, P = tokens.shape
-    c = _slice_len(spec, B, P, cache["k"].shape[2])
+    B, W = tokens.shape
+    c = _slice_len(spec, B, cache["k"].shape[2], cache["k"].shape[2])
     n_new = rows["prompt_len"] - start
 
-    def chunk(carry, off):
+    def chunk(i, carry):
         cache, last_hidden = carry
+        off = i * c
         pos = off + jnp.arange(c)
         hidden, cache = qwen3.forward_cached(
             params, cfg, jax.lax.dynamic_slice_in_dim(tokens, off, c, axis=1), cache,
@@ -154,10 +168,11 @@ def _prefill(params, rows, cache, tokens, start, *, spec: _Spec):
         idx = n_new - 1 - off  # each row's last prompt token, if in this slice
         here = hidden[jnp.arange(B), jnp.clip(idx, 0, c - 1)]
         last_hidden = jnp.where(((idx >= 0) & (idx < c))[:, None], here, last_hidden)
-        return (cache, last_hidden), None
+        return cache, last_hidden
 
     init = (cache, jnp.zeros((B, cfg.hidden_size), spec.compute_dtype))
-    (cache, last_hidden), _ = jax.lax.scan(chunk, init, jnp.arange(0, P, c))
+    n_slices = (jnp.max(n_new) + c - 1) // c
+    cache, last_hidden = jax.lax.fori_loop(0, n_slices, chunk, init)
     logits = qwen3.logits_from_hidden(params, cfg, last_hidden)
     n_gen = jnp.zeros(B, jnp.int32)
     tok, lp, slp = _sample_next(logits, rows, n_gen)
@@ -167,9 +182,11 @@ def _prefill(params, rows, cache, tokens, start, *, spec: _Spec):
 
 
 @functools.partial(jax.jit, static_argnames="spec", donate_argnames="state")
-def _decode(params, rows, state, *, spec: _Spec):
+def _decode(params, rows, state, ended, *, spec: _Spec):
+    """Up to decode_chunk steps; `ended` [B] marks rows the host finished (stop strings)."""
     _TRACES["decode", spec] += 1
     k, B = spec.decode_chunk, state["last"].shape[0]
+    state = {**state, "done": state["done"] | ended}
     out = dict(tokens=jnp.full((k, B), -1, jnp.int32), logprobs=jnp.zeros((k, B), jnp.float32),
                sampled=jnp.zeros((k, B), jnp.float32))
 
@@ -200,7 +217,7 @@ def _decode(params, rows, state, *, spec: _Spec):
 @dataclasses.dataclass
 class _Entry:
     ids: np.ndarray  # int32 token ids whose KV `kv` holds (slots >= len(ids) are garbage)
-    kv: dict  # {"k","v": [L, slots, K, Dh]} on device
+    kv: list  # consecutive blocks {"k","v": [L, block, K, Dh]} on device (slots 0, block, 2 block, ...)
     slots: int
 
 
@@ -346,6 +363,10 @@ class JaxEngine:
         self._spec = _Spec(cfg, prefill_chunk, decode_chunk, compute_dtype, jnp.dtype(cache_dtype or compute_dtype))
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
         self.max_seq_len, self.max_batch, self.batch_wait_s = max_seq_len, max_batch, batch_wait_s
+        # Prefix-cache block (slots per device copy) and the largest cache: every cache length is
+        # a multiple of the block, so a block never straddles a row's end.
+        self._block = min(MIN_CACHE_BUCKET, _bucket(max_seq_len))
+        self._max_cache = -(-max_seq_len // self._block) * self._block
         self._shapes = jax.eval_shape(lambda: qwen3.init_params(cfg, jax.random.key(0)))
         self._shardings = (qwen3.param_shardings(cfg, mesh) if mesh is not None else
                            jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), self._shapes))
@@ -524,7 +545,58 @@ class JaxEngine:
                     r.future.set_result(res)
 
     def _cache_len(self, need: int) -> int:
-        return min(self.max_seq_len, _bucket(need, MIN_CACHE_BUCKET))
+        return min(self._max_cache, _bucket(need, MIN_CACHE_BUCKET))
+
+    def _cache_lens(self, max_len: int) -> list[int]:
+        """Every cache length a batch needing at most `max_len` slots can get."""
+        max_len = min(max_len, self.max_seq_len)
+        needs = {1 << i for i in range(max_len.bit_length())} | {max_len}
+        return sorted({self._cache_len(n) for n in needs})
+
+    def _batch_sizes(self) -> list[int]:
+        return sorted({min(_bucket(n), self.max_batch) for n in range(1, self.max_batch + 1)})
+
+    def warmup(self, max_len: int | None = None, batch_sizes=None) -> int:
+        """Compiles, by running them once on dummy rows, every executable that batches of
+        `batch_sizes` rows (default: every batch bucket up to max_batch) needing at most `max_len`
+        cache slots (default: max_seq_len) use: for each (batch, cache) bucket the empty cache,
+        prefill, decode and the prefix cache's block copies. Those are all the shapes the engine
+        makes (with up to MIN_STOP_ID_SLOTS stop ids a request), so traffic inside these bounds
+        compiles nothing afterwards. Returns the number of (batch, cache) buckets."""
+        sizes = self._batch_sizes() if batch_sizes is None else sorted({min(_bucket(n), self.max_batch)
+                                                                         for n in batch_sizes})
+        lens = self._cache_lens(self.max_seq_len if max_len is None else max_len)
+        with self._lock:
+            params = self._params
+        mesh_ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        with mesh_ctx:
+            for B in sizes:
+                for S in lens:
+                    W = _prefill_width(self._spec, B, S)
+                    tokens, start, rows = _pack([], [], [], B, W)  # padding rows: one token, then done
+                    rows = jax.device_put(rows)
+                    done = np.zeros(B, bool)
+                    state, out = self._device_batch(params, rows, tokens, start, [], B, S)
+                    state, _ = _decode(params, rows, state, done, spec=self._spec)
+                    block = _take_block(state["cache"], 0, 0, size=self._block)
+                    # Two puts: the first lands on a fresh cache, the second on a put's output.
+                    puts = [(min(1, B - 1), [block])] + [(0, [block] * min(2, S // self._block))]
+                    state, out = self._device_batch(params, rows, tokens, start, puts, B, S)
+                    state, _ = _decode(params, rows, state, done, spec=self._spec)
+                    jax.block_until_ready(state)
+        return len(sizes) * len(lens)
+
+    def _device_batch(self, params, rows, tokens, start, puts, B: int, S: int):
+        """Empty cache, prefix blocks [(row, [block, ...])] copied in, prefill."""
+        cache = _empty_cache(spec=self._spec, batch=B, length=S)
+        # Committed, like every array computed from the (committed) params: jit keys its cache on
+        # commitment too, and prefill would otherwise compile once for a fresh cache and again
+        # for one that prefix blocks were copied into. On the array's own sharding: no copy.
+        cache = jax.device_put(cache, jax.tree.map(lambda a: a.sharding, cache))
+        for i, blocks in puts:
+            for j, block in enumerate(blocks):
+                cache = _put_block(cache, block, i, j * self._block, size=self._block)
+        return _prefill(params, rows, cache, tokens, start, spec=self._spec)
 
     def _run_batch(self, batch: list[_Request]) -> list[GenerateResult]:
         prompts = [np.asarray(r.prompt, np.int32) for r in batch]
@@ -533,28 +605,26 @@ class JaxEngine:
             hits = [self._prefix.match(p) for p in prompts]
         B = min(_bucket(len(batch)), self.max_batch)
         S = self._cache_len(max(len(r.prompt) + r.max_new for r in batch))
-        P = _bucket(max(len(p) - n for p, (_, n) in zip(prompts, hits)), MIN_PROMPT_BUCKET)
-        tokens, start, rows = _pack(batch, prompts, [n for _, n in hits], B, P)
+        tokens, start, rows = _pack(batch, prompts, [n for _, n in hits], B, _prefill_width(self._spec, B, S))
         hosts = [_Row(r, self.tokenizer) for r in batch]
+        # Only the blocks holding the matched prefix: slots [0, n).
+        puts = [(i, e.kv[:-(-n // self._block)]) for i, (e, n) in enumerate(hits) if e is not None]
 
         mesh_ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
         with mesh_ctx:
             rows = jax.device_put(rows)
-            cache = _empty_cache(spec=self._spec, batch=B, length=S)
-            for i, (entry, _) in enumerate(hits):
-                if entry is not None:
-                    cache = _put_prefix(cache, entry.kv, i, length=min(entry.slots, S))
-            state, out = _prefill(params, rows, cache, tokens, start, spec=self._spec)
+            state, out = self._device_batch(params, rows, tokens, start, puts, B, S)
             while True:
                 # Dispatch the next chunk before reading this one, so the device never waits on
                 # the host; at most one chunk is wasted once every row has finished.
                 nxt = None
                 if any(h.finish is None for h in hosts):
-                    state, nxt = _decode(params, rows, state, spec=self._spec)
+                    # Rows the host ended (stop strings) as a fixed-shape mask: no shape follows traffic.
+                    ended = np.zeros(B, bool)
+                    ended[[i for i, h in enumerate(hosts) if h.finish is not None]] = True
+                    state, nxt = _decode(params, rows, state, ended, spec=self._spec)
                 if not self._consume(hosts, out):
                     break
-                ended = [i for i, h in enumerate(hosts) if h.finish is not None]
-                state["done"] = state["done"].at[np.array(ended, np.int32)].set(True) if ended else state["done"]
                 out = nxt
             self._remember(hosts, state["cache"], version, S)
         with self._lock:
@@ -565,7 +635,8 @@ class JaxEngine:
         return [h.result(version) for h in hosts]
 
     def _remember(self, hosts: list[_Row], cache, version: int, S: int) -> None:
-        """Stores each finished row's KV in the prefix cache, unless the weights changed meanwhile."""
+        """Stores each finished row's KV in the prefix cache (as whole blocks), unless the weights
+        changed meanwhile."""
         if not self._prefix.capacity:
             return
         for i, h in enumerate(hosts):
@@ -573,11 +644,11 @@ class JaxEngine:
             with self._lock:
                 if version != self.policy_version or self._prefix.covers(ids):
                     continue
-            slots = min(_bucket(len(ids), MIN_CACHE_BUCKET), S)
-            kv = _take_prefix(cache, i, length=slots)
+            n_blocks = -(-len(ids) // self._block)
+            kv = [_take_block(cache, i, j * self._block, size=self._block) for j in range(n_blocks)]
             with self._lock:
                 if version == self.policy_version:
-                    self._prefix.add(ids, kv, slots)
+                    self._prefix.add(ids, kv, n_blocks * self._block)
 
     @staticmethod
     def _consume(hosts: list[_Row], out) -> bool:
