@@ -2,7 +2,7 @@
 # One scripted H100 run (the lent device's jax image; see benchmarks/results/h100/README.md):
 # the cuDNN attention parity test, then Qwen3-4B-shaped SFT/GRPO steps, most important first, each
 # result written as soon as it exists so a run cut short still returns what it measured.
-#   OUT=/some/dir bash benchmarks/h100_suite.sh [main|scale]
+#   OUT=/some/dir bash benchmarks/h100_suite.sh [main|scale|remat]
 set -u
 OUT=${OUT:-benchmarks/results/h100}
 R="$OUT/h100"; mkdir -p "$R"
@@ -36,6 +36,12 @@ scale)  # all 36 layers (batch as memory allows), then step time over sequence l
   step sft_cudnn_16l_seq16384 100 --layers 16 --attn-impl cudnn --seq-len 16384 --max-batch 2
   step sft_cudnn_16l_b2 100 --layers 16 --attn-impl cudnn --max-batch 2
   ;;
-*) echo "usage: $0 [main|scale]"; exit 2 ;;
+remat)  # remat=attn (keeps projections and the attention kernel's outputs) beside full, same run
+  step sft_cudnn_16l_full 100 --layers 16 --attn-impl cudnn --remat full
+  step sft_cudnn_16l_attn 100 --layers 16 --attn-impl cudnn --remat attn
+  step grpo_cudnn_16l_attn 100 --layers 16 --attn-impl cudnn --remat attn --grpo
+  step sft_cudnn_16l_attn_seq8192 100 --layers 16 --attn-impl cudnn --remat attn --seq-len 8192 --max-batch 4
+  ;;
+*) echo "usage: $0 [main|scale|remat]"; exit 2 ;;
 esac
 log done

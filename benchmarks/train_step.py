@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--mfu", action="store_true", help="GPU: Qwen3-4B-shaped step, bf16; reports MFU")
     p.add_argument("--seq-len", type=int, default=4096, help="--mfu sequence length")
     p.add_argument("--layers", type=int, default=36, help="--mfu: layers of the Qwen3-4B shape (36 = all)")
-    p.add_argument("--remat", default="full", help="--mfu: remat policy (none | full | dots)")
+    p.add_argument("--remat", default="full", help="--mfu: remat policy (none | full | dots | attn)")
     p.add_argument("--attn-chunk", type=int, default=1024, help="--mfu: queries per attention block (0 = dense)")
     p.add_argument("--attn-impl", default="xla", help="--mfu: xla | flash | cudnn")
     p.add_argument("--max-batch", type=int, default=8, help="--mfu: the first batch size tried (halved until it fits)")

@@ -33,7 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.init_from = ""  # "" = random init; else an Orbax dir from checkpoints_tools.hf_to_orbax
     c.model.param_dtype = "float32"  # master weights
     c.model.compute_dtype = "float32"  # bfloat16 on GPU
-    c.model.remat = "none"  # none | full | dots (what to save in the backward pass)
+    c.model.remat = "none"  # none | full | dots | attn (what to save in the backward pass; see qwen3._REMAT)
     c.model.attn_impl = "xla"  # xla | flash (Pallas/Triton, segment ids) | cudnn (cuDNN packed layout); last two GPU
     c.model.attn_max_segments = 16  # cudnn: most segments (runs, padding included) a packed row may hold
     c.model.attn_chunk = 0  # xla: queries per attention block in training; 0 = dense [T, T] scores
@@ -222,7 +222,7 @@ def _require(cond: bool, field: str, msg: str) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
     """Reject values that are well-typed but cannot work, naming the field."""
     _require(c.stage in STAGES, "stage", f"{c.stage!r} is not one of {STAGES}")
-    _require(c.model.remat in ("none", "full", "dots"), "model.remat", f"unknown policy {c.model.remat!r}")
+    _require(c.model.remat in ("none", "full", "dots", "attn"), "model.remat", f"unknown policy {c.model.remat!r}")
     _require(c.model.attn_impl in ("xla", "flash", "cudnn"), "model.attn_impl", "must be 'xla', 'flash' or 'cudnn'")
     _require(c.model.attn_max_segments >= 1, "model.attn_max_segments", "must be >= 1")
     for dt in ("param_dtype", "compute_dtype"):

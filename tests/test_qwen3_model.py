@@ -186,8 +186,8 @@ def test_remat_gives_identical_gradients():
         logp = jax.nn.log_softmax(logits[:, :-1])
         return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
 
-    # One jit for all three policies: a single (slow, on CPU) compile instead of three.
-    g_none, *others = jax.jit(lambda p: [jax.grad(loss)(p, r) for r in ("none", "full", "dots")])(params)
+    # One jit for all the policies: a single (slow, on CPU) compile instead of four.
+    g_none, *others = jax.jit(lambda p: [jax.grad(loss)(p, r) for r in ("none", "full", "dots", "attn")])(params)
     for g in others:
         for x, y in zip(jax.tree.leaves(g_none), jax.tree.leaves(g)):
             np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5)
@@ -333,3 +333,40 @@ def test_cudnn_attention_equals_xla_on_packed_rows():
     np.testing.assert_allclose(f32(out)[real], f32(ref)[real], atol=3e-2, rtol=0)
     for a, b in zip(g_out, g_ref):
         np.testing.assert_allclose(f32(a)[real], f32(b)[real], atol=1e-1, rtol=3e-2)
+
+
+def _primitive_counts(jaxpr, counts=None):
+    """How often each primitive occurs in a jaxpr, sub-jaxprs (scan body, kernels' calls) included."""
+    import collections
+
+    counts = collections.Counter() if counts is None else counts
+    for eqn in jaxpr.eqns:
+        counts[eqn.primitive.name] += 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _primitive_counts(inner, counts)
+    return counts
+
+
+def test_attn_remat_recomputes_only_the_mlp_matmuls_and_never_the_attention_kernel():
+    """remat="attn" keeps the q/k/v projections, the flash kernel's outputs (and so its softmax
+    statistics) and the post-attention residual: the backward pass re-runs no attention kernel and
+    only the gate/up matmuls, where "full" re-runs the kernel and every projection. Same gradients."""
+    cfg = tiny_cfg(num_layers=2)
+    params = qwen3.init_params(cfg, jax.random.key(3))
+    T = 128  # the flash kernel's block
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (1, T)), jnp.int32)
+    positions, segs = jnp.arange(T, dtype=jnp.int32)[None], jnp.ones((1, T), jnp.int32)
+
+    def grad(remat):
+        return jax.grad(lambda p: qwen3.forward(p, cfg, tokens, positions, segs, remat=remat, attn_impl="flash").sum())
+
+    counts = {r: _primitive_counts(jax.make_jaxpr(grad(r))(params).jaxpr) for r in ("none", "full", "attn")}
+    assert counts["attn"]["pallas_call"] == counts["none"]["pallas_call"] < counts["full"]["pallas_call"]
+    assert counts["attn"]["dot_general"] == counts["none"]["dot_general"] + 2  # gate and up
+    assert counts["full"]["dot_general"] >= counts["none"]["dot_general"] + 7  # every projection
+    g_none, g_attn = grad("none")(params), grad("attn")(params)
+    for x, y in zip(jax.tree.leaves(g_none), jax.tree.leaves(g_attn)):  # gradients ~1: fp32 reordering
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4)

@@ -15,6 +15,7 @@ import numpy as np
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from tau2jax.models.configs import ModelConfig
 from tau2jax.parallel.sharding import constrain, tree_shardings
@@ -29,7 +30,21 @@ _REMAT = {
     # [B, H, T, T] attention scores, which cost more memory than everything else at long T.
     "dots": lambda fn: jax.checkpoint(fn, prevent_cse=False,
                                       policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims),
+    # Saves the q/k/v projections, the attention kernel's outputs (result and softmax statistics)
+    # and the residual stream after attention: the backward pass recomputes only the MLP's gate/up
+    # matmuls and the elementwise norms and RoPE, not the projections or the attention forward.
+    "attn": lambda fn: jax.checkpoint(fn, prevent_cse=False, policy=_save_attention),
 }
+_ATTN_SAVED = ("q_proj", "k_proj", "v_proj", "attn_residual")
+# Flash kernels (Pallas; cuDNN's fused-attention forward) return the softmax statistics the
+# backward kernel needs as extra outputs: saving only the named result would recompute the kernel.
+_ATTN_KERNELS = ("custom_vjp_call",)
+
+
+def _save_attention(prim, *_, **params) -> bool:
+    if prim.name == "name":
+        return params["name"] in _ATTN_SAVED
+    return prim.name in _ATTN_KERNELS
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
@@ -143,9 +158,9 @@ def _matmul(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
 
 def _qkv(lp: dict, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array):
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q = _matmul(h, lp["q_proj"], 1)
-    k = _matmul(h, lp["k_proj"], 1)
-    v = _matmul(h, lp["v_proj"], 1)
+    q = checkpoint_name(_matmul(h, lp["q_proj"], 1), "q_proj")
+    k = checkpoint_name(_matmul(h, lp["k_proj"], 1), "k_proj")
+    v = checkpoint_name(_matmul(h, lp["v_proj"], 1), "v_proj")
     q = apply_rope(rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), cos, sin)
     k = apply_rope(rms_norm(k, lp["k_norm"], cfg.rms_norm_eps), cos, sin)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
@@ -245,7 +260,7 @@ def segment_causal_attention(q, k, v, segment_ids, scale: float, chunk: int = 0,
 def _attend_and_mlp(lp: dict, cfg: ModelConfig, x, attn):
     """Output projection of the attention result, then the SwiGLU MLP, both residual."""
     x = x + _matmul(attn, lp["o_proj"], 2)
-    x = constrain(x, ("batch", "length", None))
+    x = checkpoint_name(constrain(x, ("batch", "length", None)), "attn_residual")
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     gate = _matmul(h, lp["gate_proj"], 1)
     up = _matmul(h, lp["up_proj"], 1)
