@@ -114,4 +114,10 @@ def sample(keys: jax.Array, logits: jax.Array, temperature, top_k, top_p):
                          lambda: greedy)
     tokens = jnp.where(t > 0, drawn, greedy).astype(jnp.int32)
     behaviour = temperature_logprobs(logits, tokens, temperature)
-    return tokens, behaviour, jnp.where(t > 0, _logprob_at(filtered, tokens), behaviour)
+    # With no top-k / top-p on any row the filtered distribution is the tempered one: its
+    # log-prob is the behaviour log-prob, without a second log_softmax over the vocabulary.
+    V = logits.shape[-1]
+    k, p = _per_row(top_k, t.shape, jnp.int32), _per_row(top_p, t.shape, jnp.float32)
+    any_filter = jnp.any(p < 1) | jnp.any((k > 0) & (k < V))
+    sampled = jax.lax.cond(any_filter, lambda: _logprob_at(filtered, tokens), lambda: behaviour)
+    return tokens, behaviour, jnp.where(t > 0, sampled, behaviour)
