@@ -62,8 +62,9 @@ def get_config(arg: str = ""):
     c.optim.weight_decay = 0.1
     c.optim.b1, c.optim.b2 = 0.9, 0.98
     c.optim.clip_norm = 1.0
-    # 64 trajectories ≈ 32 packed rows of 16k: 4 micro-batches of one row per GPU.
-    c.optim.grad_accum = 4
+    # 64 trajectories ≈ 32 packed rows of 16k: micro-batches of one row per GPU (~4 a step); the
+    # learner compiles once whatever a step's row count.
+    c.rl.micro_batch_rows = 1
     if arg:
         raise ValueError(f"configs/qwen3_4b_grpo.py takes no arg, got {arg!r}")
     return c

@@ -178,8 +178,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.geo_mask_high = 0.0
     c.rl.veto_threshold = 0.0  # drop sequences with a token ratio below this (0 = off)
     c.rl.vocab_chunk = 0  # learner log-probs: vocabulary block (0 = whole vocabulary)
-    # Packed rows per micro-batch (memory bound; a step's row count follows its rollouts); 0 = use
-    # optim.grad_accum micro-batches whatever the rows.
+    # Packed rows per data-parallel device per micro-batch: memory is bounded and the learner
+    # compiles once (fixed-shape micro-batches, looped on the host) though a step's row count
+    # follows its rollouts. 0 = one executable per row bucket, split into optim.grad_accum micro-batches.
     c.rl.micro_batch_rows = 0
     c.rl.toy_tasks = 16  # toy env: number of tasks
     c.rl.toy_shared_table = False  # toy env: one key -> value table for all tasks (memorisable)

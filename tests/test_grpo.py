@@ -22,7 +22,7 @@ from tau2jax.models import configs, qwen3
 from tau2jax.parallel import sharding
 from tau2jax.rl import collector
 from tau2jax.rl.batch import BatchConfig, build_batch
-from tau2jax.rl.grpo_step import jit_grpo_step, learner_logprobs, make_grpo_step
+from tau2jax.rl.grpo_step import jit_grpo_step, learner_logprobs, make_grpo_step, micro_batched_grpo_step
 from tau2jax.rl.loop import assemble, next_tasks
 from tau2jax.config import default_config
 from tau2jax.rl.losses import PolicyLossConfig
@@ -173,17 +173,20 @@ def test_sigkill_resume_trains_no_group_twice(tmp_path):
 
 @pytest.mark.slow
 def test_toy_grpo_raises_reward():
-    """The acceptance bar: configs/tiny_grpo_toy.py raises mean reward by >= 0.3 on CPU."""
+    """The acceptance bar: configs/tiny_grpo_toy.py raises mean reward by >= 0.3 on CPU; with
+    one-row micro-batches the learner compiles three executables over the run, whatever the rows."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        summary = train("--config", "configs/tiny_grpo_toy.py", f"--config.workdir={d}")
+        summary = train("--config", "configs/tiny_grpo_toy.py", f"--config.workdir={d}", "--config.rl.micro_batch_rows=1")
     assert summary["final_reward"] - summary["first_reward"] >= 0.3, summary
+    assert summary["learner_compiles"] == 3
 
 
-def test_micro_batches_by_rows_equal_one_pass(rollouts):
-    """rl.micro_batch_rows: the step accumulates rows // micro_batch_rows micro-batches; as (sum, count)
-    the loss and the updated params equal one pass over all rows."""
+def test_micro_batches_by_rows_equal_one_pass_and_compile_once(rollouts):
+    """rl.micro_batch_rows: the host loops over fixed-shape micro-batches; as (sum, count) the loss
+    and the updated params equal one pass over all rows, and a batch with another row count
+    compiles nothing new."""
     params, groups = rollouts
     batch, _ = build_batch(_items(groups), BatchConfig(max_len=16, keep_length_cut=True, row_multiple=2))
     assert batch["tokens"].shape[0] >= 2
@@ -193,16 +196,22 @@ def test_micro_batches_by_rows_equal_one_pass(rollouts):
     tx, schedule = make_optimizer(optim, 10)
     p_shard = qwen3.param_shardings(CFG, mesh)
     shardings = state_shardings(tx, jax.eval_shape(lambda: params), p_shard, mesh)
-    out = {}
-    for rows in (0, 1):
-        step = jit_grpo_step(make_grpo_step(CFG, tx, schedule, PolicyLossConfig(), micro_batch_rows=rows),
-                             shardings, sharding.batch_sharding(mesh))
-        out[rows] = step(create_state(params, tx, shardings, 0), batch, None)
-    np.testing.assert_allclose(out[1][1]["loss"], out[0][1]["loss"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out[1][0].params, out[0][0].params)
+    one_pass = jit_grpo_step(make_grpo_step(CFG, tx, schedule, PolicyLossConfig()), shardings,
+                             sharding.batch_sharding(mesh))
+    ref_state, ref_out = one_pass(create_state(params, tx, shardings, 0), batch, None)
+    micro = micro_batched_grpo_step(CFG, tx, schedule, PolicyLossConfig(), shardings, sharding.batch_sharding(mesh),
+                                    micro_batch_rows=1)
+    state, out = micro(create_state(params, tx, shardings, 0), batch, None)
+    np.testing.assert_allclose(out["loss"], ref_out["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state.params, ref_state.params)
+    compiled = micro.compiles()
+    assert compiled == 3  # first micro-batch, the others, the update
+    half = {k: v[: v.shape[0] // 2] if v.shape[0] > 2 else v[:1] for k, v in batch.items()}
+    micro(state, half, None)
+    assert micro.compiles() == compiled  # another row count, nothing compiled
     with pytest.raises(ValueError, match="micro_batch_rows"):
-        jit_grpo_step(make_grpo_step(CFG, tx, schedule, PolicyLossConfig(), micro_batch_rows=3),
-                      shardings, sharding.batch_sharding(mesh))(create_state(params, tx, shardings, 0), batch, None)
+        micro_batched_grpo_step(CFG, tx, schedule, PolicyLossConfig(), shardings, sharding.batch_sharding(mesh),
+                                micro_batch_rows=3)(state, batch, None)
 
 
 def test_chunks_must_divide_the_grpo_row_length():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from tau2jax.learn.sft_step import accumulate_gradients, apply_gradients
@@ -18,6 +19,11 @@ from tau2jax.learn.train_state import TrainState
 from tau2jax.models import qwen3
 from tau2jax.rl import losses
 from tau2jax.rl.logprobs import lm_head_weight, token_logprobs_and_entropy
+
+
+# what rl.batch.build_batch puts in a batch
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "behaviour_logprobs", "temperature", "advantages",
+              "policy_version", "group", "segment_ids", "positions")
 
 
 def learner_logprobs(params, model_cfg, batch, *, compute_dtype=jnp.float32, remat="none", loss_chunk=0,
@@ -32,14 +38,8 @@ def learner_logprobs(params, model_cfg, batch, *, compute_dtype=jnp.float32, rem
                                       needed=needed)
 
 
-def make_grpo_step(model_cfg, tx: optax.GradientTransformation, schedule, loss_cfg: losses.PolicyLossConfig, *,
-                   grad_accum=1, micro_batch_rows=0, **forward_kw):
-    """-> step(state, batch, ref_params) -> (state, metrics). `ref_params` may be None when
-    loss_cfg.kl_coef == 0. forward_kw: compute_dtype, remat, loss_chunk, vocab_chunk, attn_chunk, attn_impl, attn_max_segments.
-
-    A step's row count follows its rollouts (rl.batch buckets it), so memory is bounded per
-    micro-batch: with `micro_batch_rows` > 0 the step accumulates rows // micro_batch_rows
-    micro-batches (the batch's rows must be a multiple), else `grad_accum` of them."""
+def _policy_loss_fn(model_cfg, loss_cfg: losses.PolicyLossConfig, forward_kw: dict):
+    """loss_fn(params, micro, ref_params) -> ((loss_sum, count), metrics), as accumulate_gradients wants."""
 
     def loss_fn(params, micro, ref_params):
         # only trained tokens enter the loss and diagnostics: prompt-only chunks skip the vocabulary head
@@ -55,28 +55,79 @@ def make_grpo_step(model_cfg, tx: optax.GradientTransformation, schedule, loss_c
         metrics |= losses.diagnostics(*args, ref_logp=ref_logp, entropy=entropy)
         return (loss_sum, count), metrics
 
+    return loss_fn
+
+
+def _finish(state: TrainState, tx, schedule, grads, loss_sum, count, metrics):
+    """Divide the sums once by the global count of trained tokens and take the optimizer step."""
+    denom = jnp.maximum(count, 1.0)
+    new_state, grad_norm = apply_gradients(state, tx, grads, denom)
+    out = losses.metric_values(metrics) | {"loss": loss_sum / denom, "loss_count": count,
+                                           "grad_norm": grad_norm, "lr": schedule(state.step)}
+    return new_state, out
+
+
+def make_grpo_step(model_cfg, tx: optax.GradientTransformation, schedule, loss_cfg: losses.PolicyLossConfig, *,
+                   grad_accum=1, **forward_kw):
+    """-> step(state, batch, ref_params) -> (state, metrics), one executable per batch shape, the
+    batch split into `grad_accum` micro-batches. `ref_params` may be None when loss_cfg.kl_coef == 0.
+    forward_kw: compute_dtype, remat, loss_chunk, vocab_chunk, attn_chunk, attn_impl, attn_max_segments."""
+    loss_fn = _policy_loss_fn(model_cfg, loss_cfg, forward_kw)
+
+    def step(state: TrainState, batch, ref_params):
+        sums = accumulate_gradients(lambda p, mb: loss_fn(p, mb, ref_params), state.params, batch, grad_accum,
+                                    losses.merge_metrics, losses.empty_metrics)
+        return _finish(state, tx, schedule, *sums)
+
+    return step
+
+
+def micro_batched_grpo_step(model_cfg, tx: optax.GradientTransformation, schedule,
+                            loss_cfg: losses.PolicyLossConfig, shardings: TrainState, batch_sharding,
+                            ref_shardings=None, *, micro_batch_rows: int, **forward_kw):
+    """-> step(state, host_batch, ref_params) -> (state, metrics) for batches of any multiple of
+    `micro_batch_rows` rows. A step's row count follows its rollouts, so one executable per row
+    count would compile again whenever a new count appears mid-run; here the host loops over
+    micro-batches of a fixed shape (rows j, j+n, j+2n, ... as accumulate_gradients splits them)
+    through three executables compiled once (first micro-batch, each further one, the update),
+    summing gradients on device. Same result as make_grpo_step with grad_accum = rows / micro.
+    `step.compiles()` counts the executables compiled so far."""
+    loss_fn = _policy_loss_fn(model_cfg, loss_cfg, forward_kw)
+    batch_in = {k: batch_sharding for k in BATCH_KEYS}
+
+    def grads_of(params, micro, ref_params):
+        return accumulate_gradients(lambda p, mb: loss_fn(p, mb, ref_params), params, micro, 1)
+
+    def add(params, sums, micro, ref_params):
+        g, s, n, m = grads_of(params, micro, ref_params)
+        return (jax.tree.map(jnp.add, sums[0], g), sums[1] + s, sums[2] + n, losses.merge_metrics(sums[3], m))
+
+    sums_out = (shardings.params, None, None, None)
+    first = jax.jit(grads_of, in_shardings=(shardings.params, batch_in, ref_shardings), out_shardings=sums_out)
+    more = jax.jit(add, in_shardings=(shardings.params, sums_out, batch_in, ref_shardings),
+                   out_shardings=sums_out, donate_argnums=(1,))
+    finish = jax.jit(lambda state, sums: _finish(state, tx, schedule, *sums), in_shardings=(shardings, sums_out),
+                     out_shardings=(shardings, None), donate_argnums=(0,))
+
     def step(state: TrainState, batch, ref_params):
         rows = batch["tokens"].shape[0]
-        if micro_batch_rows and rows % micro_batch_rows:
+        if rows % micro_batch_rows:
             raise ValueError(f"{rows} rows are not a multiple of micro_batch_rows={micro_batch_rows}")
-        n_micro = rows // micro_batch_rows if micro_batch_rows else grad_accum
-        grads, loss_sum, count, metrics = accumulate_gradients(
-            lambda p, mb: loss_fn(p, mb, ref_params), state.params, batch, n_micro, losses.merge_metrics,
-            losses.empty_metrics)
-        denom = jnp.maximum(count, 1.0)
-        new_state, grad_norm = apply_gradients(state, tx, grads, denom)
-        out = losses.metric_values(metrics) | {"loss": loss_sum / denom, "loss_count": count,
-                                               "grad_norm": grad_norm, "lr": schedule(state.step)}
-        return new_state, out
+        n = rows // micro_batch_rows
+        sums = None
+        for j in range(n):
+            micro = jax.device_put({k: np.asarray(batch[k])[j::n] for k in BATCH_KEYS}, batch_in)
+            sums = first(state.params, micro, ref_params) if sums is None else more(state.params, sums, micro,
+                                                                                   ref_params)
+        return finish(state, sums)
 
+    step.compiles = lambda: first._cache_size() + more._cache_size() + finish._cache_size()
     return step
 
 
 def jit_grpo_step(step_fn, shardings: TrainState, batch_sharding, ref_shardings=None):
     """Explicit shardings; the state is donated; the reference params (sharded like the policy:
     `ref_shardings` = the param shardings, None when there is no reference) are not."""
-    batch_in = {k: batch_sharding for k in
-                ("tokens", "targets", "loss_mask", "behaviour_logprobs", "temperature", "advantages",
-                 "policy_version", "group", "segment_ids", "positions")}
+    batch_in = {k: batch_sharding for k in BATCH_KEYS}
     return jax.jit(step_fn, in_shardings=(shardings, batch_in, ref_shardings),
                    out_shardings=(shardings, None), donate_argnums=(0,))

@@ -53,7 +53,7 @@ from tau2jax.parallel import sharding
 from tau2jax.rl import advantages as adv_lib
 from tau2jax.rl import collector, rollout_metrics, staleness
 from tau2jax.rl.batch import BatchConfig, build_batch
-from tau2jax.rl.grpo_step import jit_grpo_step, make_grpo_step
+from tau2jax.rl.grpo_step import jit_grpo_step, make_grpo_step, micro_batched_grpo_step
 from tau2jax.rl.losses import PolicyLossConfig
 from tau2jax.rl.rollout_workers import Job, RolloutWorkers
 
@@ -329,13 +329,20 @@ def run(config) -> dict:
     if tracker is not None and meta["tracker"]:
         tracker.load_state_dict(meta["tracker"])
 
-    step_fn = jit_grpo_step(
-        make_grpo_step(model_cfg, tx, schedule, loss_config(rl), grad_accum=config.optim.grad_accum,
-                       micro_batch_rows=dp * rl.micro_batch_rows,
-                       compute_dtype=compute_dtype, remat=config.model.remat, loss_chunk=config.train.loss_chunk,
-                       vocab_chunk=rl.vocab_chunk, attn_chunk=config.model.attn_chunk,
-                       attn_impl=config.model.attn_impl, attn_max_segments=config.model.attn_max_segments),
-        shardings, batch_sharding, p_shard if ref_params is not None else None)
+    forward_kw = dict(compute_dtype=compute_dtype, remat=config.model.remat, loss_chunk=config.train.loss_chunk,
+                      vocab_chunk=rl.vocab_chunk, attn_chunk=config.model.attn_chunk,
+                      attn_impl=config.model.attn_impl, attn_max_segments=config.model.attn_max_segments)
+    ref_shardings = p_shard if ref_params is not None else None
+    if rl.micro_batch_rows:  # fixed-shape micro-batches: compiled once, whatever a step's row count
+        step_fn = micro_batched_grpo_step(model_cfg, tx, schedule, loss_config(rl), shardings, batch_sharding,
+                                          ref_shardings, micro_batch_rows=dp * rl.micro_batch_rows, **forward_kw)
+        learner_compiles = step_fn.compiles
+    else:  # one executable per row bucket
+        jitted = jit_grpo_step(make_grpo_step(model_cfg, tx, schedule, loss_config(rl),
+                                              grad_accum=config.optim.grad_accum, **forward_kw),
+                               shardings, batch_sharding, ref_shardings)
+        step_fn = lambda st, b, ref: jitted(st, jax.device_put(b, batch_sharding), ref)  # noqa: E731
+        learner_compiles = jitted._cache_size
 
     # --- rollouts: the engine at the state's version, workers producing whole groups
     engine = make_engine(config, model_cfg, state.params, tokenizer, version=start)
@@ -393,7 +400,7 @@ def run(config) -> dict:
                             qwen3.check_segments(batch["segment_ids"], config.model.attn_max_segments)
                         except ValueError as e:
                             raise config_lib.ConfigError(f"config.{e}") from None
-                    state, learner = step_fn(state, jax.device_put(batch, batch_sharding), ref_params)
+                    state, learner = step_fn(state, batch, ref_params)
                     learner = jax.device_get(learner)
                     m |= {k: float(v) for k, v in learner.items()}
                     m["tokens_per_s"] = float((batch["segment_ids"] > 0).sum()) / (time.perf_counter() - t1)
@@ -449,7 +456,8 @@ def run(config) -> dict:
         "max_staleness_seen": max(seen, default=0),
         "learner_busy_frac": float(np.mean(busy[1:])) if len(busy) > 1 else None,
         "steady_s": round(steady, 3), "engine_resyncs": synced["resyncs"],
-        # learner step shapes compiled this run: one per power-of-two row bucket met
-        "learner_compiles": step_fn._cache_size(),
+        # learner executables compiled this run: one per power-of-two row bucket met, or with
+        # rl.micro_batch_rows at most three (first micro-batch, the others, the update)
+        "learner_compiles": learner_compiles(),
         "wall_s": round(time.perf_counter() - t_start, 1),
     }  # fmt: skip
