@@ -43,7 +43,8 @@ def map_length_chunks(fn, chunk: int, *arrays, needed: jax.Array | None = None):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *ins))
         return jax.lax.cond(need.any(), lambda: fn(*ins), lambda: zeros)
 
-    out = jax.lax.map(jax.checkpoint(body), split)
+    # One chunk saves no memory by remat, which would only recompute the vocabulary head.
+    out = jax.lax.map(jax.checkpoint(body) if n > 1 else body, split)
     return jax.tree.map(lambda o: o.swapaxes(0, 1).reshape(b, t, *o.shape[3:]), out)
 
 
