@@ -367,9 +367,9 @@ def test_prefill_slice_bounds_attention_scores():
     from tau2jax.models.configs import get_model_config
 
     spec = jax_engine._Spec(get_model_config("qwen3_4b"), 512, 16, jnp.bfloat16, jnp.bfloat16)
-    assert jax_engine._slice_len(spec, 16, 32768, 32768) == 32  # 16 x 32 heads x 32 x 32K = 2^29 scores
-    assert jax_engine._slice_len(spec, 1, 64, 4096) == 64  # short prompt: one slice
-    assert jax_engine._slice_len(spec, 1, 8192, 8192) == 512  # prefill_chunk caps it
+    assert jax_engine._slice_len(spec, 16, 32768) == 32  # 16 x 32 heads x 32 x 32K = 2^29 scores
+    assert jax_engine._slice_len(spec, 1, 256) == 64  # short cache (short prompt): a quarter of it
+    assert jax_engine._slice_len(spec, 1, 8192) == 512  # prefill_chunk caps it
 
 
 def test_request_queued_while_closing_fails_instead_of_hanging(setup):

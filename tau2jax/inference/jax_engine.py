@@ -19,8 +19,8 @@ more than MIN_STOP_ID_SLOTS stop ids, which widens the stop table). `warmup()` c
 every pair up front (or those up to a given cache length / batch sizes); `compile_counts` says how
 many times prefill and decode were traced. Prefill runs the prompt through the cache in slices
 small enough that one slice's attention scores (batch x heads x slice x cache length) stay under
-`PREFILL_SCORES` elements (at most `prefill_chunk` tokens, which is also the least a prefill
-computes per row), and computes logits only for each row's last prompt token. Decoding runs
+`PREFILL_SCORES` elements (at most `prefill_chunk` tokens and a quarter of the cache length, which
+is also the least a prefill computes per row), and computes logits only for each row's last prompt token. Decoding runs
 `decode_chunk` steps per dispatch in a `lax.while_loop` (which exits as soon as every row is
 done); stop token ids and max_new_tokens are checked on device, stop strings on the host, and
 the host reads chunk i while the device runs chunk i+1.
@@ -96,15 +96,17 @@ def _bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << (n - 1).bit_length())
 
 
-def _slice_len(spec: _Spec, B: int, P: int, S: int) -> int:
-    """Prefill slice: a power of two, at most prefill_chunk and P, scores under PREFILL_SCORES."""
+def _slice_len(spec: _Spec, B: int, S: int) -> int:
+    """Prefill slice for batch B and cache length S: a power of two, at most prefill_chunk and S / 4,
+    scores under PREFILL_SCORES. A prefill computes at least one slice a row; a quarter of the cache
+    keeps that floor small for the short caches short prompts get (long caches keep prefill_chunk)."""
     fits = max(1, PREFILL_SCORES // (B * spec.cfg.num_heads * S))
-    return min(spec.prefill_chunk, _bucket(P), 1 << (fits.bit_length() - 1))
+    return min(spec.prefill_chunk, max(1, _bucket(S) // 4), 1 << (fits.bit_length() - 1))
 
 
 def _prefill_width(spec: _Spec, B: int, S: int) -> int:
     """Width of prefill's token array for batch B and cache S: S rounded up to whole slices."""
-    c = _slice_len(spec, B, S, S)
+    c = _slice_len(spec, B, S)
     return -(-S // c) * c
 
 
@@ -154,7 +156,7 @@ def _prefill(params, rows, cache, tokens, start, *, spec: _Spec):
     _TRACES["prefill", spec] += 1
     cfg = spec.cfg
     B, W = tokens.shape
-    c = _slice_len(spec, B, cache["k"].shape[2], cache["k"].shape[2])
+    c = _slice_len(spec, B, cache["k"].shape[2])
     n_new = rows["prompt_len"] - start
 
     def chunk(i, carry):
