@@ -2,10 +2,9 @@
 # One scripted H100 run (the lent device's jax image; see benchmarks/results/h100/README.md):
 # the cuDNN attention parity test, then Qwen3-4B-shaped SFT/GRPO steps, most important first, each
 # result written as soon as it exists so a run cut short still returns what it measured.
-#   OUT=/some/dir bash benchmarks/h100_suite.sh [main|scale|remat]
+#   OUT=/some/dir bash benchmarks/h100_suite.sh [main|scale|remat]   # results in $OUT/h100/
 set -u
-OUT=${OUT:-benchmarks/results/h100}
-R="$OUT/h100"; mkdir -p "$R"
+R="${OUT:?set OUT to an empty directory}/h100"; mkdir -p "$R"
 export PYTHONPATH="$PWD/.gpu_pkgs${PYTHONPATH:+:$PYTHONPATH}"  # ml_collections, absent from the image
 export LITELLM_LOCAL_MODEL_COST_MAP=True
 log() { echo "[$(date +%T)] $*" | tee -a "$R/suite.log"; }
@@ -20,7 +19,8 @@ python -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())" 2>&
 case "${1:-main}" in
 main)  # parity, then cuDNN beside Pallas flash, remat policies, GRPO
   log "attention parity tests"
-  JAX_PLATFORMS=cuda,cpu timeout 150 python -m pytest -q -p no:cacheprovider tests/test_qwen3_model.py \
+  # fp32 tests compare at 1e-5: full fp32 matmuls, not the GPU's default TF32
+  JAX_DEFAULT_MATMUL_PRECISION=highest JAX_PLATFORMS=cuda,cpu timeout 150 python -m pytest -q -p no:cacheprovider tests/test_qwen3_model.py \
     -k "cudnn or flash or segment" >"$R/attention_tests.log" 2>&1; log "tests rc=$?"; tail -3 "$R/attention_tests.log" | tee -a "$R/suite.log"
   step sft_cudnn_16l 150 --layers 16 --attn-impl cudnn
   step sft_flash_16l 150 --layers 16 --attn-impl flash

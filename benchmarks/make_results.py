@@ -202,7 +202,7 @@ def compiles(files, out_dir) -> list[str]:
     rows = []
     for path, kind, d in files:
         if "compiles_after_warmup" in d:
-            rows.append([link(path, out_dir), "SFT step (jit_step); goal none",
+            rows.append([link(path, out_dir), "SFT step (jit_step); goal 0",
                          f"{d['config']['iters']} timed steps", d["compiles_after_warmup"]])
         if "compiles_in_timed_rounds" in d:
             rows.append([link(path, out_dir), "engine, every XLA compile after warmup(); goal 0",
@@ -296,7 +296,7 @@ def render(results_dir: str, out_dir: str) -> str:
                   "MFU counts attention over all T keys (PaLM's convention); the causal column halves it, what a "
                   "causal kernel computes. GRPO's MFU counts the frozen reference's forward too (8N FLOPs a "
                   "token, not 6N) and attention over each trajectory's length (4 a row). All 36 layers did not "
-                  "fit one H100 at any batch (`session3/suite_scale.log`: out of memory beside the 64 GB fp32 "
+                  "fit one H100 at any batch (`session3/suite_scale.log`: out of memory beside the 48 GB fp32 "
                   "state).", "", *mfu(gpu, out_dir), "",
                   "Weight sync at Qwen3-4B shape:", "", *weight_sync(gpu, out_dir), ""]
     missing = [what for what, measured in WANTED if not measured(files)]

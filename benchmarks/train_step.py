@@ -180,7 +180,7 @@ def run_mfu(iters: int, seq_len: int, layers: int, remat: str = "full", attn_chu
     dev = jax.devices()[0]
     if dev.device_kind not in PEAK_BF16:
         raise SystemExit(f"no bf16 peak known for {dev.device_kind!r}; add it to PEAK_BF16")
-    # Qwen3-4B layer shapes; fewer layers when the whole model's fp32 Adam state (64 GB) does
+    # Qwen3-4B layer shapes; fewer layers when the whole model's fp32 weights + Adam state (48 GB; 64 GB with gradients) does
     # not fit one GPU beside its activations (on a node it is FSDP-sharded over 8).
     cfg = get_model_config("qwen3_4b", num_layers=layers)
     mesh = sharding.make_mesh(1, 1, 1, devices=[dev])

@@ -24,7 +24,7 @@ def get_config(arg: str = ""):
     # ran at 42.7% MFU against 31.8% for the Pallas kernel in the same run (benchmarks/RESULTS.md).
     c.model.attn_impl = "cudnn"
     c.model.attn_max_segments = 32  # conversations a 16k row may pack (checked on each batch)
-    # 4B params + Adam in fp32 = 64 GB: FSDP over the 8 GPUs, no tensor parallelism needed.
+    # 4B params + Adam in fp32 = 48 GB (64 GB with gradients): FSDP over the 8 GPUs, no tensor parallelism needed.
     c.mesh.data = 1
     c.mesh.fsdp = 8
     c.mesh.tensor = 1

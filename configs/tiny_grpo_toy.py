@@ -1,6 +1,6 @@
 """GRPO on the toy lookup game (tau2jax/env/toy.py) with a random "toy" Qwen3, on CPU.
 
-    python -m tau2jax.train --config configs/tiny_grpo_toy.py     # ~2-3 min on 2 cores
+    python -m tau2jax.train --config configs/tiny_grpo_toy.py
 
 No tokenizer, no user simulator, no SFT: a random policy over the 16-token vocabulary already wins
 a few percent of episodes, so group advantages have signal from the first step. The last stdout line

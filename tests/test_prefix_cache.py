@@ -143,3 +143,24 @@ def test_no_compiles_after_warmup(model):
     assert engine.stats()["prefix_hits"] >= 3
     assert compiles == [], compiles
     engine.close()
+
+
+def test_a_next_turn_shares_the_matched_blocks_and_still_equals_recomputing(model):
+    """A turn that extends a cached conversation past a whole prefix block: the new entry reuses
+    the entry's device blocks for that prefix (no copy off the device) and every later turn still
+    equals the engine without a prefix cache."""
+    params, cfg = model
+    kw = dict(max_seq_len=512, max_batch=2, decode_chunk=8)
+    cached, plain = JaxEngine(params, cfg, prefix_cache_tokens=4096, **kw), JaxEngine(params, cfg, **kw)
+    p = SamplingParams(temperature=0.0, max_new_tokens=8)
+    prompts = [[int(t) for t in np.random.RandomState(5).randint(0, VOCAB, 300)]]
+    for turn in range(3):
+        got, want = cached.generate(prompts, p), plain.generate(prompts, p)
+        assert_same(got, want)
+        entry = cached._prefix.match(np.asarray(prompts[0] + list(got[0].output_ids) + [1], np.int32))[0]
+        if turn:  # the conversation's first 256-slot block is the same device array as last turn's
+            assert entry.kv[0] is first_block
+        first_block = entry.kv[0]
+        prompts = next_turn(prompts, got, [3, 4, 5])
+    assert cached.stats()["prefix_hits"] == 2
+    cached.close(), plain.close()

@@ -628,7 +628,10 @@ class JaxEngine:
                 if not self._consume(hosts, out):
                     break
                 out = nxt
-            self._remember(hosts, state["cache"], version, S)
+            # Blocks wholly inside a row's matched prefix are the entry's own (prefill writes from
+            # slot n on): the new entry shares them instead of copying them off the device again.
+            shared = [e.kv[:n // self._block] if e is not None else [] for e, n in hits]
+            self._remember(hosts, state["cache"], version, shared)
         with self._lock:
             self.batches_run += 1
             self._counts.update(requests=len(batch), prompt_tokens=sum(map(len, prompts)),
@@ -636,9 +639,9 @@ class JaxEngine:
                                 prefix_hits=sum(n > 0 for _, n in hits), prefix_tokens_saved=sum(n for _, n in hits))
         return [h.result(version) for h in hosts]
 
-    def _remember(self, hosts: list[_Row], cache, version: int, S: int) -> None:
-        """Stores each finished row's KV in the prefix cache (as whole blocks), unless the weights
-        changed meanwhile."""
+    def _remember(self, hosts: list[_Row], cache, version: int, shared: list[list]) -> None:
+        """Stores each finished row's KV in the prefix cache (as whole blocks; `shared[i]`: row i's
+        leading blocks, already on device), unless the weights changed meanwhile."""
         if not self._prefix.capacity:
             return
         for i, h in enumerate(hosts):
@@ -647,7 +650,8 @@ class JaxEngine:
                 if version != self.policy_version or self._prefix.covers(ids):
                     continue
             n_blocks = -(-len(ids) // self._block)
-            kv = [_take_block(cache, i, j * self._block, size=self._block) for j in range(n_blocks)]
+            kv = shared[i] + [_take_block(cache, i, j * self._block, size=self._block)
+                              for j in range(len(shared[i]), n_blocks)]
             with self._lock:
                 if version == self.policy_version:
                     self._prefix.add(ids, kv, n_blocks * self._block)

@@ -371,7 +371,7 @@ def run(config) -> dict:
     _truncate_ledger(ledger_path, start)
     writer = MetricWriter(config.workdir)
     bar = tqdm(total=rl.steps, initial=start, desc="grpo", dynamic_ncols=True)
-    planned, seen, busy = start, [], []
+    planned, max_seen, busy = start, 0, []
     t_prev = t_first = time.perf_counter()
 
     # --- loop
@@ -388,7 +388,7 @@ def run(config) -> dict:
                 groups, rounds = gather(workers, tasks, meta, rl, step=step, seed=config.seed, resync=resync)
                 m["rollout_wait_s"] = time.perf_counter() - t0
                 items, ledger, counts, ages = assemble(groups, rl, tracker, step=step + 1, learner_version=step)
-                seen += ages
+                max_seen = max([max_seen, *ages])
                 trajs = [t for g in groups if g.complete for t in g.trajectories]
                 m |= rollout_metrics.episode_metrics(trajs, null_solvable) | counts | staleness.histogram(ages)
                 m |= {"refill_rounds": rounds, "staleness_max": max(ages, default=0)} | workers.throughput()
@@ -444,7 +444,7 @@ def run(config) -> dict:
         writer.close()
         if hasattr(engine, "close"):
             engine.close()
-    steady = time.perf_counter() - t_first
+    steady = t_prev - t_first  # the timed steps, not the teardown above
     params_dir = export_params(config.workdir, state.params, model_cfg, rl.steps)
     hist = meta["rewards"]
     w = min(SUMMARY_WINDOW, max(1, len(hist) // 2))
@@ -453,7 +453,7 @@ def run(config) -> dict:
         "first_reward": float(np.mean(hist[:w])) if hist else None,
         "final_reward": float(np.mean(hist[-w:])) if hist else None,
         "episodes": meta["episodes"], "params": params_dir, "max_staleness": rl.max_staleness,
-        "max_staleness_seen": max(seen, default=0),
+        "max_staleness_seen": max_seen,
         "learner_busy_frac": float(np.mean(busy[1:])) if len(busy) > 1 else None,
         "steady_s": round(steady, 3), "engine_resyncs": synced["resyncs"],
         # learner executables compiled this run: one per power-of-two row bucket met, or with
