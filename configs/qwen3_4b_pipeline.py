@@ -11,8 +11,10 @@ and after each training stage, then the performance table ({workdir}/report.{md,
 The policy server (:30000) is re-pointed at each stage's weights (published as HF safetensors under
 {workdir}/served/, loaded with update_weights_from_disk); GRPO syncs its own. Rerunning the command
 resumes: finished steps are reused, a changed setting of one is refused by name. Each stage's
-settings are its own config file's (configs/qwen3_4b_{sft,rft,grpo}.py, configs/eval.py), so a
-stage run alone and in the pipeline train the same way. Not run end to end yet (no SGLang on the
+settings are its own config file's (configs/qwen3_4b_{sft,rft,grpo}.py, configs/eval.py), except
+the sections every step shares (model, tau2, user, engine, reward), which come from
+qwen3_4b_grpo.py: RFT in the pipeline scores partial rewards with GRPO's `recipe_code` preset,
+where qwen3_4b_rft.py alone uses the default weights. Not run end to end yet (no SGLang on the
 machines we have); the recipe reports ~2 h of GRPO and ~2 h per eval on its hardware.
 """
 

@@ -40,10 +40,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import ml_collections
 
 from tau2jax import config as config_lib
+from tau2jax.eval.stage import write_atomic
 
 # (step, stage it runs, pipeline.<kind> overrides it takes)
 STEPS = (
@@ -157,21 +159,19 @@ def finished(step_dir: str, config) -> dict | None:
 
 
 def _mark_finished(step_dir: str, config, result: dict) -> None:
-    path = os.path.join(step_dir, DONE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"config": config.to_dict(), "result": result}, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    write_atomic(Path(step_dir) / DONE,
+                 json.dumps({"config": config.to_dict(), "result": result}, indent=2, sort_keys=True, default=str))
 
 
 def serve(config, params_dir: str, version: int) -> None:
     """Re-point the SGLang policy server at `params_dir` as `version` (publish, then load from disk)."""
+    from checkpoints_tools.hf_to_orbax import HF_EXTRA_DIR
     from checkpoints_tools.orbax_io import restore_params
     from tau2jax.inference import sglang_client, weight_sync
 
     root = os.path.join(os.path.dirname(config.workdir), "served")
     params, model_cfg = restore_params(params_dir)
-    extra = os.path.join(params_dir, "hf_extra")
+    extra = os.path.join(params_dir, HF_EXTRA_DIR)
     weight_sync.publish(params, model_cfg, root, version, extra_dir=extra if os.path.isdir(extra) else None)
     engine = sglang_client.from_config(config)
     try:

@@ -172,11 +172,8 @@ def test_with_several_samples_the_report_gives_pass_at_k_and_pass_hat_k_columns(
 
 
 def test_the_cli_runs_the_stage_and_refuses_a_pipeline_without_start_weights(tmp_path):
-    import subprocess
-    import sys
+    from cli_runs import run_train
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "tau2jax.train", "--config", "configs/tiny_pipeline.py",
-                           f"--config.workdir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=300)
+    proc = run_train("--config", "configs/tiny_pipeline.py", f"--config.workdir={tmp_path}", check=False, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]  # the stage imports the CLI module without redefining flags
     assert "config.model.init_from" in proc.stderr
