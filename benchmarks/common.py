@@ -77,12 +77,13 @@ def load_hf(hf_dir: str):
 def tiny_qwen3(model: dict):
     """(params, cfg, hf_model): our params, converted with hf_to_orbax as a real checkpoint would
     be, and the transformers model, both from one random checkpoint of shape `model`."""
-    from checkpoints_tools import hf_to_orbax, orbax_io
+    from checkpoints_tools import hf_to_orbax
+    from tau2jax.weights import orbax_params
 
     with tiny_hf_dir(model) as hf_dir:
         orbax_dir = os.path.join(os.path.dirname(hf_dir), "orbax")
         hf_to_orbax.convert(hf_dir, orbax_dir)
-        params, cfg = orbax_io.restore_params(orbax_dir)
+        params, cfg = orbax_params.restore_params(orbax_dir)
         return params, cfg, load_hf(hf_dir)
 
 

@@ -37,7 +37,7 @@ def run(model: str, layers: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from checkpoints_tools.hf_to_orbax import load_hf_params
+    from tau2jax.weights.hf_read import load_hf_params
     from tau2jax.inference import weight_sync
     from tau2jax.inference.jax_engine import JaxEngine
     from tau2jax.models import qwen3

@@ -26,14 +26,15 @@ def compare(hf_dir: str, orbax_dir: str | None = None, *, dtype: str = "float32"
     import jax
     import jax.numpy as jnp
 
-    from checkpoints_tools import hf_to_orbax, orbax_io
+    from checkpoints_tools import hf_to_orbax
+    from tau2jax.weights import hf_read, orbax_params
     from tau2jax.models import qwen3
 
     with tempfile.TemporaryDirectory() as tmp:
         if orbax_dir is None:
             orbax_dir = os.path.join(tmp, "orbax")
             hf_to_orbax.convert(hf_dir, orbax_dir, dtype=dtype)
-        params, cfg = orbax_io.restore_params(orbax_dir, dtype=dtype)
+        params, cfg = orbax_params.restore_params(orbax_dir, dtype=dtype)
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, num_tokens), dtype=np.int32)
     log(f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
         f"tied={cfg.tie_word_embeddings}; tokens {batch}x{num_tokens}, dtype {dtype}")
@@ -90,7 +91,8 @@ def main(argv=None) -> int:
     if args.orbax_dir and args.random_tiny:
         p.error("--orbax-dir needs --hf-dir")
 
-    from checkpoints_tools import hf_to_orbax, orbax_io
+    from checkpoints_tools import hf_to_orbax
+    from tau2jax.weights import hf_read, orbax_params
     try:
         if args.random_tiny:
             from checkpoints_tools.tiny_hf import make_tiny_hf_dir
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
             result = compare(args.hf_dir, args.orbax_dir, dtype=args.dtype, num_tokens=args.tokens,
                              seed=args.seed)
             result["source"] = os.path.abspath(args.hf_dir)
-    except (hf_to_orbax.ConversionError, orbax_io.CheckpointFormatError) as e:
+    except (hf_read.ConversionError, orbax_params.CheckpointFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"max |logit diff| {result['max_abs_logit_diff']:.3g} (max |logit| "

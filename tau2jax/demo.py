@@ -45,15 +45,15 @@ def convert_and_check(work: str) -> tuple[str, dict]:
 
 def export_and_generate(params_dir: str, export_dir: str) -> dict:
     """Orbax params -> HF safetensors -> the built-in engine answers one greedy turn."""
-    from checkpoints_tools import orbax_to_hf
-    from checkpoints_tools.orbax_io import restore_params
     from tau2jax.data.chat import ChatFormat
     from tau2jax.data.tokenizer import load_tokenizer
     from tau2jax.inference.engine import SamplingParams
     from tau2jax.inference.jax_engine import JaxEngine
+    from tau2jax.weights.hf_write import export_hf
+    from tau2jax.weights.orbax_params import restore_params
 
     params, cfg = restore_params(params_dir)
-    orbax_to_hf.export_hf(params, cfg, export_dir, overwrite=True)
+    export_hf(params, cfg, export_dir, overwrite=True)
     tokenizer = load_tokenizer()
     engine = JaxEngine.from_hf_dir(export_dir, tokenizer=tokenizer, max_seq_len=512, max_batch=2)
     prompt, _ = ChatFormat(tokenizer).render([{"role": "user", "content": "I need to update my task."}],

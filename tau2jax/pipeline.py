@@ -165,8 +165,8 @@ def _mark_finished(step_dir: str, config, result: dict) -> None:
 
 def serve(config, params_dir: str, version: int) -> None:
     """Re-point the SGLang policy server at `params_dir` as `version` (publish, then load from disk)."""
-    from checkpoints_tools.hf_to_orbax import HF_EXTRA_DIR
-    from checkpoints_tools.orbax_io import restore_params
+    from tau2jax.weights.hf_read import HF_EXTRA_DIR
+    from tau2jax.weights.orbax_params import restore_params
     from tau2jax.inference import sglang_client, weight_sync
 
     root = os.path.join(os.path.dirname(config.workdir), "served")

@@ -16,8 +16,9 @@ from safetensors.numpy import save_file
 pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from checkpoints_tools import hf_to_orbax, mapping, orbax_io, orbax_to_hf  # noqa: E402
-from checkpoints_tools.hf_to_orbax import ConversionError  # noqa: E402
+from checkpoints_tools import hf_to_orbax, orbax_to_hf  # noqa: E402
+from tau2jax.weights import hf_read, hf_write, mapping, orbax_params  # noqa: E402
+from tau2jax.weights.hf_read import ConversionError  # noqa: E402
 from checkpoints_tools.tiny_hf import make_tiny_hf_dir  # noqa: E402
 from tau2jax.models import qwen3  # noqa: E402
 from tau2jax.parallel import sharding  # noqa: E402
@@ -58,7 +59,7 @@ def _read_all(hf_dir):
 def test_hf_orbax_hf_round_trip_is_bit_identical(hf_dirs, tmp_path, case, export_dtype):
     src = hf_dirs[case]
     if case == "untied_sharded":
-        assert os.path.isfile(os.path.join(src, hf_to_orbax.INDEX_FILE))
+        assert os.path.isfile(os.path.join(src, hf_read.INDEX_FILE))
     orbax_dir, back = str(tmp_path / "orbax"), str(tmp_path / "back")
     hf_to_orbax.convert(src, orbax_dir)  # float32 storage; bf16 -> f32 -> bf16 is exact
     argv = ["--orbax-dir", orbax_dir, "--out", back, "--max-shard-size", "50KB"]
@@ -69,7 +70,7 @@ def test_hf_orbax_hf_round_trip_is_bit_identical(hf_dirs, tmp_path, case, export
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
         assert np.array_equal(a[name], b[name]), name
-    with open(os.path.join(back, hf_to_orbax.INDEX_FILE)) as f:
+    with open(os.path.join(back, hf_read.INDEX_FILE)) as f:
         assert set(json.load(f)["weight_map"]) == set(a)
     assert len([n for n in os.listdir(back) if n.endswith(".safetensors")]) > 1
 
@@ -96,8 +97,8 @@ def test_parity_random_tiny_cli():
 def test_restore_sharded_matches_single_device(tied_orbax):
     assert len(jax.devices()) >= 8, "conftest should provide 8 fake CPU devices"
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
-    params_1, cfg = orbax_io.restore_params(tied_orbax)
-    params_8, cfg8 = orbax_io.restore_params(tied_orbax, mesh=mesh)
+    params_1, cfg = orbax_params.restore_params(tied_orbax)
+    params_8, cfg8 = orbax_params.restore_params(tied_orbax, mesh=mesh)
     assert cfg8 == cfg
 
     want = qwen3.param_shardings(cfg, mesh)
@@ -122,18 +123,18 @@ def test_restore_sharded_matches_single_device(tied_orbax):
 
 
 def test_restore_errors(tmp_path, tied_orbax):
-    with pytest.raises(orbax_io.CheckpointFormatError, match="does not exist"):
-        orbax_io.restore_params(str(tmp_path / "nope"))
-    with pytest.raises(orbax_io.CheckpointFormatError, match="not a converted checkpoint"):
-        orbax_io.restore_params(str(tmp_path))
+    with pytest.raises(orbax_params.CheckpointFormatError, match="does not exist"):
+        orbax_params.restore_params(str(tmp_path / "nope"))
+    with pytest.raises(orbax_params.CheckpointFormatError, match="not a converted checkpoint"):
+        orbax_params.restore_params(str(tmp_path))
     bad = tmp_path / "bad"
     shutil.copytree(tied_orbax, bad)
-    with open(bad / orbax_io.CONFIG_FILE) as f:
+    with open(bad / orbax_params.CONFIG_FILE) as f:
         fields = json.load(f)
-    with open(bad / orbax_io.CONFIG_FILE, "w") as f:
+    with open(bad / orbax_params.CONFIG_FILE, "w") as f:
         json.dump({**fields, "num_layers": 3}, f)
-    with pytest.raises(orbax_io.CheckpointFormatError, match=r"layers/.* has shape"):
-        orbax_io.restore_params(str(bad))
+    with pytest.raises(orbax_params.CheckpointFormatError, match=r"layers/.* has shape"):
+        orbax_params.restore_params(str(bad))
 
 
 def _copy(src, dst):
@@ -216,7 +217,7 @@ def test_tied_lm_head_equal_to_embed_is_accepted(hf_dirs, tmp_path):
     _rewrite(os.path.join(d, "model.safetensors"),
              lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"]})
     hf_to_orbax.convert(d, str(tmp_path / "out"))
-    params, cfg = orbax_io.restore_params(str(tmp_path / "out"))
+    params, cfg = orbax_params.restore_params(str(tmp_path / "out"))
     assert cfg.tie_word_embeddings and "lm_head" not in params
 
 
@@ -224,19 +225,19 @@ def test_failed_write_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
     def fail(out_dir, params, cfg):
         open(os.path.join(out_dir, "partial"), "w").close()
         raise OSError("disk full")
-    monkeypatch.setattr(orbax_io, "save_params", fail)
+    monkeypatch.setattr(orbax_params, "save_params", fail)
     with pytest.raises(OSError, match="disk full"):
         hf_to_orbax.convert(hf_dirs["tied"], str(tmp_path / "out" / "ckpt"))
     assert os.listdir(tmp_path / "out") == []
 
 
 def test_export_refuses_then_replaces_existing(tied_orbax, tmp_path):
-    params, cfg = orbax_io.restore_params(tied_orbax)
+    params, cfg = orbax_params.restore_params(tied_orbax)
     out = tmp_path / "hf"
-    orbax_to_hf.export_hf(params, cfg, str(out), dtype="bfloat16")
+    hf_write.export_hf(params, cfg, str(out), dtype="bfloat16")
     with pytest.raises(FileExistsError):
-        orbax_to_hf.export_hf(params, cfg, str(out))
-    orbax_to_hf.export_hf(params, cfg, str(out), overwrite=True)
+        hf_write.export_hf(params, cfg, str(out))
+    hf_write.export_hf(params, cfg, str(out), overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["hf"]
     with open(out / "config.json") as f:
         assert json.load(f)["dtype"] == "float32"
@@ -258,6 +259,6 @@ def test_mapping_hooks_invert():
 
 
 def test_param_shapes_match_model(hf_dirs):
-    cfg = hf_to_orbax.read_config(hf_dirs["untied_sharded"])
+    cfg = hf_read.read_config(hf_dirs["untied_sharded"])
     shapes = jax.eval_shape(lambda: qwen3.init_params(cfg, jax.random.key(0), dtype=jnp.float32))
     assert jax.tree.map(lambda s: tuple(s.shape), shapes) == mapping.param_shapes(cfg)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from checkpoints_tools import mapping, orbax_io
+from tau2jax.weights import mapping, orbax_params
 from tau2jax.config import default_config
 from tau2jax.data.chat import ChatFormat
 from tau2jax.data.tokenizer import load_tokenizer
@@ -54,7 +54,7 @@ def tok():
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    orbax_io.save_params(out, random_params(0), CFG)
+    orbax_params.save_params(out, random_params(0), CFG)
     return out
 
 

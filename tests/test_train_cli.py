@@ -85,7 +85,7 @@ def _params_digest(path) -> str:
     import jax
     import numpy as np
 
-    from checkpoints_tools.orbax_io import restore_params
+    from tau2jax.weights.orbax_params import restore_params
 
     params, _ = restore_params(path)
     return hashlib.sha1(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(params))).hexdigest()

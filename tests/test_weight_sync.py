@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from checkpoints_tools import mapping, orbax_to_hf
+from tau2jax.weights import hf_write, mapping
 from tau2jax.models.configs import get_model_config
 from tau2jax.inference import weight_sync
 from tau2jax.inference.weight_sync import latest_version, load_hf_params, publish, published_versions, sync_engine
@@ -57,7 +57,7 @@ def test_export_error_midway_keeps_previous_version(tmp_path, monkeypatch):
             f.write(b"\0" * 1000)  # a partial file, then the failure
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(orbax_to_hf, "save_file", broken_save)
+    monkeypatch.setattr(hf_write, "save_file", broken_save)
     with pytest.raises(OSError, match="injected"):
         publish(_params(2), CFG, root, 2, dtype=None)
     assert latest_version(root) == 1
@@ -71,7 +71,7 @@ def test_killed_publisher_leaves_previous_version_and_no_final_dir(tmp_path):
     # A publisher process SIGKILLed while writing its safetensors: nothing cleans up after it.
     script = textwrap.dedent(f"""
         import os, signal
-        from checkpoints_tools import orbax_to_hf
+        from tau2jax.weights import hf_write
         from tau2jax.models.configs import get_model_config
         from tau2jax.inference.weight_sync import publish
         from tests.test_weight_sync import _params
@@ -82,7 +82,7 @@ def test_killed_publisher_leaves_previous_version_and_no_final_dir(tmp_path):
                 f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-        orbax_to_hf.save_file = dying_save
+        hf_write.save_file = dying_save
         cfg = get_model_config("tiny", vocab_size=512)
         publish(_params(2), cfg, {root!r}, 2, dtype=None)
     """)

@@ -389,9 +389,9 @@ class JaxEngine:
 
     @classmethod
     def from_checkpoint(cls, orbax_dir: str, *, dtype=None, mesh=None, **kwargs) -> "JaxEngine":
-        """Weights from `checkpoints_tools` Orbax format (`restore_params`, sharded on `mesh` if
+        """Weights in our Orbax format (`tau2jax.weights.orbax_params` (`restore_params`, sharded on `mesh` if
         given), cast to `dtype`."""
-        from checkpoints_tools.orbax_io import restore_params
+        from tau2jax.weights.orbax_params import restore_params
 
         params, cfg = restore_params(orbax_dir, mesh=mesh, dtype=dtype)
         return cls(params, cfg, mesh=mesh, **kwargs)
@@ -399,8 +399,8 @@ class JaxEngine:
     @classmethod
     def from_hf_dir(cls, hf_dir: str, *, dtype="float32", **kwargs) -> "JaxEngine":
         """Weights straight from a HF Qwen3 directory (config.json + safetensors), converted in
-        memory with `checkpoints_tools.hf_to_orbax`'s validated reader; nothing is written."""
-        from checkpoints_tools.hf_to_orbax import load_hf_params
+        memory with `tau2jax.weights.hf_read`'s validated reader; nothing is written."""
+        from tau2jax.weights.hf_read import load_hf_params
 
         params, cfg = load_hf_params(hf_dir, np.dtype(jnp.dtype(dtype)))
         return cls(params, cfg, **kwargs)

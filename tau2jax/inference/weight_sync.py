@@ -26,8 +26,8 @@ import shutil
 
 import jax
 
-from checkpoints_tools import hf_to_orbax
-from checkpoints_tools.orbax_to_hf import export_hf, fsync
+from tau2jax.weights import hf_read
+from tau2jax.weights.hf_write import export_hf, fsync
 
 LATEST = "LATEST"
 _VERSION_DIR = re.compile(r"version_(\d{6,})")
@@ -82,7 +82,7 @@ def publish(params, cfg, root: str, version: int, *, keep: int = 3, dtype: str |
 
 
 # The reading side of `publish` (what SGLang's update_weights_from_disk does for its own model).
-load_hf_params = hf_to_orbax.load_hf_params
+load_hf_params = hf_read.load_hf_params
 
 
 def sync_engine(engine, root: str, version: int | None = None) -> int:

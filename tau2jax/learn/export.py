@@ -14,7 +14,7 @@ import shutil
 
 import jax
 
-from checkpoints_tools import orbax_io
+from tau2jax.weights import orbax_params
 
 LINK = "params"
 INFO_FILE = "export.json"
@@ -38,9 +38,9 @@ def export_params(workdir: str, params, model_cfg, step: int) -> str:
     step_dir = os.path.join(os.path.dirname(link), target)
     if jax.process_index() == 0 and os.path.isdir(step_dir):
         shutil.rmtree(step_dir)  # left by a crash before the link moved: never read, safe to redo
-    orbax_io.save_params(step_dir, params, model_cfg)
+    orbax_params.save_params(step_dir, params, model_cfg)
     if jax.process_index() == 0:
-        orbax_io.write_json_atomic(os.path.join(step_dir, INFO_FILE), {"step": step})
+        orbax_params.write_json_atomic(os.path.join(step_dir, INFO_FILE), {"step": step})
         if os.path.isdir(link) and not os.path.islink(link):  # an export from before the link layout
             shutil.rmtree(link)
         tmp_link = f"{link}.tmp-{os.getpid()}"

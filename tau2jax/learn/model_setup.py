@@ -41,7 +41,7 @@ def initial_params(config, model_cfg, mesh, param_shardings):
     """Random init directly into the sharded layout, or the converted checkpoint restored onto the mesh."""
     dtype = jnp.dtype(config.model.param_dtype)
     if config.model.init_from:
-        from checkpoints_tools.orbax_io import restore_params
+        from tau2jax.weights.orbax_params import restore_params
 
         params, _ = restore_params(config.model.init_from, mesh=mesh)
         return jax.tree.map(lambda x: x.astype(dtype), params)

@@ -318,7 +318,7 @@ def run(config) -> dict:
     ref_params = None
     if rl.kl_coef:
         if rl.reference:
-            from checkpoints_tools.orbax_io import restore_params
+            from tau2jax.weights.orbax_params import restore_params
 
             ref_params, _ = restore_params(rl.reference, mesh=mesh)
         else:  # the initial weights (model.init_from, or the seeded random init), frozen

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from checkpoints_tools import mapping
+from tau2jax.weights import mapping
 from tau2jax.models.configs import ModelConfig
 
 PARAMS_DIR = "params"
