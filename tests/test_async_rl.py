@@ -15,7 +15,7 @@ from tau2jax import config as config_lib
 from tau2jax.env import toy
 from tau2jax.env.environments import TaskRef
 from tau2jax.env.trajectory import INFRA_ERROR, Trajectory
-from tau2jax.inference.engine import GenerateResult, SamplingParams
+from tau2jax.inference.engine import FixedEngine, GenerateResult, SamplingParams
 from tau2jax.rl import advantages, collector, loop, staleness
 from tau2jax.rl.rollout_workers import Job, RolloutWorkers
 from cli_runs import start_train, train
@@ -23,7 +23,7 @@ from cli_runs import start_train, train
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=1)
 
 
-class FakeEngine:
+class FakeEngine(FixedEngine):
     """Answers each toy turn with a seeded random action token at its current policy_version;
     `down` calls raise (an outage); `restart()` loses the weights (version 0) after an outage."""
 
@@ -292,29 +292,27 @@ def test_sglang_sync_publishes_then_loads_the_version_and_expects_it(tmp_path):
     import jax
 
     from tau2jax.inference import weight_sync
+    from tau2jax.inference.sglang_client import SGLangEngine
     from tau2jax.models import configs, qwen3
 
-    class Server:
-        expect_version = None
-
+    class Server(SGLangEngine):
         def __init__(self):
+            super().__init__("http://127.0.0.1:9")
             self.loaded = []
 
-        def update_weights_from_disk(self, path, version):
+        def update_weights(self, path, version):
             assert self.expect_version is None or self.expect_version < version  # set after the load
             self.loaded.append((path, version))
 
         def model_info(self):
             return {"weight_version": str(self.loaded[-1][1]) if self.loaded else "default"}
 
-    c = config_lib.default_config()
-    c.engine.kind, c.workdir = "sglang", str(tmp_path)
     cfg = configs.get_model_config("toy")
     engine = Server()
-    assert loop.served_version(engine) == -1  # a fresh / restarted server: not one of our versions
-    t = loop.sync_weights(engine, c, qwen3.init_params(cfg, jax.random.key(0)), cfg, 7)
+    assert engine.served_version() == -1  # a fresh / restarted server: not one of our versions
+    t = weight_sync.push(engine, qwen3.init_params(cfg, jax.random.key(0)), cfg, str(tmp_path / "weights"), 7)
     assert engine.loaded == [(weight_sync.version_dir(str(tmp_path / "weights"), 7), 7)]
-    assert engine.expect_version == 7 and loop.served_version(engine) == 7
+    assert engine.expect_version == 7 and engine.served_version() == 7
     assert t["transfer_s"] > 0 and t["pause_s"] >= 0 and set(t) == {"pause_s", "transfer_s"}
     assert weight_sync.latest_version(str(tmp_path / "weights")) == 7
 

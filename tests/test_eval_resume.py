@@ -8,6 +8,7 @@ import json
 import pytest
 
 from tau2jax import config as config_lib
+from tau2jax.inference.engine import FixedEngine
 
 
 def _config(workdir, **overrides):
@@ -28,7 +29,7 @@ def _config(workdir, **overrides):
     return c
 
 
-class _Garbage:
+class _Garbage(FixedEngine):
     """An engine whose every turn is an unparseable tool call."""
 
     kind = "scripted"
@@ -92,23 +93,20 @@ def test_engine_and_user_fields_count_only_for_their_kind(tmp_path):
     assert {"engine.url", "user.base_url", "user.model", "user.temperature"} <= set(llm)
 
 
-class _Served:
-    policy_version = 0
+def _served(info):
+    """An SGLang client whose server reports `info` at /get_model_info."""
+    from tau2jax.inference.sglang_client import SGLangEngine
 
-    def __init__(self, info):
-        self.info = info
-
-    def model_info(self):
-        return self.info
+    engine = SGLangEngine("http://127.0.0.1:9")
+    engine.model_info = lambda: info
+    return engine
 
 
 def test_engine_identity_reads_the_served_weights():
-    from tau2jax.eval.stage import engine_identity
-
-    assert engine_identity(_Served({"weight_version": "7", "model_path": "/ckpt/v7"})) == {
+    assert _served({"weight_version": "7", "model_path": "/ckpt/v7"}).identity() == {
         "policy_version": 7, "engine.model_path": "/ckpt/v7", "engine.weight_version": "7"}  # fmt: skip
     # SGLang's default version is not an integer: results then carry the client's own version
-    assert engine_identity(_Served({"weight_version": "default", "model_path": "/m"}))["policy_version"] == 0
+    assert _served({"weight_version": "default", "model_path": "/m"}).identity()["policy_version"] == 0
 
 
 def _gold_at(version):

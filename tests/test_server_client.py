@@ -152,7 +152,7 @@ def test_update_weights_from_disk_equals_fresh_load(ckpt, tok, tmp_path):
         client = SGLangEngine(running.url)
         before = client.generate([PROMPTS[0]], GREEDY)[0]
         with pytest.raises(EngineRequestError, match="could not load|rejected"):
-            client.update_weights_from_disk(str(tmp_path / "missing"), 5)
+            client.update_weights(str(tmp_path / "missing"), 5)
         assert client.policy_version == 0 and client.model_info()["weight_version"] == "0"
 
         assert sync_engine(client, root) == 1

@@ -108,10 +108,14 @@ def test_sync_engine_uses_disk_loader_or_params(tmp_path):
     publish(_params(2), CFG, root, 2, dtype=None)
 
     class HttpLike:
-        def update_weights_from_disk(self, path, version):
+        takes_published_weights = True
+
+        def update_weights(self, path, version):
             self.loaded = (path, version)
 
     class InProcess:
+        takes_published_weights = False
+
         def update_weights(self, params, version):
             self.loaded = (params, version)
 

@@ -3,7 +3,7 @@ eval's `gold` engine); and the null agent, which only apologises (the eval's do-
 
 from __future__ import annotations
 
-from tau2jax.inference.engine import _finish, per_prompt
+from tau2jax.inference.engine import FixedEngine, _finish, per_prompt
 
 
 def user_action_request(name: str, arguments: dict) -> str:
@@ -39,7 +39,7 @@ def gold_script(task) -> list:
     return turns
 
 
-class GoldEngine:
+class GoldEngine(FixedEngine):
     """Plays a task's gold agent turns (`gold_script`) in the prompt style's exact text.
 
     Build one per task. It keeps no per-episode state: the turn to play is the number of assistant

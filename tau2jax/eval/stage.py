@@ -63,7 +63,7 @@ RESULT_FIELDS = (
     "engine.kind", "engine.max_new_tokens",
     "user.kind",
 )  # fmt: skip
-# ... and those that matter for one engine or user kind only (the served weights: engine_identity).
+# ... and those that matter for one engine or user kind only (the served weights: Engine.identity).
 ENGINE_FIELDS = {"builtin": ("engine.checkpoint", "engine.max_seq_len", "engine.dtype"),
                  "sglang": ("engine.url",), "gold": ()}  # fmt: skip
 USER_FIELDS = {"llm": ("user.model", "user.base_url", "user.temperature"), "scripted": ()}
@@ -190,18 +190,6 @@ def run_settings(config, data_root, sampling: str = "eval", extra: tuple = ()) -
     return out
 
 
-def engine_identity(engine) -> dict:
-    """Which policy the engine serves: `policy_version` (what its results carry), plus, for an HTTP
-    engine, the server's `model_path` and `weight_version` (read once, at start)."""
-    if not hasattr(engine, "model_info"):
-        return {"policy_version": engine.policy_version}
-    info = engine.model_info()
-    served = str(info.get("weight_version", ""))
-    # as the client stamps results: the served version when it is an integer, else its own
-    version = int(served) if served.isdigit() else engine.policy_version
-    return {"policy_version": version, "engine.model_path": info.get("model_path"), "engine.weight_version": served}
-
-
 def load_settings(out_dir: Path) -> dict | None:
     """The settings an earlier run in out_dir recorded, or None."""
     path = out_dir / SETTINGS
@@ -295,7 +283,7 @@ def run(config) -> dict:
     style = prompts.get_style(config.tau2.prompt_style)
     engine_for = engine_factory(config, chat, style) if pending else None
     # nothing to run (no engine built): the earlier run's policy is the report's
-    identity = engine_identity(engine_for(pending[0][1])) if engine_for is not None else None
+    identity = engine_for(pending[0][1]).identity() if engine_for is not None else None
     settings = record_settings(out_dir, earlier, settings, identity)
     check_records(out_dir, finished, settings.get("policy_version"))
     user_for = user_factory(config.user)

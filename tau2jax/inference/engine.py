@@ -55,14 +55,55 @@ class GenerateResult:
 
 @runtime_checkable
 class Engine(Protocol):
-    """`kind` names the engine in trajectories ("builtin", "sglang", "scripted", "gold")."""
+    """What rollouts and the learner see of an engine (as tunix's rollout contract: generate and
+    update the params); nothing outside `inference/` asks which engine it is.
+
+    `kind` names the engine in trajectories ("builtin", "sglang", "scripted", "gold");
+    `policy_version` is the version its results carry; `takes_published_weights` says what
+    `update_weights` takes: a published HF checkpoint directory (an engine in another process,
+    SGLang: `weight_sync.publish` writes it) or the params pytree (an engine in this process).
+    """
 
     kind: str
     policy_version: int
+    takes_published_weights: bool
 
     def generate(
         self, input_ids: list[list[int]], params: SamplingParams | list[SamplingParams]
     ) -> list[GenerateResult]: ...
+
+    def update_weights(self, weights, version: int) -> None:
+        """Serve `weights` (params pytree, or a published directory) as policy `version` from now on."""
+
+    def served_version(self) -> int | None:
+        """The version served now: -1 when it is none of ours (a restarted server), None when the
+        engine cannot be asked (down)."""
+
+    def identity(self) -> dict:
+        """Which policy it serves, for resume checks: {"policy_version", ...} (a server adds where
+        its weights came from)."""
+
+    def close(self) -> None: ...
+
+
+class FixedEngine:
+    """Base of engines that play fixed responses (scripted, gold, do-nothing): no weights to update."""
+
+    kind = "fixed"
+    policy_version = 0
+    takes_published_weights = False
+
+    def update_weights(self, weights, version: int) -> None:
+        raise TypeError(f"the {self.kind} engine plays fixed responses: it has no weights to update")
+
+    def served_version(self) -> int:
+        return self.policy_version
+
+    def identity(self) -> dict:
+        return {"policy_version": self.policy_version}
+
+    def close(self) -> None:
+        pass
 
 
 def per_prompt(params: SamplingParams | list[SamplingParams], n: int) -> list[SamplingParams]:
@@ -87,7 +128,7 @@ def _finish(ids: list[int], params: SamplingParams, policy_version: int) -> Gene
     return GenerateResult(out, [0.0] * len(out), "length", policy_version, None)
 
 
-class ScriptedEngine:
+class ScriptedEngine(FixedEngine):
     """Returns canned responses in order, one per prompt. For tests.
 
     A response is text (encoded with the tokenizer), a list of token ids, or an Exception instance

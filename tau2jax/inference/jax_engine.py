@@ -351,6 +351,7 @@ class JaxEngine:
     """
 
     kind = "builtin"
+    takes_published_weights = False  # update_weights takes the params pytree
 
     def __init__(self, params, cfg: ModelConfig, *, tokenizer=None, max_seq_len: int = 4096,
                  max_batch: int = 16, decode_chunk: int = 16, prefill_chunk: int = 512,
@@ -438,6 +439,12 @@ class JaxEngine:
             self._prefix.clear()
             self.policy_version = self.policy_version + 1 if version is None else int(version)
             return self.policy_version
+
+    def served_version(self) -> int:
+        return self.policy_version
+
+    def identity(self) -> dict:
+        return {"policy_version": self.policy_version}
 
     @property
     def compile_counts(self) -> dict[str, int]:

@@ -92,6 +92,7 @@ class SGLangEngine:
     comes back as an "abort" (see the module docstring)."""
 
     kind = "sglang"
+    takes_published_weights = True  # update_weights takes a published HF checkpoint dir
 
     def __init__(self, url: str, *, concurrency: int = 8, timeout_s: float = 300.0, max_retries: int = 3,
                  backoff_s: float = 0.5, max_backoff_s: float = 10.0, policy_version: int = 0,
@@ -178,9 +179,9 @@ class SGLangEngine:
             out.append(p if p.max_new_tokens <= room else dataclasses.replace(p, max_new_tokens=room))
         return out
 
-    def update_weights_from_disk(self, path: str, version: int) -> None:
+    def update_weights(self, path: str, version: int) -> None:
         """Makes the server load the HF checkpoint at `path` (a path on the server's machine) as
-        policy `version`; SGLang waits for in-flight requests, then swaps."""
+        policy `version` (`/update_weights_from_disk`); SGLang waits for in-flight requests, then swaps."""
         out = self._request("POST", "/update_weights_from_disk",
                             {"model_path": str(path), "weight_version": str(version)})
         if not out.get("success"):
@@ -203,6 +204,23 @@ class SGLangEngine:
 
     def model_info(self) -> dict:
         return self._request("GET", "/get_model_info")
+
+    def served_version(self) -> int | None:
+        """The server's `weight_version` (/get_model_info): sees through a restart, which serves
+        a version that is none of ours (-1). None when the server cannot be asked."""
+        try:
+            v = str(self.model_info().get("weight_version", ""))
+        except (EngineUnavailableError, ValueError):  # down, or an answer that is not JSON
+            return None
+        return int(v) if v.isdigit() else -1
+
+    def identity(self) -> dict:
+        """The served policy as results are stamped: the server's `weight_version` when it is an
+        integer, else this client's own; plus the server's `model_path` and raw `weight_version`."""
+        info = self.model_info()
+        served = str(info.get("weight_version", ""))
+        version = int(served) if served.isdigit() else self.policy_version
+        return {"policy_version": version, "engine.model_path": info.get("model_path"), "engine.weight_version": served}
 
     def close(self) -> None:
         self._client.close()

@@ -5,8 +5,9 @@
       version_000004/
       LATEST             "4\\n": the newest complete version
 
-The trainer calls `publish(params, cfg, root, version)`; an engine (SGLang, our server, or an
-in-process engine) is pointed at the new weights with `sync_engine(engine, root, version)`.
+The learner calls `push(engine, params, cfg, root, version)` after a step: an in-process engine
+takes the params directly, an engine in another process (SGLang, our server) loads what `publish`
+wrote. `sync_engine(engine, root, version)` points an engine at an already published version.
 
 Crash safety: a version is written into a temp dir inside `root` (`version_N.tmp-*`), every file
 and the dir are fsynced, and only then renamed to `version_N`, so a final name always holds a
@@ -23,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 
 import jax
 
@@ -99,12 +101,29 @@ def sync_engine(engine, root: str, version: int | None = None) -> int:
     path = version_dir(root, version)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"version {version} is not published under {root} (have {published_versions(root)})")
-    if hasattr(engine, "update_weights_from_disk"):
-        engine.update_weights_from_disk(path, version)
-    else:
-        params, _ = load_hf_params(path)
-        engine.update_weights(params, version)
+    engine.update_weights(path if engine.takes_published_weights else load_hf_params(path)[0], version)
     return version
+
+
+def push(engine, params, cfg, root: str, version: int) -> dict:
+    """The learner's `params` into `engine` as policy `version` -> {"pause_s", "transfer_s"}: seconds
+    the engine could not serve, and seconds spent moving the weights.
+
+    In-process engine: `update_weights` copies the arrays onto the engine's shardings (transfer),
+    then swaps a reference under its lock; running batches finish on the old weights (pause 0).
+    Published weights (SGLang): `publish` writes safetensors under `root` (transfer, the server
+    keeps serving), then the server loads them (pause: SGLang drains and loads); `expect_version`
+    then turns any answer from another version into an abort (a retried infrastructure failure),
+    so no token is trained under the wrong version."""
+    t = time.perf_counter()
+    if not engine.takes_published_weights:
+        engine.update_weights(params, version)
+        return {"pause_s": 0.0, "transfer_s": time.perf_counter() - t}
+    path = publish(params, cfg, root, version)
+    t1 = time.perf_counter()
+    engine.update_weights(path, version)
+    engine.expect_version = version
+    return {"pause_s": time.perf_counter() - t1, "transfer_s": t1 - t}
 
 
 def _write_latest(root: str, version: int) -> None:

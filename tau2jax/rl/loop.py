@@ -11,7 +11,7 @@ step's episodes run while the learner trains. The learner takes step s's whole g
 with more tasks under dynamic sampling), checks each sample's staleness (`rl.staleness`: over the
 bound -> dropped, or kept under token TIS with rl.stale_policy="correct"), turns rewards into group
 advantages (`rl.advantages`), packs the trajectories' own tokens (`rl.batch`), takes one optimizer
-step (`rl.grpo_step`) and pushes the weights every `rl.sync_every` steps (`sync_weights`: pause and
+step (`rl.grpo_step`) and pushes the weights every `rl.sync_every` steps (`inference.weight_sync.push`: pause and
 transfer seconds logged apart). Episodes in flight across a push continue on the new weights; their
 turns carry the version that sampled them. Every episode gets a ledger line
 (`{workdir}/rollouts/ledger.jsonl`: trained, dropped with a reason, or re-queued) and its full record
@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from tau2jax import config as config_lib
 from tau2jax.env.environments import TaskRef
+from tau2jax.inference import weight_sync
 from tau2jax.inference.engine import SamplingParams
 from tau2jax.learn import model_setup
 from tau2jax.learn.checkpoint import Checkpointer, abstract_like
@@ -116,41 +117,6 @@ def make_engine(config, model_cfg, params, tokenizer, version: int):
 
         return from_config(config)
     raise config_lib.ConfigError(f"config.engine.kind={config.engine.kind!r}: GRPO needs builtin or sglang")
-
-
-def sync_weights(engine, config, params, model_cfg, version: int) -> dict:
-    """New policy weights into the engine as `version` -> {"pause_s", "transfer_s"}: seconds the
-    engine could not serve, and seconds spent moving the weights.
-
-    builtin: `update_weights` copies the arrays onto the engine's shardings (transfer), then swaps
-    a reference under the engine's lock; running batches finish on the old weights, so nothing
-    waits (pause 0). SGLang: `weight_sync.publish` writes safetensors (transfer, the server keeps
-    serving), then `/update_weights_from_disk` with the version (pause: SGLang drains and loads);
-    `expect_version` then turns any answer from another version into an abort (a retried
-    infrastructure failure), so no token is trained under the wrong version."""
-    t = time.perf_counter()
-    if config.engine.kind == "builtin":
-        engine.update_weights(params, version=version)
-        return {"pause_s": 0.0, "transfer_s": time.perf_counter() - t}
-    from tau2jax.inference import weight_sync
-
-    path = weight_sync.publish(params, model_cfg, os.path.join(config.workdir, "weights"), version)
-    t1 = time.perf_counter()
-    engine.update_weights_from_disk(path, version)
-    engine.expect_version = version
-    return {"pause_s": time.perf_counter() - t1, "transfer_s": t1 - t}
-
-
-def served_version(engine) -> int | None:
-    """The version the engine serves now (None: cannot tell). An in-process engine knows it; an
-    HTTP server is asked (`weight_version` of /get_model_info), which sees through a restart."""
-    if not hasattr(engine, "model_info"):
-        return engine.policy_version
-    try:
-        v = str(engine.model_info().get("weight_version", ""))
-    except Exception:  # noqa: BLE001  (server down: the retries will tell)
-        return None
-    return int(v) if v.isdigit() else -1
 
 
 # ----------------------------------------------------------------------------- task order
@@ -346,16 +312,21 @@ def run(config) -> dict:
 
     # --- rollouts: the engine at the state's version, workers producing whole groups
     engine = make_engine(config, model_cfg, state.params, tokenizer, version=start)
-    if config.engine.kind != "builtin":
-        sync_weights(engine, config, state.params, model_cfg, start)
+    weights_root = os.path.join(config.workdir, "weights")
+
+    def push_weights(version):  # the learner's current params as `version`
+        return weight_sync.push(engine, state.params, model_cfg, weights_root, version)
+
+    if engine.takes_published_weights:  # the server starts from other weights
+        push_weights(start)
     synced = {"version": start, "resyncs": 0}
 
     def lost_weights(traj) -> bool:  # worker thread, after an infrastructure failure
-        v = served_version(engine)  # below the last completed sync: restarted (mid-sync it is old or new)
+        v = engine.served_version()  # below the last completed sync: restarted (mid-sync it is old or new)
         return v is not None and v < synced["version"]
 
     def resync():  # learner thread: the engine restarted without our weights
-        sync_weights(engine, config, state.params, model_cfg, int(state.step))
+        push_weights(int(state.step))
         synced["version"], synced["resyncs"] = int(state.step), synced["resyncs"] + 1
         workers.set_version(synced["version"])
 
@@ -415,7 +386,7 @@ def run(config) -> dict:
                 m |= {"batch_" + k: v for k, v in vars(bstats).items()}
                 if (step + 1) % rl.sync_every == 0 or step + 1 == rl.steps:
                     m |= {f"weight_sync_{k}": v for k, v in
-                          sync_weights(engine, config, state.params, model_cfg, step + 1).items()}
+                          push_weights(step + 1).items()}
                     synced["version"] = step + 1
                     workers.set_version(step + 1)
                 m["engine_resyncs"] = synced["resyncs"]
@@ -442,8 +413,7 @@ def run(config) -> dict:
         bar.close()
         ckpt.close()
         writer.close()
-        if hasattr(engine, "close"):
-            engine.close()
+        engine.close()
     steady = t_prev - t_first  # the timed steps, not the teardown above
     params_dir = export_params(config.workdir, state.params, model_cfg, rl.steps)
     hist = meta["rewards"]

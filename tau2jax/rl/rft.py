@@ -240,7 +240,7 @@ def run(config) -> dict:
     from tau2jax.env import tau2_env
     from tau2jax.env.environments import Tau2Environment
     from tau2jax.eval import floor as floor_lib
-    from tau2jax.eval.stage import (check_same_settings, engine_factory, engine_identity, load_settings,
+    from tau2jax.eval.stage import (check_same_settings, engine_factory, load_settings,
                                     record_settings, run_settings)
 
     if config.tau2.split != "train":
@@ -264,7 +264,7 @@ def run(config) -> dict:
     done = finished_tasks(read_jsonl(out_dir / LEDGER))
     pending = [r for r in refs if r.key not in done]
     engine_for = engine_factory(config, chat, env.style) if pending else None
-    identity = engine_identity(engine_for(pending[0].task)) if pending else None
+    identity = engine_for(pending[0].task).identity() if pending else None
     record_settings(out_dir, earlier, settings, identity, "rft")
     if pending:
         play_pending(env, pending, engine_for, config, out_dir)
