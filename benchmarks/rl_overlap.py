@@ -2,7 +2,7 @@
 
     python benchmarks/rl_overlap.py [--quick]    # ~3 min on 2 CPU cores; --quick ~2 min
 
-Runs stage `grpo` (`tau2jax.rl.loop.run`) on `configs/tiny_grpo_toy.py` (the "toy" Qwen3, the
+Runs stage `grpo` (`tau2jax.stages.grpo.run`) on `configs/tiny_grpo_toy.py` (the "toy" Qwen3, the
 built-in engine, CPU) twice in one process, identical except `rl.max_staleness`: 0 (synchronous:
 the next step's episodes start after the weight push) and 1 (they start while the learner trains).
 Each agent turn sleeps `rl.toy_turn_latency_s`, standing in for what dominates real tau2 rollouts
@@ -62,12 +62,11 @@ def warm_engine(config) -> None:
     import jax
 
     from tau2jax.inference.engine import SamplingParams
-    from tau2jax.learn import model_setup
     from tau2jax.models import qwen3
-    from tau2jax.rl import loop
+    from tau2jax.stages import builders
 
-    cfg = model_setup.resolve_model_config(config)
-    engine = loop.make_engine(config, cfg, qwen3.init_params(cfg, jax.random.key(0)), None, 0)
+    cfg = builders.model_config(config)
+    engine = builders.rollout_engine(config, cfg, qwen3.init_params(cfg, jax.random.key(0)), None, 0)
     sampling = SamplingParams(temperature=config.rl.temperature, max_new_tokens=1)
     b = 1
     while b <= config.engine.max_batch:
@@ -87,7 +86,7 @@ def main() -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import jax
 
-    from tau2jax.rl import loop
+    from tau2jax.stages import grpo
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,9 +95,9 @@ def main() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
         warm_engine(grpo_config(d, steps=1, max_staleness=0, latency=0.0))
-        loop.run(grpo_config(os.path.join(d, "warmup"), steps=size["warmup"], max_staleness=1, latency=args.latency))
+        grpo.run(grpo_config(os.path.join(d, "warmup"), steps=size["warmup"], max_staleness=1, latency=args.latency))
         for name, k in (("sync", 0), ("async", 1)):
-            runs[name] = loop.run(grpo_config(os.path.join(d, name), steps=size["steps"], max_staleness=k,
+            runs[name] = grpo.run(grpo_config(os.path.join(d, name), steps=size["steps"], max_staleness=k,
                                               latency=args.latency))
     timed = size["steps"] - 1
     print(f"{'run':<6} {'max_staleness':>13} {'wall_s':>7} {'s/step':>7} {'learner_busy':>12} "

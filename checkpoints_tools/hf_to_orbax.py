@@ -23,7 +23,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 import psutil
 
 from tau2jax.weights import mapping, orbax_params

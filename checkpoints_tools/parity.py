@@ -27,8 +27,8 @@ def compare(hf_dir: str, orbax_dir: str | None = None, *, dtype: str = "float32"
     import jax.numpy as jnp
 
     from checkpoints_tools import hf_to_orbax
-    from tau2jax.weights import hf_read, orbax_params
     from tau2jax.models import qwen3
+    from tau2jax.weights import orbax_params
 
     with tempfile.TemporaryDirectory() as tmp:
         if orbax_dir is None:
@@ -91,8 +91,8 @@ def main(argv=None) -> int:
     if args.orbax_dir and args.random_tiny:
         p.error("--orbax-dir needs --hf-dir")
 
-    from checkpoints_tools import hf_to_orbax
     from tau2jax.weights import hf_read, orbax_params
+
     try:
         if args.random_tiny:
             from checkpoints_tools.tiny_hf import make_tiny_hf_dir

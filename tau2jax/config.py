@@ -144,7 +144,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rft.max_infra_retries = 2
     c.rft.mix_files = ""  # comma-separated SFT JSONL appended to kept.jsonl as is (e.g. gold demos)
 
-    # GRPO (stage grpo, tau2jax/rl/loop.py): K samples per task per step, rollouts on worker threads.
+    # GRPO (stage grpo, tau2jax/stages/grpo.py): K samples per task per step, rollouts on worker threads.
     c.rl = ml_collections.ConfigDict()
     c.rl.env = "tau2"  # tau2 (tau2.* tasks, split train) | toy (env/toy.py lookup game)
     c.rl.steps = 200  # optimizer steps = rollout rounds (recipe: 200)
@@ -190,7 +190,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.max_staleness = 0
     c.rl.stale_policy = "drop"  # over the bound: drop (ledger "stale") | correct (token TIS, rl.tis_cap or 2.0)
 
-    # Stage pipeline (tau2jax/pipeline.py): demos -> sft -> rft -> sft -> grpo, evals between them.
+    # Stage pipeline (tau2jax/stages/pipeline.py): demos -> sft -> rft -> sft -> grpo, evals between them.
     # Every step starts from this whole config; these sub-configs (same keys as the config itself)
     # override it for one kind of step. `eval` applies to all four evals, so their numbers compare.
     c.pipeline = ml_collections.ConfigDict()

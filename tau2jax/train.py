@@ -1,12 +1,11 @@
 """The one CLI: `python -m tau2jax.train --config configs/FILE.py[:arg] --config.key=value`.
 
-`config.stage` picks what runs; each stage is a `run(config) -> dict` function, and the dict is
-printed as the last stdout line (one JSON object) so scripts and tests can read the outcome.
+`config.stage` picks what runs (`tau2jax.stages`: each stage is a `run(config) -> dict` function); the
+dict is printed as the last stdout line (one JSON object) so scripts and tests can read the outcome.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -19,24 +18,9 @@ from ml_collections import config_flags
 from tau2jax import config as config_lib
 from tau2jax.data.sft_data import DataError
 from tau2jax.parallel import distributed
+from tau2jax.stages import run_stage
 
-# stage -> "module:function"; modules import lazily so `sft` never pays for tau2/litellm imports.
-STAGE_RUNNERS = {
-    "sft": "tau2jax.learn.sft:run",
-    "demos": "tau2jax.env.demos:run",
-    "eval": "tau2jax.eval.stage:run",
-    "rft": "tau2jax.rl.rft:run",
-    "grpo": "tau2jax.rl.loop:run",
-    "pipeline": "tau2jax.pipeline:run",
-}
-
-_CONFIG = None  # the --config flag, defined only when this module is the program (`pipeline` imports it)
-
-
-def run_stage(config) -> dict:
-    config_lib.validate(config)
-    module_name, fn_name = STAGE_RUNNERS[config.stage].split(":")
-    return getattr(importlib.import_module(module_name), fn_name)(config)
+_CONFIG = None  # the --config flag, defined only when this module is the program
 
 
 def main(argv):

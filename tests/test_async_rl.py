@@ -16,7 +16,9 @@ from tau2jax.env import toy
 from tau2jax.env.environments import TaskRef
 from tau2jax.env.trajectory import INFRA_ERROR, Trajectory
 from tau2jax.inference.engine import FixedEngine, GenerateResult, SamplingParams
-from tau2jax.rl import advantages, collector, loop, staleness
+from tau2jax.rl import advantages, collector, staleness
+from tau2jax.rl import groups as loop
+from tau2jax.stages import grpo
 from tau2jax.rl.rollout_workers import Job, RolloutWorkers
 from cli_runs import start_train, train
 
@@ -118,7 +120,7 @@ def test_correct_turns_on_token_tis():
     assert staleness.tis_cap("correct", 3.0) == 3.0 and staleness.tis_cap("drop", 0.0) == 0.0
     rl = config_lib.default_config().rl
     rl.stale_policy = "correct"
-    assert loop.loss_config(rl).tis_cap == staleness.DEFAULT_TIS_CAP
+    assert grpo.loss_config(rl).tis_cap == staleness.DEFAULT_TIS_CAP
 
 
 def test_assemble_drops_stale_samples_out_of_their_group():

@@ -31,7 +31,7 @@ def _lines(path):
 
 
 def test_gold_eval_writes_reports_and_resumes(tmp_path):
-    from tau2jax.eval import stage as eval_lib
+    from tau2jax.stages import eval as eval_lib
     from tau2jax.env.trajectory import Trajectory
 
     cfg = _config(tmp_path, tau2__domains="mock,telecom", tau2__split="test",
@@ -74,12 +74,12 @@ def test_gold_eval_writes_reports_and_resumes(tmp_path):
 
 
 def test_unknown_engine_kind_is_a_clear_error():
-    from tau2jax.eval import stage as eval_lib
+    from tau2jax.stages import builders
 
     cfg = config_lib.default_config()
     cfg.engine.kind = "vllm"
-    with pytest.raises(eval_lib.EngineUnavailable, match="unknown engine"):
-        eval_lib.engine_factory(cfg, chat=None, style=None)
+    with pytest.raises(builders.EngineUnavailable, match="unknown engine"):
+        builders.engine_factory(cfg, chat=None, style=None)
 
 
 # Fault schedule, per mock task (one sample each, so every conversation is its own):
@@ -120,7 +120,7 @@ def _fault_plan(instructions):
 
 
 def test_user_simulator_faults_are_retried_or_recorded_as_infra_failures(tmp_path):
-    from tau2jax.eval import stage as eval_lib
+    from tau2jax.stages import eval as eval_lib
     from tau2jax.env import tau2_env
 
     ids = [ALWAYS_DOWN, FLAKY_TURNS, FLAKY_EPISODE, HEALTHY]

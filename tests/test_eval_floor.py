@@ -9,6 +9,7 @@ import json
 import pytest
 
 from tau2jax import config as config_lib
+from tau2jax.stages import builders
 
 MOCK_FLOOR = {"create_task_1_nl_eval"}  # tau2 scores it 1.0 whatever the agent says
 
@@ -117,7 +118,7 @@ def _config(workdir, cache_dir, **overrides):
 
 
 def test_eval_reports_the_floor_beside_pass_at_k(tmp_path):
-    from tau2jax.eval import stage as eval_lib
+    from tau2jax.stages import eval as eval_lib
 
     ids = "create_task_1,create_task_1_nl_eval,update_task_1,impossible_task_1"
     result = eval_lib.run(_config(tmp_path, tmp_path / "cache", tau2__task_ids=ids))
@@ -136,10 +137,10 @@ def test_eval_reports_the_floor_beside_pass_at_k(tmp_path):
 
 def test_a_null_policy_scores_the_floor_and_nothing_beyond_it(tmp_path, monkeypatch):
     from tau2jax.env.gold import NullEngine
-    from tau2jax.eval import stage as eval_lib
+    from tau2jax.stages import eval as eval_lib
 
     null = lambda config, chat, style: lambda task: NullEngine(task, style, chat)  # noqa: E731
-    monkeypatch.setattr(eval_lib, "engine_factory", null)
+    monkeypatch.setattr(builders, "engine_factory", null)
     result = eval_lib.run(_config(tmp_path, tmp_path / "cache", eval__num_samples=1))
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert result["pass@1"]["mock"] == summary["floor"]["mock"]["pass_rate"] == 1 / 9
@@ -147,7 +148,7 @@ def test_a_null_policy_scores_the_floor_and_nothing_beyond_it(tmp_path, monkeypa
 
 
 def test_floor_off_skips_it(tmp_path):
-    from tau2jax.eval import stage as eval_lib
+    from tau2jax.stages import eval as eval_lib
 
     result = eval_lib.run(_config(tmp_path, tmp_path / "cache", eval__max_tasks_per_domain=1, eval__floor=False))
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())

@@ -9,6 +9,7 @@ import pytest
 
 from tau2jax import config as config_lib
 from tau2jax.inference.engine import FixedEngine
+from tau2jax.stages import builders, resume
 
 
 def _config(workdir, **overrides):
@@ -47,9 +48,9 @@ class _Garbage(FixedEngine):
 
 @pytest.mark.parametrize("max_repairs", [0, 3])
 def test_max_repairs_reaches_the_episodes(tmp_path, monkeypatch, max_repairs):
-    from tau2jax.eval import stage as eval_lib
+    from tau2jax.stages import eval as eval_lib
 
-    monkeypatch.setattr(eval_lib, "engine_factory", lambda config, chat, style: lambda task: _Garbage(chat.tokenizer))
+    monkeypatch.setattr(builders, "engine_factory", lambda config, chat, style: lambda task: _Garbage(chat.tokenizer))
     eval_lib.run(_config(tmp_path, tau2__max_repairs=max_repairs))
     (rec,) = [json.loads(line) for line in (tmp_path / "eval" / "trajectories.jsonl").read_text().splitlines()]
     assert rec["num_repairs"] == max_repairs and rec["num_format_errors"] == max_repairs + 1
@@ -73,10 +74,10 @@ CHANGES = [
 @pytest.mark.parametrize("field,earlier_value,overrides", CHANGES, ids=[c[0] for c in CHANGES])
 def test_a_changed_setting_refuses_to_resume(tmp_path, field, earlier_value, overrides):
     from tau2jax.env import tau2_env
-    from tau2jax.eval import stage as eval_lib
+    from tau2jax.stages import eval as eval_lib
 
     cfg = _config(tmp_path, **overrides)
-    earlier = eval_lib.run_settings(cfg, tau2_env.init_tau2()) | {"policy_version": 0}
+    earlier = resume.run_settings(cfg, tau2_env.init_tau2()) | {"policy_version": 0}
     current = earlier[field]
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "settings.json").write_text(json.dumps(earlier | {field: earlier_value}))
@@ -85,11 +86,9 @@ def test_a_changed_setting_refuses_to_resume(tmp_path, field, earlier_value, ove
 
 
 def test_engine_and_user_fields_count_only_for_their_kind(tmp_path):
-    from tau2jax.eval import stage as eval_lib
-
-    gold = eval_lib.run_settings(_config(tmp_path), "/data")
+    gold = resume.run_settings(_config(tmp_path), "/data")
     assert not {"engine.url", "engine.checkpoint", "user.base_url", "user.model"} & set(gold)
-    llm = eval_lib.run_settings(_config(tmp_path, user__kind="llm", engine__kind="sglang"), "/data")
+    llm = resume.run_settings(_config(tmp_path, user__kind="llm", engine__kind="sglang"), "/data")
     assert {"engine.url", "user.base_url", "user.model", "user.temperature"} <= set(llm)
 
 
@@ -116,16 +115,16 @@ def _gold_at(version):
 
 
 def test_another_policy_version_refuses_to_resume(tmp_path, monkeypatch):
-    from tau2jax.eval import stage as eval_lib
+    from tau2jax.stages import eval as eval_lib
 
     eval_lib.run(_config(tmp_path))
-    monkeypatch.setattr(eval_lib, "engine_factory", _gold_at(3))  # the server now serves other weights
+    monkeypatch.setattr(builders, "engine_factory", _gold_at(3))  # the server now serves other weights
     with pytest.raises(config_lib.ConfigError, match="policy_version: 0 -> 3"):
         eval_lib.run(_config(tmp_path, eval__max_tasks_per_domain=2))
 
 
 def test_a_record_of_another_policy_refuses_to_resume(tmp_path):
-    from tau2jax.eval import stage as eval_lib
+    from tau2jax.stages import eval as eval_lib
 
     eval_lib.run(_config(tmp_path, eval__max_tasks_per_domain=2))
     path = tmp_path / "eval" / "trajectories.jsonl"
@@ -137,7 +136,7 @@ def test_a_record_of_another_policy_refuses_to_resume(tmp_path):
 
 
 def test_a_superset_of_tasks_resumes(tmp_path):
-    from tau2jax.eval import stage as eval_lib
+    from tau2jax.stages import eval as eval_lib
 
     eval_lib.run(_config(tmp_path))
     result = eval_lib.run(_config(tmp_path, eval__max_tasks_per_domain=3, eval__num_samples=2))

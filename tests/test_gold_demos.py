@@ -11,7 +11,8 @@ from tau2jax.config import ConfigError, default_config
 from tau2jax.data.chat import ChatFormat
 from tau2jax.data.sft_data import validate_conversation
 from tau2jax.data.tokenizer import load_tokenizer
-from tau2jax.env import demos, prompts
+from tau2jax.env import prompts
+from tau2jax.stages import demos
 from tau2jax.env.gold import GoldEngine
 from tau2jax.inference.engine import SamplingParams
 from tau2jax.env.episode import run_episode

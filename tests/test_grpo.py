@@ -23,7 +23,7 @@ from tau2jax.parallel import sharding
 from tau2jax.rl import collector
 from tau2jax.rl.batch import BatchConfig, build_batch
 from tau2jax.rl.grpo_step import jit_grpo_step, learner_logprobs, make_grpo_step, micro_batched_grpo_step
-from tau2jax.rl.loop import assemble, next_tasks
+from tau2jax.rl.groups import assemble, next_tasks
 from tau2jax.config import default_config
 from tau2jax.rl.losses import PolicyLossConfig
 from cli_runs import start_train, train

@@ -22,6 +22,7 @@ from tau2jax.inference import sampling  # noqa: E402
 from tau2jax.inference.engine import Engine, SamplingParams  # noqa: E402
 from tau2jax.inference import jax_engine  # noqa: E402
 from tau2jax.inference.jax_engine import JaxEngine  # noqa: E402
+from tau2jax.stages import builders  # noqa: E402
 
 VOCAB, MAX_SEQ, MAX_BATCH = 512, 64, 4
 # Every engine here has the same static config, so they share compiled prefill/decode code.
@@ -403,14 +404,14 @@ def test_from_config_dtype_and_mesh(setup, tmp_path):
     c = default_config()
     c.engine.checkpoint, c.engine.max_seq_len, c.engine.prefix_cache_tokens = orbax_dir, 128, 512
     c.mesh.data, c.mesh.tensor = 4, 2
-    engine = jax_engine.from_config(c)  # 8 test devices: params restored sharded on config.mesh
+    engine = builders.builtin_engine(c)  # 8 test devices: params restored sharded on config.mesh
     assert dict(engine.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
     assert engine._params["layers"]["q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
     assert engine._params["embed"].dtype == jnp.float32  # auto on CPU
     assert (engine.max_seq_len, engine._prefix.capacity) == (128, 512)
     engine.close()
     c.engine.dtype = "bfloat16"
-    assert {x.dtype for x in jax.tree.leaves(jax_engine.from_config(c)._params)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(builders.builtin_engine(c)._params)} == {jnp.dtype(jnp.bfloat16)}
     c.engine.dtype = "fp8"
     with pytest.raises(ConfigError, match="engine.dtype"):
         validate(c)

@@ -148,17 +148,15 @@ def test_user_tool_calls_come_back_with_user_requestor():
     """Telecom: the user owns device tools; tau2's simulator re-tags its calls requestor='user'."""
     from tau2.registry import registry
 
-    from tau2jax.env.llm_user import make_llm_user
     from tau2jax.config import default_config
+    from tau2jax.stages.builders import user_factory
 
-    env = registry.get_env_constructor("telecom")()
     task = registry.get_tasks_loader("telecom")("small")[0]
     call = {"tool_calls": [{"name": "toggle_airplane_mode", "arguments": {}}]}
     with FakeChatServer(lambda body, i: ("ok", call)) as srv:
-        cfg = default_config().user
-        with cfg.unlocked():
-            cfg.base_url = srv.base_url
-        user = make_llm_user(cfg, task, env.get_user_tools())
+        cfg = default_config()
+        cfg.user.kind, cfg.user.base_url = "llm", srv.base_url
+        user = user_factory(cfg)(task, "telecom")
         msg, _ = user.generate_next_message(_agent_says("Please toggle airplane mode."), user.get_init_state())
     assert msg.tool_calls[0].name == "toggle_airplane_mode" and msg.tool_calls[0].requestor == "user"
     tool_names = {t["function"]["name"] for t in srv.requests[0]["tools"]}

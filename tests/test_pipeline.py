@@ -7,7 +7,8 @@ import ml_collections
 import pytest
 
 from configs import tiny_pipeline
-from tau2jax import pipeline
+from tau2jax.eval import pipeline_report
+from tau2jax.stages import pipeline
 from tau2jax.config import ConfigError
 from tau2jax.env import tau2_env
 
@@ -166,7 +167,7 @@ def test_with_several_samples_the_report_gives_pass_at_k_and_pass_hat_k_columns(
     cell = {"tasks": 8, "pass@1": 0.25, "pass@k": 0.5, "pass^k": 0.125}
     row = {"overall": {"floor": {"pass_rate": 0.1, "tasks": 10}, "all": cell, "beyond_floor": cell}}
     data = {"k": 4, "split": "test", "groups": ["overall"], "trained_on": {}, "rows": {"sft": row}}
-    md = pipeline.render_report(data)
+    md = pipeline_report.render_report(data)
     assert "| policy | overall Pass@1 | overall Pass@4 | overall pass^4 |" in md
     assert "| sft | 25.0% | 50.0% | 12.5% |" in md
 

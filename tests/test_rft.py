@@ -10,6 +10,7 @@ import pytest
 from tau2jax import config as config_lib
 from tau2jax.env.trajectory import Trajectory
 from tau2jax.rl import rft
+from tau2jax.stages import rft as rft_stage
 from cli_runs import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +78,7 @@ def test_gold_rft_keeps_every_passing_sample_as_loadable_token_records(tmp_path)
     from tau2jax.data.pipeline import make_sft_dataset
     from tau2jax.data.tokenizer import load_tokenizer
 
-    out = rft.run(_config(tmp_path, rft__mix_files=FIXTURE))
+    out = rft_stage.run(_config(tmp_path, rft__mix_files=FIXTURE))
     ledger, kept_trajs = _lines(tmp_path / "rft/ledger.jsonl"), _lines(tmp_path / "rft/kept_trajectories.jsonl")
     assert out["kept"] == 2 * (MOCK_TASKS - 1) and out["mixed"] == 6 and out["file"] == str(tmp_path / "rft/kept.jsonl")
     assert len(ledger) == 2 * MOCK_TASKS and all(r["status"] == "kept" for r in ledger if GOLD_FAILS not in r["task"])
@@ -111,18 +112,18 @@ def test_gold_rft_keeps_every_passing_sample_as_loadable_token_records(tmp_path)
 
     # resume: nothing is played again, the outputs are the same
     before = open(out["file"]).read()
-    again = rft.run(_config(tmp_path, rft__mix_files=FIXTURE))
+    again = rft_stage.run(_config(tmp_path, rft__mix_files=FIXTURE))
     assert again["kept"] == out["kept"] and open(out["file"]).read() == before
     assert len(_lines(tmp_path / "rft/ledger.jsonl")) == len(ledger)
     with pytest.raises(config_lib.ConfigError, match=r"rft.min_partial: 0.6 -> 0.5"):
-        rft.run(_config(tmp_path, rft__min_partial=0.5))
+        rft_stage.run(_config(tmp_path, rft__min_partial=0.5))
     # a field the earlier run did not record counts as changed (as in eval): no silent mixing
     settings_path = tmp_path / "rft/settings.json"
     recorded = json.loads(settings_path.read_text())
     del recorded["rft.samples"]
     settings_path.write_text(json.dumps(recorded))
     with pytest.raises(config_lib.ConfigError, match=r"an rft run with other settings \(rft.samples: None -> 2\)"):
-        rft.run(_config(tmp_path, rft__mix_files=FIXTURE))
+        rft_stage.run(_config(tmp_path, rft__mix_files=FIXTURE))
 
 
 class _Down:
@@ -174,7 +175,7 @@ def test_keep_rule_and_infra_failures_end_to_end_with_resume(tmp_path, monkeypat
     played = {}
     monkeypatch.setattr(environments, "Tau2Environment", _planned_environment(plan, played))
     cfg = _config(tmp_path, tau2__task_ids=",".join(plan), rft__max_infra_retries=1)
-    out = rft.run(cfg)
+    out = rft_stage.run(cfg)
     assert out["kept"] == 2 and out["tasks_unfinished"] == 1
     ledger = _lines(tmp_path / "rft/ledger.jsonl")
     got = sorted((r["task"].split("/")[1], r["sample_index"], r["status"], r["reason"]) for r in ledger)
@@ -199,7 +200,7 @@ def test_keep_rule_and_infra_failures_end_to_end_with_resume(tmp_path, monkeypat
     # rerun once the server is back: only the unfinished task is played, and its group is kept whole
     plan["impossible_task_1"] = [["gold"], ["gold"]]
     played.clear()
-    out = rft.run(cfg)
+    out = rft_stage.run(cfg)
     assert set(played) == {("impossible_task_1", 0), ("impossible_task_1", 1)}
     assert out["kept"] == 4 and out["tasks_unfinished"] == 0
     assert [(r["task"], r["sample_index"]) for r in _lines(out["file"])][2:] == [
@@ -214,13 +215,13 @@ def test_keep_rule_and_infra_failures_end_to_end_with_resume(tmp_path, monkeypat
 
 def test_refuses_test_split_and_bad_mix_files(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="train tasks only"):
-        rft.run(_config(tmp_path, tau2__split="test"))
+        rft_stage.run(_config(tmp_path, tau2__split="test"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"token_ids": [1, 2], "loss_mask": [0, 1, 1]}) + "\n")
     from tau2jax.data.sft_data import DataError
 
     with pytest.raises(DataError, match=f"{bad}:1: loss_mask"):
-        rft.run(_config(tmp_path, rft__mix_files=str(bad)))
+        rft_stage.run(_config(tmp_path, rft__mix_files=str(bad)))
     assert not (tmp_path / "rft" / "ledger.jsonl").exists()  # refused before any episode ran
 
 

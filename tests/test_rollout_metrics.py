@@ -6,10 +6,10 @@ from tau2jax.env import tau2_env  # noqa: F401  (first: quiets tau2's import-tim
 from tau2jax.config import default_config
 from tau2jax.data.chat import ChatFormat
 from tau2jax.data.tokenizer import load_tokenizer
-from tau2jax.env.environments import Tau2Environment
 from tau2jax.env.trajectory import Trajectory
 from tau2jax.rl import rollout_metrics
-from tau2jax.rl.loop import null_solvable_tasks
+from tau2jax.stages.builders import tau2_environment
+from tau2jax.stages.grpo import null_solvable_tasks
 
 
 def _call(name, args):
@@ -40,7 +40,7 @@ def test_null_solvable_tasks_on_mock(tmp_path):
     c = default_config()
     c.tau2.domains, c.tau2.split, c.rl.env = "mock", "train", "tau2"
     c.eval.floor_cache_dir = str(tmp_path)
-    env = Tau2Environment(c, ChatFormat(load_tokenizer()), split="train")
+    env = tau2_environment(c, ChatFormat(load_tokenizer()), split="train")
     assert null_solvable_tasks(c, env) == {"mock/create_task_1_nl_eval"}
     c.eval.floor = False
     assert null_solvable_tasks(c, env) is None

@@ -24,8 +24,9 @@ from tau2jax.models.configs import get_model_config
 from tau2jax.inference.engine import GenerateResult, SamplingParams, ScriptedEngine
 from tau2jax.inference.jax_engine import JaxEngine
 from tau2jax.inference.server import RunningServer, Server, create_app, wait_healthy
-from tau2jax.inference.sglang_client import EngineRequestError, EngineUnavailableError, SGLangEngine, from_config
+from tau2jax.inference.sglang_client import EngineRequestError, EngineUnavailableError, SGLangEngine
 from tau2jax.inference.weight_sync import publish, sync_engine, version_dir
+from tau2jax.stages.builders import sglang_engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = get_model_config("tiny", vocab_size=512)
@@ -277,7 +278,7 @@ def test_engine_from_config(tok):
     config = default_config()
     with RunningServer(create_app(Server(ScriptedEngine(tok, ["fine<|im_end|>"]), tok))) as running:
         config.engine.url = running.url
-        engine = from_config(config)
+        engine = sglang_engine(config)
         [r] = engine.generate([[1, 2]], SamplingParams(stop_token_ids=(tok.im_end_id,)))
         engine.close()
     assert tok.decode(r.output_ids) == "fine<|im_end|>" and engine.url == running.url

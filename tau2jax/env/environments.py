@@ -7,7 +7,6 @@ and get back a `Trajectory` (token ids, loss mask, behaviour log-probs, turns, r
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,51 +45,19 @@ def retry_infra(play, max_infra_retries: int) -> tuple[Trajectory, list[Trajecto
     return failed.pop(), failed
 
 
-def user_factory(user_cfg):
-    """-> `user_for(task, domain) -> tau2 BaseUser`, fresh per episode (`config.user`)."""
-    if user_cfg.kind == "scripted":
-        from tau2jax.env.scripted_user import ScriptedUser
-
-        return lambda task, domain: ScriptedUser(task)
-    from tau2jax.env import tau2_env
-    from tau2jax.env.llm_user import make_llm_user
-
-    tools: dict[str, list | None] = {}  # user tool schemas per domain (only schemas are used)
-    lock = threading.Lock()
-
-    def user_for(task, domain):
-        with lock:
-            if domain not in tools:
-                env = tau2_env.make_environment(domain)
-                tools[domain] = env.get_user_tools() if env.user_tools is not None else None
-        return make_llm_user(user_cfg, task, tools[domain])
-
-    return user_for
-
-
 class Tau2Environment:
-    """tau2 tasks of `config.tau2.domains` / `split` (optionally `tau2.task_ids`), played by
-    `run_episode` with the configured prompt style, user simulator, limits and reward weights."""
+    """tau2 tasks played by `run_episode` with one prompt style, user simulator (`user_for(task,
+    domain)`, fresh per episode), limits and reward weights (`stages.builders.tau2_environment`
+    builds one from a config)."""
 
-    def __init__(self, config, chat, *, split: str | None = None):
-        from tau2jax import config as config_lib
-        from tau2jax.env import prompts, rewards, tau2_env
-
-        tau2_env.init_tau2(config.tau2.data_dir)
+    def __init__(self, tasks: list[TaskRef], chat, *, style, user_for, reward_config, max_steps: int,
+                 max_errors: int, max_repairs: int):
+        self._tasks = list(tasks)
         self.chat = chat
-        self.style = prompts.get_style(config.tau2.prompt_style)
-        self.user_for = user_factory(config.user)
-        self.reward_config = rewards.RewardConfig.from_config(config.reward)
-        self.limits = dict(max_steps=config.tau2.max_steps, max_errors=config.tau2.max_errors,
-                           max_repairs=config.tau2.max_repairs)
-        wanted = set(config_lib.csv(config.tau2.task_ids))
-        split = split or config.tau2.split
-        self._tasks = [TaskRef(d, t.id, t) for d in config_lib.csv(config.tau2.domains)
-                       for t in tau2_env.load_tasks(d, split) if not wanted or t.id in wanted]
-        if not self._tasks:
-            raise config_lib.ConfigError(
-                f"config.tau2: no task in domains {config.tau2.domains!r}, split {split!r}"
-                + (f", ids {sorted(wanted)}" if wanted else ""))
+        self.style = style
+        self.user_for = user_for
+        self.reward_config = reward_config
+        self.limits = dict(max_steps=max_steps, max_errors=max_errors, max_repairs=max_repairs)
 
     def tasks(self) -> list[TaskRef]:
         return list(self._tasks)

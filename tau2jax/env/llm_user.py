@@ -10,7 +10,7 @@ Retries are ours alone: tau2's `generate` forwards `llm_args` to `litellm.comple
 `num_retries=0` turns off litellm's retry wrapper and `max_retries=0` the OpenAI client's, so one
 attempt is one HTTP request bounded by `timeout`.
 
-    user = make_llm_user(config.user, task, env.get_user_tools())  # or tools=None (no user tools)
+    user_for = stages.builders.user_factory(config)   # user_for(task, domain): an LLMUser per episode
 """
 
 from __future__ import annotations
@@ -99,21 +99,3 @@ class LLMUser(UserSimulator):
                 f"user simulator {self.llm} at {self.base_url} failed after {tries} attempt(s): "
                 f"{type(e).__name__}: {e}"
             ) from e
-
-
-def make_llm_user(user_cfg, task, tools=None) -> LLMUser:
-    """Builds tau2's user simulator for `task` from the config's `user` section, as tau2's own
-    runner does: the task's user scenario as instructions; `tools`: the domain's user tools
-    (`env.get_user_tools()`, telecom) or None. Only their schemas are used, so one list can serve
-    every episode of a domain."""
-    return LLMUser(
-        tools=tools or None,
-        instructions=str(task.user_scenario),
-        model=user_cfg.model,
-        base_url=user_cfg.base_url,
-        api_key=user_cfg.api_key,
-        temperature=user_cfg.temperature,
-        timeout_s=user_cfg.timeout_s,
-        max_retries=user_cfg.max_retries,
-        backoff_s=user_cfg.retry_backoff_s,
-    )

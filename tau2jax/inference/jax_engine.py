@@ -681,23 +681,3 @@ def engine_dtype(name: str) -> jnp.dtype:
     if name == "auto":
         return jnp.dtype(jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
     return jnp.dtype(name)
-
-
-def from_config(config) -> JaxEngine:
-    """The engine for `config.engine.kind == "builtin"`: weights from `engine.checkpoint` (an
-    `hf_to_orbax` output, or an SFT run's `params/`) in `engine.dtype`; with more than one device,
-    restored sharded on the `config.mesh` mesh."""
-    from tau2jax.config import ConfigError
-    from tau2jax.data.tokenizer import load_tokenizer
-    from tau2jax.parallel.sharding import make_mesh
-
-    e = config.engine
-    if not e.checkpoint:
-        raise ConfigError("config.engine.checkpoint: the builtin engine needs converted weights "
-                          "(python -m checkpoints_tools.hf_to_orbax, or an SFT run's params/ dir)")
-    dtype = engine_dtype(e.dtype)
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor) if jax.device_count() > 1 else None
-    return JaxEngine.from_checkpoint(
-        e.checkpoint, dtype=dtype, compute_dtype=dtype, mesh=mesh, max_seq_len=e.max_seq_len,
-        max_batch=e.max_batch, prefix_cache_tokens=e.prefix_cache_tokens,
-        tokenizer=load_tokenizer(config.tokenizer.path or config.model.hf_dir), seed=config.seed)

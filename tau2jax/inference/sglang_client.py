@@ -246,11 +246,3 @@ class SGLangEngine:
             error = f"HTTP {r.status_code}: {r.text[:1000]}"
         raise EngineUnavailableError(
             f"{self.url}{path} failed after {self.max_retries + 1} attempt(s); last error: {error}")
-
-
-def from_config(config) -> SGLangEngine:
-    """The engine for `config.engine.kind == "sglang"`, once its server answers /health."""
-    e = config.engine
-    engine = SGLangEngine(e.url, concurrency=e.concurrency, timeout_s=e.timeout_s, max_retries=e.max_retries)
-    engine.wait_ready(e.timeout_s)
-    return engine

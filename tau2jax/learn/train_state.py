@@ -19,6 +19,13 @@ class TrainState:
     rng: jax.Array
 
 
+def abstract_params(model_cfg, param_dtype: str):
+    """The params' shapes and dtypes, nothing allocated."""
+    from tau2jax.models import qwen3
+
+    return jax.eval_shape(lambda: qwen3.init_params(model_cfg, jax.random.key(0), dtype=jnp.dtype(param_dtype)))
+
+
 def state_shardings(tx: optax.GradientTransformation, abstract_params, param_shardings, mesh) -> TrainState:
     """Shardings for every leaf: optimizer moments follow their parameter, scalars are replicated."""
     replicated = NamedSharding(mesh, P())

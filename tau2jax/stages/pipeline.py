@@ -45,7 +45,8 @@ from pathlib import Path
 import ml_collections
 
 from tau2jax import config as config_lib
-from tau2jax.eval.stage import write_atomic
+from tau2jax.eval import pipeline_report
+from tau2jax.stages.resume import write_atomic
 
 # (step, stage it runs, pipeline.<kind> overrides it takes)
 STEPS = (
@@ -167,13 +168,14 @@ def serve(config, params_dir: str, version: int) -> None:
     """Re-point the SGLang policy server at `params_dir` as `version` (publish, then load from disk)."""
     from tau2jax.weights.hf_read import HF_EXTRA_DIR
     from tau2jax.weights.orbax_params import restore_params
-    from tau2jax.inference import sglang_client, weight_sync
+    from tau2jax.inference import weight_sync
+    from tau2jax.stages.builders import sglang_engine
 
     root = os.path.join(os.path.dirname(config.workdir), "served")
     params, model_cfg = restore_params(params_dir)
     extra = os.path.join(params_dir, HF_EXTRA_DIR)
     weight_sync.publish(params, model_cfg, root, version, extra_dir=extra if os.path.isdir(extra) else None)
-    engine = sglang_client.from_config(config)
+    engine = sglang_engine(config)
     try:
         weight_sync.sync_engine(engine, root, version)
     finally:
@@ -202,9 +204,9 @@ def collect_inputs(step: str, result: dict, inputs: dict) -> None:
 
 def run(config, run_stage=None) -> dict:
     """Every step in order (finished ones reused), then the report. `run_stage(step_config) -> dict`
-    runs one stage (default: `tau2jax.train.run_stage`; tests pass stand-ins)."""
+    runs one stage (default: `tau2jax.stages.run_stage`; tests pass stand-ins)."""
     if run_stage is None:
-        from tau2jax.train import run_stage
+        from tau2jax.stages import run_stage
     if not config.model.init_from:
         raise config_lib.ConfigError("config.model.init_from: the pipeline starts from converted weights "
                                      "(checkpoints_tools.hf_to_orbax); eval_base evaluates them")
@@ -232,32 +234,6 @@ def run(config, run_stage=None) -> dict:
             "stages": report["headline"], "steps_run": timings, "wall_s": round(time.time() - t_start, 1)}
 
 
-# ----------------------------------------------------------------------------- the report
-
-def _group_row(summary: dict, group: str, key: str) -> dict:
-    """Pass@1, Pass@k and pass^k of one domain (or "overall") from an eval summary's `key`
-    ("metrics": all tasks, "metrics_beyond_floor": the tasks the do-nothing agent fails)."""
-    k = summary["k"]
-    m = summary.get(key, {}).get(group, {})
-    return {"tasks": m.get("num_tasks", 0), "pass@1": m.get("pass@1"), "pass@k": m.get(f"pass@{k}"),
-            "pass^k": m.get("pass^k", {}).get(str(k))}
-
-
-def report_data(config, evals: dict) -> dict:
-    """{"k", "groups", "trained_on", "rows": {policy: {group: {"floor", "all", "beyond_floor"}}}}."""
-    summaries = {}
-    for step, path in evals.items():
-        with open(path) as f:
-            summaries[EVALS[step][0]] = json.load(f)
-    first = next(iter(summaries.values()))
-    groups = ["overall", *first["domains"]]
-    rows = {policy: {g: {"floor": s.get("floor", {}).get(g), "all": _group_row(s, g, "metrics"),
-                         "beyond_floor": _group_row(s, g, "metrics_beyond_floor")} for g in groups}
-            for policy, s in summaries.items()}
-    return {"k": first["k"], "split": first["split"], "groups": groups, "rows": rows,
-            "trained_on": trained_on(config, first)}
-
-
 def trained_on(config, summary: dict) -> dict:
     """Per domain: how many train tasks the policy learnt from, how many tasks the eval scored,
     how many of those it learnt from (the overlap), and whether the domain has a train/test split."""
@@ -274,77 +250,19 @@ def trained_on(config, summary: dict) -> dict:
     return out
 
 
-def _pct(x) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
-def _metrics(k: int) -> list[tuple[str, str]]:
-    """(key, label) of the report's columns; with one sample per task the three would agree."""
-    return [("pass@1", "Pass@1")] + ([("pass@k", f"Pass@{k}"), ("pass^k", f"pass^{k}")] if k > 1 else [])
-
-
-def render_report(data: dict) -> str:
-    k, groups = data["k"], data["groups"]
-    metrics = _metrics(k)
-    lines = ["# tau2jax pipeline: base → SFT → RFT → GRPO", ""]
-    for domain, t in data["trained_on"].items():
-        note = (f"{domain}: evaluated on {t['evaluated']} tasks ({data['split']} split); trained on {t['trained']} "
-                f"train-split tasks; {t['overlap']} of the evaluated tasks were trained on")
-        if not t["has_split"]:
-            note += " (the domain has no train/test split: these numbers measure fitting, not generalisation)"
-        lines.append(f"- {note}.")
-    for title, key in (("Tasks the do-nothing agent fails (what shows learning)", "beyond_floor"),
-                       ("All tasks", "all")):
-        head = ["policy"] + [f"{g} {label}" for g in groups for _, label in metrics]
-        lines += ["", f"## {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-        for policy, row in data["rows"].items():
-            cells = [_pct(row[g][key][m]) for g in groups for m, _ in metrics]
-            lines.append(f"| {policy} | " + " | ".join(cells) + " |")
-    floor = next(iter(data["rows"].values()))
-    lines += ["", "Do-nothing floor (tasks tau2 passes for an agent that only apologises): "
-              + ", ".join(f"{g} {_pct((floor[g]['floor'] or {}).get('pass_rate'))} of {(floor[g]['floor'] or {}).get('tasks', 0)}"
-                          for g in groups) + ".",
-              f"Pass@1: the first of {k} samples succeeds; Pass@{k}: any does; pass^{k}: all do (tau2's estimator)."
-              if k > 1 else "One sample per task: Pass@1 = Pass@k = pass^k.", ""]
-    return "\n".join(lines)
-
-
-def plot_report(data: dict, path: str) -> None:
-    """Pass@1 / Pass@k / pass^k per policy on the tasks the do-nothing agent fails, one panel per group."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    groups, policies, k = data["groups"], list(data["rows"]), data["k"]
-    fig = Figure(figsize=(3.2 * len(groups) + 1, 3.6), dpi=100)
-    FigureCanvasAgg(fig)
-    for i, g in enumerate(groups):
-        ax = fig.add_subplot(1, len(groups), i + 1)
-        metrics = _metrics(k)
-        width = 0.8 / len(metrics)
-        for j, (m, label) in enumerate(metrics):
-            vals = [100 * (data["rows"][p][g]["beyond_floor"][m] or 0.0) for p in policies]
-            ax.bar([x + width * (j - (len(metrics) - 1) / 2) for x in range(len(policies))], vals, width=width,
-                   label=label)
-        ax.set_xticks(range(len(policies)), policies)
-        ax.set_ylim(0, 102)
-        n = data["rows"][policies[0]][g]["beyond_floor"]["tasks"]
-        ax.set_title(f"{g}: {n} tasks the do-nothing agent fails", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    fig.axes[0].set_ylabel("%")
-    fig.axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-
-
 def write_report(config, evals: dict) -> dict:
     """{workdir}/report.{json,md,png} -> {"files", "headline": {policy: {"pass@1", "pass@k"}} over the
     tasks the do-nothing agent fails, all domains pooled}."""
-    data = report_data(config, evals)
+    summaries = {}
+    for step, path in evals.items():
+        with open(path) as f:
+            summaries[EVALS[step][0]] = json.load(f)
+    data = pipeline_report.report_data(summaries, trained_on(config, next(iter(summaries.values()))))
     files = {ext: os.path.join(config.workdir, f"report.{ext}") for ext in ("json", "md", "png")}
     with open(files["json"], "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
     with open(files["md"], "w") as f:
-        f.write(render_report(data))
-    plot_report(data, files["png"])
+        f.write(pipeline_report.render_report(data))
+    pipeline_report.plot_report(data, files["png"])
     headline = {p: {m: row["overall"]["beyond_floor"][m] for m in ("pass@1", "pass@k")} for p, row in data["rows"].items()}
     return {"files": files, "headline": headline}

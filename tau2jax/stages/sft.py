@@ -20,16 +20,16 @@ from tqdm import tqdm
 
 from tau2jax import config as config_lib
 from tau2jax.data.pipeline import make_sft_dataset
-from tau2jax.data.tokenizer import load_tokenizer
-from tau2jax.learn import model_setup
 from tau2jax.learn.checkpoint import Checkpointer, abstract_like
 from tau2jax.learn.export import export_params
 from tau2jax.learn.metric_writer import MetricWriter
 from tau2jax.learn.optimizer import make_optimizer
 from tau2jax.learn.sft_step import jit_step, make_sft_step
+from tau2jax.learn.train_state import abstract_params as make_abstract_params
 from tau2jax.learn.train_state import create_state, state_shardings
 from tau2jax.models import qwen3
 from tau2jax.parallel import sharding
+from tau2jax.stages import builders
 
 
 def _dataset(config, tokenizer):
@@ -43,9 +43,9 @@ def _dataset(config, tokenizer):
 
 
 def run(config) -> dict:
-    tokenizer = load_tokenizer(config.tokenizer.path or config.model.hf_dir)
-    model_cfg = model_setup.resolve_model_config(config, tokenizer)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    tokenizer = builders.tokenizer(config)
+    model_cfg = builders.model_config(config, tokenizer)
+    mesh = builders.mesh(config)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if (config.data.batch_size // config.optim.grad_accum) % dp:
         raise config_lib.ConfigError(
@@ -62,7 +62,7 @@ def run(config) -> dict:
     tx, schedule = make_optimizer(config.optim, total_steps)
 
     param_shardings = qwen3.param_shardings(model_cfg, mesh)
-    abstract_params = model_setup.abstract_params(model_cfg, config.model.param_dtype)
+    abstract_params = make_abstract_params(model_cfg, config.model.param_dtype)
     shardings = state_shardings(tx, abstract_params, param_shardings, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
 
@@ -70,7 +70,7 @@ def run(config) -> dict:
                         keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint)
     start = ckpt.latest_step()
     if start is None:
-        params = model_setup.initial_params(config, model_cfg, mesh, param_shardings)
+        params = builders.initial_params(config, model_cfg, mesh, param_shardings)
         state = create_state(params, tx, shardings, config.seed)
         start = 0
     else:

@@ -4,15 +4,15 @@
     ... --config.rl.max_staleness=1                                 # rollouts one step ahead
 
 Each step s (0-based; the learner holds version s): groups of `rl.tasks_per_step` tasks
-(re-queued ones first, then an epoch-shuffled order) are submitted to `rl.rollout_workers` for
+(re-queued ones first, then an epoch-shuffled order: `rl.groups`) are submitted to `rl.rollout_workers` for
 steps s .. s + rl.max_staleness; the workers start a group for step t only once the engine serves
 version >= t - max_staleness, so with max_staleness 0 the loop is synchronous and with 1 the next
 step's episodes run while the learner trains. The learner takes step s's whole groups (refilling
 with more tasks under dynamic sampling), checks each sample's staleness (`rl.staleness`: over the
 bound -> dropped, or kept under token TIS with rl.stale_policy="correct"), turns rewards into group
 advantages (`rl.advantages`), packs the trajectories' own tokens (`rl.batch`), takes one optimizer
-step (`rl.grpo_step`) and pushes the weights every `rl.sync_every` steps (`inference.weight_sync.push`: pause and
-transfer seconds logged apart). Episodes in flight across a push continue on the new weights; their
+step (`rl.grpo_step`) and pushes the weights every `rl.sync_every` steps (`inference.weight_sync.push`:
+pause and transfer seconds logged apart). Episodes in flight across a push continue on the new weights; their
 turns carry the version that sampled them. Every episode gets a ledger line
 (`{workdir}/rollouts/ledger.jsonl`: trained, dropped with a reason, or re-queued) and its full record
 in `{workdir}/rollouts/step_N.jsonl`. Metrics per step: rollout tokens/s and episodes/s, learner
@@ -40,44 +40,26 @@ import numpy as np
 from tqdm import tqdm
 
 from tau2jax import config as config_lib
-from tau2jax.env.environments import TaskRef
 from tau2jax.inference import weight_sync
 from tau2jax.inference.engine import SamplingParams
-from tau2jax.learn import model_setup
 from tau2jax.learn.checkpoint import Checkpointer, abstract_like
 from tau2jax.learn.export import export_params
 from tau2jax.learn.metric_writer import MetricWriter
 from tau2jax.learn.optimizer import make_optimizer
+from tau2jax.learn.train_state import abstract_params as make_abstract_params
 from tau2jax.learn.train_state import create_state, state_shardings
 from tau2jax.models import qwen3
 from tau2jax.parallel import sharding
 from tau2jax.rl import advantages as adv_lib
-from tau2jax.rl import collector, rollout_metrics, staleness
+from tau2jax.rl import groups as group_lib
+from tau2jax.rl import rollout_metrics, staleness
 from tau2jax.rl.batch import BatchConfig, build_batch
 from tau2jax.rl.grpo_step import jit_grpo_step, make_grpo_step, micro_batched_grpo_step
 from tau2jax.rl.losses import PolicyLossConfig
-from tau2jax.rl.rollout_workers import Job, RolloutWorkers
+from tau2jax.rl.rollout_workers import RolloutWorkers
+from tau2jax.stages import builders
 
 SUMMARY_WINDOW = 3  # first_reward / final_reward: mean over this many steps at each end
-
-
-# ----------------------------------------------------------------------------- setup
-
-def make_environment(config):
-    """-> (environment, tokenizer or None, model config)."""
-    if config.rl.env == "toy":
-        from tau2jax.env.toy import ToyEnvironment
-
-        env = ToyEnvironment(num_tasks=config.rl.toy_tasks, seed=config.seed, shared_table=config.rl.toy_shared_table,
-                             turn_latency_s=config.rl.toy_turn_latency_s)
-        return env, None, model_setup.resolve_model_config(config)
-    from tau2jax.data.chat import ChatFormat
-    from tau2jax.data.tokenizer import load_tokenizer
-    from tau2jax.env.environments import Tau2Environment
-
-    tokenizer = load_tokenizer(config.tokenizer.path or config.model.hf_dir)
-    env = Tau2Environment(config, ChatFormat(tokenizer), split="train")
-    return env, tokenizer, model_setup.resolve_model_config(config, tokenizer)
 
 
 def null_solvable_tasks(config, env) -> set[str] | None:
@@ -101,148 +83,6 @@ def loss_config(rl) -> PolicyLossConfig:
                             veto_threshold=rl.veto_threshold)
 
 
-def make_engine(config, model_cfg, params, tokenizer, version: int):
-    """The rollout engine, holding `params` as policy `version`: the built-in engine in this
-    process (weights pushed as device arrays), or SGLang over HTTP (weights published to disk)."""
-    if config.engine.kind == "builtin":
-        from tau2jax.inference.jax_engine import JaxEngine, engine_dtype
-
-        dtype = engine_dtype(config.engine.dtype)
-        return JaxEngine(jax.tree.map(lambda x: x.astype(dtype), params), model_cfg, tokenizer=tokenizer,
-                         max_seq_len=config.engine.max_seq_len, max_batch=config.engine.max_batch,
-                         compute_dtype=dtype, prefix_cache_tokens=config.engine.prefix_cache_tokens,
-                         policy_version=version, seed=config.seed)
-    if config.engine.kind == "sglang":
-        from tau2jax.inference.sglang_client import from_config
-
-        return from_config(config)
-    raise config_lib.ConfigError(f"config.engine.kind={config.engine.kind!r}: GRPO needs builtin or sglang")
-
-
-# ----------------------------------------------------------------------------- task order
-
-def next_tasks(tasks: list[TaskRef], meta: dict, n: int, seed: int) -> list[TaskRef]:
-    """Re-queued tasks first, then the next ones of an order reshuffled every epoch."""
-    by_key = {t.key: t for t in tasks}
-    out = [by_key[k] for k in meta["requeue"][:n]]
-    meta["requeue"] = meta["requeue"][len(out):]
-    while len(out) < n:
-        epoch, pos = divmod(meta["cursor"], len(tasks))
-        order = np.random.default_rng([seed, epoch]).permutation(len(tasks))
-        out.append(tasks[order[pos]])
-        meta["cursor"] += 1
-    return out
-
-
-def plan_jobs(tasks: list[TaskRef], meta: dict, *, target: int, round_: int, n: int, seed: int) -> list[Job]:
-    """`n` groups for learner step `target` (0-based); group ids name the step (1-based) and the
-    refill round, so a replay after a resume samples with the same seeds."""
-    refs = next_tasks(tasks, meta, n, seed)
-    return [Job(target, f"s{target + 1}r{round_}g{j}:{ref.key}", ref) for j, ref in enumerate(refs)]
-
-
-def checkpoint_meta(meta: dict, in_flight: list[str]) -> dict:
-    """The loop state to save: groups submitted but not trained yet go back to the front of the
-    re-queue (a resumed run replays them; the ledger has no line of them yet)."""
-    return meta | {"requeue": list(in_flight) + list(meta["requeue"])}
-
-
-# ----------------------------------------------------------------------------- one step's data
-
-def advantage_reward(t, rl) -> float:
-    """The reward group advantages are computed from: shaped, minus the repeat penalty."""
-    r = t.shaped_reward if t.shaped_reward is not None else (t.reward or 0.0)
-    return r - rl.repeat_penalty * rollout_metrics.repeated_tool_calls(t) if rl.repeat_penalty else r
-
-
-def assemble(groups, rl, tracker, *, step: int, learner_version: int):
-    """Complete groups -> (batch items, ledger records, counters, staleness per scored trajectory).
-    Incomplete groups are re-queued; samples over the staleness bound are dropped (`rl.stale_policy`
-    "drop") and leave their group's statistics; with dynamic sampling, zero-variance groups are
-    dropped. Every drop is counted and has a ledger reason."""
-    ledger, items = [], []
-    counts = {"groups_requeued": 0, "groups_zero_variance": 0, "groups_trained": 0, "samples_stale": 0}
-    rewards = {id(t): advantage_reward(t, rl) for g in groups for t in g.trajectories}
-    kept, ages = [], []
-    for gi, g in enumerate(groups):
-        for t in g.failed_attempts:
-            ledger.append(collector.ledger_record(t, step=step, group_id=g.group_id, status="dropped",
-                                                  reason="infra_error_retried"))
-        if not g.complete:
-            counts["groups_requeued"] += 1
-            for t in g.trajectories:
-                ledger.append(collector.ledger_record(t, step=step, group_id=g.group_id, status="requeued",
-                                                      reason="group_incomplete"))
-            continue
-        if tracker is not None:
-            for t in g.trajectories:
-                tracker.record(g.ref.key, t.success)
-        age, fresh = staleness.check(g.trajectories, learner_version, rl.max_staleness, rl.stale_policy)
-        ages += age
-        for t, a, ok in zip(g.trajectories, age, fresh):
-            if not ok:
-                counts["samples_stale"] += 1
-                ledger.append(collector.ledger_record(t, step=step, group_id=g.group_id, status="dropped",
-                                                      reason="stale", staleness=a))
-        rs = [rewards[id(t)] for t, ok in zip(g.trajectories, fresh) if ok]
-        if rl.dynamic_sampling and rs and max(rs) == min(rs):
-            counts["groups_zero_variance"] += 1
-            for t, ok in zip(g.trajectories, fresh):
-                if ok:
-                    ledger.append(collector.ledger_record(t, step=step, group_id=g.group_id, status="dropped",
-                                                          reason="zero_variance"))
-            continue
-        if rs:
-            kept.append((gi, g, [(t, rewards[id(t)], a) for t, a, ok in zip(g.trajectories, age, fresh) if ok]))
-    if not kept:
-        return items, ledger, counts, ages
-    flat_r = [r for _, _, ts in kept for _, r, _ in ts]
-    flat_g = [gi for gi, _, ts in kept for _ in ts]
-    adv = adv_lib.group_advantages(flat_r, flat_g, std_normalize=rl.std_normalize)
-    i = 0
-    for gi, g, ts in kept:
-        w = tracker.weight(g.ref.key) if tracker is not None else 1.0
-        counts["groups_trained"] += 1
-        for t, _, a in ts:
-            items.append((t, float(adv[i]) * w, gi))
-            ledger.append(collector.ledger_record(t, step=step, group_id=g.group_id, status="trained",
-                                                  advantage=float(adv[i]) * w, staleness=a))
-            i += 1
-    return items, ledger, counts, ages
-
-
-def useful(g, rl) -> bool:
-    """Counts toward the step's tasks_per_step: whole, and with dynamic sampling not zero-variance."""
-    return g.complete and not (rl.dynamic_sampling and len({advantage_reward(t, rl) for t in g.trajectories}) == 1)
-
-
-def gather(workers, tasks, meta, rl, *, step: int, seed: int, resync) -> tuple[list, int]:
-    """Step `step`'s whole groups, refilled with more tasks under dynamic sampling -> (groups, refill
-    rounds). Tasks of incomplete groups go back to the re-queue."""
-    groups, rounds = workers.take(step, resync), 0
-    want = rl.tasks_per_step - sum(useful(g, rl) for g in groups)
-    while rl.dynamic_sampling and want > 0 and rounds < rl.max_refill_rounds:
-        rounds += 1
-        workers.submit(plan_jobs(tasks, meta, target=step, round_=rounds, n=want, seed=seed))
-        new = workers.take(step, resync)
-        groups += new
-        want -= sum(useful(g, rl) for g in new)
-    meta["requeue"] += [g.ref.key for g in groups if not g.complete]
-    return groups, rounds
-
-
-def _truncate_ledger(path: str, last_step: int) -> None:
-    """Drop lines of steps after `last_step` (a run killed before its next checkpoint)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if json.loads(line)["step"] <= last_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- the stage
 
 def run(config) -> dict:
@@ -252,14 +92,14 @@ def run(config) -> dict:
                                      "multi-process GRPO is not built yet")
     t_start = time.perf_counter()
     # --- setup
-    env, tokenizer, model_cfg = make_environment(config)
+    env, tokenizer, model_cfg = builders.rl_environment(config)
     null_solvable = null_solvable_tasks(config, env)
     tasks = env.tasks()
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = builders.mesh(config)
     compute_dtype = jnp.dtype(config.model.compute_dtype)
     tx, schedule = make_optimizer(config.optim, rl.steps)
     p_shard = qwen3.param_shardings(model_cfg, mesh)
-    abstract_params = model_setup.abstract_params(model_cfg, config.model.param_dtype)
+    abstract_params = make_abstract_params(model_cfg, config.model.param_dtype)
     shardings = state_shardings(tx, abstract_params, p_shard, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -273,7 +113,7 @@ def run(config) -> dict:
     ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"), save_every=config.train.checkpoint_every,
                         keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint)
     start = ckpt.latest_step() or 0
-    init_params = model_setup.initial_params(config, model_cfg, mesh, p_shard)
+    init_params = builders.initial_params(config, model_cfg, mesh, p_shard)
     if start:
         abstract_state = jax.eval_shape(lambda p: create_state(p, tx, shardings, config.seed), abstract_params)
         state = ckpt.restore(start, abstract_like(abstract_state, shardings))
@@ -311,7 +151,7 @@ def run(config) -> dict:
         learner_compiles = jitted._cache_size
 
     # --- rollouts: the engine at the state's version, workers producing whole groups
-    engine = make_engine(config, model_cfg, state.params, tokenizer, version=start)
+    engine = builders.rollout_engine(config, model_cfg, state.params, tokenizer, version=start)
     weights_root = os.path.join(config.workdir, "weights")
 
     def push_weights(version):  # the learner's current params as `version`
@@ -339,7 +179,7 @@ def run(config) -> dict:
     rollouts_dir = os.path.join(config.workdir, "rollouts")
     os.makedirs(rollouts_dir, exist_ok=True)
     ledger_path = os.path.join(rollouts_dir, "ledger.jsonl")
-    _truncate_ledger(ledger_path, start)
+    group_lib.truncate_ledger(ledger_path, start)
     writer = MetricWriter(config.workdir)
     bar = tqdm(total=rl.steps, initial=start, desc="grpo", dynamic_ncols=True)
     planned, max_seen, busy = start, 0, []
@@ -351,14 +191,14 @@ def run(config) -> dict:
             for step in range(start, rl.steps):
                 # prompts for this step and up to max_staleness steps ahead (the workers gate them)
                 while planned < min(step + rl.max_staleness + 1, rl.steps):
-                    workers.submit(plan_jobs(tasks, meta, target=planned, round_=0, n=rl.tasks_per_step,
+                    workers.submit(group_lib.plan_jobs(tasks, meta, target=planned, round_=0, n=rl.tasks_per_step,
                                              seed=config.seed))
                     planned += 1
                 m = {"queue_depth": workers.ready_groups()}
                 t0 = time.perf_counter()
-                groups, rounds = gather(workers, tasks, meta, rl, step=step, seed=config.seed, resync=resync)
+                groups, rounds = group_lib.gather(workers, tasks, meta, rl, step=step, seed=config.seed, resync=resync)
                 m["rollout_wait_s"] = time.perf_counter() - t0
-                items, ledger, counts, ages = assemble(groups, rl, tracker, step=step + 1, learner_version=step)
+                items, ledger, counts, ages = group_lib.assemble(groups, rl, tracker, step=step + 1, learner_version=step)
                 max_seen = max([max_seen, *ages])
                 trajs = [t for g in groups if g.complete for t in g.trajectories]
                 m |= rollout_metrics.episode_metrics(trajs, null_solvable) | counts | staleness.histogram(ages)
@@ -406,7 +246,7 @@ def run(config) -> dict:
                 writer.write(step + 1, m)
                 bar.set_postfix(reward=f"{m.get('reward_mean', 0.0):.3f}", loss=f"{m.get('loss', 0.0):.4f}")
                 bar.update(1)
-                ckpt.save(step + 1, state, meta=checkpoint_meta(meta, workers.in_flight_keys()),
+                ckpt.save(step + 1, state, meta=group_lib.checkpoint_meta(meta, workers.in_flight_keys()),
                           force=step + 1 == rl.steps)
     finally:
         workers.close()

@@ -18,10 +18,11 @@ import sys
 from tqdm import tqdm
 
 from tau2jax.config import ConfigError, csv
-from tau2jax.inference import engine as engine_lib
+from tau2jax.env import episode, prompts, tau2_env
 from tau2jax.env.gold import GoldEngine
-from tau2jax.env import episode, prompts, rewards, tau2_env
 from tau2jax.env.scripted_user import ScriptedUser
+from tau2jax.inference import engine as engine_lib
+from tau2jax.stages import builders
 
 
 def _train_tasks(domain: str, task_ids: list[str]) -> list:
@@ -38,7 +39,6 @@ def _train_tasks(domain: str, task_ids: list[str]) -> list:
 
 def run(config) -> dict:
     from tau2jax.data.chat import ChatFormat
-    from tau2jax.data.tokenizer import load_tokenizer
 
     if config.tau2.split != "train":
         raise ConfigError(f"config.tau2.split: gold demos are made from the train split only, got {config.tau2.split!r}")
@@ -52,9 +52,9 @@ def run(config) -> dict:
         if missing:
             raise ConfigError(f"config.tau2.task_ids: {missing} are not train tasks of {domains}")
 
-    chat = ChatFormat(load_tokenizer(config.tokenizer.path or config.model.hf_dir))
+    chat = ChatFormat(builders.tokenizer(config))
     style = prompts.get_style(config.tau2.prompt_style)
-    reward_config = rewards.RewardConfig.from_config(config.reward)
+    reward_config = builders.reward_config(config)
     sampling = engine_lib.SamplingParams(temperature=0.0, max_new_tokens=config.engine.max_new_tokens)
     os.makedirs(config.workdir, exist_ok=True)
 

@@ -1,0 +1,216 @@
+"""The library's pieces built from a run's config: the one place a ConfigDict becomes a model
+config, first weights, a tokenizer, an engine, a user simulator or an environment. Stage runners
+call these; the rooms below take plain arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+from tau2jax import config as config_lib
+from tau2jax.models import configs as model_configs
+
+
+def process_index() -> int:
+    import jax  # lazily: stages that never touch a device should not pay for it
+
+    return jax.process_index()
+
+
+# ----------------------------------------------------------------------------- model
+
+def tokenizer(config):
+    from tau2jax.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(config.tokenizer.path or config.model.hf_dir)
+
+
+def model_config(config, tok=None) -> model_configs.ModelConfig:
+    """model.init_from's model_config.json wins, then model.hf_dir's config.json, then model.name."""
+    if config.model.init_from:
+        path = os.path.join(config.model.init_from, "model_config.json")
+        if not os.path.exists(path):
+            raise config_lib.ConfigError(
+                f"config.model.init_from: {config.model.init_from!r} has no model_config.json; "
+                "convert HF weights with `python -m checkpoints_tools.hf_to_orbax`")
+        with open(path) as f:
+            cfg = model_configs.ModelConfig(**json.load(f))
+    elif config.model.hf_dir:
+        cfg = model_configs.from_hf_config(os.path.join(config.model.hf_dir, "config.json"))
+    else:
+        cfg = model_configs.get_model_config(config.model.name)
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
+        raise config_lib.ConfigError(
+            f"config.model: vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    return cfg
+
+
+def initial_params(config, model_cfg, mesh, param_shardings):
+    """Random init directly into the sharded layout, or the converted checkpoint restored onto the mesh."""
+    import jax
+    import jax.numpy as jnp
+
+    from tau2jax.models import qwen3
+
+    dtype = jnp.dtype(config.model.param_dtype)
+    if config.model.init_from:
+        from tau2jax.weights.orbax_params import restore_params
+
+        params, _ = restore_params(config.model.init_from, mesh=mesh)
+        return jax.tree.map(lambda x: x.astype(dtype), params)
+    init = jax.jit(lambda key: qwen3.init_params(model_cfg, key, dtype=dtype), out_shardings=param_shardings)
+    return init(jax.random.key(config.seed))
+
+
+def mesh(config):
+    from tau2jax.parallel import sharding
+
+    return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+
+
+# ----------------------------------------------------------------------------- engines
+
+def builtin_engine(config):
+    """The built-in engine on `engine.checkpoint` (an `hf_to_orbax` output, or an SFT run's
+    `params/`) in `engine.dtype`; with more than one device, restored sharded on `config.mesh`."""
+    import jax
+
+    from tau2jax.inference.jax_engine import JaxEngine, engine_dtype
+
+    e = config.engine
+    if not e.checkpoint:
+        raise config_lib.ConfigError("config.engine.checkpoint: the builtin engine needs converted weights "
+                                     "(python -m checkpoints_tools.hf_to_orbax, or an SFT run's params/ dir)")
+    dtype = engine_dtype(e.dtype)
+    return JaxEngine.from_checkpoint(
+        e.checkpoint, dtype=dtype, compute_dtype=dtype, mesh=mesh(config) if jax.device_count() > 1 else None,
+        max_seq_len=e.max_seq_len, max_batch=e.max_batch, prefix_cache_tokens=e.prefix_cache_tokens,
+        tokenizer=tokenizer(config), seed=config.seed)
+
+
+def sglang_engine(config):
+    """The SGLang client on `engine.url`, once its server answers /health."""
+    from tau2jax.inference.sglang_client import SGLangEngine
+
+    e = config.engine
+    engine = SGLangEngine(e.url, concurrency=e.concurrency, timeout_s=e.timeout_s, max_retries=e.max_retries)
+    engine.wait_ready(e.timeout_s)
+    return engine
+
+
+# engine.kind -> the builder of one engine shared by every episode (thread-safe)
+SHARED_ENGINES = {"builtin": builtin_engine, "sglang": sglang_engine}
+
+
+class EngineUnavailable(RuntimeError):
+    """engine.kind names an engine this build does not have."""
+
+
+def engine_factory(config, chat, style):
+    """-> `engine_for(task) -> Engine` for eval and RFT. Gold engines are per task (they play that
+    task's script); the others are one engine shared by every episode."""
+    kind = config.engine.kind
+    if kind == "gold":
+        from tau2jax.env.gold import GoldEngine
+
+        return lambda task: GoldEngine(task, style, chat)
+    if kind not in SHARED_ENGINES:
+        raise EngineUnavailable(f"engine.kind={kind!r}: unknown engine; known: gold, {', '.join(SHARED_ENGINES)}")
+    engine = SHARED_ENGINES[kind](config)
+    return lambda task: engine
+
+
+def rollout_engine(config, model_cfg, params, tok, version: int):
+    """GRPO's engine holding `params` as policy `version`: the built-in engine in this process
+    (weights pushed as device arrays), or SGLang over HTTP (weights published to disk)."""
+    if config.engine.kind == "builtin":
+        import jax
+
+        from tau2jax.inference.jax_engine import JaxEngine, engine_dtype
+
+        dtype = engine_dtype(config.engine.dtype)
+        return JaxEngine(jax.tree.map(lambda x: x.astype(dtype), params), model_cfg, tokenizer=tok,
+                         max_seq_len=config.engine.max_seq_len, max_batch=config.engine.max_batch,
+                         compute_dtype=dtype, prefix_cache_tokens=config.engine.prefix_cache_tokens,
+                         policy_version=version, seed=config.seed)
+    if config.engine.kind == "sglang":
+        return sglang_engine(config)
+    raise config_lib.ConfigError(f"config.engine.kind={config.engine.kind!r}: GRPO needs builtin or sglang")
+
+
+# ----------------------------------------------------------------------------- users, environments
+
+def user_factory(config):
+    """-> `user_for(task, domain) -> tau2 BaseUser`, fresh per episode (`config.user`)."""
+    u = config.user
+    if u.kind == "scripted":
+        from tau2jax.env.scripted_user import ScriptedUser
+
+        return lambda task, domain: ScriptedUser(task)
+    from tau2jax.env import tau2_env
+    from tau2jax.env.llm_user import LLMUser
+
+    tools: dict[str, list | None] = {}  # user tool schemas per domain (only schemas are used)
+    lock = threading.Lock()
+
+    def user_for(task, domain):
+        with lock:
+            if domain not in tools:
+                env = tau2_env.make_environment(domain)
+                tools[domain] = env.get_user_tools() if env.user_tools is not None else None
+        # as tau2's own runner: the task's user scenario as instructions
+        return LLMUser(tools=tools[domain] or None, instructions=str(task.user_scenario), model=u.model,
+                       base_url=u.base_url, api_key=u.api_key, temperature=u.temperature, timeout_s=u.timeout_s,
+                       max_retries=u.max_retries, backoff_s=u.retry_backoff_s)
+
+    return user_for
+
+
+def reward_config(config):
+    from tau2jax.env.rewards import RewardConfig
+
+    return RewardConfig.from_config(config.reward)
+
+
+def tau2_tasks(config, split: str | None = None) -> list:
+    """TaskRefs of `tau2.domains` / `split` (default `tau2.split`), only `tau2.task_ids` when given."""
+    from tau2jax.env import tau2_env
+    from tau2jax.env.environments import TaskRef
+
+    tau2_env.init_tau2(config.tau2.data_dir)
+    wanted = set(config_lib.csv(config.tau2.task_ids))
+    split = split or config.tau2.split
+    tasks = [TaskRef(d, t.id, t) for d in config_lib.csv(config.tau2.domains)
+             for t in tau2_env.load_tasks(d, split) if not wanted or t.id in wanted]
+    if not tasks:
+        raise config_lib.ConfigError(f"config.tau2: no task in domains {config.tau2.domains!r}, split {split!r}"
+                                     + (f", ids {sorted(wanted)}" if wanted else ""))
+    return tasks
+
+
+def tau2_environment(config, chat, *, split: str | None = None):
+    """The tau2 tasks of the config, played with its prompt style, user simulator, limits and rewards."""
+    from tau2jax.env import prompts
+    from tau2jax.env.environments import Tau2Environment
+
+    return Tau2Environment(tau2_tasks(config, split), chat, style=prompts.get_style(config.tau2.prompt_style),
+                           user_for=user_factory(config), reward_config=reward_config(config),
+                           max_steps=config.tau2.max_steps, max_errors=config.tau2.max_errors,
+                           max_repairs=config.tau2.max_repairs)
+
+
+def rl_environment(config):
+    """RL's environment -> (environment, tokenizer or None, model config): the toy game, or tau2's
+    train split."""
+    if config.rl.env == "toy":
+        from tau2jax.env.toy import ToyEnvironment
+
+        env = ToyEnvironment(num_tasks=config.rl.toy_tasks, seed=config.seed, shared_table=config.rl.toy_shared_table,
+                             turn_latency_s=config.rl.toy_turn_latency_s)
+        return env, None, model_config(config)
+    from tau2jax.data.chat import ChatFormat
+
+    tok = tokenizer(config)
+    return tau2_environment(config, ChatFormat(tok), split="train"), tok, model_config(config, tok)

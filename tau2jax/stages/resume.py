@@ -1,0 +1,99 @@
+"""The resume-settings check shared by the stages that resume from their records (eval, rft).
+
+A rerun in the same workdir must produce episodes the way the earlier run did: `run_settings` picks
+the config values that decide what an episode produces, `settings.json` records them (plus the
+engine's identity), and a mismatch is a `ConfigError` naming each field and both values rather
+than a silently mixed report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tau2jax import config as config_lib
+
+SETTINGS = "settings.json"
+
+# Config fields that change what an episode produces: a resumed run must not mix values (plus the
+# sampling section's temperature/top_p/top_k and every reward.* field: `run_settings`).
+RESULT_FIELDS = (
+    "seed", "tau2.split", "tau2.prompt_style", "tau2.max_steps", "tau2.max_errors", "tau2.max_repairs",
+    "tokenizer.path", "model.hf_dir",  # the tokenizer (model.hf_dir when tokenizer.path is "")
+    "engine.kind", "engine.max_new_tokens",
+    "user.kind",
+)  # fmt: skip
+# ... and those that matter for one engine or user kind only (the served weights: Engine.identity).
+ENGINE_FIELDS = {"builtin": ("engine.checkpoint", "engine.max_seq_len", "engine.dtype"),
+                 "sglang": ("engine.url",), "gold": ()}  # fmt: skip
+USER_FIELDS = {"llm": ("user.model", "user.base_url", "user.temperature"), "scripted": ()}
+
+
+def run_settings(config, data_root, sampling: str = "eval", extra: tuple = ()) -> dict:
+    """The config values that decide what an episode produces (plus the tau2 data in use); `sampling`
+    names the section holding temperature/top_p/top_k (eval, rft); `extra`: the stage's own fields."""
+    fields = (RESULT_FIELDS + tuple(f"{sampling}.{k}" for k in ("temperature", "top_p", "top_k"))
+              + tuple(f"reward.{k}" for k in config.reward) + tuple(extra)
+              + ENGINE_FIELDS.get(config.engine.kind, ()) + USER_FIELDS.get(config.user.kind, ()))
+    out = {f: _cfg_get(config, f) for f in fields} | {"tau2.data_root": str(data_root)}
+    if config.engine.kind == "builtin":  # "auto" is another dtype on another platform
+        from tau2jax.inference.jax_engine import engine_dtype
+
+        out["engine.dtype"] = engine_dtype(config.engine.dtype).name
+    return out
+
+
+def load_settings(out_dir: Path) -> dict | None:
+    """The settings an earlier run in out_dir recorded, or None."""
+    path = out_dir / SETTINGS
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_same_settings(out_dir: Path, earlier: dict | None, current: dict, stage: str = "eval") -> None:
+    """Refuses, naming each field, to resume a run recorded with other settings (a field the
+    earlier run did not record counts as changed). Shared by the eval and rft stages."""
+    if earlier is None:
+        return
+    diff = {f: (earlier.get(f), v) for f, v in current.items() if earlier.get(f) != v}
+    if diff:
+        lines = ", ".join(f"{f}: {a!r} -> {b!r}" for f, (a, b) in diff.items())
+        raise config_lib.ConfigError(
+            f"workdir {str(out_dir)!r} holds an {stage} run with other settings ({lines}); "
+            "use a new config.workdir, or the earlier values to resume"
+        )
+
+
+def record_settings(out_dir: Path, earlier: dict | None, settings: dict, identity: dict | None,
+                    stage: str = "eval") -> dict:
+    """Adds the engine's identity (None when no episode runs, so no engine was built: the earlier
+    run's fields stand), checks it against the earlier run, writes settings.json. -> the settings."""
+    if identity is not None:
+        settings = settings | identity
+        check_same_settings(out_dir, earlier, settings, stage)
+    else:
+        settings = settings | {k: v for k, v in (earlier or {}).items() if k not in settings}
+    write_atomic(out_dir / SETTINGS, json.dumps(settings, indent=2, sort_keys=True))
+    return settings
+
+
+def check_records(out_dir: Path, finished: dict[tuple, dict], policy_version) -> None:
+    """Every kept record must come from the run's policy version (else the report mixes policies)."""
+    for key, rec in sorted(finished.items()):
+        other = [v for v in rec["policy_versions"] if v != policy_version]
+        if other:
+            raise config_lib.ConfigError(
+                f"workdir {str(out_dir)!r}: the record of {key} has policy_version {other[0]!r}, this run's "
+                f"engine serves {policy_version!r}; use a new config.workdir (one report, one policy)"
+            )
+
+
+def _cfg_get(config, dotted: str):
+    section, _, key = dotted.rpartition(".")
+    return (config[section] if section else config)[key]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
