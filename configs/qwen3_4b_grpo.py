@@ -24,7 +24,7 @@ def get_config(arg: str = ""):
     c.model.attn_impl = "cudnn"  # see qwen3_4b_sft.py
     c.model.attn_max_segments = 32
     c.mesh.data = 1
-    c.mesh.fsdp = 8  # fp32 masters + Adam of 4B params (48 GB) FSDP-sharded; the reference too
+    c.mesh.fsdp = -1  # every trainer GPU (gpu_node.sh: TRAIN_GPUS): fp32 masters + Adam (48 GB) sharded; the reference too
     c.mesh.tensor = 1
 
     c.tau2.domains = "airline,retail,telecom"

@@ -27,7 +27,9 @@
 # SGLang >= 0.5.3 (checked at launch): --weight-version needs 0.5.1, the per-request
 # sampling_seed 0.5.3. DETERMINISTIC=1 launches both servers with --enable-deterministic-inference,
 # without which SGLang ignores sampling_seed (seeded episodes are then not reproducible); it costs
-# ~34% overhead (batch-invariant kernels; see docs/gpu_serving.md).
+# ~34% overhead (batch-invariant kernels; see docs/gpu_serving.md). SGLang 0.5.3 refuses that flag
+# unless --attention-backend is flashinfer, fa3 or triton (server_args.py; later versions pick fa3
+# themselves), so it comes with --attention-backend $ATTENTION_BACKEND (default fa3: Hopper).
 #
 # Everything is a local path (no hub downloads). Override any variable from the environment:
 #   POLICY_MODEL=/models/export USER_MODEL=/models/Qwen3-4B-Instruct-2507 launch/gpu_node.sh ...
@@ -36,6 +38,7 @@ set -euo pipefail
 SGLANG_PYTHON=${SGLANG_PYTHON:-python}    # SGLang lives in its own env (its torch/CUDA pins clash with ours)
 SGLANG_MIN_VERSION=0.5.3
 DETERMINISTIC=${DETERMINISTIC:-0}
+ATTENTION_BACKEND=${ATTENTION_BACKEND:-fa3}  # with DETERMINISTIC=1: flashinfer | fa3 | triton
 
 check_sglang_version() {  # fails, saying what to do, unless $SGLANG_PYTHON has sglang >= SGLANG_MIN_VERSION
   local have
@@ -54,7 +57,7 @@ check_sglang_version() {  # fails, saying what to do, unless $SGLANG_PYTHON has 
 deterministic_args() {  # the SGLang flags DETERMINISTIC asks for
   case "$DETERMINISTIC" in
     0) ;;
-    1) echo --enable-deterministic-inference ;;
+    1) echo --enable-deterministic-inference --attention-backend "$ATTENTION_BACKEND" ;;
     *) echo "error: DETERMINISTIC must be 0 or 1, got '$DETERMINISTIC'" >&2; return 1 ;;
   esac
 }

@@ -173,7 +173,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.kl_coef = 0.01  # recipe: k3 (low_var_kl) 0.01 to the SFT reference
     c.rl.kl_type = "k3"  # k1 | k2 | k3
     c.rl.entropy_coef = 0.001
-    c.rl.tis_cap = 0.0  # token truncated importance sampling cap (0 = off)
+    # Token truncated importance sampling: min(exp(learner − behaviour log-prob), cap); 0 = off.
+    # -1 = by engine: 2.0 against SGLang, whose log-probs come from other kernels than the learner's
+    # (the PPO ratio is then anchored on the learner's own recomputation and TIS corrects the gap, as
+    # verl and slime do), off against the built-in engine (the learner's own numerics).
+    c.rl.tis_cap = -1.0
     c.rl.geo_mask_low = 0.0  # geometric sequence mask bounds (0 = off)
     c.rl.geo_mask_high = 0.0
     c.rl.veto_threshold = 0.0  # drop sequences with a token ratio below this (0 = off)
@@ -278,6 +282,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
              f"must be >= rl.sync_every - 1 ({c.rl.sync_every - 1}): between syncs the engine serves a version "
              "that many steps old, and groups may only start within the staleness bound")
     _require(c.rl.stale_policy in ("drop", "correct"), "rl.stale_policy", "must be 'drop' or 'correct'")
+    _require(c.rl.tis_cap == -1 or c.rl.tis_cap >= 0, "rl.tis_cap", f"must be -1 (by engine) or >= 0, got {c.rl.tis_cap}")
     _require(c.rl.toy_turn_latency_s >= 0, "rl.toy_turn_latency_s", "must be >= 0")
     _require(c.rl.agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"), "rl.agg_mode",
              f"unknown {c.rl.agg_mode!r}")

@@ -118,9 +118,20 @@ def test_staleness_is_learner_version_minus_the_oldest_turn():
 def test_correct_turns_on_token_tis():
     assert staleness.tis_cap("correct", 0.0) == staleness.DEFAULT_TIS_CAP
     assert staleness.tis_cap("correct", 3.0) == 3.0 and staleness.tis_cap("drop", 0.0) == 0.0
-    rl = config_lib.default_config().rl
-    rl.stale_policy = "correct"
-    assert grpo.loss_config(rl).tis_cap == staleness.DEFAULT_TIS_CAP
+    c = config_lib.default_config()
+    c.rl.stale_policy = "correct"
+    assert grpo.loss_config(c).tis_cap == staleness.DEFAULT_TIS_CAP
+
+
+@pytest.mark.parametrize("engine, cap, want", [("sglang", -1.0, 2.0), ("builtin", -1.0, 0.0), ("sglang", 0.0, 0.0),
+                                               ("builtin", 3.0, 3.0)])
+def test_tis_by_engine(engine, cap, want):
+    """Against SGLang the PPO ratio is anchored on the learner's own log-probs and TIS (cap 2) corrects
+    the behaviour gap, by default; the built-in engine shares the learner's numerics (off)."""
+    c = config_lib.default_config()
+    c.engine.kind, c.rl.tis_cap = engine, cap
+    config_lib.validate(c)
+    assert grpo.loss_config(c).tis_cap == want
 
 
 def test_assemble_drops_stale_samples_out_of_their_group():

@@ -303,6 +303,9 @@ def test_launcher_requires_sglang_0_5_3(tmp_path, version, ok):
 def test_launcher_deterministic_switch(tmp_path):
     assert launcher(tmp_path, "deterministic_args", "0.5.3").stdout.strip() == ""
     on = launcher(tmp_path, "deterministic_args", "0.5.3", DETERMINISTIC="1")
-    assert on.stdout.split() == ["--enable-deterministic-inference"]
+    # SGLang 0.5.3 refuses the flag without a batch-invariant attention backend (server_args.py)
+    assert on.stdout.split() == ["--enable-deterministic-inference", "--attention-backend", "fa3"]
+    triton = launcher(tmp_path, "deterministic_args", "0.5.3", DETERMINISTIC="1", ATTENTION_BACKEND="triton")
+    assert triton.stdout.split()[-1] == "triton"
     bad = launcher(tmp_path, "deterministic_args", "0.5.3", DETERMINISTIC="yes")
     assert bad.returncode != 0 and "DETERMINISTIC must be 0 or 1" in bad.stderr

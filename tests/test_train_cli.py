@@ -116,3 +116,21 @@ def test_cudnn_rows_with_more_segments_than_allowed_are_refused_by_name(tmp_path
     assert proc.returncode != 0
     assert "config.model.attn_max_segments=1, but a packed row holds" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_trained_policy_exports_as_a_servable_hf_dir(tmp_path, short_sft_jsonl):
+    """SGLang launches from a directory with weights, config and tokenizer (+ chat template): the
+    training export carries the tokenizer files the run used, and orbax_to_hf writes them out."""
+    from checkpoints_tools import orbax_to_hf
+    from tau2jax.data.tokenizer import load_tokenizer
+    from tau2jax.weights.hf_read import load_hf_params
+
+    run = train("--config", "configs/tiny_sft.py", f"--config.data.train_files={short_sft_jsonl}",
+                "--config.data.max_len=64", "--config.train.steps=1", f"--config.workdir={tmp_path / 'run'}")
+    out = tmp_path / "hf"
+    assert orbax_to_hf.main(["--orbax-dir", run["params"], "--out", str(out), "--dtype", "bfloat16"]) == 0
+    files = set(os.listdir(out))
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"} <= files
+    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+    assert load_tokenizer(str(out)).vocab_size == load_tokenizer().vocab_size
+    load_hf_params(str(out))  # the weights read back under the written config

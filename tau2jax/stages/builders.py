@@ -47,6 +47,20 @@ def model_config(config, tok=None) -> model_configs.ModelConfig:
     return cfg
 
 
+def hf_extra_dir(config) -> str:
+    """Where a trained export's tokenizer and HF config files come from: the start checkpoint's
+    `hf_extra/`, else `model.hf_dir`, else the tokenizer in use (`tokenizer.path`, or the shipped
+    Qwen3 files)."""
+    from tau2jax.data.tokenizer import shipped_tokenizer_dir
+    from tau2jax.weights.hf_read import HF_EXTRA_DIR
+
+    extra = os.path.join(config.model.init_from, HF_EXTRA_DIR) if config.model.init_from else ""
+    for d in (extra, config.model.hf_dir, config.tokenizer.path):
+        if d and os.path.isdir(d):
+            return d
+    return shipped_tokenizer_dir()
+
+
 def initial_params(config, model_cfg, mesh, param_shardings):
     """Random init directly into the sharded layout, or the converted checkpoint restored onto the mesh."""
     import jax

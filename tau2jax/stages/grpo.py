@@ -74,12 +74,14 @@ def null_solvable_tasks(config, env) -> set[str] | None:
     return {f"{d}/{t}" for (d, t), ok in passes.items() if ok}
 
 
-def loss_config(rl) -> PolicyLossConfig:
+def loss_config(config) -> PolicyLossConfig:
+    rl = config.rl
+    cap = rl.tis_cap if rl.tis_cap >= 0 else staleness.DEFAULT_TIS_CAP if config.engine.kind == "sglang" else 0.0
     geo = (rl.geo_mask_low, rl.geo_mask_high) if rl.geo_mask_high > 0 else None
     return PolicyLossConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, dual_clip=rl.dual_clip,
                             ratio_level=rl.ratio_level, agg_mode=rl.agg_mode, norm_len=rl.max_len,
                             kl_coef=rl.kl_coef, kl_type=rl.kl_type, entropy_coef=rl.entropy_coef,
-                            tis_cap=staleness.tis_cap(rl.stale_policy, rl.tis_cap), geo_mask=geo,
+                            tis_cap=staleness.tis_cap(rl.stale_policy, cap), geo_mask=geo,
                             veto_threshold=rl.veto_threshold)
 
 
@@ -140,11 +142,11 @@ def run(config) -> dict:
                       attn_impl=config.model.attn_impl, attn_max_segments=config.model.attn_max_segments)
     ref_shardings = p_shard if ref_params is not None else None
     if rl.micro_batch_rows:  # fixed-shape micro-batches: compiled once, whatever a step's row count
-        step_fn = micro_batched_grpo_step(model_cfg, tx, schedule, loss_config(rl), shardings, batch_sharding,
+        step_fn = micro_batched_grpo_step(model_cfg, tx, schedule, loss_config(config), shardings, batch_sharding,
                                           ref_shardings, micro_batch_rows=dp * rl.micro_batch_rows, **forward_kw)
         learner_compiles = step_fn.compiles
     else:  # one executable per row bucket
-        jitted = jit_grpo_step(make_grpo_step(model_cfg, tx, schedule, loss_config(rl),
+        jitted = jit_grpo_step(make_grpo_step(model_cfg, tx, schedule, loss_config(config),
                                               grad_accum=config.optim.grad_accum, **forward_kw),
                                shardings, batch_sharding, ref_shardings)
         step_fn = lambda st, b, ref: jitted(st, jax.device_put(b, batch_sharding), ref)  # noqa: E731
@@ -255,7 +257,7 @@ def run(config) -> dict:
         writer.close()
         engine.close()
     steady = t_prev - t_first  # the timed steps, not the teardown above
-    params_dir = export_params(config.workdir, state.params, model_cfg, rl.steps)
+    params_dir = export_params(config.workdir, state.params, model_cfg, rl.steps, builders.hf_extra_dir(config))
     hist = meta["rewards"]
     w = min(SUMMARY_WINDOW, max(1, len(hist) // 2))
     return {

@@ -131,7 +131,7 @@ def run(config) -> dict:
     elapsed = time.perf_counter() - t_start
     ckpt.close()
     writer.close()
-    params_dir = export_params(config.workdir, state.params, model_cfg, total_steps)
+    params_dir = export_params(config.workdir, state.params, model_cfg, total_steps, builders.hf_extra_dir(config))
     summary = {
         "stage": "sft",
         "steps": total_steps,
