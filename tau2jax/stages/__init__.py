@@ -13,7 +13,11 @@ from tau2jax import config as config_lib
 
 
 def run_stage(config) -> dict:
-    """Validates the config, then runs `tau2jax.stages.<config.stage>.run` (one module per name in
-    `config.STAGES`, imported lazily so `sft` never pays for tau2/litellm imports)."""
+    """Validates the config, checks what would fail later (`preflight`: mesh, memory, servers, disk),
+    then runs `tau2jax.stages.<config.stage>.run` (one module per name in `config.STAGES`, imported
+    lazily so `sft` never pays for tau2/litellm imports)."""
+    from tau2jax.stages import preflight
+
     config_lib.validate(config)
+    preflight.check(config)
     return importlib.import_module(f"tau2jax.stages.{config.stage}").run(config)

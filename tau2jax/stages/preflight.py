@@ -1,0 +1,164 @@
+"""Checks before the first step of a stage: what would otherwise fail hours in (the pipeline runs
+demos and the base eval before SFT builds its mesh) fails in seconds, naming the setting and the fix,
+before anything is written.
+
+- learner (sft, grpo, and the pipeline's sft / sft_rft / grpo steps): the mesh against the visible
+  devices, batch divisibility, and a per-device memory estimate (`learn.memory`) against the
+  devices' memory;
+- the policy server (`engine.kind=sglang`): healthy (/health), its `weight_version` and served
+  `model_path` (a local directory must hold config, tokenizer and safetensors);
+- the user simulator (`user.kind=llm`): its OpenAI endpoint answers /models;
+- the workdir: writable, with disk space for checkpoints and published weight versions.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from tau2jax import config as config_lib
+from tau2jax.stages import builders
+
+LEARNER_STAGES = ("sft", "grpo")
+ENDPOINT_STAGES = ("eval", "rft", "grpo", "pipeline")
+HEALTH_TIMEOUT_S = 30.0  # SGLang's /health runs a one-token generation (seconds on a busy server)
+MEMORY_HEADROOM = 0.9  # XLA needs some of a device for itself
+
+
+def check(config) -> None:
+    """Raises ConfigError on the first problem found."""
+    learners = _learner_configs(config)
+    for c in learners:
+        check_learner(c)
+    if config.stage in ENDPOINT_STAGES:
+        if config.engine.kind == "sglang":
+            check_policy_server(config)
+        if config.user.kind == "llm":
+            check_user_server(config)
+    check_workdir(config, learners)
+
+
+def _learner_configs(config) -> list:
+    if config.stage in LEARNER_STAGES:
+        return [config]
+    if config.stage != "pipeline":
+        return []
+    from tau2jax.stages import pipeline
+
+    start = config.model.init_from  # stands in for every step's input weights: same shapes
+    inputs = {"demo_files": [], "rft_file": "", "params": {s: start for s, _, _ in pipeline.STEPS}}
+    return [pipeline.step_config(config, step, inputs) for step, stage, _ in pipeline.STEPS if stage in LEARNER_STAGES]
+
+
+def check_learner(config) -> None:
+    import jax
+
+    where = f"({config.stage} step in {config.workdir})"
+    try:
+        mesh = builders.mesh(config)
+    except config_lib.ConfigError as e:
+        raise config_lib.ConfigError(f"{e} {where}; the trainer sees {jax.device_count()} "
+                                     f"{jax.default_backend()} devices (launch/gpu_node.sh: TRAIN_GPUS)") from None
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.stage == "sft":
+        micro = config.data.batch_size // config.optim.grad_accum
+        if micro % dp:
+            raise config_lib.ConfigError(
+                f"config.data.batch_size: {config.data.batch_size} rows / {config.optim.grad_accum} micro-batches "
+                f"must divide over the {dp} data-parallel devices {where}; use a multiple of {dp * config.optim.grad_accum}")
+        rows, seq_len = micro // dp, config.data.max_len
+    else:
+        rows, seq_len = max(1, config.rl.micro_batch_rows), config.rl.max_len
+    from tau2jax.learn.memory import learner_bytes
+
+    est = learner_bytes(builders.model_config(config), param_dtype=config.model.param_dtype,
+                        compute_dtype=config.model.compute_dtype, shards=mesh.shape["fsdp"] * mesh.shape["tensor"],
+                        rows=rows, seq_len=seq_len, remat=config.model.remat, loss_chunk=config.train.loss_chunk,
+                        reference=config.stage == "grpo" and bool(config.rl.kl_coef))
+    have = device_memory_bytes()
+    if est["total"] > MEMORY_HEADROOM * have:
+        terms = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in est.items() if k != "total")
+        raise config_lib.ConfigError(
+            f"the learner needs ~{est['total'] / 2**30:.1f} GiB per device ({terms} GiB) but a device has "
+            f"{have / 2**30:.1f} GiB {where}: shard over more devices (mesh.fsdp), shorten rows "
+            f"(data.max_len / rl.max_len), use model.remat=full or a smaller train.loss_chunk")
+
+
+def device_memory_bytes() -> int:
+    """One device's memory: the accelerator's limit, or on CPU the host's RAM shared by its devices."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    import psutil
+
+    return psutil.virtual_memory().total // jax.local_device_count()
+
+
+def check_policy_server(config) -> None:
+    import httpx
+
+    url = config.engine.url.rstrip("/")
+    fix = "start it (launch/gpu_node.sh) or point config.engine.url at it"
+    try:
+        r = httpx.get(f"{url}/health", timeout=httpx.Timeout(HEALTH_TIMEOUT_S, connect=5.0))
+        info = httpx.get(f"{url}/get_model_info", timeout=10.0).json() if r.status_code == 200 else {}
+    except httpx.HTTPError as e:
+        raise config_lib.ConfigError(f"config.engine.url: policy server {url} unreachable ({type(e).__name__}: {e}); "
+                                     f"{fix}") from None
+    if r.status_code != 200:
+        raise config_lib.ConfigError(f"config.engine.url: policy server {url}/health answered {r.status_code} "
+                                     f"(still loading, or failing); {fix}")
+    path = info.get("model_path") or ""
+    if os.path.isdir(path):  # a path on another node cannot be checked from here
+        check_model_dir(path, f"the policy server {url} serves")
+
+
+def check_model_dir(path: str, what: str) -> None:
+    """A directory SGLang can launch from: config.json, a tokenizer, safetensors weights."""
+    names = set(os.listdir(path))
+    missing = [want for want, ok in (("config.json", "config.json" in names),
+                                     ("tokenizer.json", "tokenizer.json" in names),
+                                     ("*.safetensors", any(n.endswith(".safetensors") for n in names))) if not ok]
+    if missing:
+        raise config_lib.ConfigError(
+            f"{what} {path}, which lacks {', '.join(missing)}; export a complete directory with "
+            "`python -m checkpoints_tools.orbax_to_hf --orbax-dir RUN/params --out DIR` (it carries the tokenizer)")
+
+
+def check_user_server(config) -> None:
+    import httpx
+
+    url = config.user.base_url.rstrip("/")
+    try:
+        r = httpx.get(f"{url}/models", timeout=httpx.Timeout(10.0, connect=5.0))
+    except httpx.HTTPError as e:
+        raise config_lib.ConfigError(f"config.user.base_url: user simulator {url} unreachable ({type(e).__name__}: "
+                                     f"{e}); start it (launch/gpu_node.sh) or point config.user.base_url at it") from None
+    if r.status_code != 200:
+        raise config_lib.ConfigError(f"config.user.base_url: user simulator {url}/models answered {r.status_code}")
+
+
+def check_workdir(config, learners: list) -> None:
+    """Writable, with room for the learner's checkpoints (params + Adam, `train.keep_checkpoints`
+    of them) and, against SGLang, the published bf16 versions."""
+    from tau2jax.models.configs import num_params
+
+    root = os.path.abspath(config.workdir)
+    existing = root
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        raise config_lib.ConfigError(f"config.workdir: {root} is not writable ({existing} refuses writes); "
+                                     "pick a directory you can write")
+    need = 0
+    for c in learners:
+        n = num_params(builders.model_config(c))
+        need += n * (4 + 8) * (c.train.keep_checkpoints + 1)  # fp32 params + Adam, plus the export
+        if c.engine.kind == "sglang" and c.stage == "grpo":
+            need += n * 2 * 3  # weight_sync.publish keeps 3 bf16 versions
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise config_lib.ConfigError(f"config.workdir: {root} needs ~{need / 2**30:.1f} GiB for checkpoints and "
+                                     f"published weights, {free / 2**30:.1f} GiB free; free space or move the workdir")
