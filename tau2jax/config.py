@@ -101,7 +101,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Policy engine.
     c.engine = ml_collections.ConfigDict()
     c.engine.kind = "builtin"  # builtin | sglang | gold
-    c.engine.url = "http://127.0.0.1:30000"  # sglang: the policy server
+    # sglang: the policy server, or several comma-separated (an episode stays on one; pushes reach all)
+    c.engine.url = "http://127.0.0.1:30000"
     c.engine.checkpoint = ""  # builtin: converted weights (hf_to_orbax output or an SFT run's params/)
     c.engine.max_seq_len = 32768  # builtin: context (prompt + generated); the largest KV-cache bucket
     c.engine.max_batch = 16  # builtin: sequences decoded together

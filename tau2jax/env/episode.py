@@ -193,6 +193,7 @@ def run_episode(
         sampling,
         stop_token_ids=tuple(dict.fromkeys([*sampling.stop_token_ids, *sorted(stops)])),
         stop_strings=tuple(dict.fromkeys([*sampling.stop_strings, *_STOP_STRINGS])),
+        affinity=sampling.affinity or f"{domain}/{task.id}/{sample_index}/{sampling.seed}",
     )
     engine_kind = getattr(engine, "kind", type(engine).__name__)
     traj = Trajectory(task_id=task.id, domain=domain, prompt_style=style.name, sample_index=sample_index)

@@ -32,6 +32,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()  # for string-matching engines; token engines use stop_token_ids
     seed: int | None = None
+    # Requests with one affinity key go to one server of a pool (`inference.server_pool`), so an
+    # episode's turns reuse that server's prefix cache; the episode runner sets it per episode.
+    affinity: str | None = None
 
 
 @dataclass

@@ -105,11 +105,15 @@ def builtin_engine(config):
 
 
 def sglang_engine(config):
-    """The SGLang client on `engine.url`, once its server answers /health."""
+    """The SGLang client on `engine.url` (comma-separated: a `ServerPool` over every server, an
+    episode's turns on one of them), once every server answers /health."""
+    from tau2jax.inference.server_pool import ServerPool
     from tau2jax.inference.sglang_client import SGLangEngine
 
     e = config.engine
-    engine = SGLangEngine(e.url, concurrency=e.concurrency, timeout_s=e.timeout_s, max_retries=e.max_retries)
+    clients = [SGLangEngine(url, concurrency=e.concurrency, timeout_s=e.timeout_s, max_retries=e.max_retries)
+               for url in config_lib.csv(e.url)]
+    engine = clients[0] if len(clients) == 1 else ServerPool(clients)
     engine.wait_ready(e.timeout_s)
     return engine
 

@@ -97,9 +97,13 @@ def device_memory_bytes() -> int:
 
 
 def check_policy_server(config) -> None:
+    for url in config_lib.csv(config.engine.url):
+        _check_policy_url(url.rstrip("/"))
+
+
+def _check_policy_url(url: str) -> None:
     import httpx
 
-    url = config.engine.url.rstrip("/")
     fix = "start it (launch/gpu_node.sh) or point config.engine.url at it"
     try:
         r = httpx.get(f"{url}/health", timeout=httpx.Timeout(HEALTH_TIMEOUT_S, connect=5.0))
