@@ -188,3 +188,12 @@ def test_each_wrong_call_strictly_lowers_the_partial_score(hits):
     scores = [partial_reward(info, cfg, calls=CallAudit(calls=hits + w, hits=hits, wrong=w)) for w in range(5)]
     assert all(a > b for a, b in zip(scores, scores[1:]))
     assert scores[0] == pytest.approx(partial_reward(info, cfg))  # no wrong call: tau2's fractions
+
+
+def test_the_audit_counts_the_policys_calls_not_the_tasks_history(chat):
+    """update_task_with_message_history starts from a conversation holding an assistant tool call."""
+    task = next(t for t in tau2_env.load_tasks("mock") if t.id == "update_task_with_message_history")
+    assert any(m.is_tool_call() for m in tau2_env.initial_messages(task) if m.role == "assistant")
+    traj = _play(chat, task.id, [prompts.tool_call_text("update_task_status", {"task_id": "task_2", "status": "completed"}),
+                                 "Marked it completed.<|im_end|>"])
+    assert traj.reward == 1.0 and traj.call_audit == {"calls": 1, "hits": 1, "wrong": 0}

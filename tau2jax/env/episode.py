@@ -338,7 +338,7 @@ def run_episode(
     else:
         traj.reward = float(info.reward)
         traj.reward_info = info.model_dump(mode="json")
-        audit = rewards.audit_calls(task, tau2_msgs, env.tools)
+        audit = rewards.audit_calls(task, tau2_msgs[len(history):], env.tools)  # the task's history is not the policy's
         traj.call_audit = dataclasses.asdict(audit)
         traj.partial_reward = rewards.partial_reward(info, reward_config, domain, audit)
         traj.shaped_reward = rewards.shaped_reward(traj.reward, traj.partial_reward, reward_config, domain)
