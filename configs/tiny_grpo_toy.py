@@ -35,6 +35,9 @@ def get_config(arg: str = ""):
     # Every toy action is one token sampled with max_new_tokens=1, so the engine reports each turn as
     # cut by the length limit; here that is the complete action, and it must be trained.
     c.rl.keep_length_cut = True
+    # A malformed toy action ends its episode at reward 0, so its advantage is never positive:
+    # training it pushes the random start off malformed tokens.
+    c.rl.malformed_turns = "nonpositive"
     c.rl.kl_coef = 0.0  # nothing to stay close to: the start is random
     c.rl.entropy_coef = 0.0
 

@@ -133,6 +133,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.reward.w_action = 0.7
     c.reward.w_env_assertion = 0.2
     c.reward.w_communicate = 0.1
+    # tau2's action check ignores extra and wrong calls (env/rewards.py): without these, partial
+    # credit in an all-fail group favours the episode that sprayed the most calls. Presets keep
+    # the published, precision-blind credit.
+    c.reward.action_precision = True  # action term × hits / (hits + wrong calls)
+    c.reward.wrong_call_penalty = 0.05  # per wrong call, on the partial score's [0, 1] scale
 
     # Rejection-sampling fine-tuning (stage rft): sample train tasks, keep successes as SFT data.
     c.rft = ml_collections.ConfigDict()
@@ -163,6 +168,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.dynamic_sampling = False  # drop zero-variance groups and refill with other tasks (DAPO)
     c.rl.max_refill_rounds = 2
     c.rl.curriculum = False  # recipe's per-task weights on advantages (shared tracker, checkpointed)
+    # Turns that failed to parse (kind "malformed"; their repair, if any, is never trained): "mask"
+    # never trains them; "nonpositive" trains them only when their episode's advantage is negative,
+    # so a malformed turn is only ever pushed down, never reinforced by an episode its repair won.
+    c.rl.malformed_turns = "mask"
     c.rl.repeat_penalty = 0.0  # subtracted per repeated identical tool call (0 = metric only)
     c.rl.sync_every = 1  # push weights to the engine every N learner steps
     c.rl.reference = ""  # frozen KL reference weights; "" = model.init_from (the SFT checkpoint)
@@ -278,6 +287,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.rl.samples_per_task >= 2 or not c.rl.std_normalize, "rl.samples_per_task",
              "group advantages need >= 2 samples per task")
     _require(c.rl.overlong in ("truncate", "drop"), "rl.overlong", "must be 'truncate' or 'drop'")
+    _require(c.rl.malformed_turns in ("mask", "nonpositive"), "rl.malformed_turns", "must be 'mask' or 'nonpositive'")
+    _require(c.reward.wrong_call_penalty >= 0, "reward.wrong_call_penalty", "must be >= 0")
     _require(c.rl.sync_every >= 1 and c.rl.concurrency >= 1, "rl", "sync_every and concurrency must be >= 1")
     _require(c.rl.max_staleness >= c.rl.sync_every - 1, "rl.max_staleness",
              f"must be >= rl.sync_every - 1 ({c.rl.sync_every - 1}): between syncs the engine serves a version "

@@ -88,9 +88,9 @@ def test_malformed_unknown_and_wrong_args_are_error_turns(chat, task):
     assert traj.reward == 1.0  # the episode went on and the errors changed nothing
     assert (traj.num_format_errors, traj.num_repairs, traj.num_tool_errors) == (1, 1, 2)
     assert [t["kind"] for t in traj.turns] == ["malformed", "repair", "policy", "policy", "policy"]
-    # the malformed turn was sampled (mask 1); the regenerated one is never trained as if sampled
+    # neither the malformed turn nor the regenerated one is a training target
     (ms, me), (rs, re_) = sampled_spans(traj)[:2]
-    assert all(traj.loss_mask[i] == 1 for i in range(ms, me))
+    assert all(traj.loss_mask[i] == 0 for i in range(ms, me))
     assert all(traj.loss_mask[i] == 0 and traj.behaviour_logprobs[i] == 0.0 for i in range(rs, re_))
     flagged = [m for m in traj.messages if m.get("malformed") or m.get("repair")]
     assert [bool(m.get("malformed")) for m in flagged] == [True, False]
@@ -101,6 +101,29 @@ def test_malformed_unknown_and_wrong_args_are_error_turns(chat, task):
     assert "unexpected keyword argument 'user'" in errors[1]["content"]
     # the SFT view drops the malformed turn and the repair prompt
     assert not any(m.get("malformed") or m.get("repair") for m in traj.sft_record()["messages"])
+
+
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+def test_a_malformed_turn_is_never_reinforced_when_its_repair_wins(chat, task, advantage):
+    from tau2jax.rl.batch import BatchConfig, build_batch
+
+    traj, _ = play(task, chat, ["<tool_call>{oops}</tool_call>", call("create_task", CREATE), "Created.<|im_end|>"],
+                   max_repairs=1)
+    assert traj.reward == 1.0 and [t["kind"] for t in traj.turns] == ["malformed", "repair", "policy"]
+    spans = {t["kind"]: range(t["start"], t["end"]) for t in traj.turns}
+
+    def trained(mode):  # {kind: (targets trained, their advantages)} of the packed row
+        batch, _ = build_batch([(traj, advantage, 0)], BatchConfig(max_len=4096, malformed_turns=mode))
+        return {k: ({int(batch["loss_mask"][0, i - 1]) for i in r}, {float(batch["advantages"][0, i - 1]) for i in r})
+                for k, r in spans.items()}
+
+    masked = trained("mask")
+    assert masked["malformed"] == masked["repair"] == ({0}, {0.0})
+    assert masked["policy"] == ({1}, {advantage})
+    # "nonpositive": the malformed turn is pushed down by a losing episode, never up by a winning one
+    pushed = trained("nonpositive")
+    assert pushed["malformed"] == (({1}, {advantage}) if advantage < 0 else ({0}, {0.0}))
+    assert pushed["repair"] == ({0}, {0.0}) and pushed["policy"] == ({1}, {advantage})
 
 
 def test_recipe_style_format_rules(chat, task):

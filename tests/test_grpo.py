@@ -53,7 +53,10 @@ def test_rows_are_the_trajectories_own_tokens(rollouts):
     _, groups = rollouts
     items = _items(groups)
     batch, stats = build_batch(items, BatchConfig(max_len=64, keep_length_cut=True))
-    assert stats.trajectories == 8 and stats.dropped_no_loss == 0
+    # a random policy's malformed first action ends its episode: nothing of it is trained (masked)
+    trained = [(t, a, g) for t, a, g in items if any(k["kind"] != "malformed" for k in t.turns)]
+    assert 0 < len(trained) < len(items)
+    assert stats.trajectories == 8 and stats.dropped_no_loss == len(items) - len(trained)
     # every segment of every row is one trajectory's ids, in order; its mask and log-probs are its own
     segs = []
     for r in range(batch["tokens"].shape[0]):
@@ -67,9 +70,9 @@ def test_rows_are_the_trajectories_own_tokens(rollouts):
         return (ids == traj.token_ids and list(mask) == list(m)
                 and np.allclose(lp, np.asarray(traj.behaviour_logprobs[1:], np.float32) * m) and np.allclose(a, adv * m))
 
-    for traj, adv, _ in items:
+    for traj, adv, _ in trained:
         assert any(same(seg, traj, adv) for seg in segs), "a trajectory is not a segment of the batch"
-    assert len(segs) == len(items)
+    assert len(segs) == len(trained)
     # length-cut turns (the toy's one-token actions) are masked unless asked to keep them
     masked, stats2 = build_batch(items, BatchConfig(max_len=64))
     assert masked is None and stats2.dropped_no_loss == 8 and stats2.length_cut_turns_masked > 0
@@ -77,7 +80,10 @@ def test_rows_are_the_trajectories_own_tokens(rollouts):
 
 def test_learner_logprobs_equal_the_engines_behaviour_logprobs(rollouts):
     params, groups = rollouts
-    batch, _ = build_batch(_items(groups), BatchConfig(max_len=64, keep_length_cut=True))
+    # negative advantages with malformed_turns="nonpositive": every sampled turn, malformed ones too
+    items = [(t, -1.0, g) for t, _, g in _items(groups)]
+    batch, _ = build_batch(items, BatchConfig(max_len=64, keep_length_cut=True, malformed_turns="nonpositive"))
+    assert batch["loss_mask"].sum() == sum(k["end"] - k["start"] for t, _, _ in items for k in t.turns)
     logp, entropy = learner_logprobs(params, CFG, {k: jnp.asarray(v) for k, v in batch.items()})
     m = batch["loss_mask"] > 0
     assert m.sum() >= 8

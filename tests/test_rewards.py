@@ -9,8 +9,15 @@ from tau2.data_model.simulation import ActionCheck, CommunicateCheck, DBCheck, E
 from tau2.data_model.tasks import Action, EnvAssertion
 
 from tau2jax.config import default_config
-from tau2jax.env import rewards
-from tau2jax.env.rewards import RewardConfig, partial_components, partial_reward, shaped_reward
+from tau2jax.data.chat import ChatFormat
+from tau2jax.data.tokenizer import load_tokenizer
+from tau2jax.env import prompts, rewards
+from tau2jax.env.episode import run_episode
+from tau2jax.env.rewards import PRESETS, CallAudit, RewardConfig, partial_components, partial_reward, shaped_reward
+from tau2jax.env.scripted_user import ScriptedUser
+from tau2jax.inference.engine import SamplingParams, ScriptedEngine
+
+CREATE = {"user_id": "user_1", "title": "Important Meeting"}
 
 
 def _actions(*matches):
@@ -61,7 +68,8 @@ def test_dict_input_matches_object_input():
 
 def test_shaped_reward_and_config():
     cfg = RewardConfig.from_config(default_config().reward)
-    assert cfg == RewardConfig(alpha=0.3, w_action=0.7, w_env_assertion=0.2, w_communicate=0.1)
+    assert cfg == RewardConfig(alpha=0.3, w_action=0.7, w_env_assertion=0.2, w_communicate=0.1,
+                               action_precision=True, wrong_call_penalty=0.05)
     assert shaped_reward(1.0, 0.5, cfg) == pytest.approx(1.15)
     assert shaped_reward(0.0, 1.0, cfg) == pytest.approx(0.3)
     custom = RewardConfig(alpha=0.25, w_action=0.5, w_env_assertion=0.35, w_communicate=0.15)
@@ -123,3 +131,69 @@ def test_reward_presets_cookbook_and_recipe_code():
     section.preset = "nope"
     with pytest.raises(Exception, match="reward.preset"):
         RewardConfig.from_config(section)
+
+
+@pytest.fixture(scope="module")
+def chat():
+    return ChatFormat(load_tokenizer())
+
+
+def _play(chat, task_id, responses):
+    task = next(t for t in tau2_env.load_tasks("mock") if t.id == task_id)
+    return run_episode(task, "mock", engine=ScriptedEngine(chat.tokenizer, responses), user=ScriptedUser(task),
+                       chat=chat, style="native", sampling=SamplingParams(max_new_tokens=512),
+                       reward_config=RewardConfig.from_config(default_config().reward))
+
+
+def _partial(traj, cfg):
+    return partial_reward(traj.reward_info, cfg, traj.domain, CallAudit(**traj.call_audit))
+
+
+def test_wrong_calls_lower_partial_credit_that_tau2s_action_check_ignores(chat):
+    """The same winning episode plus calls that fail in the environment (tau2 leaves the DB and
+    the action check as they were): strictly less partial credit by default, the same under the
+    published presets."""
+    call = prompts.tool_call_text
+    clean = _play(chat, "create_task_1", [call("create_task", CREATE), "Created it.<|im_end|>"])
+    noisy = _play(chat, "create_task_1", [
+        call("get_users", {}),  # a read: neutral
+        call("delete_all_tasks", {}),  # unknown tool: fails
+        call("create_task", {"user": "user_1"}),  # bad arguments: fails
+        call("create_task", CREATE), "Created it.<|im_end|>"])
+    assert clean.reward == noisy.reward == 1.0
+    assert clean.call_audit == {"calls": 1, "hits": 1, "wrong": 0}
+    assert noisy.call_audit == {"calls": 4, "hits": 1, "wrong": 2}
+    assert partial_components(noisy.reward_info) == partial_components(clean.reward_info)
+    assert noisy.partial_reward < clean.partial_reward and noisy.shaped_reward < clean.shaped_reward
+    for name in ("cookbook", "recipe_code"):
+        assert _partial(noisy, PRESETS[name]) == _partial(clean, PRESETS[name])
+
+
+def test_spraying_writes_in_a_failing_episode_earns_less_than_tau2s_fraction(chat):
+    """A duplicate of the expected write is wrong (one-to-one matching): tau2 still counts the
+    action as taken, the precision factor and the penalty take that credit back."""
+    call = prompts.tool_call_text
+    spray = _play(chat, "create_task_1", [call("create_task", CREATE), call("create_task", CREATE),
+                                          call("create_task", {**CREATE, "title": "Meeting"}), "Done.<|im_end|>"])
+    assert spray.reward == 0.0 and spray.call_audit == {"calls": 3, "hits": 1, "wrong": 2}
+    assert partial_components(spray.reward_info)["action"] == 1.0
+    default = RewardConfig.from_config(default_config().reward)
+    assert _partial(spray, default) < _partial(spray, PRESETS["cookbook"])
+
+
+@pytest.mark.parametrize("hits", [0, 1, 2])
+def test_each_wrong_call_strictly_lowers_the_partial_score(hits):
+    cfg = RewardConfig.from_config(default_config().reward)
+    info = RewardInfo(reward=0.0, action_checks=_actions(*[True] * hits, False), communicate_checks=_comm(True))
+    scores = [partial_reward(info, cfg, calls=CallAudit(calls=hits + w, hits=hits, wrong=w)) for w in range(5)]
+    assert all(a > b for a, b in zip(scores, scores[1:]))
+    assert scores[0] == pytest.approx(partial_reward(info, cfg))  # no wrong call: tau2's fractions
+
+
+def test_the_audit_counts_the_policys_calls_not_the_tasks_history(chat):
+    """update_task_with_message_history starts from a conversation holding an assistant tool call."""
+    task = next(t for t in tau2_env.load_tasks("mock") if t.id == "update_task_with_message_history")
+    assert any(m.is_tool_call() for m in tau2_env.initial_messages(task) if m.role == "assistant")
+    traj = _play(chat, task.id, [prompts.tool_call_text("update_task_status", {"task_id": "task_2", "status": "completed"}),
+                                 "Marked it completed.<|im_end|>"])
+    assert traj.reward == 1.0 and traj.call_audit == {"calls": 1, "hits": 1, "wrong": 0}

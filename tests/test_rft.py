@@ -139,7 +139,8 @@ class _Down:
 def _planned_environment(plan, played):
     """Tau2Environment whose episodes follow `plan[task_id][sample_index]`, one behaviour per
     attempt (the last repeats): "gold", "null" (only apologises: reward 0, partial 0), "extra"
-    (gold plus a stray create_task: reward 0, partial 1.0) or "down"."""
+    (gold plus a stray create_task: reward 0, partial 1.0 under the precision-blind cookbook credit;
+    the default's precision factor and wrong-call penalty take it below rft.min_partial) or "down"."""
     from tau2jax.env import environments
     from tau2jax.env.gold import GoldEngine, NullEngine, gold_script
     from tau2jax.env.prompts import AgentAction
@@ -174,7 +175,7 @@ def test_keep_rule_and_infra_failures_end_to_end_with_resume(tmp_path, monkeypat
     }
     played = {}
     monkeypatch.setattr(environments, "Tau2Environment", _planned_environment(plan, played))
-    cfg = _config(tmp_path, tau2__task_ids=",".join(plan), rft__max_infra_retries=1)
+    cfg = _config(tmp_path, tau2__task_ids=",".join(plan), rft__max_infra_retries=1, reward__preset="cookbook")
     out = rft_stage.run(cfg)
     assert out["kept"] == 2 and out["tasks_unfinished"] == 1
     ledger = _lines(tmp_path / "rft/ledger.jsonl")

@@ -1,5 +1,8 @@
-"""The reward-hacking guards GRPO logs every step: repeated identical tool calls, refusals, and the
-share of successes a do-nothing agent would also get."""
+"""The reward-hacking guards GRPO logs every step: tool calls (and wrong ones) per episode, repeated
+identical tool calls, refusals, the share of successes a do-nothing agent would also get, and how
+much of the step's signal is partial credit in groups that failed whole."""
+
+import pytest
 
 from tau2jax.env import tau2_env  # noqa: F401  (first: quiets tau2's import-time logging)
 
@@ -34,6 +37,21 @@ def test_guards_count_repeats_refusals_and_null_solvable_wins():
     m = rollout_metrics.episode_metrics([looping, refusing, acting], null_solvable={"mock/b"})
     assert m["refusal_rate"] == 1 / 3 and m["repeated_tool_calls_per_episode"] == 2 / 3
     assert m["null_solvable_share_of_successes"] == 0.5 and m["success_rate/mock"] == 2 / 3
+    assert m["tool_calls_per_episode"] == 5 / 3
+
+
+def test_partial_credit_signal_and_wrong_calls():
+    def ep(task, reward, shaped, wrong):
+        t = _traj(task, [_call("put", {"id": 1})] * (wrong + 1), reward)
+        t.shaped_reward, t.call_audit = shaped, {"calls": wrong + 1, "hits": 1, "wrong": wrong}
+        return t
+
+    # task a failed whole: its spread (0.1 vs 0.3) is all partial credit; task b mixes a win and a loss
+    trajs = [ep("a", 0.0, 0.1, 3), ep("a", 0.0, 0.3, 0), ep("b", 1.0, 1.3, 0), ep("b", 0.0, 0.3, 1)]
+    m = rollout_metrics.episode_metrics(trajs)
+    assert m["groups_all_failed_share"] == 0.5
+    assert m["partial_credit_signal_share"] == pytest.approx(0.01 / (0.01 + 0.25))
+    assert m["wrong_tool_calls_per_episode"] == 1.0 and m["tool_calls_per_episode"] == 2.0
 
 
 def test_null_solvable_tasks_on_mock(tmp_path):

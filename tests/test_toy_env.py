@@ -20,14 +20,16 @@ def play(env, ref, responses, seed=7):
 
 
 def check_record(traj):
-    """Aligned arrays; mask 1 exactly on the turns' spans; log-probs 0 off the mask."""
+    """Aligned arrays; mask 1 exactly on the spans of the turns that parsed; log-probs 0 off the
+    sampled spans (a malformed turn keeps its own, for a learner that pushes it down)."""
     n = len(traj.token_ids)
     assert len(traj.loss_mask) == len(traj.behaviour_logprobs) == n
-    sampled = np.zeros(n, int)
+    sampled, parsed = np.zeros(n, int), np.zeros(n, int)
     for t in traj.turns:
         sampled[t["start"]:t["end"]] = 1
-    assert traj.loss_mask == sampled.tolist()
-    assert all(lp == 0.0 for lp, m in zip(traj.behaviour_logprobs, traj.loss_mask) if not m)
+        parsed[t["start"]:t["end"]] = t["kind"] != "malformed"
+    assert traj.loss_mask == parsed.tolist()
+    assert all(lp == 0.0 for lp, m in zip(traj.behaviour_logprobs, sampled) if not m)
     assert all(0 <= i < toy.VOCAB_SIZE for i, m in zip(traj.token_ids, traj.loss_mask) if not m)
 
 

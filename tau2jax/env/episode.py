@@ -11,16 +11,19 @@ the agent side is token-in/token-out:
   cut) the runner appends `<|im_end|>` as a forced token (mask 0); the `\\n` closing each turn is
   forced too.
 - The sampled text is parsed by the prompt style (prompts.py). Unparseable output is counted
-  (`num_format_errors`, also toward max_errors) and answered with the style's repair prompt
-  (mask 0); the regenerated turn is marked kind "repair" with mask 0, so it is never trained as if
-  sampled. If every repair fails too, the episode ends as tau2's AGENT_ERROR (reward 0).
+  (`num_format_errors`, also toward max_errors), its turn becomes kind "malformed" with mask 0
+  (its behaviour log-probs kept, so a learner may push it down: `rl.malformed_turns`), and it is
+  answered with the style's repair prompt (mask 0); the regenerated turn is marked kind "repair"
+  with mask 0, so it is never trained as if sampled. If every repair fails too, the episode ends as
+  tau2's AGENT_ERROR (reward 0). No malformed output is ever trained toward by SFT on the record.
 - Tool calls run in the tau2 environment; an unknown tool or bad arguments get tau2's own error
   tool message ("Error: ...") and are counted (`num_tool_errors`), and the episode goes on.
 - User turns come from any tau2 `BaseUser` (scripted_user.ScriptedUser, tau2's LLM
   UserSimulator, ...). User tool calls (telecom device actions) run on the user side and are
   invisible to the agent, as in tau2.
 - Scoring builds a tau2 SimulationRun from the tau2 messages (ToolCall / ToolMessage ids match)
-  and calls tau2's evaluate_simulation (rewards.evaluate).
+  and calls tau2's evaluate_simulation (rewards.evaluate); the policy's calls are audited against
+  the expected actions (rewards.audit_calls, `call_audit`) for the precision-aware partial score.
 - A prompt longer than the engine's context (ContextLengthError) ends the episode as tau2's
   AGENT_ERROR with `context_exhausted` set: scored (0), not retried.
 - Any other exception from the engine, the user simulator or the evaluator (or an engine "abort") ends
@@ -106,6 +109,13 @@ class _Conversation:
         self._extend(self.chat.turn_end())
         self.prev_role = "assistant"
         return self.chat.tokenizer.decode(out[:-1] if ended else out)
+
+    def mark_malformed(self):
+        """The last turn failed to parse: never a training target (its log-probs stay for a learner
+        that pushes it down)."""
+        turn = self.traj.turns[-1]
+        turn["kind"] = "malformed"
+        self.traj.loss_mask[turn["start"]:turn["end"]] = [0] * (turn["end"] - turn["start"])
 
 
 def derive_seed(*parts) -> int:
@@ -247,7 +257,7 @@ def run_episode(
                 traj.num_format_errors += 1
                 num_errors += 1
                 if attempt == 0:
-                    traj.turns[-1]["kind"] = "malformed"
+                    conv.mark_malformed()
                 traj.messages.append({"role": "assistant", "content": text, "malformed": True})
                 if attempt < max_repairs:
                     traj.num_repairs += 1
@@ -329,7 +339,9 @@ def run_episode(
     else:
         traj.reward = float(info.reward)
         traj.reward_info = info.model_dump(mode="json")
-        traj.partial_reward = rewards.partial_reward(info, reward_config, domain)
+        audit = rewards.audit_calls(task, tau2_msgs[len(history):], env.tools)  # the task's history is not the policy's
+        traj.call_audit = dataclasses.asdict(audit)
+        traj.partial_reward = rewards.partial_reward(info, reward_config, domain, audit)
         traj.shaped_reward = rewards.shaped_reward(traj.reward, traj.partial_reward, reward_config, domain)
     traj.num_steps = step
     traj.policy_version = traj.turns[0]["policy_version"] if traj.turns else engine.policy_version

@@ -1,10 +1,23 @@
 """Scoring: tau2's own evaluator gives the task reward; a partial score shapes it for RL.
 
-    partial = (w_action·action_frac + w_env·env_assertion_frac + w_comm·communicate_frac + w_db·db) / Σw
+    partial = (w_action·action_frac·precision + w_env·env_assertion_frac + w_comm·communicate_frac + w_db·db) / Σw
+              - wrong_call_penalty·wrong_calls
     shaped  = reward + alpha(domain)·partial
 
+tau2's action check passes an expected call if a matching call appears anywhere, so extra or wrong
+calls never lower `action_frac`: in a group where every episode fails, the one that called the most
+tools would get the largest advantage. `audit_calls` matches the policy's calls one-to-one against
+the expected actions: `precision` = hits / (hits + wrong calls), where a call is wrong when it
+failed in the environment or acted (any tool but a read) without taking an expected action (a
+repeat of one already taken is wrong too). Successful read calls are neutral: looking things up
+is how agents find ids, and tau2 rarely lists reads among the expected actions. With
+`action_precision` a wrong call lowers the action term whenever it has credit; a
+`wrong_call_penalty` > 0 lowers the score for every wrong call, credit or not.
+
 Presets (`reward.preset`): "cookbook" (the cookbook's text) and "recipe_code" (what its public code
-runs: other weights, alpha 0.25 scaled per domain, telecom's own weights); see PRESETS.
+runs: other weights, alpha 0.25 scaled per domain, telecom's own weights); see PRESETS. Both keep
+the published, precision-blind partial credit; the config's own fields (GRPO's default) turn the
+precision factor and the wrong-call penalty on.
 
 Each fraction is the share of that component's checks met in tau2's RewardInfo; the weights are
 renormalised over the components the task actually has (a component without checks is left
@@ -26,6 +39,8 @@ class RewardConfig:
     w_env_assertion: float = 0.2
     w_communicate: float = 0.1
     w_db: float = 0.0
+    action_precision: bool = False  # scale the action term by the precision of the policy's calls
+    wrong_call_penalty: float = 0.0  # subtracted from partial per wrong call
     # Per-domain overrides: alpha multipliers, and weights {component: weight} replacing the above.
     domain_alpha: tuple[tuple[str, float], ...] = ()
     domain_weights: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
@@ -44,6 +59,8 @@ class RewardConfig:
             w_action=reward_section.w_action,
             w_env_assertion=reward_section.w_env_assertion,
             w_communicate=reward_section.w_communicate,
+            action_precision=reward_section.action_precision,
+            wrong_call_penalty=reward_section.wrong_call_penalty,
         )
 
     def weights(self, domain: str | None = None) -> dict[str, float]:
@@ -91,13 +108,54 @@ def partial_components(reward_info) -> dict[str, float]:
     return out
 
 
-def partial_reward(reward_info, cfg: RewardConfig = RewardConfig(), domain: str | None = None) -> float:
+@dataclass(frozen=True)
+class CallAudit:
+    """The policy's tool calls against the task's expected actions (see the module docstring)."""
+
+    calls: int = 0  # the policy's tool calls
+    hits: int = 0  # calls that took an expected action not taken before (one-to-one)
+    wrong: int = 0  # calls that failed in the environment, or acted without taking an expected action
+
+    @property
+    def precision(self) -> float:
+        return self.hits / (self.hits + self.wrong) if self.hits + self.wrong else 1.0
+
+
+def audit_calls(task, messages: list, tools) -> CallAudit:
+    """Audit the assistant's tool calls in tau2 `messages` (in order) against `task`'s expected
+    assistant actions. `tools`: the domain's agent ToolKit (`Environment.tools`), for tool types."""
+    from tau2.data_model.message import AssistantMessage, ToolMessage
+    from tau2.environment.toolkit import ToolType
+
+    criteria = task.evaluation_criteria
+    expected = [a for a in (criteria.actions or []) if a.requestor == "assistant"] if criteria else []
+    failed = {m.id for m in messages if isinstance(m, ToolMessage) and m.error}
+    calls = [c for m in messages if isinstance(m, AssistantMessage) and m.is_tool_call() for c in m.tool_calls]
+    hits = wrong = 0
+    for call in calls:
+        if call.id in failed:
+            wrong += 1
+            continue
+        match = next((a for a in expected if a.compare_with_tool_call(call)), None)
+        if match is not None:
+            expected.remove(match)
+            hits += 1
+        elif not (tools.has_tool(call.name) and tools.tool_type(call.name) == ToolType.READ):
+            wrong += 1
+    return CallAudit(calls=len(calls), hits=hits, wrong=wrong)
+
+
+def partial_reward(reward_info, cfg: RewardConfig = RewardConfig(), domain: str | None = None,
+                   calls: CallAudit | None = None) -> float:
+    """The partial score of one episode; `calls` (its CallAudit) is what the precision factor and
+    the wrong-call penalty read (without it, tau2's fractions alone)."""
     weights = cfg.weights(domain)
     comps = partial_components(reward_info)
+    if calls is not None and cfg.action_precision and "action" in comps:
+        comps["action"] *= calls.precision
     total = sum(weights[k] for k in comps)
-    if total <= 0:
-        return 0.0
-    return sum(weights[k] * v for k, v in comps.items()) / total
+    score = sum(weights[k] * v for k, v in comps.items()) / total if total > 0 else 0.0
+    return score - cfg.wrong_call_penalty * calls.wrong if calls is not None else score
 
 
 def shaped_reward(reward: float, partial: float, cfg: RewardConfig = RewardConfig(), domain: str | None = None) -> float:

@@ -175,7 +175,8 @@ def play_episode(task: ToyTask, task_id: str, *, engine: Engine, sampling: Sampl
         extend([END])  # forced closer, as episode.py's <|im_end|> after a length cut
         traj.num_steps += 1
         message("assistant", out)
-        if kind == "malformed":
+        if kind == "malformed":  # mask 0, log-probs kept (trajectory.py's convention)
+            traj.loss_mask[start:start + len(out)] = [0] * len(out)
             traj.messages[-1]["malformed"] = True
             traj.num_format_errors += 1
             reason = AGENT_ERROR

@@ -2,11 +2,13 @@
 
 Token arrays (`token_ids`, `loss_mask`, `behaviour_logprobs`) are aligned and cover the whole
 conversation as the policy saw it (system prompt first). `loss_mask` is 1 exactly on tokens the
-policy sampled in a normal turn, including a malformed one (kind "policy"/"malformed" in `turns`);
-0 on prompts, user/tool turns, forced tokens (the `<|im_end|>` appended after a `</tool_call>`
-stop, the `\\n` after each turn) and on turns regenerated after a format-repair prompt (kind
-"repair": conditioned on a prompt the policy never saw in ordinary play, so never trained as if
-sampled). `behaviour_logprobs` is 0.0 wherever the mask is 0.
+policy sampled in a normal turn that parsed (kind "policy" in `turns`); 0 on prompts, user/tool
+turns, forced tokens (the `<|im_end|>` appended after a `</tool_call>` stop, the `\\n` after each
+turn), on turns that failed to parse (kind "malformed": never a target to imitate or reinforce)
+and on turns regenerated after a format-repair prompt (kind "repair": conditioned on a prompt the
+policy never saw in ordinary play, so never trained as if sampled). `behaviour_logprobs` is 0.0
+wherever the mask is 0, except on malformed turns, which keep theirs so that a learner may train
+them with a non-positive advantage (`rl.malformed_turns`).
 
 `turns` lists every generated span as {"start", "end", "kind", "policy_version", "engine",
 "finish_reason", "temperature", "top_p", "top_k", "seed"} (token offsets, end exclusive, covering
@@ -56,6 +58,7 @@ class Trajectory:
     reward_info: dict | None = None  # tau2 RewardInfo as a dict
     partial_reward: float | None = None
     shaped_reward: float | None = None
+    call_audit: dict | None = None  # rewards.CallAudit as a dict: the policy's calls, hits, wrong calls
     policy_version: int = 0  # of the first sampled turn
     num_steps: int = 0  # tau2 steps (messages exchanged), as counted against max_steps
     num_repairs: int = 0  # format-repair prompts issued

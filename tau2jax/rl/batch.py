@@ -14,6 +14,10 @@ text). A trajectory of n ids becomes n-1 (token, target) pairs, one segment of a
     policy_version      the weights' version that sampled the target (-1 elsewhere)
     group               the trajectory's group index (-1 on padding)
 
+Turns that failed to parse (kind "malformed", mask 0 in the trajectory) stay masked, or with
+`malformed_turns="nonpositive"` are trained when their episode's advantage is negative: a
+malformed output is pushed down when its episode did badly and never reinforced when a repair
+went on to win.
 Turns cut by the length limit (finish_reason "length") are masked unless `keep_length_cut`.
 A trajectory longer than `max_len` pairs is truncated (its tail loses the loss) or dropped.
 """
@@ -37,6 +41,7 @@ class BatchConfig:
     max_len: int  # pairs per packed row
     overlong: str = "truncate"  # truncate | drop
     keep_length_cut: bool = False  # train turns that hit max_new_tokens
+    malformed_turns: str = "mask"  # mask | nonpositive (trained only with a negative advantage)
     row_multiple: int = 1  # rows padded to a multiple of this (data-parallel size × micro-batches)
 
 
@@ -51,7 +56,8 @@ class BatchStats:
     rows: int = 0
 
 
-def trajectory_example(traj: Trajectory, advantage: float, group: int, *, keep_length_cut: bool) -> tuple[dict, int]:
+def trajectory_example(traj: Trajectory, advantage: float, group: int, *, keep_length_cut: bool,
+                       malformed_turns: str = "mask") -> tuple[dict, int]:
     """-> (per-target arrays of one trajectory, number of length-cut turns masked)."""
     ids = np.asarray(traj.token_ids, np.int32)
     mask = np.asarray(traj.loss_mask, np.int32)
@@ -64,6 +70,8 @@ def trajectory_example(traj: Trajectory, advantage: float, group: int, *, keep_l
         t = turn.get("temperature", 1.0)
         temperature[s:e] = t if t and t > 0 else 1.0
         version[s:e] = turn["policy_version"]
+        if turn.get("kind") == "malformed":  # only ever pushed down: trained iff the advantage is negative
+            mask[turn["start"]:turn["end"]] = malformed_turns == "nonpositive" and advantage < 0
         if turn.get("finish_reason") == "length" and not keep_length_cut and mask[turn["start"]:turn["end"]].any():
             mask[turn["start"]:turn["end"]] = 0
             masked_cut += 1
@@ -107,7 +115,8 @@ def build_batch(items: list[tuple[Trajectory, float, int]], cfg: BatchConfig) ->
     stats = BatchStats(trajectories=len(items))
     examples = []
     for traj, adv, group in items:
-        ex, masked_cut = trajectory_example(traj, adv, group, keep_length_cut=cfg.keep_length_cut)
+        ex, masked_cut = trajectory_example(traj, adv, group, keep_length_cut=cfg.keep_length_cut,
+                                            malformed_turns=cfg.malformed_turns)
         stats.length_cut_turns_masked += masked_cut
         if len(ex["tokens"]) > cfg.max_len:
             if cfg.overlong == "drop":

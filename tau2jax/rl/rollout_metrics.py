@@ -1,5 +1,6 @@
 """What a step's episodes say about the policy: reward, success per domain, turns, errors, and the
-reward-hacking guards (repeated identical tool calls, refusals, successes a do-nothing agent gets).
+reward-hacking guards (tool calls and wrong calls per episode, repeated identical tool calls,
+refusals, successes a do-nothing agent gets, how much of the learning signal is partial credit).
 """
 
 from __future__ import annotations
@@ -34,6 +35,24 @@ def refused(traj: Trajectory) -> bool:
     return not _calls(traj)
 
 
+def partial_credit_signal(trajs: list[Trajectory]) -> dict:
+    """Groups (a step's episodes of one task) where every episode failed: their shaped rewards
+    differ only by partial credit. -> the share of groups that failed whole, and the share of the
+    step's within-group shaped-reward variance (what the advantages are made of) they hold."""
+    groups = defaultdict(list)
+    for t in trajs:
+        groups[(t.domain, t.task_id)].append(t)
+    variance, failing_variance, failing = 0.0, 0.0, 0
+    for g in groups.values():
+        v = float(np.var([t.shaped_reward if t.shaped_reward is not None else (t.reward or 0.0) for t in g]))
+        variance += v
+        if not any(t.success for t in g):
+            failing += 1
+            failing_variance += v
+    return {"groups_all_failed_share": failing / len(groups),
+            "partial_credit_signal_share": failing_variance / variance if variance > 0 else 0.0}
+
+
 def episode_metrics(trajs: list[Trajectory], null_solvable: set[str] | None = None) -> dict:
     """Means over the step's scored episodes. `null_solvable`: "domain/task_id" keys a do-nothing
     agent passes (the share of successes on them says whether learning is refusal)."""
@@ -55,6 +74,11 @@ def episode_metrics(trajs: list[Trajectory], null_solvable: set[str] | None = No
     chats = [t for t in trajs if t.messages]  # environments with a conversation (not the toy)
     if chats:
         out["refusal_rate"] = float(np.mean([refused(t) for t in chats]))
+        out["tool_calls_per_episode"] = float(np.mean([len(_calls(t)) for t in chats]))
+    audited = [t.call_audit for t in trajs if t.call_audit]
+    if audited:
+        out["wrong_tool_calls_per_episode"] = float(np.mean([a["wrong"] for a in audited]))
+    out |= partial_credit_signal(trajs)
     by_domain = defaultdict(list)
     for t in trajs:
         by_domain[t.domain].append(t.success)

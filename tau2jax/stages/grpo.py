@@ -109,7 +109,7 @@ def run(config) -> dict:
     # optim.grad_accum micro-batches)
     micro = dp * rl.micro_batch_rows if rl.micro_batch_rows else dp * config.optim.grad_accum
     batch_cfg = BatchConfig(max_len=rl.max_len, overlong=rl.overlong, keep_length_cut=rl.keep_length_cut,
-                            row_multiple=micro)
+                            malformed_turns=rl.malformed_turns, row_multiple=micro)
 
     # --- state: the last checkpoint, else the initial (SFT) weights
     ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"), save_every=config.train.checkpoint_every,
