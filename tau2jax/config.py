@@ -209,6 +209,9 @@ def default_config() -> ml_collections.ConfigDict:
     # override it for one kind of step. `eval` applies to all four evals, so their numbers compare.
     c.pipeline = ml_collections.ConfigDict()
     c.pipeline.rft_mix_demos = True  # the second SFT trains on RFT's kept episodes and the gold demos
+    # The train tasks demos, RFT and GRPO use (comma-separated ids, as tau2.task_ids); "" = the whole
+    # train split. The evals keep tau2.task_ids / eval.max_tasks_per_domain on the configured split.
+    c.pipeline.train_task_ids = ""
     for step in ("demos", "sft", "rft", "sft_rft", "grpo", "eval"):
         c.pipeline[step] = ml_collections.ConfigDict()
 

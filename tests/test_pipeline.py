@@ -81,6 +81,18 @@ def test_steps_run_in_order_each_fed_by_the_one_before(config):
     assert out["stages"] == {p: {"pass@1": n / 8, "pass@k": n / 8} for p, n in PASSES.items()}
 
 
+def test_train_task_ids_reach_the_training_steps_only(config):
+    config.pipeline.train_task_ids = "create_task_1,update_task_with_message_history"
+    stages = StandIns()
+    pipeline.run(config, run_stage=stages)
+    by_step = {os.path.basename(c.workdir): c for c in stages.calls}
+    assert {s: by_step[s].tau2.task_ids for s in ("demos", "rft", "grpo")} == dict.fromkeys(
+        ("demos", "rft", "grpo"), config.pipeline.train_task_ids)
+    assert {by_step[s].tau2.task_ids for s in pipeline.EVALS} == {""}  # evals keep the whole split
+    report = json.load(open(os.path.join(config.workdir, "report.json")))
+    assert report["trained_on"]["mock"]["trained"] == 2
+
+
 def test_finished_steps_are_reused_and_an_unfinished_one_reruns(config):
     pipeline.run(config, run_stage=StandIns())
     again = StandIns()

@@ -105,6 +105,8 @@ def step_config(config, step: str, inputs: dict) -> ml_collections.ConfigDict:
     apply_overrides(c, config.pipeline[kind], f"pipeline.{kind}")
     if stage in ("demos", "rft", "grpo"):
         c.tau2.split = "train"  # these stages make training data; the evals keep the configured split
+        if config.pipeline.train_task_ids:
+            c.tau2.task_ids = config.pipeline.train_task_ids
     if step == "demos":
         c.engine.kind = "gold"
     elif step == "sft":
@@ -240,7 +242,7 @@ def trained_on(config, summary: dict) -> dict:
     from tau2jax.env import tau2_env
 
     tau2_env.init_tau2(config.tau2.data_dir)
-    wanted = set(config_lib.csv(config.tau2.task_ids))
+    wanted = set(config_lib.csv(config.pipeline.train_task_ids or config.tau2.task_ids))
     out = {}
     for domain, tasks in summary["per_task"].items():
         train = {t.id for t in tau2_env.load_tasks(domain, "train")}
