@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Rehearse the README's one-node GPU command on CPU: launch/gpu_node.sh runs unchanged, with the
+# SGLang stand-in (launch/sglang_standin/python) as $SGLANG_PYTHON for the policy and user servers,
+# TRAIN_GPUS setting how many CPU devices the trainer gets (XLA's host device count), and
+# configs/qwen3_4b_pipeline.py shrunk by size overrides only (model, steps, lengths, task counts).
+#
+#   launch/rehearse.sh            # synchronous GRPO (the config's rl.max_staleness=0)
+#   launch/rehearse.sh --async    # rollouts one step ahead of the learner (rl.max_staleness=1)
+#
+# Every pipeline step runs: demos, the base eval, SFT, eval, RFT, SFT, eval, GRPO (pushing its
+# weights to the policy server each step), eval. Last stdout line, one JSON object (launch/rehearsal.py):
+# steps_done, weight_pushes, turns_aborted_by_push, episodes_unaccounted, wall_s.
+# REHEARSE_DIR (default runs/rehearsal_{sync,async}) is wiped first unless REHEARSE_RESUME=1 (the
+# pipeline then resumes, as the GPU command does). Logs: $REHEARSE_DIR/logs/{policy,user}.log, train.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=sync; staleness=0
+case "${1:-}" in
+  "") ;;
+  --async) mode=async; staleness=1 ;;
+  *) echo "usage: launch/rehearse.sh [--async]" >&2; exit 2 ;;
+esac
+PY=${PYTHON:-.venv/bin/python}
+[[ -x $PY ]] || { echo "error: $PY not found: run 'make install' first" >&2; exit 1; }
+WORK=$(realpath -m "${REHEARSE_DIR:-runs/rehearsal_$mode}")
+[[ ${REHEARSE_RESUME:-0} == 1 ]] || rm -rf "$WORK"
+mkdir -p "$WORK/logs"
+start=$(date +%s)
+
+"$PY" launch/rehearsal.py fixture "$WORK"   # random tiny Qwen3, the real vocabulary + tokenizer files
+read -r policy_port user_port < <("$PY" launch/rehearsal.py ports)
+
+# The trainer's devices: as many CPU devices as TRAIN_GPUS names (gpu_node.sh's default 4,5,6,7: 4).
+export TRAIN_GPUS=${TRAIN_GPUS:-4,5,6,7}
+export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$(awk -F, '{print NF}' <<<"$TRAIN_GPUS")"
+export SGLANG_PYTHON=${SGLANG_PYTHON:-launch/sglang_standin/python}
+[[ -x $SGLANG_PYTHON ]] || { echo "error: no SGLang stand-in at $SGLANG_PYTHON (not built yet: see WORKSPACE.md," \
+  "'Known to be missing'); set SGLANG_PYTHON to a python with sglang to rehearse against the real one" >&2; exit 1; }
+export POLICY_MODEL=$WORK/hf USER_MODEL=$WORK/hf POLICY_PORT=$policy_port USER_PORT=$user_port
+export LOG_DIR=$WORK/logs READY_TIMEOUT_S=${READY_TIMEOUT_S:-300} PYTHON=$PY
+export LITELLM_LOCAL_MODEL_COST_MAP=True
+
+telecom_task='[mms_issue]airplane_mode_on|bad_network_preference|bad_wifi_calling|break_apn_mms_setting|break_app_both_permissions|data_mode_off|data_usage_exceeded|unseat_sim_card|user_abroad_roaming_disabled_off[PERSONA:Hard]'
+size=(  # sizes only; everything else is configs/qwen3_4b_pipeline.py as a GPU user runs it
+  --config.model.hf_dir="$WORK/hf" --config.model.init_from="$WORK/orbax"   # the README's own flags
+  --config.model.attn_impl=xla             # the one non-size change: cuDNN attention has no CPU kernel
+  --config.workdir="$WORK/run"
+  --config.pipeline.train_task_ids="0,1,$telecom_task"  # airline 0,1 + retail 0,1 + one telecom task
+  --config.pipeline.eval.eval.max_tasks_per_domain=1 --config.pipeline.eval.eval.num_samples=2
+  --config.tau2.max_steps=8 --config.engine.max_new_tokens=16 --config.pipeline.eval.engine.max_new_tokens=16
+  --config.pipeline.sft.train.steps=2 --config.pipeline.sft.data.max_len=4096
+  --config.pipeline.sft_rft.train.steps=2 --config.pipeline.sft_rft.data.max_len=4096
+  --config.pipeline.rft.rft.samples=2
+  --config.pipeline.grpo.rl.steps=3 --config.pipeline.grpo.rl.tasks_per_step=2
+  --config.pipeline.grpo.rl.samples_per_task=2 --config.pipeline.grpo.rl.max_len=8192
+  --config.pipeline.grpo.rl.max_staleness=$staleness
+)
+echo "rehearsal ($mode): $WORK; servers on :$policy_port (policy) and :$user_port (user)" >&2
+rc=0
+bash launch/gpu_node.sh --config configs/qwen3_4b_pipeline.py "${size[@]}" 2>&1 | tee "$WORK/logs/train.log" >&2 || rc=$?
+"$PY" launch/rehearsal.py summary "$WORK/run" "$(( $(date +%s) - start ))"
+exit $rc
