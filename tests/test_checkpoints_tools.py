@@ -73,6 +73,10 @@ def test_hf_orbax_hf_round_trip_is_bit_identical(hf_dirs, tmp_path, case, export
     with open(os.path.join(back, hf_read.INDEX_FILE)) as f:
         assert set(json.load(f)["weight_map"]) == set(a)
     assert len([n for n in os.listdir(back) if n.endswith(".safetensors")]) > 1
+    # issue 16.6: a server running as another user must be able to read the export
+    assert os.stat(back).st_mode & 0o777 == 0o755
+    for n in os.listdir(back):
+        assert os.stat(os.path.join(back, n)).st_mode & 0o777 == 0o644, n
 
     import torch
     tokens = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))

@@ -116,6 +116,10 @@ def _write_metadata(tmp, cfg, weight_map, total, dtype, extra_dir):
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
+    # Issue 16.6: mkdtemp/mkstemp give 0700/0600; a server run as another user must read it.
+    for f in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, f), 0o644)
+    os.chmod(tmp, 0o755)
     if not os.path.exists(out_dir):
         os.rename(tmp, out_dir)
     else:  # overwrite: swap in, then delete the old copy
