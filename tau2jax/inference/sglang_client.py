@@ -48,6 +48,12 @@ class EngineRequestError(ValueError):
     """The server rejected the request (HTTP 4xx): retrying cannot help."""
 
 
+# SGLang's /health is a one-token generation queued behind the running batch and stalled during a
+# weight update (sglang/srt/entrypoints/http_server.py, health_generate): seconds on a busy server,
+# longer than a fixed 10 s while a 4B model reloads.
+HEALTH_TIMEOUT_S = 60.0
+
+
 class EngineUnavailableError(RuntimeError):
     """The server could not be reached or kept failing (5xx, timeouts) after all retries."""
 
@@ -189,8 +195,10 @@ class SGLangEngine:
         self.policy_version = version
 
     def health(self) -> bool:
+        """True when /health answers 200 within HEALTH_TIMEOUT_S (503 while starting, a timeout:
+        not ready)."""
         try:
-            return self._client.get("/health", timeout=10.0).status_code == 200
+            return self._client.get("/health", timeout=HEALTH_TIMEOUT_S).status_code == 200
         except httpx.TransportError:
             return False
 

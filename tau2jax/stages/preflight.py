@@ -21,7 +21,6 @@ from tau2jax.stages import builders
 
 LEARNER_STAGES = ("sft", "grpo")
 ENDPOINT_STAGES = ("eval", "rft", "grpo", "pipeline")
-HEALTH_TIMEOUT_S = 30.0  # SGLang's /health runs a one-token generation (seconds on a busy server)
 MEMORY_HEADROOM = 0.9  # XLA needs some of a device for itself
 
 
@@ -103,6 +102,8 @@ def check_policy_server(config) -> None:
 
 def _check_policy_url(url: str) -> None:
     import httpx
+
+    from tau2jax.inference.sglang_client import HEALTH_TIMEOUT_S
 
     fix = "start it (launch/gpu_node.sh) or point config.engine.url at it"
     try:
