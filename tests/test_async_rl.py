@@ -299,9 +299,9 @@ def test_checkpoint_requeues_groups_in_flight_and_resume_replays_them():
     assert replay == step1
 
 
-def test_sglang_sync_publishes_then_loads_the_version_and_expects_it(tmp_path):
+def test_sglang_sync_publishes_then_loads_the_version(tmp_path):
     """SGLang path: weights written to disk (transfer), the server told to load that version (pause,
-    timed apart), and the client then rejects answers of any other version."""
+    timed apart)."""
     import jax
 
     from tau2jax.inference import weight_sync
@@ -314,7 +314,6 @@ def test_sglang_sync_publishes_then_loads_the_version_and_expects_it(tmp_path):
             self.loaded = []
 
         def update_weights(self, path, version):
-            assert self.expect_version is None or self.expect_version < version  # set after the load
             self.loaded.append((path, version))
 
         def model_info(self):
@@ -325,7 +324,7 @@ def test_sglang_sync_publishes_then_loads_the_version_and_expects_it(tmp_path):
     assert engine.served_version() == -1  # a fresh / restarted server: not one of our versions
     t = weight_sync.push(engine, qwen3.init_params(cfg, jax.random.key(0)), cfg, str(tmp_path / "weights"), 7)
     assert engine.loaded == [(weight_sync.version_dir(str(tmp_path / "weights"), 7), 7)]
-    assert engine.expect_version == 7 and engine.served_version() == 7
+    assert engine.served_version() == 7
     assert t["transfer_s"] > 0 and t["pause_s"] >= 0 and set(t) == {"pause_s", "transfer_s"}
     assert weight_sync.latest_version(str(tmp_path / "weights")) == 7
 

@@ -22,9 +22,11 @@ launched with `--enable-deterministic-inference`; `launch/gpu_node.sh` checks th
   are finish_reason "abort" (an infrastructure failure), never a stop.
 - `policy_version` of a result is the server's `weight_version` when it is an integer (both servers
   report it per request, so a result is attributed to the weights that produced it even while a
-  sync races with it), else the version this client last loaded. With `expect_version` set, a
-  response from any other weight version is an "abort" whose stop_reason says so: the episode is
-  re-queued as an infrastructure failure instead of being trained as the wrong policy.
+  sync races with it), else the version this client last loaded. A weight push aborts nothing:
+  SGLang's `update_weights_from_disk` lets running requests finish on the old weights, swaps, and
+  stamps one server-wide `weight_version` on what it serves after, so an episode in flight continues
+  across a push, each turn carries the version that served it, and the learner judges staleness per
+  sample (`rl.staleness`).
 
 Failures: connection errors, timeouts and 5xx are retried with exponential backoff (generation has
 no side effects); 4xx are the caller's mistake and raise `EngineRequestError` at once. When retries
@@ -94,15 +96,13 @@ def _finish(meta: dict) -> tuple[str, str | int | None]:
 
 
 class SGLangEngine:
-    """`url`: the server. `expect_version`: when set, a response from any other weight version
-    comes back as an "abort" (see the module docstring)."""
+    """`url`: the server; `policy_version`: the version it serves at start (see the module docstring)."""
 
     kind = "sglang"
     takes_published_weights = True  # update_weights takes a published HF checkpoint dir
 
     def __init__(self, url: str, *, concurrency: int = 8, timeout_s: float = 300.0, max_retries: int = 3,
-                 backoff_s: float = 0.5, max_backoff_s: float = 10.0, policy_version: int = 0,
-                 expect_version: int | None = None):
+                 backoff_s: float = 0.5, max_backoff_s: float = 10.0, policy_version: int = 0):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.url = url.rstrip("/")
@@ -110,7 +110,6 @@ class SGLangEngine:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.policy_version = policy_version
-        self.expect_version = expect_version
         self._context_length: int | None = None
         self._context_known = False
         self._info_lock = threading.Lock()
@@ -132,24 +131,21 @@ class SGLangEngine:
             "sampling_params": [sampling_json(p) for p in ps] if batched else sampling_json(ps[0]),
             "return_logprob": True,
         }
-        version, expected = self.policy_version, self.expect_version
+        version = self.policy_version
         out = self._request("POST", "/generate", body)
         outs = out if batched else [out]
         if not isinstance(outs, list) or len(outs) != len(input_ids):
             raise EngineUnavailableError(
                 f"{self.url}/generate answered {len(outs)} results for {len(input_ids)} prompts")
-        return [self._result(o, version, expected) for o in outs]
+        return [self._result(o, version) for o in outs]
 
-    def _result(self, out: dict, version: int, expected: int | None) -> GenerateResult:
+    def _result(self, out: dict, version: int) -> GenerateResult:
         meta = out["meta_info"]
         pairs = meta.get("output_token_logprobs")
         if pairs is None:
             raise EngineUnavailableError(f"{self.url}/generate returned no output_token_logprobs")
         reason, matched = _finish(meta)
         served = str(meta.get("weight_version", ""))
-        if expected is not None and served != str(expected):  # never train on the wrong weights
-            reason, matched = "abort", (f"weight version mismatch: {self.url} answered with weight_version "
-                                        f"{served or 'none'!r}, expected {expected}")
         return GenerateResult(
             output_ids=[int(t) for _, t, *_ in pairs],
             logprobs=[float(lp) for lp, *_ in pairs],

@@ -112,9 +112,9 @@ def push(engine, params, cfg, root: str, version: int) -> dict:
     In-process engine: `update_weights` copies the arrays onto the engine's shardings (transfer),
     then swaps a reference under its lock; running batches finish on the old weights (pause 0).
     Published weights (SGLang): `publish` writes safetensors under `root` (transfer, the server
-    keeps serving), then the server loads them (pause: SGLang drains and loads); `expect_version`
-    then turns any answer from another version into an abort (a retried infrastructure failure),
-    so no token is trained under the wrong version."""
+    keeps serving), then the server loads them (pause: SGLang drains and loads). Nothing is aborted:
+    requests served before the swap come back stamped with the old version, and the learner judges
+    each sample's staleness from those per-turn versions."""
     t = time.perf_counter()
     if not engine.takes_published_weights:
         engine.update_weights(params, version)
@@ -122,7 +122,6 @@ def push(engine, params, cfg, root: str, version: int) -> dict:
     path = publish(params, cfg, root, version)
     t1 = time.perf_counter()
     engine.update_weights(path, version)
-    engine.expect_version = version
     return {"pause_s": time.perf_counter() - t1, "transfer_s": t1 - t}
 
 
