@@ -99,7 +99,10 @@ def test_prompt_that_fills_the_context_raises_without_a_request(tok):
         with pytest.raises(ContextLengthError, match="context length"):
             client.generate([[1, 2], [7] * (CONTEXT - 1)], SamplingParams(max_new_tokens=4))
         assert hits == []
-        client.generate([[7] * (CONTEXT - 2)], SamplingParams(max_new_tokens=4))  # room for one token
+        with pytest.raises(ContextLengthError):  # SGLang's scheduler refuses >= context - 6 (tp_worker.py)
+            client.generate([[7] * (CONTEXT - 6)], SamplingParams(max_new_tokens=1))
+        assert hits == []
+        client.generate([[7] * (CONTEXT - 7)], SamplingParams(max_new_tokens=4))  # the longest it takes
         assert hits == ["/generate"]
         client.close()
 

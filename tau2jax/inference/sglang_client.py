@@ -50,6 +50,12 @@ class EngineRequestError(ValueError):
     """The server rejected the request (HTTP 4xx): retrying cannot help."""
 
 
+# SGLang's scheduler refuses a prompt of >= context_len - 6 tokens (sglang/srt/managers/tp_worker.py,
+# 0.5.3: max_req_input_len = min(context_len - 1, pool - 1) - 5) with a 400 "Input length (N tokens)
+# exceeds the maximum allowed length (M tokens)" (managers/utils.py validate_input_length).
+INPUT_MARGIN = 6
+_CONTEXT_ERRORS = ("context length", "exceeds the maximum allowed length")
+
 # SGLang's /health is a one-token generation queued behind the running batch and stalled during a
 # weight update (sglang/srt/entrypoints/http_server.py, health_generate): seconds on a busy server,
 # longer than a fixed 10 s while a 4B model reloads.
@@ -175,7 +181,7 @@ class SGLangEngine:
         out = []
         for ids, p in zip(input_ids, ps):
             room = c - 1 - len(ids)  # SGLang accepts prompt + max_new_tokens < context length
-            if room < 1:
+            if room < 1 or len(ids) >= c - INPUT_MARGIN:
                 raise ContextLengthError(f"prompt of {len(ids)} tokens leaves no room in {self.url}'s "
                                          f"context length ({c} tokens)")
             out.append(p if p.max_new_tokens <= room else dataclasses.replace(p, max_new_tokens=room))
@@ -243,8 +249,8 @@ class SGLangEngine:
             if r.status_code < 400:
                 return r.json()
             if r.status_code < 500:
-                # SGLang (and our server) answer an over-long prompt with a 400 naming the context length.
-                if "context length" in r.text.lower():
+                # SGLang (and our server) answer an over-long prompt with a 400 (_CONTEXT_ERRORS).
+                if any(e in r.text.lower() for e in _CONTEXT_ERRORS):
                     raise ContextLengthError(f"{self.url}{path}: {r.text[:1000]}")
                 raise EngineRequestError(f"{self.url}{path} rejected the request ({r.status_code}): {r.text[:1000]}")
             error = f"HTTP {r.status_code}: {r.text[:1000]}"
