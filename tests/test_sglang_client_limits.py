@@ -90,3 +90,27 @@ def test_a_prompt_within_six_tokens_of_the_context_is_refused_before_sending():
         client.generate([[1] * 58], SamplingParams(max_new_tokens=1))  # 58 >= 64 - 6
     client.generate([[1] * 57], SamplingParams(max_new_tokens=1))
     assert sent == ["/generate"]
+
+
+def _generate_answer(finish_reason, ids):
+    import httpx
+
+    meta = {"output_token_logprobs": [[-0.5, t, None] for t in ids], "finish_reason": finish_reason,
+            "weight_version": "3"}
+    return _mock_client(lambda r: httpx.Response(200, json={"data": [{}]}) if r.url.path == "/v1/models"
+                        else httpx.Response(200, json={"text": "", "meta_info": meta}))
+
+
+def test_finish_reasons_of_sglang_053_and_of_later_versions_agree():
+    """0.5.3 reports a stop token sampled as the last allowed token as "length" (it checks the
+    length first) and a stop by token id; later versions "stop", and a stop string as the string."""
+    from tau2jax.inference.engine import SamplingParams
+
+    p = SamplingParams(max_new_tokens=2, stop_token_ids=(151645,), stop_strings=("</tool_call>",))
+    cases = [({"type": "length", "length": 2}, [5, 151645], ("stop", 151645)),  # 0.5.3
+             ({"type": "stop", "matched": 151645}, [5, 151645], ("stop", 151645)),  # later
+             ({"type": "stop", "matched": "</tool_call>"}, [5, 6], ("stop", "</tool_call>")),  # 0.5.23
+             ({"type": "length", "length": 2}, [5, 6], ("length", None))]  # a real cut stays one
+    for wire, ids, want in cases:
+        [r] = _generate_answer(wire, ids).generate([[1, 2]], p)
+        assert (r.finish_reason, r.stop_reason) == want and r.output_ids == ids and r.policy_version == 3

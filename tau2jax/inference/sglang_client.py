@@ -143,17 +143,23 @@ class SGLangEngine:
         if not isinstance(outs, list) or len(outs) != len(input_ids):
             raise EngineUnavailableError(
                 f"{self.url}/generate answered {len(outs)} results for {len(input_ids)} prompts")
-        return [self._result(o, version) for o in outs]
+        return [self._result(o, version, p) for o, p in zip(outs, ps)]
 
-    def _result(self, out: dict, version: int) -> GenerateResult:
+    def _result(self, out: dict, version: int, params: SamplingParams) -> GenerateResult:
         meta = out["meta_info"]
         pairs = meta.get("output_token_logprobs")
         if pairs is None:
             raise EngineUnavailableError(f"{self.url}/generate returned no output_token_logprobs")
         reason, matched = _finish(meta)
+        ids = [int(t) for _, t, *_ in pairs]
+        # SGLang 0.5.3 checks max_new_tokens before stop tokens (managers/schedule_batch.py
+        # Req.check_finished), so a stop token sampled as the last allowed token reads "length";
+        # later versions say "stop". The turn did end at its stop token: call it a stop either way.
+        if reason == "length" and ids and ids[-1] in params.stop_token_ids:
+            reason, matched = "stop", ids[-1]
         served = str(meta.get("weight_version", ""))
         return GenerateResult(
-            output_ids=[int(t) for _, t, *_ in pairs],
+            output_ids=ids,
             logprobs=[float(lp) for lp, *_ in pairs],
             finish_reason=reason,
             policy_version=int(served) if served.isdigit() else version,
