@@ -35,8 +35,8 @@ read -r policy_port user_port < <("$PY" launch/rehearsal.py ports)
 export TRAIN_GPUS=${TRAIN_GPUS:-4,5,6,7}
 export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$(awk -F, '{print NF}' <<<"$TRAIN_GPUS")"
 export SGLANG_PYTHON=${SGLANG_PYTHON:-launch/sglang_standin/python}
-[[ -x $SGLANG_PYTHON ]] || { echo "error: no SGLang stand-in at $SGLANG_PYTHON (not built yet: see WORKSPACE.md," \
-  "'Known to be missing'); set SGLANG_PYTHON to a python with sglang to rehearse against the real one" >&2; exit 1; }
+[[ -x $SGLANG_PYTHON ]] || { echo "error: SGLANG_PYTHON=$SGLANG_PYTHON is not executable: point it at a python" \
+  "with sglang, or leave it unset for the stand-in" >&2; exit 1; }
 export POLICY_MODEL=$WORK/hf USER_MODEL=$WORK/hf POLICY_PORT=$policy_port USER_PORT=$user_port
 export LOG_DIR=$WORK/logs READY_TIMEOUT_S=${READY_TIMEOUT_S:-300} PYTHON=$PY
 export LITELLM_LOCAL_MODEL_COST_MAP=True
