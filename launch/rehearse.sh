@@ -29,7 +29,13 @@ mkdir -p "$WORK/logs"
 start=$(date +%s)
 
 "$PY" launch/rehearsal.py fixture "$WORK"   # random tiny Qwen3, the real vocabulary + tokenizer files
-read -r policy_port user_port < <("$PY" launch/rehearsal.py ports)
+# a resumed run keeps its ports: the servers' URLs are part of each finished step's settings
+if [[ ${REHEARSE_RESUME:-0} == 1 && -f $WORK/ports ]]; then
+  read -r policy_port user_port < "$WORK/ports"
+else
+  read -r policy_port user_port < <("$PY" launch/rehearsal.py ports)
+  echo "$policy_port $user_port" > "$WORK/ports"
+fi
 
 # The trainer's devices: as many CPU devices as TRAIN_GPUS names (gpu_node.sh's default 4,5,6,7: 4).
 export TRAIN_GPUS=${TRAIN_GPUS:-4,5,6,7}
