@@ -55,9 +55,10 @@ size=(  # sizes only; everything else is configs/qwen3_4b_pipeline.py as a GPU u
   --config.pipeline.train_task_ids="0,1,$telecom_task"  # airline 0,1 + retail 0,1 + one telecom task
   --config.pipeline.eval.eval.max_tasks_per_domain=1 --config.pipeline.eval.eval.num_samples=2
   --config.tau2.max_steps=8 --config.engine.max_new_tokens=16 --config.pipeline.eval.engine.max_new_tokens=16
-  # a tau2 prompt with its tools is ~5-6k tokens: shorter rows keep no assistant token
-  --config.pipeline.sft.train.steps=2 --config.pipeline.sft.data.max_len=8192 --config.pipeline.sft.data.batch_size=4
-  --config.pipeline.sft_rft.train.steps=2 --config.pipeline.sft_rft.data.max_len=8192 --config.pipeline.sft_rft.data.batch_size=4
+  # SFT steps follow the data (the config's 2 epochs of the 5 demos); a tau2 prompt with its
+  # tools is ~5-6k tokens, so shorter rows keep no assistant token
+  --config.pipeline.sft.data.max_len=8192 --config.pipeline.sft.data.batch_size=4
+  --config.pipeline.sft_rft.data.max_len=8192 --config.pipeline.sft_rft.data.batch_size=4
   --config.pipeline.rft.rft.samples=2
   --config.pipeline.grpo.rl.steps=3 --config.pipeline.grpo.rl.tasks_per_step=2
   --config.pipeline.grpo.rl.samples_per_task=2 --config.pipeline.grpo.rl.max_len=8192
