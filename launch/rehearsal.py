@@ -42,13 +42,15 @@ def fixture(work: str) -> None:
     hf_to_orbax.convert(hf, orbax)
 
 
-def ports() -> None:
-    socks = [socket.socket() for _ in range(2)]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports free on 127.0.0.1 now (the OS picks them)."""
+    socks = [socket.socket() for _ in range(n)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
-    print(*(s.getsockname()[1] for s in socks))
+    ports = [s.getsockname()[1] for s in socks]
     for s in socks:
         s.close()
+    return ports
 
 
 def _jsonl(path: str) -> list[dict]:
@@ -88,7 +90,7 @@ if __name__ == "__main__":
     if cmd == "fixture":
         fixture(*args)
     elif cmd == "ports":
-        ports()
+        print(*free_ports(2))
     elif cmd == "summary":
         print(json.dumps(summary(args[0], float(args[1]))))
     else:

@@ -2,6 +2,7 @@
 refuses flags SGLang's launcher would not get from gpu_node.sh, and serves an HF model dir (the
 rehearsal's fixture) over the endpoints tau2jax calls."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +13,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STANDIN = os.path.join(ROOT, "launch", "sglang_standin", "python")
+_spec = importlib.util.spec_from_file_location("rehearsal", os.path.join(ROOT, "launch", "rehearsal.py"))
+rehearsal = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rehearsal)
 ENV = {**os.environ, "STANDIN_PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"}
 
 
@@ -29,11 +33,8 @@ def test_version_and_unknown_flags():
 
 @pytest.mark.slow
 def test_serves_an_hf_dir_like_sglang(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "launch"))
-    import rehearsal
-
     rehearsal.fixture(str(tmp_path))
-    port = 30000 + os.getpid() % 20000
+    port = rehearsal.free_ports(1)[0]
     proc = subprocess.Popen([STANDIN, "-m", "sglang.launch_server", "--model-path", str(tmp_path / "hf"),
                              "--served-model-name", "policy", "--host", "127.0.0.1", "--port", str(port),
                              "--dp-size", "1", "--tp-size", "1", "--dtype", "bfloat16", "--context-length", "4096",

@@ -6,7 +6,8 @@ subset that tau2jax uses. Where the built-in server is kinder than SGLang, see d
 
 Not SGLang flags (they would be refused): SGLANG_STANDIN_MAX_TOKENS caps an OpenAI request that
 names no max_tokens (default 64: SGLang lets it run to the context, scheduler.py
-init_req_max_new_tokens, and a random tiny user model never stops), SGLANG_STANDIN_VERSION the version reported (0.5.3 rules apply below).
+init_req_max_new_tokens, and a random tiny user model never stops); SGLANG_STANDIN_VERSION is the
+version reported (0.5.3's rules apply below).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ launched with `--enable-deterministic-inference`; `launch/gpu_node.sh` checks th
   (SGLang's `ignore_eos` would disable both, so it is never sent). Our server does the same.
 - Context: SGLang rejects (400) a prompt + max_new_tokens that reaches its context length. The
   client reads that length once (`max_model_len` of GET /v1/models), caps max_new_tokens to the
-  room left, and raises `ContextLengthError` without a request for a prompt that leaves none.
+  room left, and raises `ContextLengthError` without a request for a prompt SGLang's scheduler
+  would refuse (>= context length - INPUT_MARGIN).
 - Finish: `{"type": "abort"}` and SGLang's NaN stop (`{"type": "stop", "matched": "NaN happened"}`)
   are finish_reason "abort" (an infrastructure failure), never a stop.
 - `policy_version` of a result is the server's `weight_version` when it is an integer (both servers
@@ -187,9 +188,9 @@ class SGLangEngine:
         out = []
         for ids, p in zip(input_ids, ps):
             room = c - 1 - len(ids)  # SGLang accepts prompt + max_new_tokens < context length
-            if room < 1 or len(ids) >= c - INPUT_MARGIN:
-                raise ContextLengthError(f"prompt of {len(ids)} tokens leaves no room in {self.url}'s "
-                                         f"context length ({c} tokens)")
+            if len(ids) >= c - INPUT_MARGIN:  # (then room < INPUT_MARGIN: room < 1 is covered)
+                raise ContextLengthError(f"prompt of {len(ids)} tokens reaches {self.url}'s input limit "
+                                         f"(context length {c} - {INPUT_MARGIN} tokens)")
             out.append(p if p.max_new_tokens <= room else dataclasses.replace(p, max_new_tokens=room))
         return out
 
