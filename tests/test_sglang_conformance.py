@@ -80,6 +80,12 @@ def test_server_applies_sglang_context_checks_and_reports_max_model_len(tok):
         full = post(CONTEXT, 1)
         assert full.status_code == 400
         assert "longer than the model's context length (32 tokens)" in full.json()["error"]["message"]
+        # the scheduler's own check (0.5.3 tp_worker.py max_req_input_len): room for the prompt is context - 6
+        assert post(CONTEXT - 7, 1).status_code == 200
+        near = post(CONTEXT - 6, 1)
+        assert near.status_code == 400
+        assert near.json()["error"]["message"].startswith(
+            "Input length (26 tokens) exceeds the maximum allowed length (26 tokens)")
 
 
 def test_client_caps_max_new_tokens_to_the_room_left(tok):
@@ -191,10 +197,11 @@ def test_chat_without_max_tokens_takes_the_room_the_context_leaves(tok):
     messages = [{"role": "user", "content": "go"}]
     n_prompt = len(Server(Echo(), tok).chat.render(messages, None, add_generation_prompt=True)[0])
     engine = ScriptedEngine(tok, [list(range(100, 200))])
-    with RunningServer(create_app(Server(engine, tok, context_length=n_prompt + 6))) as running:
+    # the smallest context that admits the prompt (scheduler: len < context - 6), room context - 1 - len
+    with RunningServer(create_app(Server(engine, tok, context_length=n_prompt + 7))) as running:
         r = httpx.post(f"{running.url}/v1/chat/completions", json={"messages": messages})
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] == 5 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert r.json()["usage"]["completion_tokens"] == 6 and r.json()["choices"][0]["finish_reason"] == "length"
 
 
 # -- 6. per-request validation before batching -------------------------------------------------------------

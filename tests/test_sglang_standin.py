@@ -58,7 +58,11 @@ def test_serves_an_hf_dir_like_sglang(tmp_path):
             {"role": "user", "content": "hi"}]}, timeout=120).json()
         assert chat["choices"][0]["message"]["role"] == "assistant"
         assert chat["usage"]["completion_tokens"] <= 64  # SGLANG_STANDIN_MAX_TOKENS's default
-        assert httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["max_model_len"] == 4096
+        card = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+        assert (card["id"], card["max_model_len"]) == ("policy", 4096)  # --served-model-name, --context-length
+        t0 = time.time()
+        assert httpx.get(f"{url}/health", timeout=60).status_code == 200
+        assert time.time() - t0 >= 1.0  # SGLang's /health: a generation, polled each second
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -2,7 +2,10 @@
 rehearsing launch/gpu_node.sh on CPU. It takes exactly the flags gpu_node.sh passes and refuses any
 other (argparse, as SGLang's ServerArgs does), loads the HF model directory SGLang would (config,
 safetensors by tensor name, the tokenizer files and chat template in it) and serves SGLang's HTTP
-subset that tau2jax uses. Where the built-in server is kinder than SGLang, see docs/gpu_serving.md.
+subset that tau2jax uses with SGLang's rules for the version and flags it runs under
+(`SGLangRules.launched`: /health a one-token generation, seeds only with
+--enable-deterministic-inference, the version's finish order and tool-call shapes, tool calls parsed
+only with --tool-call-parser). The table with SGLang's sources is in docs/gpu_serving.md.
 
 Not SGLang flags (they would be refused): SGLANG_STANDIN_MAX_TOKENS caps an OpenAI request that
 names no max_tokens (default 64: SGLang lets it run to the context, scheduler.py
@@ -52,6 +55,7 @@ def main(argv=None) -> int:
     from tau2jax.data.tokenizer import load_tokenizer
     from tau2jax.inference.jax_engine import JaxEngine
     from tau2jax.inference.server import Server, create_app
+    from tau2jax.inference.sglang_rules import SGLangRules
 
     missing = [f for f in ("config.json", "tokenizer.json") if not os.path.exists(os.path.join(args.model_path, f))]
     if missing:
@@ -65,7 +69,10 @@ def main(argv=None) -> int:
     version = int(args.weight_version) if args.weight_version.isdigit() else 0
     engine = JaxEngine.from_hf_dir(args.model_path, dtype=dtype, tokenizer=tokenizer, max_seq_len=context,
                                    max_batch=16, policy_version=version)
-    server = Server(engine, tokenizer, model_path=args.model_path, context_length=context,
+    rules = SGLangRules.launched(os.environ.get("SGLANG_STANDIN_VERSION", "0.5.3"),
+                                 args.enable_deterministic_inference, args.tool_call_parser)
+    server = Server(engine, tokenizer, model_path=args.model_path, context_length=context, rules=rules,
+                    served_model_name=args.served_model_name,
                     default_max_tokens=int(os.environ.get("SGLANG_STANDIN_MAX_TOKENS", "64")))
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -21,15 +21,20 @@ talk to this server and to SGLang alike; POST bodies must be `Content-Type: appl
   Stop strings ("stop") are applied by the engine (JaxEngine: needs its tokenizer). The log-probs
   are the engine's `GenerateResult.logprobs` (the behaviour convention = SGLang's).
   Context length (the engine's `max_seq_len`): as SGLang, a prompt of >= that many tokens, or
-  prompt + max_new_tokens reaching it, is a 400 with SGLang's wording.
+  prompt + max_new_tokens reaching it, or a prompt of >= context - 6 tokens, is a 400 with
+  SGLang's wording. Seeds and the finish order follow `SGLangRules` (version, launch flags).
 - `POST /update_weights_from_disk` {"model_path": HF dir, "weight_version": "N"} ->
-  {"success", "message"}: loads the safetensors and swaps them in between two engine calls;
-  without "weight_version" the version stays what it was (as SGLang).
-- `GET /health`, `GET /get_model_info`, `GET /v1/models` (its card's `max_model_len` is the
-  context length, as SGLang's).
+  {"success", "message"}: as SGLang, waits for the requests in flight to finish on the old weights
+  (they report the old version), holds back new ones, loads the safetensors by tensor name, swaps
+  them in and empties the engine's prefix cache; without "weight_version" the version stays what it
+  was. `sglang_rules.py` has this and the other SGLang rules with their sources.
+- `GET /health` (200 at once, or SGLang's one-token generation under `SGLangRules.health_generates`),
+  `GET /get_model_info`, `GET /v1/models` (id: the served model name, the model path after an
+  update, as SGLang; `max_model_len` is the context length).
 - `POST /v1/chat/completions` (OpenAI, with tools): the messages and tools are rendered with the
-  Qwen3 chat format, `<tool_call>` blocks in the reply become OpenAI `tool_calls` (with "index");
-  finish_reason "tool_calls" only when generation stopped, "length" stays "length" (as SGLang).
+  Qwen3 chat format, `<tool_call>` blocks in the reply become OpenAI `tool_calls` by SGLang's qwen25
+  parser (`--tool-call-parser qwen25`; none: the raw text); finish_reason "tool_calls" only when
+  generation stopped, "length" stays "length" (as SGLang).
   Without max_tokens the reply may take --max-tokens, capped to the room the context leaves.
   This is what the user simulator (tau2 via litellm, `api_base=http://HOST:PORT/v1`) calls.
 
@@ -46,7 +51,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
-import json
+import dataclasses
 import logging
 import queue
 import socket
@@ -60,8 +65,9 @@ import fastapi
 import httpx
 from fastapi.responses import JSONResponse
 
-from tau2jax.data.chat import ChatFormat, parse_tool_calls
+from tau2jax.data.chat import ChatFormat
 from tau2jax.inference.engine import GenerateResult, SamplingParams
+from tau2jax.inference.sglang_rules import HEALTH_CHECK_TIMEOUT_S, INPUT_MARGIN, ModelUpdateLock, SGLangRules
 from tau2jax.inference.weight_sync import load_hf_params
 
 log = logging.getLogger(__name__)
@@ -104,6 +110,7 @@ class Batcher:
         self.max_batch = max_batch
         self.window_s = window_s
         self.lock = threading.Lock()
+        self.last_output_t = 0.0  # time.monotonic() of the last batch answered (SGLang's health check)
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="engine-batcher", daemon=True)
         self._thread.start()
@@ -150,6 +157,7 @@ class Batcher:
             for b in batch:
                 b.future.set_exception(e)
             return
+        self.last_output_t = time.monotonic()
         for b, r in zip(batch, results):
             b.future.set_result(r)
 
@@ -199,8 +207,12 @@ class Server:
 
     def __init__(self, engine, tokenizer, *, model_path: str = "", max_batch: int = 32,
                  batch_window_s: float = 0.005, default_max_tokens: int = 1024,
-                 context_length: int | None = None):
+                 context_length: int | None = None, rules: SGLangRules | None = None,
+                 served_model_name: str = ""):
         self.engine = engine
+        self.rules = rules or SGLangRules()
+        self.update_lock = ModelUpdateLock()
+        self.served_model_name = served_model_name or model_path
         self.tokenizer = tokenizer
         self.chat = ChatFormat(tokenizer)
         self.model_path = model_path
@@ -214,8 +226,9 @@ class Server:
         self.context_length = context_length or getattr(engine, "max_seq_len", None)
 
     def validate(self, ids: list[int], params: SamplingParams) -> None:
-        """SGLang's per-request length checks (its tokenizer manager's, same words), run before a
-        request is queued so that a bad one fails alone (HTTP 400) and never reaches a batch."""
+        """SGLang's per-request length checks (its tokenizer manager's and its scheduler's, same
+        words), run before a request is queued so that a bad one fails alone (HTTP 400) and never
+        reaches a batch."""
         if not ids:
             raise RequestError("empty prompt")
         c = self.context_length
@@ -229,6 +242,9 @@ class Server:
                 f"a total of {len(ids) + params.max_new_tokens} tokens: {len(ids)} tokens from the input messages "
                 f"and {params.max_new_tokens} tokens for the completion. Please reduce the number of tokens in "
                 f"the input messages or the completion to fit within the limit.")
+        if len(ids) >= c - INPUT_MARGIN:  # the scheduler's check, after the tokenizer manager's two
+            raise RequestError(f"Input length ({len(ids)} tokens) exceeds the maximum allowed length "
+                               f"({c - INPUT_MARGIN} tokens). Use a shorter input or enable --allow-auto-truncate.")
 
     # /generate
 
@@ -253,7 +269,7 @@ class Server:
             max_new_tokens=_number(sp, "max_new_tokens", 128, int, 0),  # SGLang's default
             stop_token_ids=stop_ids,
             stop_strings=_strings(sp.get("stop"), "stop"),
-            seed=seed,
+            seed=self.rules.seed(seed),
         )
 
     def parse_generate(self, body: dict) -> tuple[list[_Request], bool]:
@@ -290,7 +306,31 @@ class Server:
         return reqs, batched
 
     async def run(self, ids: list[int], params: SamplingParams) -> GenerateResult:
-        return await asyncio.wrap_future(self.batcher.submit(ids, params))
+        r = await asyncio.wrap_future(self.batcher.submit(ids, params))
+        if self.rules.length_before_stop and r.finish_reason == "stop" and len(r.output_ids) >= params.max_new_tokens:
+            r = dataclasses.replace(r, finish_reason="length", stop_reason=None)  # SGLang 0.5.3's order
+        return r
+
+    async def health(self) -> bool:
+        """SGLang's /health: a one-token generation queued like any request (behind a weight
+        update); healthy once any output arrives after the check began (polled each second)."""
+        if not self.rules.health_generates:
+            return True
+        tic = time.monotonic()
+
+        async def one_token():
+            async with self.update_lock.shared():
+                await self.run([0], SamplingParams(temperature=0.0, max_new_tokens=1))
+
+        task = asyncio.create_task(one_token())
+        try:
+            while time.monotonic() < tic + HEALTH_CHECK_TIMEOUT_S:
+                await asyncio.sleep(1.0)
+                if self.batcher.last_output_t > tic:
+                    return True
+            return False
+        finally:
+            task.cancel()
 
     def generate_response(self, req: _Request, r: GenerateResult, return_logprob: bool, t0: float) -> dict:
         out = list(r.output_ids)
@@ -315,8 +355,8 @@ class Server:
 
     # /v1/chat/completions
 
-    def parse_chat(self, body: dict) -> tuple[list[int], SamplingParams, bool]:
-        """-> (prompt ids, sampling params, whether tool calls are parsed out of the reply)."""
+    def parse_chat(self, body: dict) -> tuple[list[int], SamplingParams, set[str]]:
+        """-> (prompt ids, sampling params, the tool names whose calls are parsed out of the reply)."""
         if body.get("stream"):
             raise RequestError("stream=true is not supported; send stream=false")
         if body.get("n", 1) != 1:
@@ -344,9 +384,10 @@ class Server:
             sp["sampling_seed"] = body["seed"]
         params = self.parse_sampling(sp)
         self.validate(ids, params)
-        return ids, params, bool(tools) and tool_choice == "auto"
+        names = {t.get("function", {}).get("name") for t in tools or () if isinstance(t, dict)}
+        return ids, params, names if tool_choice == "auto" else set()
 
-    def chat_response(self, body: dict, prompt: list[int], r: GenerateResult, with_tools: bool) -> dict:
+    def chat_response(self, body: dict, prompt: list[int], r: GenerateResult, tool_names: set[str]) -> dict:
         if r.finish_reason == "abort":  # OpenAI has no "abort": a 500 makes the client retry
             raise EngineFailure(f"the engine aborted the request: {r.stop_reason}")
         out = list(r.output_ids)
@@ -355,17 +396,12 @@ class Server:
         text = self.tokenizer.decode(out, skip_special_tokens=False)
         if r.finish_reason == "stop" and isinstance(r.stop_reason, str):
             text = text[: text.find(r.stop_reason)] if r.stop_reason in text else text
-        message = {"role": "assistant", "content": text}
-        finish = r.finish_reason
-        if with_tools:
-            content, calls, error = parse_tool_calls(text)
-            if calls and error is None:  # a malformed call comes back as plain text, like SGLang
-                message = {"role": "assistant", "content": content or None, "tool_calls": [
-                    {"id": f"call_{uuid.uuid4().hex[:24]}", "index": i, "type": "function",
-                     "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                    for i, c in enumerate(calls)]}
-                # As SGLang: a reply cut by the length limit keeps finish "length" (calls parsed all the same)
-                finish = "tool_calls" if finish == "stop" else finish
+        content, calls, as_calls = self.rules.tool_calls(text, tool_names) if tool_names else (text, None, False)
+        message = {"role": "assistant", "content": content or None}
+        if calls is not None:
+            message["tool_calls"] = calls
+        # As SGLang: only a stop becomes "tool_calls"; a reply cut by the length limit stays "length"
+        finish = "tool_calls" if as_calls and r.finish_reason == "stop" else r.finish_reason
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", self.model_path),
@@ -379,13 +415,13 @@ class Server:
     def update_weights_from_disk(self, model_path: str, version: int) -> str:
         if not hasattr(self.engine, "update_weights"):
             raise RequestError(f"{type(self.engine).__name__} does not support weight updates")
-        params, cfg = load_hf_params(model_path)  # outside the lock: generation goes on meanwhile
+        params, cfg = load_hf_params(model_path)
         engine_cfg = getattr(self.engine, "cfg", None)
         if engine_cfg is not None and cfg != engine_cfg:
             raise RequestError(f"{model_path}: model config {cfg} differs from the served model's {engine_cfg}")
-        with self.batcher.lock:
+        with self.batcher.lock:  # a health check's generation may still be in the batcher
             self.engine.update_weights(params, version)
-        self.model_path = model_path
+        self.model_path = self.served_model_name = model_path  # as SGLang (tokenizer_manager.py)
         return f"loaded {model_path} as policy version {version}"
 
 
@@ -457,7 +493,7 @@ def create_app(server: Server) -> fastapi.FastAPI:
 
     @app.get("/health")
     async def health():
-        return fastapi.Response(status_code=200)
+        return fastapi.Response(status_code=200 if await server.health() else 503)
 
     @app.get("/get_model_info")
     async def model_info():
@@ -467,7 +503,8 @@ def create_app(server: Server) -> fastapi.FastAPI:
 
     @app.get("/v1/models")
     async def models():  # SGLang's ModelCard: max_model_len is the context length it validates against
-        card = {"id": server.model_path, "object": "model", "root": server.model_path, "owned_by": "tau2jax"}
+        card = {"id": server.served_model_name, "object": "model", "root": server.served_model_name,
+                "owned_by": "tau2jax"}
         if server.context_length is not None:
             card["max_model_len"] = server.context_length
         return {"object": "list", "data": [card]}
@@ -477,16 +514,18 @@ def create_app(server: Server) -> fastapi.FastAPI:
         t0 = time.perf_counter()
         body = await _json_body(request)
         reqs, batched = server.parse_generate(body)
-        results = await generate_many(reqs)
+        async with server.update_lock.shared():
+            results = await generate_many(reqs)
         out = [server.generate_response(q, r, bool(body.get("return_logprob")), t0) for q, r in zip(reqs, results)]
         return out if batched else out[0]
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: fastapi.Request):
         body = await _json_body(request)
-        ids, params, with_tools = server.parse_chat(body)
-        (result,) = await generate_many([_Request(ids, params, False, False)])
-        return server.chat_response(body, ids, result, with_tools)
+        ids, params, tool_names = server.parse_chat(body)
+        async with server.update_lock.shared():
+            (result,) = await generate_many([_Request(ids, params, False, False)])
+        return server.chat_response(body, ids, result, tool_names)
 
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(request: fastapi.Request):
@@ -499,8 +538,9 @@ def create_app(server: Server) -> fastapi.FastAPI:
             version = server.engine.policy_version if version is None else int(version)
         except ValueError:
             raise RequestError(f"weight_version must be an integer policy version, got {version!r}") from None
-        try:
-            message = await asyncio.to_thread(server.update_weights_from_disk, path, version)
+        try:  # as SGLang: drains the requests in flight, holds new ones back, loads, swaps
+            async with server.update_lock.exclusive():
+                message = await asyncio.to_thread(server.update_weights_from_disk, path, version)
         except (OSError, ValueError) as e:  # missing dir, bad safetensors, wrong shapes
             return JSONResponse({"success": False, "message": f"{type(e).__name__}: {e}"}, status_code=400)
         return {"success": True, "message": message, "num_paused_requests": 0}

@@ -45,21 +45,20 @@ import time
 import httpx
 
 from tau2jax.inference.engine import ContextLengthError, GenerateResult, SamplingParams, per_prompt
+from tau2jax.inference.sglang_rules import INPUT_MARGIN
 
 
 class EngineRequestError(ValueError):
     """The server rejected the request (HTTP 4xx): retrying cannot help."""
 
 
-# SGLang's scheduler refuses a prompt of >= context_len - 6 tokens (sglang/srt/managers/tp_worker.py,
-# 0.5.3: max_req_input_len = min(context_len - 1, pool - 1) - 5) with a 400 "Input length (N tokens)
-# exceeds the maximum allowed length (M tokens)" (managers/utils.py validate_input_length).
-INPUT_MARGIN = 6
+# SGLang's scheduler refuses a prompt of >= context_len - INPUT_MARGIN tokens with a 400 "Input length
+# (N tokens) exceeds the maximum allowed length (M tokens)" (sglang_rules.py has the sources).
 _CONTEXT_ERRORS = ("context length", "exceeds the maximum allowed length")
 
 # SGLang's /health is a one-token generation queued behind the running batch and stalled during a
 # weight update (sglang/srt/entrypoints/http_server.py, health_generate): seconds on a busy server,
-# longer than a fixed 10 s while a 4B model reloads.
+# and it answers 503 itself after its own HEALTH_CHECK_TIMEOUT_S (20 s); a 4B reload takes longer.
 HEALTH_TIMEOUT_S = 60.0
 
 
