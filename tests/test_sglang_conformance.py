@@ -1,7 +1,10 @@
 """SGLang conformance of our server, our client and the GPU launcher: context-length handling,
 abort finishes, JSON content type, weight versions, tool-call shape, per-request validation before
-batching, the log-prob field, and the launcher's SGLang version check and DETERMINISTIC switch."""
+batching, the log-prob field, and the launcher's SGLang version check and DETERMINISTIC switch.
+The servers here follow SGLang 0.5.3's rules as the stand-in does (`SGLANG`), except /health as a
+generation (tests/test_sglang_rules.py covers it; here it would eat the scripted replies)."""
 
+import dataclasses
 import json
 import os
 import re
@@ -18,10 +21,13 @@ from tau2jax.inference import server as server_mod
 from tau2jax.inference.engine import ContextLengthError, GenerateResult, SamplingParams, ScriptedEngine
 from tau2jax.inference.server import Batcher, RunningServer, Server, create_app
 from tau2jax.inference.sglang_client import SGLangEngine
+from tau2jax.inference.sglang_rules import SGLangRules
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, "launch", "gpu_node.sh")
 CONTEXT = 32
+SGLANG = dataclasses.replace(SGLangRules.launched("0.5.3", deterministic=False, tool_call_parser="qwen25"),
+                             health_generates=False)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +71,7 @@ def counting_app(server):
 
 
 def test_server_applies_sglang_context_checks_and_reports_max_model_len(tok):
-    with RunningServer(create_app(Server(Echo(), tok, context_length=CONTEXT))) as running:
+    with RunningServer(create_app(Server(Echo(), tok, context_length=CONTEXT, rules=SGLANG))) as running:
         card = httpx.get(f"{running.url}/v1/models").json()["data"][0]
         assert card["max_model_len"] == CONTEXT
 
@@ -90,7 +96,7 @@ def test_server_applies_sglang_context_checks_and_reports_max_model_len(tok):
 
 def test_client_caps_max_new_tokens_to_the_room_left(tok):
     engine = ScriptedEngine(tok, [list(range(100, 200))])
-    with RunningServer(create_app(Server(engine, tok, context_length=CONTEXT))) as running:
+    with RunningServer(create_app(Server(engine, tok, context_length=CONTEXT, rules=SGLANG))) as running:
         client = SGLangEngine(running.url)
         [r] = client.generate([[7] * 20], SamplingParams(max_new_tokens=100))
         assert client.context_length == CONTEXT
@@ -99,7 +105,7 @@ def test_client_caps_max_new_tokens_to_the_room_left(tok):
 
 
 def test_prompt_that_fills_the_context_raises_without_a_request(tok):
-    app, hits = counting_app(Server(Echo(), tok, context_length=CONTEXT))
+    app, hits = counting_app(Server(Echo(), tok, context_length=CONTEXT, rules=SGLANG))
     with RunningServer(app) as running:
         client = SGLangEngine(running.url)
         with pytest.raises(ContextLengthError, match="context length"):
@@ -121,7 +127,7 @@ def test_prompt_that_fills_the_context_raises_without_a_request(tok):
     (GenerateResult([5], [-1.0], "abort", 0, "out of memory"), "out of memory"),
 ])
 def test_abort_and_nan_finishes_are_aborts(tok, result, reason):
-    with RunningServer(create_app(Server(Echo(result), tok))) as running:
+    with RunningServer(create_app(Server(Echo(result), tok, rules=SGLANG))) as running:
         wire = httpx.post(f"{running.url}/generate", json={"input_ids": [1, 2]}).json()["meta_info"]["finish_reason"]
         client = SGLangEngine(running.url)
         [r] = client.generate([[1, 2]], SamplingParams())
@@ -135,7 +141,7 @@ def test_abort_and_nan_finishes_are_aborts(tok, result, reason):
 
 def test_post_bodies_must_be_json_and_the_client_sends_json(tok):
     engine = ScriptedEngine(tok, ["ok<|im_end|>"])
-    with RunningServer(create_app(Server(engine, tok))) as running:
+    with RunningServer(create_app(Server(engine, tok, rules=SGLANG))) as running:
         body = json.dumps({"input_ids": [1, 2]})
         form = httpx.post(f"{running.url}/generate", content=body,
                           headers={"Content-Type": "application/x-www-form-urlencoded"})  # what curl -d sends
@@ -165,7 +171,7 @@ class Updatable(Echo):
 def test_update_without_weight_version_keeps_the_version(tok, monkeypatch):
     monkeypatch.setattr(server_mod, "load_hf_params", lambda path: ({}, None))
     engine = Updatable(policy_version=3)
-    with RunningServer(create_app(Server(engine, tok))) as running:
+    with RunningServer(create_app(Server(engine, tok, rules=SGLANG))) as running:
         def update(**version):
             r = httpx.post(f"{running.url}/update_weights_from_disk", json={"model_path": "/ckpt/v", **version})
             assert r.json()["success"], r.text
@@ -180,7 +186,7 @@ def test_chat_tool_calls_have_an_index_and_only_a_stop_finishes_as_tool_calls(to
     calls = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n' \
             '<tool_call>\n{"name": "f", "arguments": {"a": 2}}\n</tool_call>'
     engine = ScriptedEngine(tok, [calls + "<|im_end|>", calls])  # the second is cut by max_tokens
-    with RunningServer(create_app(Server(engine, tok))) as running:
+    with RunningServer(create_app(Server(engine, tok, rules=SGLANG))) as running:
         def chat(max_tokens):
             return httpx.post(f"{running.url}/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "go"}], "tools": tools,
@@ -188,8 +194,9 @@ def test_chat_tool_calls_have_an_index_and_only_a_stop_finishes_as_tool_calls(to
 
         stopped, cut = chat(200), chat(len(tok.encode(calls)))
     assert stopped["finish_reason"] == "tool_calls"
+    # 0.5.3's qwen25 detector leaves every non-streamed call's index at -1 (0.5.23 numbers them 0..)
     assert [(c["index"], json.loads(c["function"]["arguments"])) for c in stopped["message"]["tool_calls"]] == [
-        (0, {"a": 1}), (1, {"a": 2})]
+        (-1, {"a": 1}), (-1, {"a": 2})]
     assert cut["finish_reason"] == "length"
 
 
@@ -198,7 +205,7 @@ def test_chat_without_max_tokens_takes_the_room_the_context_leaves(tok):
     n_prompt = len(Server(Echo(), tok).chat.render(messages, None, add_generation_prompt=True)[0])
     engine = ScriptedEngine(tok, [list(range(100, 200))])
     # the smallest context that admits the prompt (scheduler: len < context - 6), room context - 1 - len
-    with RunningServer(create_app(Server(engine, tok, context_length=n_prompt + 7))) as running:
+    with RunningServer(create_app(Server(engine, tok, context_length=n_prompt + 7, rules=SGLANG))) as running:
         r = httpx.post(f"{running.url}/v1/chat/completions", json={"messages": messages})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 6 and r.json()["choices"][0]["finish_reason"] == "length"
@@ -224,7 +231,7 @@ class GatedEcho(Echo):
 
 def test_a_bad_request_fails_alone_and_the_others_run_batched(tok):
     engine, n = GatedEcho(), 4
-    server = Server(engine, tok, max_batch=16, batch_window_s=0.0)
+    server = Server(engine, tok, max_batch=16, batch_window_s=0.0, rules=SGLANG)
     with RunningServer(create_app(server)) as running:
         post = lambda ids: httpx.post(f"{running.url}/generate", json={  # noqa: E731
             "input_ids": ids, "sampling_params": {"max_new_tokens": 2}}, timeout=60)
@@ -262,7 +269,7 @@ def test_an_engine_failure_fails_its_batch_once(tok):
 
 def test_server_serves_the_behaviour_logprobs_and_client_returns_them(tok):
     result = GenerateResult([5, 6], [-0.7, -1.2], "length", 0, None, sampled_logprobs=[-0.1, -0.2])
-    with RunningServer(create_app(Server(Echo(result), tok))) as running:
+    with RunningServer(create_app(Server(Echo(result), tok, rules=SGLANG))) as running:
         meta = httpx.post(f"{running.url}/generate", json={"input_ids": [1], "return_logprob": True}).json()
         client = SGLangEngine(running.url)
         [r] = client.generate([[1]], SamplingParams())
@@ -286,7 +293,7 @@ def test_a_push_aborts_nothing_and_an_answer_keeps_the_version_that_served_it(to
             self.policy_version = version
 
     cfg = configs.get_model_config("toy")
-    with RunningServer(create_app(Server(Echo(policy_version=6), tok))) as running:
+    with RunningServer(create_app(Server(Echo(policy_version=6), tok, rules=SGLANG))) as running:
         client = Client(running.url, policy_version=6)
         weight_sync.push(client, qwen3.init_params(cfg, jax.random.key(0)), cfg, str(tmp_path / "w"), 7)
         [late] = client.generate([[1, 2]], SamplingParams(max_new_tokens=2))  # served before the swap

@@ -93,11 +93,9 @@ def test_health_is_a_generation_that_waits_behind_an_update(tok, monkeypatch):
     monkeypatch.setattr(server_mod, "load_hf_params", slow_load)
     monkeypatch.setattr(server_mod, "HEALTH_CHECK_TIMEOUT_S", 1.5)
     engine = Gated()
-    server = Server(engine, tok, rules=STRICT_053)
-    app = create_app(server)
-    server.rules = SGLangRules()  # RunningServer's own readiness wait: the kind /health
-    with RunningServer(app) as running, ThreadPoolExecutor(2) as pool:
-        server.rules = STRICT_053
+    with RunningServer(create_app(Server(engine, tok, rules=STRICT_053))) as running, \
+            ThreadPoolExecutor(2) as pool:
+        engine.log.clear()  # RunningServer's readiness wait was a health generation too
         t0 = time.monotonic()
         assert httpx.get(f"{running.url}/health", timeout=30).status_code == 200
         assert time.monotonic() - t0 >= 1.0 and engine.log == ["generate v0"]  # it generated, polled each second

@@ -587,7 +587,8 @@ def wait_healthy(url: str, timeout_s: float, interval_s: float = 0.05) -> None:
     last = None
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=interval_s * 20).status_code == 200:
+            # SGLang's /health (SGLangRules.health_generates) takes >= 1 s and gives up after its own timeout
+            if httpx.get(f"{url}/health", timeout=HEALTH_CHECK_TIMEOUT_S + 5).status_code == 200:
                 return
         except httpx.TransportError as e:
             last = e
