@@ -432,10 +432,22 @@ class JaxEngine:
         shardings, so nothing recompiles), empties the prefix cache and sets policy_version to
         `version` (default: +1). The engine keeps its own copy: the caller may donate or delete
         its arrays afterwards. A batch already running finishes on the old weights and reports
-        the old version."""
-        new = self._own(params, self._params)
+        the old version. = `swap_weights(stage_weights(params), version)`."""
+        return self.swap_weights(jax.block_until_ready(self.stage_weights(params)), version)
+
+    def stage_weights(self, params):
+        """The engine's copy of `params`, cast and placed on the devices (no host round trip),
+        dispatched asynchronously; the engine keeps serving its current weights meanwhile. Call
+        on the thread that owns `params` before it donates them; block on the result before
+        `swap_weights`, so the swap never makes a batch wait for the copy."""
+        return self._own(params, self._params)
+
+    def swap_weights(self, staged, version: int | None = None) -> int:
+        """The only pause: points the engine at `staged` (from `stage_weights`) under its lock,
+        empties the prefix cache, sets policy_version; the old buffers are freed when the last
+        batch on them ends."""
         with self._lock:
-            self._params = new
+            self._params = staged
             self._prefix.clear()
             self.policy_version = self.policy_version + 1 if version is None else int(version)
             return self.policy_version
