@@ -445,12 +445,14 @@ class JaxEngine:
     def swap_weights(self, staged, version: int | None = None) -> int:
         """The only pause: points the engine at `staged` (from `stage_weights`) under its lock,
         empties the prefix cache, sets policy_version; the old buffers are freed when the last
-        batch on them ends."""
+        batch on them ends (here at the latest: outside the lock, so freeing them is no pause)."""
         with self._lock:
-            self._params = staged
+            old, self._params = self._params, staged
             self._prefix.clear()
             self.policy_version = self.policy_version + 1 if version is None else int(version)
-            return self.policy_version
+            served = self.policy_version
+        del old
+        return served
 
     def served_version(self) -> int:
         return self.policy_version
