@@ -376,6 +376,7 @@ class JaxEngine:
         self._params = self._own(params)
         self.policy_version = policy_version
         self.batches_run = 0
+        self.last_swap_s = 0.0
         # Guards _params, policy_version, the prefix cache, the seed RNG, _closed and the counters.
         self._lock = threading.Lock()
         self._prefix = PrefixCache(prefix_cache_tokens)
@@ -445,12 +446,15 @@ class JaxEngine:
     def swap_weights(self, staged, version: int | None = None) -> int:
         """The only pause: points the engine at `staged` (from `stage_weights`) under its lock,
         empties the prefix cache, sets policy_version; the old buffers are freed when the last
-        batch on them ends (here at the latest: outside the lock, so freeing them is no pause)."""
+        batch on them ends (here at the latest: outside the lock, so freeing them is no pause).
+        `last_swap_s`: seconds the lock was held, the engine's pause."""
         with self._lock:
+            t = time.perf_counter()
             old, self._params = self._params, staged
             self._prefix.clear()
             self.policy_version = self.policy_version + 1 if version is None else int(version)
             served = self.policy_version
+            self.last_swap_s = time.perf_counter() - t
         del old
         return served
 

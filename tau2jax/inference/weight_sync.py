@@ -218,12 +218,14 @@ class Pusher:
                 del staged  # the device copy is no longer needed
                 t1 = time.perf_counter()
                 if jax.process_index() == 0:
-                    self.engine.update_weights(path, version)
+                    self.engine.update_weights(path, version)  # the server drains and loads: its pause
+                pause = time.perf_counter() - t1
             else:
                 jax.block_until_ready(staged)
                 t1 = time.perf_counter()
                 self.engine.swap_weights(staged, version)
-            self._last = {"version": version, "publish_s": t1 - t0, "pause_s": time.perf_counter() - t1}
+                pause = self.engine.last_swap_s  # its lock held; dropping the old copy after is no pause
+            self._last = {"version": version, "publish_s": t1 - t0, "pause_s": pause}
             if self._on_swap is not None:
                 self._on_swap(version)
         except BaseException as e:  # noqa: BLE001  (re-raised on the learner thread by wait())
