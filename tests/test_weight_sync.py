@@ -128,3 +128,15 @@ def test_sync_engine_uses_disk_loader_or_params(tmp_path):
     _assert_same(local.loaded[0], _params(1))
     with pytest.raises(FileNotFoundError, match="version 7 is not published"):
         sync_engine(local, root, 7)
+
+
+def test_default_root_is_shm_for_a_local_server_else_the_workdir(tmp_path):
+    work = str(tmp_path / "run")
+    assert weight_sync.default_root(work, [], "/x/pub") == "/x/pub"  # configured wins
+    assert weight_sync.default_root(work, ["http://10.255.1.2:30000"]) == os.path.join(work, "weights")
+    local = weight_sync.default_root(work, ["http://127.0.0.1:30000", "http://localhost:30001"])
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        assert local.startswith("/dev/shm/") and local != weight_sync.default_root(str(tmp_path / "other"),
+                                                                                  ["http://127.0.0.1:1"])
+    # one remote server among local ones: the files must be where it can read them
+    assert weight_sync.default_root(work, ["http://127.0.0.1:1", "http://10.255.1.2:2"]) == os.path.join(work, "weights")
