@@ -165,9 +165,10 @@ def rl_overlap(files, out_dir) -> list[str]:
             staleness = d["max_staleness_seen_sync"] if run == "sync" else d["max_staleness_seen"]
             rows.append([link(path, out_dir), c["mode"], c["steps"], run, d["timed_steps"], d[f"wall_s_{run}"],
                          d[f"learner_busy_frac_{run}"], staleness, d[f"first_reward_{run}"],
-                         d[f"final_reward_{run}"], d["async_speedup"]])
+                         d[f"final_reward_{run}"], d.get(f"weight_sync_wait_frac_{run}", "-"), d["async_speedup"]])
     return table(["file", "mode", "steps", "run", "timed steps", "wall s", "learner busy fraction",
-                  "max staleness seen", "first reward", "final reward", "async_speedup"], rows)
+                  "max staleness seen", "first reward", "final reward", "weight-sync wait / step",
+                  "async_speedup"], rows)
 
 
 def grpo_mock(files, out_dir) -> list[str]:
@@ -190,11 +191,13 @@ def weight_sync(files, out_dir) -> list[str]:
     for path, kind, d in files:
         if kind != "weight_sync":
             continue
+        disk = d["disk"]  # files before issue 17 have no GB/s nor old-writer figures
         rows.append([link(path, out_dir), d["device"], d["model"], d["num_layers"], d["params"], d["engine_dtype"],
-                     d["repeats"], d["in_process"]["pause_s"], d["disk"]["transfer_s"], d["disk"]["pause_s"],
-                     d["disk"]["checkpoint_bytes"]])
+                     d["repeats"], d["in_process"]["pause_s"], disk["transfer_s"], disk.get("publish_gb_per_s", "-"),
+                     disk.get("old_publish_gb_per_s", "-"), disk["pause_s"], disk["checkpoint_bytes"]])
     return table(["file", "device", "model", "layers", "params", "engine dtype", "repeats", "in-process pause s",
-                  "disk publish s", "disk reload pause s", "checkpoint bytes"], rows)
+                  "disk publish s", "publish GB/s", "old publish GB/s", "disk reload pause s", "checkpoint bytes"],
+                 rows)
 
 
 def compiles(files, out_dir) -> list[str]:

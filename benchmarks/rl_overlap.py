@@ -19,12 +19,15 @@ one JSON object (also written to benchmarks/results/rl_overlap.json) with `async
 `learner_busy_frac_sync` / `_async` (learner seconds / step wall, mean over timed steps),
 `max_staleness_seen` (of the asynchronous run; bound 1) and both runs' first/final reward (mean task
 reward over their first / last 3 steps: the asynchronous run must learn as the synchronous one),
-and `learner_compiles_sync` / `_async`: the learner-step shapes each run compiled (goal 1: one row bucket).
+and `learner_compiles_sync` / `_async`: the learner-step shapes each run compiled (goal 1: one row bucket);
+`weight_sync_wait_frac_sync` / `_async`: the learner's wait on weight sync over its step time, from each
+run's metrics (a push every step, published in the background: goal <= 0.05).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -75,6 +78,13 @@ def warm_engine(config) -> None:
     engine.close()
 
 
+def weight_sync_wait_frac(metrics_path: str) -> float:
+    """The learner's wait on weight sync (`weight_sync_wait_s`, a push every step) over its step time,
+    summed over the timed steps (the first, compiling, left out)."""
+    rows = [json.loads(line) for line in open(metrics_path)][1:]
+    return sum(r.get("weight_sync_wait_s", 0.0) for r in rows) / sum(r["step_s"] for r in rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -99,6 +109,7 @@ def main() -> None:
         for name, k in (("sync", 0), ("async", 1)):
             runs[name] = grpo.run(grpo_config(os.path.join(d, name), steps=size["steps"], max_staleness=k,
                                               latency=args.latency))
+            runs[name]["weight_sync_wait_frac"] = weight_sync_wait_frac(os.path.join(d, name, "metrics.jsonl"))
     timed = size["steps"] - 1
     print(f"{'run':<6} {'max_staleness':>13} {'wall_s':>7} {'s/step':>7} {'learner_busy':>12} "
           f"{'staleness_seen':>14} {'compiles':>8} {'reward first -> final':>22}")
@@ -117,6 +128,8 @@ def main() -> None:
         "first_reward_async": a["first_reward"], "final_reward_async": a["final_reward"],
         "wall_s_sync": s["steady_s"], "wall_s_async": a["steady_s"], "timed_steps": timed,
         "learner_compiles_sync": s["learner_compiles"], "learner_compiles_async": a["learner_compiles"],
+        "weight_sync_wait_frac_sync": round(s["weight_sync_wait_frac"], 4),
+        "weight_sync_wait_frac_async": round(a["weight_sync_wait_frac"], 4),
         "config": {"mode": "quick" if args.quick else "full", "turn_latency_s": args.latency,
                    "concurrency": CONCURRENCY, "steps": size["steps"], "loadavg_1m": os.getloadavg()[0],
                    "cpu_count": os.cpu_count()},

@@ -174,6 +174,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.malformed_turns = "mask"
     c.rl.repeat_penalty = 0.0  # subtracted per repeated identical tool call (0 = metric only)
     c.rl.sync_every = 1  # push weights to the engine every N learner steps
+    # Where pushes to a server (SGLang) are published; "" = /dev/shm/... when every engine.url is on
+    # this host, else {workdir}/weights (`weight_sync.default_root`). The newest weights_keep stay.
+    c.rl.weights_dir = ""
+    c.rl.weights_keep = 3
     c.rl.reference = ""  # frozen KL reference weights; "" = model.init_from (the SFT checkpoint)
     c.rl.eps_low = 0.2  # PPO clip (recipe: 0.2 / 0.28 clip-higher)
     c.rl.eps_high = 0.28
@@ -293,6 +297,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.rl.malformed_turns in ("mask", "nonpositive"), "rl.malformed_turns", "must be 'mask' or 'nonpositive'")
     _require(c.reward.wrong_call_penalty >= 0, "reward.wrong_call_penalty", "must be >= 0")
     _require(c.rl.sync_every >= 1 and c.rl.concurrency >= 1, "rl", "sync_every and concurrency must be >= 1")
+    _require(c.rl.weights_keep >= 1, "rl.weights_keep", "must be >= 1")
     _require(c.rl.max_staleness >= c.rl.sync_every - 1, "rl.max_staleness",
              f"must be >= rl.sync_every - 1 ({c.rl.sync_every - 1}): between syncs the engine serves a version "
              "that many steps old, and groups may only start within the staleness bound")

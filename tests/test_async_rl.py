@@ -325,7 +325,8 @@ def test_sglang_sync_publishes_then_loads_the_version(tmp_path):
     t = weight_sync.push(engine, qwen3.init_params(cfg, jax.random.key(0)), cfg, str(tmp_path / "weights"), 7)
     assert engine.loaded == [(weight_sync.version_dir(str(tmp_path / "weights"), 7), 7)]
     assert engine.served_version() == 7
-    assert t["transfer_s"] > 0 and t["pause_s"] >= 0 and set(t) == {"pause_s", "transfer_s"}
+    assert t["publish_s"] > 0 and t["pause_s"] >= 0 and set(t) == {"version", "pause_s", "publish_s"}
+    assert t["version"] == 7
     assert weight_sync.latest_version(str(tmp_path / "weights")) == 7
 
 
@@ -359,7 +360,7 @@ def test_async_sigkill_resume_trains_no_group_twice(tmp_path):
     rows = [json.loads(line) for line in open(metrics)]
     last = {r["step"]: r for r in rows}[8]
     for key in ("rollout_tokens_per_s", "rollout_episodes_per_s", "learner_busy_frac", "queue_depth",
-                "weight_sync_pause_s", "weight_sync_transfer_s"):
+                "weight_sync_pause_s", "weight_sync_publish_s", "weight_sync_wait_s"):
         assert key in last, key
     assert sum(v for k, v in last.items() if k.startswith("staleness/")) == 64
     # the curriculum tracker resumed from the checkpoint: each scored episode recorded exactly once

@@ -52,12 +52,14 @@ def test_export_error_midway_keeps_previous_version(tmp_path, monkeypatch):
     root = str(tmp_path / "pub")
     publish(_params(1), CFG, root, 1, dtype=None)
 
-    def broken_save(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"\0" * 1000)  # a partial file, then the failure
-        raise OSError("disk full (injected)")
+    real, calls = hf_write._write_array, []
 
-    monkeypatch.setattr(hf_write, "save_file", broken_save)
+    def broken_write(array, places):
+        if calls:  # the first parameter lands in its shard, then the failure
+            raise OSError("disk full (injected)")
+        calls.append(real(array, places))
+
+    monkeypatch.setattr(hf_write, "_write_array", broken_write)
     with pytest.raises(OSError, match="injected"):
         publish(_params(2), CFG, root, 2, dtype=None)
     assert latest_version(root) == 1
@@ -76,13 +78,13 @@ def test_killed_publisher_leaves_previous_version_and_no_final_dir(tmp_path):
         from tau2jax.inference.weight_sync import publish
         from tests.test_weight_sync import _params
 
-        def dying_save(tensors, path, metadata=None):
-            with open(path, "wb") as f:
-                f.write(b"\\0" * 4096)
-                f.flush()
+        real = hf_write._write_array
+
+        def dying_write(array, places):
+            real(array, places)  # one parameter written, then the process dies
             os.kill(os.getpid(), signal.SIGKILL)
 
-        hf_write.save_file = dying_save
+        hf_write._write_array = dying_write
         cfg = get_model_config("tiny", vocab_size=512)
         publish(_params(2), cfg, {root!r}, 2, dtype=None)
     """)
@@ -126,3 +128,15 @@ def test_sync_engine_uses_disk_loader_or_params(tmp_path):
     _assert_same(local.loaded[0], _params(1))
     with pytest.raises(FileNotFoundError, match="version 7 is not published"):
         sync_engine(local, root, 7)
+
+
+def test_default_root_is_shm_for_a_local_server_else_the_workdir(tmp_path):
+    work = str(tmp_path / "run")
+    assert weight_sync.default_root(work, [], "/x/pub") == "/x/pub"  # configured wins
+    assert weight_sync.default_root(work, ["http://10.255.1.2:30000"]) == os.path.join(work, "weights")
+    local = weight_sync.default_root(work, ["http://127.0.0.1:30000", "http://localhost:30001"])
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        assert local.startswith("/dev/shm/") and local != weight_sync.default_root(str(tmp_path / "other"),
+                                                                                  ["http://127.0.0.1:1"])
+    # one remote server among local ones: the files must be where it can read them
+    assert weight_sync.default_root(work, ["http://127.0.0.1:1", "http://10.255.1.2:2"]) == os.path.join(work, "weights")

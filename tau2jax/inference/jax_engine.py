@@ -376,6 +376,7 @@ class JaxEngine:
         self._params = self._own(params)
         self.policy_version = policy_version
         self.batches_run = 0
+        self.last_swap_s = 0.0
         # Guards _params, policy_version, the prefix cache, the seed RNG, _closed and the counters.
         self._lock = threading.Lock()
         self._prefix = PrefixCache(prefix_cache_tokens)
@@ -432,13 +433,30 @@ class JaxEngine:
         shardings, so nothing recompiles), empties the prefix cache and sets policy_version to
         `version` (default: +1). The engine keeps its own copy: the caller may donate or delete
         its arrays afterwards. A batch already running finishes on the old weights and reports
-        the old version."""
-        new = self._own(params, self._params)
+        the old version. = `swap_weights(stage_weights(params), version)`."""
+        return self.swap_weights(jax.block_until_ready(self.stage_weights(params)), version)
+
+    def stage_weights(self, params):
+        """The engine's copy of `params`, cast and placed on the devices (no host round trip),
+        dispatched asynchronously; the engine keeps serving its current weights meanwhile. Call
+        on the thread that owns `params` before it donates them; block on the result before
+        `swap_weights`, so the swap never makes a batch wait for the copy."""
+        return self._own(params, self._params)
+
+    def swap_weights(self, staged, version: int | None = None) -> int:
+        """The only pause: points the engine at `staged` (from `stage_weights`) under its lock,
+        empties the prefix cache, sets policy_version; the old buffers are freed when the last
+        batch on them ends (here at the latest: outside the lock, so freeing them is no pause).
+        `last_swap_s`: seconds the lock was held, the engine's pause."""
         with self._lock:
-            self._params = new
+            t = time.perf_counter()
+            old, self._params = self._params, staged
             self._prefix.clear()
             self.policy_version = self.policy_version + 1 if version is None else int(version)
-            return self.policy_version
+            served = self.policy_version
+            self.last_swap_s = time.perf_counter() - t
+        del old
+        return served
 
     def served_version(self) -> int:
         return self.policy_version

@@ -5,9 +5,13 @@
       version_000004/
       LATEST             "4\\n": the newest complete version
 
-The learner calls `push(engine, params, cfg, root, version)` after a step: an in-process engine
-takes the params directly, an engine in another process (SGLang, our server) loads what `publish`
-wrote. `sync_engine(engine, root, version)` points an engine at an already published version.
+The learner pushes after a step through a `Pusher` (`push(...)`: the same, waiting until served):
+the params are snapshotted on the devices, then, on a background thread while the engine keeps
+serving, an engine in another process (SGLang, our server) gets what `publish` wrote (bf16 cast and
+HF transposes on the devices, streamed into the safetensors shards: `hf_write.write_hf`) and loads
+it; an in-process engine gets its own on-device copy and swaps a reference (`JaxEngine.swap_weights`).
+Only the load / swap pauses the engine. `sync_engine(engine, root, version)` points an engine at an
+already published version. `default_root`: /dev/shm for a server on this host, else the workdir.
 
 Crash safety: a version is written into a temp dir inside `root` (`version_N.tmp-*`), every file
 and the dir are fsynced, and only then renamed to `version_N`, so a final name always holds a
@@ -15,23 +19,29 @@ complete checkpoint. `LATEST` is replaced (write temp, fsync, os.replace) only a
 a crash at any point leaves the previous version intact and `LATEST` naming it. Temp dirs left by
 a killed publisher are removed by the next `publish`.
 
-Multi-host: call `publish` on every process (the export gathers sharded arrays); only process 0
-writes. Call `sync_engine` from one process.
+Multi-host: call `publish` (or `Pusher.push`) on every process (each parameter is gathered on the
+devices); only process 0 writes and tells the engine. Call `sync_engine` from one process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
+import socket
+import threading
 import time
+import urllib.parse
 
 import jax
 
-from tau2jax.weights import hf_read
-from tau2jax.weights.hf_write import export_hf, fsync
+from tau2jax.weights import hf_read, hf_write
+from tau2jax.weights.hf_write import fsync
 
 LATEST = "LATEST"
+KEEP = 3  # versions kept (preflight budgets this many)
+SHM = "/dev/shm"
 _VERSION_DIR = re.compile(r"version_(\d{6,})")
 # export_hf's "<name>.tmp-*" (being written) and "<name>.old-*" (replaced copy being deleted)
 _TEMP = re.compile(r"(version_\d{6,}\.(tmp|old)|LATEST\.tmp)-")
@@ -60,27 +70,61 @@ def published_versions(root: str) -> list[int]:
     return sorted(int(m.group(1)) for n in os.listdir(root) if (m := _VERSION_DIR.fullmatch(n)))
 
 
-def publish(params, cfg, root: str, version: int, *, keep: int = 3, dtype: str | None = "bfloat16",
+def publish(params, cfg, root: str, version: int, *, keep: int = KEEP, dtype: str | None = "bfloat16",
             extra_dir: str | None = None) -> str:
     """Writes `params` as `root/version_{version:06d}` and points `LATEST` at it; returns the path.
 
-    `dtype`: safetensors dtype (bfloat16 = what SGLang serves; None keeps the params' dtype).
-    `extra_dir`: tokenizer/config files to include (e.g. the Orbax dir's hf_extra/), so SGLang can
-    load the directory on its own. Keeps the newest `keep` versions (and always the one LATEST
-    names). Republishing an existing version (a resumed run) replaces it.
-    """
+    `dtype`: safetensors dtype (bfloat16 = what SGLang serves; None keeps the params' dtype), cast
+    on the devices. `extra_dir`: tokenizer/config files to include (e.g. the Orbax dir's
+    hf_extra/), so SGLang can load the directory on its own. Keeps the newest `keep` versions (and
+    always the one LATEST names). Republishing an existing version (a resumed run) replaces it.
+    Multi-process: every process calls it (each parameter is gathered on the devices); process 0
+    writes."""
+    return publish_tensors(hf_write.device_tensors(params, cfg, dtype), cfg, root, version, keep=keep,
+                           extra_dir=extra_dir)
+
+
+def publish_tensors(tensors, cfg, root: str, version: int, *, keep: int = KEEP, extra_dir: str | None = None,
+                    barrier: bool = True) -> str:
+    """`publish` from `hf_write.device_tensors` output (e.g. a snapshot taken on the learner thread
+    and written on another). `barrier=False`: no cross-process sync at the end (a background thread
+    must not run collectives)."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     root = os.path.abspath(root)
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(root, exist_ok=True)
+        os.chmod(root, 0o755)
         _remove_stale_temps(root)
-    path = export_hf(params, cfg, version_dir(root, version), dtype, extra_dir=extra_dir, overwrite=True)
+    path = hf_write.write_hf(tensors, cfg, version_dir(root, version), extra_dir=extra_dir, overwrite=True,
+                             barrier=barrier)
     if writer:
         _write_latest(root, version)
         _prune(root, keep, version)
     return path
+
+
+def default_root(workdir: str, server_urls=(), configured: str = "") -> str:
+    """Where versions are published: `configured` if set; else, when every server URL is on this
+    host, a per-run dir under /dev/shm (RAM: no disk in the way, the server reads it at memory
+    speed); else `workdir/weights` (a shared filesystem the remote servers must also see)."""
+    if configured:
+        return os.path.abspath(configured)
+    hosts = {urllib.parse.urlparse(u).hostname for u in server_urls}
+    if hosts and hosts <= _local_hosts() and os.path.isdir(SHM) and os.access(SHM, os.W_OK):
+        run = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:12]
+        return os.path.join(SHM, f"tau2jax-{os.getuid()}", run, "weights")
+    return os.path.join(os.path.abspath(workdir), "weights")
+
+
+def _local_hosts() -> set[str]:
+    names = {"localhost", "127.0.0.1", "::1", "0.0.0.0", socket.gethostname(), socket.getfqdn()}
+    try:
+        names |= set(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    return names
 
 
 # The reading side of `publish` (what SGLang's update_weights_from_disk does for its own model).
@@ -105,24 +149,89 @@ def sync_engine(engine, root: str, version: int | None = None) -> int:
     return version
 
 
-def push(engine, params, cfg, root: str, version: int) -> dict:
-    """The learner's `params` into `engine` as policy `version` -> {"pause_s", "transfer_s"}: seconds
-    the engine could not serve, and seconds spent moving the weights.
+def push(engine, params, cfg, root: str, version: int, *, keep: int = KEEP) -> dict:
+    """The learner's `params` into `engine` as policy `version`, waiting until it serves them ->
+    {"version", "publish_s", "pause_s"} (see `Pusher`)."""
+    pusher = Pusher(engine, cfg, root, keep=keep)
+    pusher.push(params, version)
+    return pusher.wait()
 
-    In-process engine: `update_weights` copies the arrays onto the engine's shardings (transfer),
-    then swaps a reference under its lock; running batches finish on the old weights (pause 0).
-    Published weights (SGLang): `publish` writes safetensors under `root` (transfer, the server
-    keeps serving), then the server loads them (pause: SGLang drains and loads). Nothing is aborted:
-    requests served before the swap come back stamped with the old version, and the learner judges
-    each sample's staleness from those per-turn versions."""
-    t = time.perf_counter()
-    if not engine.takes_published_weights:
-        engine.update_weights(params, version)
-        return {"pause_s": 0.0, "transfer_s": time.perf_counter() - t}
-    path = publish(params, cfg, root, version)
-    t1 = time.perf_counter()
-    engine.update_weights(path, version)
-    return {"pause_s": time.perf_counter() - t1, "transfer_s": t1 - t}
+
+class Pusher:
+    """Weight pushes off the learner's critical path: `push(params, v)` snapshots the params on the
+    devices (cast to bf16 in HF layout for a published engine, the engine's own copy for an
+    in-process one: dispatch only, on the learner thread, before the next step donates them) and
+    returns; a background thread then publishes them (device -> safetensors under `root`) while the
+    engine keeps serving v - 1 and rollouts go on, and only then swaps them in (SGLang:
+    `update_weights_from_disk`; the built-in engine: a reference swap under its lock). The learner
+    waits only when it pushes again before the previous push is done.
+
+    `push` -> {"wait_s": seconds this call blocked the learner} plus the last finished push's
+    {"version", "publish_s", "pause_s"} (the engine's pause; publish = seconds the engine kept
+    serving while the next version was written). `on_swap(v)` runs on the background thread once
+    the engine serves v; `on_error()` there when a push failed: the learner's next `push`/`wait`
+    raises it. Multi-process: every process calls `push` (the snapshot gathers on the devices);
+    process 0 writes and tells the engine. Device memory: one bf16 model copy while a push runs.
+    """
+
+    def __init__(self, engine, cfg, root: str, *, keep: int = KEEP, extra_dir: str | None = None,
+                 on_swap=None, on_error=None):
+        self.engine, self.cfg, self.root, self.keep, self.extra_dir = engine, cfg, root, keep, extra_dir
+        self._on_swap, self._on_error = on_swap, on_error
+        self._thread: threading.Thread | None = None
+        self._error: tuple[int, BaseException] | None = None
+        self._last: dict | None = None
+
+    def push(self, params, version: int) -> dict:
+        t = time.perf_counter()
+        last = self.wait()
+        if self.engine.takes_published_weights:
+            staged = list(hf_write.device_tensors(params, self.cfg, "bfloat16"))
+        else:
+            staged = self.engine.stage_weights(params)
+        self._thread = threading.Thread(target=self._run, args=(staged, version), name=f"push-{version}",
+                                        daemon=True)
+        self._thread.start()
+        return {"wait_s": time.perf_counter() - t, **(last or {})}
+
+    def wait(self) -> dict | None:
+        """Blocks until the push in flight is done -> its figures (None before any push); raises
+        if a push failed in the background."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            (version, e), self._error = self._error, None
+            raise RuntimeError(f"weight sync of policy version {version} to the {self.engine.kind} engine failed "
+                               f"in the background: {type(e).__name__}: {e}") from e
+        return self._last
+
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def _run(self, staged, version: int) -> None:
+        try:
+            t0 = time.perf_counter()
+            if self.engine.takes_published_weights:
+                path = publish_tensors(staged, self.cfg, self.root, version, keep=self.keep,
+                                       extra_dir=self.extra_dir, barrier=False)
+                del staged  # the device copy is no longer needed
+                t1 = time.perf_counter()
+                if jax.process_index() == 0:
+                    self.engine.update_weights(path, version)  # the server drains and loads: its pause
+                pause = time.perf_counter() - t1
+            else:
+                jax.block_until_ready(staged)
+                t1 = time.perf_counter()
+                self.engine.swap_weights(staged, version)
+                pause = self.engine.last_swap_s  # its lock held; dropping the old copy after is no pause
+            self._last = {"version": version, "publish_s": t1 - t0, "pause_s": pause}
+            if self._on_swap is not None:
+                self._on_swap(version)
+        except BaseException as e:  # noqa: BLE001  (re-raised on the learner thread by wait())
+            self._error = (version, e)
+            if self._on_error is not None:
+                self._on_error()
 
 
 def _write_latest(root: str, version: int) -> None:

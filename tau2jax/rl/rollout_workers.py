@@ -206,8 +206,13 @@ class RolloutWorkers:
             self._pump()
             self._cv.notify_all()
 
+    def request_resync(self) -> None:
+        """Any thread: the learner runs its `resync` the next time it waits in `take` (the engine
+        lost our weights, or a background weight push failed: resync raises that)."""
+        with self._cv:
+            self._resync = True
+            self._cv.notify_all()
+
     def _on_infra(self, traj: Trajectory) -> None:
         if self._lost_weights is not None and self._lost_weights(traj):
-            with self._cv:
-                self._resync = True
-                self._cv.notify_all()
+            self.request_resync()

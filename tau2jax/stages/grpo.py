@@ -11,12 +11,14 @@ step's episodes run while the learner trains. The learner takes step s's whole g
 with more tasks under dynamic sampling), checks each sample's staleness (`rl.staleness`: over the
 bound -> dropped, or kept under token TIS with rl.stale_policy="correct"), turns rewards into group
 advantages (`rl.advantages`), packs the trajectories' own tokens (`rl.batch`), takes one optimizer
-step (`rl.grpo_step`) and pushes the weights every `rl.sync_every` steps (`inference.weight_sync.push`:
-pause and transfer seconds logged apart). Episodes in flight across a push continue on the new weights; their
+step (`rl.grpo_step`) and pushes the weights every `rl.sync_every` steps (`inference.weight_sync.Pusher`: the
+publish runs on a background thread while rollouts go on; the learner waits only if the previous push
+is unfinished; the engine pauses only for the swap). Episodes in flight across a push continue on the new weights; their
 turns carry the version that sampled them. Every episode gets a ledger line
 (`{workdir}/rollouts/ledger.jsonl`: trained, dropped with a reason, or re-queued) and its full record
 in `{workdir}/rollouts/step_N.jsonl`. Metrics per step: rollout tokens/s and episodes/s, learner
-busy fraction, queue depth, staleness histogram (`staleness/<k>`), weight-sync pause/transfer.
+busy fraction, queue depth, staleness histogram (`staleness/<k>`), on push steps `weight_sync_wait_s` (the
+learner's wait) and the previous push's `weight_sync_publish_s` / `weight_sync_pause_s` / `weight_sync_version`.
 
 Faults: an episode failing on infrastructure (engine down, user simulator timeout / 5xx) is retried
 with its seed, then its group is re-queued whole; after such a failure, if the engine no longer
@@ -154,29 +156,38 @@ def run(config) -> dict:
 
     # --- rollouts: the engine at the state's version, workers producing whole groups
     engine = builders.rollout_engine(config, model_cfg, state.params, tokenizer, version=start)
-    weights_root = os.path.join(config.workdir, "weights")
-
-    def push_weights(version):  # the learner's current params as `version`
-        return weight_sync.push(engine, state.params, model_cfg, weights_root, version)
-
-    if engine.takes_published_weights:  # the server starts from other weights
-        push_weights(start)
+    urls = config_lib.csv(config.engine.url) if engine.takes_published_weights else []
+    weights_root = weight_sync.default_root(config.workdir, urls, rl.weights_dir)
     synced = {"version": start, "resyncs": 0}
+
+    def swapped(version):  # push thread: the engine serves `version` now
+        synced["version"] = version
+        workers.set_version(version)
+
+    # publishes in the background while rollouts go on; a failure wakes the learner (resync raises it)
+    pusher = weight_sync.Pusher(engine, model_cfg, weights_root, keep=rl.weights_keep, on_swap=swapped,
+                                on_error=lambda: workers.request_resync())
+
+    def push_now(version):  # the learner's current params as `version`, served when this returns
+        pusher.push(state.params, version)
+        pusher.wait()
 
     def lost_weights(traj) -> bool:  # worker thread, after an infrastructure failure
         v = engine.served_version()  # below the last completed sync: restarted (mid-sync it is old or new)
         return v is not None and v < synced["version"]
 
-    def resync():  # learner thread: the engine restarted without our weights
-        push_weights(int(state.step))
-        synced["version"], synced["resyncs"] = int(state.step), synced["resyncs"] + 1
-        workers.set_version(synced["version"])
+    def resync():  # learner thread: the engine restarted without our weights (or a push failed)
+        pusher.wait()  # raises a background push's error
+        push_now(int(state.step))
+        synced["resyncs"] += 1
 
     sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
                               max_new_tokens=config.engine.max_new_tokens)
     workers = RolloutWorkers(env, engine=engine, sampling=sampling, samples=rl.samples_per_task, seed=config.seed,
                              concurrency=rl.concurrency, max_infra_retries=rl.max_infra_retries,
                              max_staleness=rl.max_staleness, version=start, lost_weights=lost_weights)
+    if engine.takes_published_weights:  # the server starts from other weights
+        push_now(start)
 
     rollouts_dir = os.path.join(config.workdir, "rollouts")
     os.makedirs(rollouts_dir, exist_ok=True)
@@ -227,10 +238,9 @@ def run(config) -> dict:
                 m["learner_s"] = time.perf_counter() - t1
                 m |= {"batch_" + k: v for k, v in vars(bstats).items()}
                 if (step + 1) % rl.sync_every == 0 or step + 1 == rl.steps:
-                    m |= {f"weight_sync_{k}": v for k, v in
-                          push_weights(step + 1).items()}
-                    synced["version"] = step + 1
-                    workers.set_version(step + 1)
+                    # wait: the learner blocked on the previous push; publish/pause: that push's
+                    # (published while this step ran; the engine paused only for its swap)
+                    m |= {f"weight_sync_{k}": v for k, v in pusher.push(state.params, step + 1).items()}
                 m["engine_resyncs"] = synced["resyncs"]
                 meta["rewards"].append(m.get("reward_mean", 0.0))
                 meta["episodes"] += len(trajs)
@@ -250,6 +260,7 @@ def run(config) -> dict:
                 bar.update(1)
                 ckpt.save(step + 1, state, meta=group_lib.checkpoint_meta(meta, workers.in_flight_keys()),
                           force=step + 1 == rl.steps)
+        last_push = pusher.wait()  # the final version served (and any error raised) before teardown
     finally:
         workers.close()
         bar.close()
@@ -267,7 +278,7 @@ def run(config) -> dict:
         "episodes": meta["episodes"], "params": params_dir, "max_staleness": rl.max_staleness,
         "max_staleness_seen": max_seen,
         "learner_busy_frac": float(np.mean(busy[1:])) if len(busy) > 1 else None,
-        "steady_s": round(steady, 3), "engine_resyncs": synced["resyncs"],
+        "steady_s": round(steady, 3), "engine_resyncs": synced["resyncs"], "last_weight_sync": last_push,
         # learner executables compiled this run: one per power-of-two row bucket met, or with
         # rl.micro_batch_rows at most three (first micro-batch, the others, the update)
         "learner_compiles": learner_compiles(),

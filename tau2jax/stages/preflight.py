@@ -151,19 +151,36 @@ def check_workdir(config, learners: list) -> None:
     from tau2jax.models.configs import num_params
 
     root = os.path.abspath(config.workdir)
-    existing = root
-    while not os.path.isdir(existing):
-        existing = os.path.dirname(existing)
+    existing = _existing(root)
     if not os.access(existing, os.W_OK):
         raise config_lib.ConfigError(f"config.workdir: {root} is not writable ({existing} refuses writes); "
                                      "pick a directory you can write")
-    need = 0
+    need, elsewhere = 0, {}  # published weights on another filesystem (/dev/shm): checked apart
     for c in learners:
         n = num_params(builders.model_config(c))
         need += n * (4 + 8) * (c.train.keep_checkpoints + 1)  # fp32 params + Adam, plus the export
         if c.engine.kind == "sglang" and c.stage == "grpo":
-            need += n * 2 * 3  # weight_sync.publish keeps 3 bf16 versions
+            from tau2jax.inference import weight_sync
+
+            pub = _existing(weight_sync.default_root(c.workdir, config_lib.csv(c.engine.url), c.rl.weights_dir))
+            if os.stat(pub).st_dev == os.stat(existing).st_dev:
+                need += n * 2 * c.rl.weights_keep  # the bf16 versions weight sync keeps
+            else:
+                elsewhere[pub] = elsewhere.get(pub, 0) + n * 2 * c.rl.weights_keep
+    for pub, size in elsewhere.items():
+        if size > shutil.disk_usage(pub).free:
+            raise config_lib.ConfigError(f"config.rl.weights_dir: published weights need ~{size / 2**30:.1f} GiB under "
+                                         f"{pub}, {shutil.disk_usage(pub).free / 2**30:.1f} GiB free; set "
+                                         "rl.weights_dir or lower rl.weights_keep")
     free = shutil.disk_usage(existing).free
     if need > free:
         raise config_lib.ConfigError(f"config.workdir: {root} needs ~{need / 2**30:.1f} GiB for checkpoints and "
                                      f"published weights, {free / 2**30:.1f} GiB free; free space or move the workdir")
+
+
+def _existing(path: str) -> str:
+    """`path`, or its nearest ancestor that exists."""
+    path = os.path.abspath(path)
+    while not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return path
