@@ -120,6 +120,10 @@ def push(engine, params, cfg, root: str, version: int) -> dict:
         engine.update_weights(params, version)
         return {"pause_s": 0.0, "transfer_s": time.perf_counter() - t}
     path = publish(params, cfg, root, version)
+    if jax.process_count() > 1:  # every process's servers load what process 0 wrote
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"weight_sync.publish {version}")
     t1 = time.perf_counter()
     engine.update_weights(path, version)
     return {"pause_s": time.perf_counter() - t1, "transfer_s": t1 - t}

@@ -104,15 +104,27 @@ def builtin_engine(config):
         tokenizer=tokenizer(config), seed=config.seed)
 
 
-def sglang_engine(config):
+def process_urls(urls: list[str], rank: int, count: int) -> list[str]:
+    """Process `rank`'s share of the policy servers: every count-th one from its rank, or (fewer
+    servers than processes) one server shared with the other processes of the same rank mod n."""
+    return urls[rank::count] if len(urls) >= count else [urls[rank % len(urls)]]
+
+
+def sglang_engine(config, *, per_process: bool = False):
     """The SGLang client on `engine.url` (comma-separated: a `ServerPool` over every server, an
-    episode's turns on one of them), once every server answers /health."""
+    episode's turns on one of them), once every server answers /health. `per_process`: only this
+    process's share of the servers (`process_urls`; GRPO's rollouts run on every process)."""
+    import jax
+
     from tau2jax.inference.server_pool import ServerPool
     from tau2jax.inference.sglang_client import SGLangEngine
 
     e = config.engine
+    urls = config_lib.csv(e.url)
+    if per_process:
+        urls = process_urls(urls, jax.process_index(), jax.process_count())
     clients = [SGLangEngine(url, concurrency=e.concurrency, timeout_s=e.timeout_s, max_retries=e.max_retries)
-               for url in config_lib.csv(e.url)]
+               for url in urls]
     engine = clients[0] if len(clients) == 1 else ServerPool(clients)
     engine.wait_ready(e.timeout_s)
     return engine
@@ -142,7 +154,9 @@ def engine_factory(config, chat, style):
 
 def rollout_engine(config, model_cfg, params, tok, version: int):
     """GRPO's engine holding `params` as policy `version`: the built-in engine in this process
-    (weights pushed as device arrays), or SGLang over HTTP (weights published to disk)."""
+    (weights pushed as device arrays; with several processes `params` are host arrays, the engine
+    on this process's first device), or SGLang over HTTP (weights published to disk; this
+    process's share of the servers)."""
     if config.engine.kind == "builtin":
         import jax
 
@@ -154,7 +168,7 @@ def rollout_engine(config, model_cfg, params, tok, version: int):
                          compute_dtype=dtype, prefix_cache_tokens=config.engine.prefix_cache_tokens,
                          policy_version=version, seed=config.seed)
     if config.engine.kind == "sglang":
-        return sglang_engine(config)
+        return sglang_engine(config, per_process=True)
     raise config_lib.ConfigError(f"config.engine.kind={config.engine.kind!r}: GRPO needs builtin or sglang")
 
 
