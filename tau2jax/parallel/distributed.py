@@ -193,7 +193,7 @@ def check_same_config(config) -> None:
         shown = "; ".join(f"config.{k}: " + ", ".join(f"process {i}: {s.get(k)}" for i, s in enumerate(seen))
                           for k in diff[:5])
         raise DistributedConfigError(
-            f"the processes run different configs ({len(diff)} keys differ: {shown}): start every process "
+            f"the processes run different configs ({shown}; {len(diff)} key(s) differ): start every process "
             "with the same --config and --config.* flags")
 
 
