@@ -23,10 +23,11 @@ BASE_ENV = ({k: v for k, v in os.environ.items() if k not in (*DIST_VARS, "XLA_F
 TIMEOUT_S = 600
 TOY = ["--config", "configs/tiny_grpo_toy.py", "--config.rl.steps=4", "--config.train.checkpoint_every=2",
        "--config.mesh.data=-1"]
-# tau2 mock, shortened: 4 groups of 2 per step, short turns (the micro-batched learner path)
+# tau2 mock, shortened: 4 groups of 2 per step, short turns (the micro-batched learner path); the
+# random model's turns all hit max_new_tokens, so they are kept (else nothing trains)
 MOCK = ["--config", "configs/tiny_grpo.py", "--config.rl.steps=2", "--config.rl.tasks_per_step=4",
         "--config.rl.samples_per_task=2", "--config.tau2.max_steps=6", "--config.engine.max_new_tokens=24",
-        "--config.mesh.data=-1"]
+        "--config.rl.keep_length_cut=True", "--config.mesh.data=-1"]
 
 
 def _run(cmd, env, timeout=TIMEOUT_S) -> subprocess.CompletedProcess:
