@@ -156,3 +156,101 @@ def test_processes_with_different_configs_fail_naming_the_keys(tmp_path):
         assert p.returncode == 2, err[-2000:]
         assert ("error: the processes run different configs (config.seed: process 0: 0, process 1: 1; "
                 "1 key(s) differ): start every process with the same --config") in err
+
+
+# ----------------------------------------------------------------------------- SLURM: learner + rollout nodes
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# srun on one machine: --nodes x --ntasks-per-node local tasks on the --nodelist names, output to
+# $FAKE_SRUN_DIR/<program>_<task>.out; a signal stops its tasks, as srun does.
+nodes=1 per_node=1 list=
+while [[ $1 == -* ]]; do
+  case $1 in --nodes=*) nodes=${1#*=} ;; --ntasks-per-node=*) per_node=${1#*=} ;; --nodelist=*) list=${1#*=} ;; esac
+  shift
+done
+IFS=, read -ra names <<<"$list"
+n=$((nodes * per_node)) rc=0 pids=()
+trap 'kill "${pids[@]}" 2>/dev/null; exit 143' TERM
+for ((i = 0; i < n; i++)); do
+  SLURM_NTASKS=$n SLURM_PROCID=$i SLURM_LOCALID=$((i % per_node)) SLURM_NODEID=$((i / per_node)) \
+    SLURM_STEP_NUM_NODES=$nodes SLURM_STEP_NODELIST=$list SLURMD_NODENAME=${names[i / per_node]} \
+    "$@" >"$FAKE_SRUN_DIR/$(basename "$1")_$i.out" 2>"$FAKE_SRUN_DIR/$(basename "$1")_$i.err" &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+exit $rc
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+printf '%s\\n' $FAKE_NODES
+"""
+# Stands in for gpu_node.sh: says how it was started and answers every GET on both ports.
+FAKE_SERVERS = """#!/usr/bin/env bash
+echo "BIND_HOST=$BIND_HOST POLICY_GPUS=$POLICY_GPUS USER_GPUS=$USER_GPUS"
+exec {python} -c '
+import http.server, os, threading
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a):
+        pass
+for port in ("POLICY_PORT", "USER_PORT"):
+    s = http.server.ThreadingHTTPServer((os.environ["BIND_HOST"], int(os.environ[port])), H)
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+threading.Event().wait(60)
+'
+"""
+FAKE_LEARNER = """#!/usr/bin/env bash
+env | grep -E '^(SLURM|JAX)_' | sort
+echo "ARGS $*"
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sbatch_rl(tmp_path, env, *args, servers=FAKE_SERVERS):
+    """launch/slurm_rl.sbatch on fake node 127.0.0.1 (learner) + localhost (rollouts), fake srun."""
+    bin_dir, task_dir = tmp_path / "bin", tmp_path / "tasks"
+    for d in (bin_dir, task_dir):
+        d.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("servers", servers),
+                       ("learner", FAKE_LEARNER)):
+        (bin_dir / name).write_text(text.replace("{python}", sys.executable))
+        (bin_dir / name).chmod(0o755)
+    env = BASE_ENV | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SRUN_DIR": str(task_dir),
+                      "FAKE_NODES": "127.0.0.1 localhost", "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": ROOT,
+                      "SLURM_JOB_NODELIST": "fake[1-2]", "SERVER_SCRIPT": str(bin_dir / "servers"),
+                      "PYTHON": str(bin_dir / "learner"), "SERVER_LOG_DIR": str(tmp_path / "server_logs"),
+                      "POLICY_PORT": str(_free_port()), "USER_PORT": str(_free_port())} | env
+    proc = _run(["bash", "launch/slurm_rl.sbatch", *args], env, timeout=120)
+    read = lambda name: (task_dir / name).read_text() if (task_dir / name).exists() else ""  # noqa: E731
+    return proc, env, read
+
+
+def test_slurm_rl_hands_the_rollout_nodes_servers_to_the_learner(tmp_path):
+    proc, env, read = _sbatch_rl(tmp_path, {"WORKDIR": "/shared/rl"}, "--config", "configs/tiny_grpo.py")
+    assert proc.returncode == 0, proc.stderr
+    assert "learner on 127.0.0.1, policy + user servers on localhost" in proc.stderr
+    assert read("bash_0.out").splitlines()[0] == "BIND_HOST=localhost POLICY_GPUS=0,1,2,3,4,5,6 USER_GPUS=7"
+    learner = read("learner_0.out").splitlines()
+    assert learner[-1] == (
+        f"ARGS -m tau2jax.train --config configs/tiny_grpo.py --config.workdir=/shared/rl "
+        f"--config.engine.kind=sglang --config.engine.url=http://localhost:{env['POLICY_PORT']} "
+        f"--config.user.kind=llm --config.user.base_url=http://localhost:{env['USER_PORT']}/v1 "
+        "--config.user.model=openai/qwen3-4b")
+    assert f"JAX_COORDINATOR_ADDRESS=127.0.0.1:{4242 % 4096 + 61440}" in learner
+    assert "SLURM_NTASKS=1" in learner and "SLURM_STEP_NODELIST=127.0.0.1" in learner
+
+
+@pytest.mark.parametrize("env, servers, rc, expected", [
+    ({"ROLLOUT_NODES": "2"}, FAKE_SERVERS, 2, "ROLLOUT_NODES='2': must be between 1 and the job's node count - 1 (1)"),
+    ({"READY_TIMEOUT_S": "1"}, "#!/usr/bin/env bash\nsleep 30\n", 1,
+     "error: policy server http://localhost:{POLICY_PORT} not healthy from"),
+])
+def test_slurm_rl_bad_launches_fail_by_name(tmp_path, env, servers, rc, expected):
+    proc, env, read = _sbatch_rl(tmp_path, env, "--config", "configs/tiny_grpo.py", servers=servers)
+    assert proc.returncode == rc and expected.format(**env) in proc.stderr, proc.stderr
+    assert not read("learner_0.out")  # the learner never started
