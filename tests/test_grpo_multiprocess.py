@@ -247,7 +247,7 @@ def test_slurm_rl_hands_the_rollout_nodes_servers_to_the_learner(tmp_path):
 
 @pytest.mark.parametrize("env, servers, rc, expected", [
     ({"ROLLOUT_NODES": "2"}, FAKE_SERVERS, 2, "ROLLOUT_NODES='2': must be between 1 and the job's node count - 1 (1)"),
-    ({"READY_TIMEOUT_S": "1"}, "#!/usr/bin/env bash\nsleep 30\n", 1,
+    ({"READY_TIMEOUT_S": "1"}, "#!/usr/bin/env bash\nexec sleep 30\n", 1,
      "error: policy server http://localhost:{POLICY_PORT} not healthy from"),
 ])
 def test_slurm_rl_bad_launches_fail_by_name(tmp_path, env, servers, rc, expected):

@@ -88,7 +88,9 @@ def mesh(config):
 
 def builtin_engine(config):
     """The built-in engine on `engine.checkpoint` (an `hf_to_orbax` output, or an SFT run's
-    `params/`) in `engine.dtype`; with more than one device, restored sharded on `config.mesh`."""
+    `params/`) in `engine.dtype`; with more than one device, restored sharded on `config.mesh`.
+    In a multi-process run (eval and RFT run on process 0 alone) it stays on this process's first
+    device: a mesh over every process's devices would wait on the others."""
     import jax
 
     from tau2jax.inference.jax_engine import JaxEngine, engine_dtype
@@ -99,7 +101,7 @@ def builtin_engine(config):
                                      "(python -m checkpoints_tools.hf_to_orbax, or an SFT run's params/ dir)")
     dtype = engine_dtype(e.dtype)
     return JaxEngine.from_checkpoint(
-        e.checkpoint, dtype=dtype, compute_dtype=dtype, mesh=mesh(config) if jax.device_count() > 1 else None,
+        e.checkpoint, dtype=dtype, compute_dtype=dtype, mesh=mesh(config) if jax.device_count() > 1 and jax.process_count() == 1 else None,
         max_seq_len=e.max_seq_len, max_batch=e.max_batch, prefix_cache_tokens=e.prefix_cache_tokens,
         tokenizer=tokenizer(config), seed=config.seed)
 
