@@ -254,3 +254,30 @@ def test_slurm_rl_bad_launches_fail_by_name(tmp_path, env, servers, rc, expected
     proc, env, read = _sbatch_rl(tmp_path, env, "--config", "configs/tiny_grpo.py", servers=servers)
     assert proc.returncode == rc and expected.format(**env) in proc.stderr, proc.stderr
     assert not read("learner_0.out")  # the learner never started
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+@pytest.mark.slow
+def test_pipeline_on_mock_runs_in_two_processes_to_its_report(tmp_path):
+    """demos -> eval -> SFT -> eval -> RFT -> SFT -> eval -> GRPO -> eval under 2 processes, every step
+    cut to seconds: SFT and GRPO on both processes, the rest on process 0, the report at the end."""
+    from checkpoints_tools import hf_to_orbax
+    from checkpoints_tools.tiny_hf import make_tiny_hf_dir
+    from tau2jax.data.tokenizer import load_tokenizer
+
+    make_tiny_hf_dir(str(tmp_path / "hf"), vocab_size=load_tokenizer().vocab_size, seed=0)
+    hf_to_orbax.convert(str(tmp_path / "hf"), str(tmp_path / "orbax"))
+    args = ["--config", "configs/tiny_pipeline.py", f"--config.model.init_from={tmp_path / 'orbax'}",
+            "--config.mesh.data=-1", "--config.tau2.max_steps=4", "--config.engine.max_new_tokens=16",
+            "--config.eval.max_tasks_per_domain=2", "--config.pipeline.sft.train.steps=2",
+            "--config.pipeline.sft_rft.train.steps=2", "--config.pipeline.rft.rft.samples=1",
+            "--config.pipeline.grpo.rl.steps=1", "--config.pipeline.grpo.rl.tasks_per_step=2",
+            "--config.pipeline.grpo.rl.samples_per_task=2"]
+    res = _ok(two_processes(args, tmp_path / "run", tmp_path / "logs", timeout=900), "2-process pipeline")
+    assert set(res["stages"]) == {"base", "sft", "rft", "grpo"}
+    assert all(os.path.exists(f) for f in res["report"].values())
+    for step in ("demos", "eval_base", "sft", "eval_sft", "rft", "sft_rft", "eval_rft", "grpo", "eval_grpo"):
+        assert (tmp_path / "run" / step / "pipeline_step.json").exists(), step
+    with open(tmp_path / "run" / "grpo" / "pipeline_step.json") as f:
+        assert json.load(f)["result"]["episodes"] == 2 * 2
