@@ -281,3 +281,11 @@ def test_pipeline_on_mock_runs_in_two_processes_to_its_report(tmp_path):
         assert (tmp_path / "run" / step / "pipeline_step.json").exists(), step
     with open(tmp_path / "run" / "grpo" / "pipeline_step.json") as f:
         assert json.load(f)["result"]["episodes"] == 2 * 2
+
+
+def test_a_policy_server_unreachable_from_a_learner_process_fails_by_name(tmp_path):
+    proc = two_processes([*TOY, "--config.engine.kind=sglang", "--config.engine.url=http://127.0.0.1:9"],
+                         tmp_path / "w", tmp_path / "logs", timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"error: config.engine.url: policy server http://127.0.0.1:9 unreachable from process 0 on "
+            f"{socket.gethostname()}") in proc.stderr

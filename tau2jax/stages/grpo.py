@@ -25,6 +25,12 @@ train state and the loop state (task order cursor, re-queued tasks, curriculum t
 history), with the groups submitted but not yet trained put back in the re-queue. After a SIGKILL
 the rerun restores the last checkpoint and replays them; ledger lines of steps past the checkpoint
 are discarded, so no group is ever trained (or counted) twice.
+
+Several processes (launch/multihost.sh, launch/slurm_rl.sbatch): every process plans every job and
+plays its share of the groups (`rl.process_share`), sees every process's groups, and so takes the
+same decisions; it packs its own groups' rows into the global batch. Process 0 writes the ledger,
+dumps and metrics; the checkpoint (train state + loop state) resumes under any process count that
+divides rl.tasks_per_step. See docs/CONTRACTS.md "RL loop".
 """
 
 from __future__ import annotations
@@ -283,6 +289,9 @@ def run(config) -> dict:
                           push_weights(step + 1).items()}
                     synced["version"] = step + 1
                     workers.set_version(step + 1)
+                    # every process's servers serve the pushed version (summed: engines of all processes)
+                    m["engines_behind"] = sum(host_gather.allgather(
+                        f"served_{step}", int(engine.served_version() != step + 1)))
                 m["engine_resyncs"] = synced["resyncs"]
                 meta["rewards"].append(m.get("reward_mean", 0.0))
                 meta["episodes"] += len(trajs)
