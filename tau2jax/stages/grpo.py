@@ -245,8 +245,7 @@ def run(config) -> dict:
                 queue_depth = workers.ready_groups()
                 t0 = time.perf_counter()
                 groups, rounds = group_lib.gather(share, tasks, meta, rl, step=step, seed=config.seed, resync=resync)
-                m = {}
-                m["rollout_wait_s"] = time.perf_counter() - t0
+                m = {"rollout_wait_s": time.perf_counter() - t0}
                 items, ledger, counts, ages = group_lib.assemble(groups, rl, tracker, step=step + 1, learner_version=step)
                 max_seen = max([max_seen, *ages])
                 trajs = [t for g in groups if g.complete for t in g.trajectories]
