@@ -22,7 +22,10 @@
 #
 # Separate GPUs per process: JAX preallocates 75% of every GPU it sees and SGLang reserves
 # --mem-fraction-static of its own, so sharing a GPU between them runs out of memory.
-# Both servers bind 127.0.0.1 only: nothing off the node can reach them.
+# Both servers bind 127.0.0.1 only: nothing off the node can reach them. BIND_HOST=<this node's
+# cluster address> (launch/slurm_rl.sbatch sets it on its rollout nodes) makes them reachable from
+# other nodes, for learners elsewhere; the script says so loudly, since anyone on that network can
+# then call the servers (no authentication; /update_weights_from_disk loads any path).
 #
 # SGLang >= 0.5.3 (checked at launch): --weight-version needs 0.5.1, the per-request
 # sampling_seed 0.5.3. DETERMINISTIC=1 launches both servers with --enable-deterministic-inference,
@@ -80,6 +83,11 @@ CONTEXT_LENGTH=${CONTEXT_LENGTH:-32768}
 MEM_FRACTION=${MEM_FRACTION:-0.85}        # weights (8 GB bf16) + KV cache; the rest for activations
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-900}   # model load + CUDA graph capture take minutes
 LOG_DIR=${LOG_DIR:-runs/gpu_node_logs}
+BIND_HOST=${BIND_HOST:-127.0.0.1}         # the address both servers listen on
+if [[ "$BIND_HOST" != 127.0.0.1 ]]; then
+  echo "WARNING: gpu_node.sh: BIND_HOST=$BIND_HOST: the policy and user servers accept connections from" \
+       "other hosts on that address (no authentication); unset BIND_HOST to keep them on 127.0.0.1" >&2
+fi
 PYTHON=${PYTHON:-.venv/bin/python}        # the venv with tau2jax and jax[cuda12]
 
 mkdir -p "$LOG_DIR"
@@ -100,7 +108,7 @@ trap cleanup EXIT INT TERM
 # top-k/top-p: tau2jax's behaviour log-prob convention (what the learner recomputes).
 CUDA_VISIBLE_DEVICES=$POLICY_GPUS "$SGLANG_PYTHON" -m sglang.launch_server \
   --model-path "$POLICY_MODEL" --served-model-name policy \
-  --host 127.0.0.1 --port "$POLICY_PORT" \
+  --host "$BIND_HOST" --port "$POLICY_PORT" \
   --dp-size "$(num_gpus "$POLICY_GPUS")" --tp-size 1 \
   --dtype bfloat16 --context-length "$CONTEXT_LENGTH" --mem-fraction-static "$MEM_FRACTION" \
   --weight-version 0 $EXTRA_SGLANG_ARGS \
@@ -111,7 +119,7 @@ pids+=($!)
 # tool_calls (telecom's user owns device tools); the chat template is the model's own.
 CUDA_VISIBLE_DEVICES=$USER_GPUS "$SGLANG_PYTHON" -m sglang.launch_server \
   --model-path "$USER_MODEL" --served-model-name "$USER_NAME" \
-  --host 127.0.0.1 --port "$USER_PORT" \
+  --host "$BIND_HOST" --port "$USER_PORT" \
   --dp-size "$(num_gpus "$USER_GPUS")" --tp-size 1 \
   --dtype bfloat16 --context-length "$CONTEXT_LENGTH" --mem-fraction-static "$MEM_FRACTION" \
   --tool-call-parser qwen25 $EXTRA_SGLANG_ARGS \
@@ -120,7 +128,7 @@ pids+=($!)
 
 wait_healthy() {  # name port pid
   local deadline=$((SECONDS + READY_TIMEOUT_S))
-  until curl -sf "http://127.0.0.1:$2/health" >/dev/null; do
+  until curl -sf "http://$BIND_HOST:$2/health" >/dev/null; do
     if ! kill -0 "$3" 2>/dev/null; then
       echo "$1 server exited during startup; see $LOG_DIR/$1.log" >&2; tail -n 30 "$LOG_DIR/$1.log" >&2; exit 1
     fi
@@ -129,7 +137,7 @@ wait_healthy() {  # name port pid
     fi
     sleep 5
   done
-  echo "$1 server ready on http://127.0.0.1:$2"
+  echo "$1 server ready on http://$BIND_HOST:$2"
 }
 wait_healthy policy "$POLICY_PORT" "${pids[0]}"
 wait_healthy user "$USER_PORT" "${pids[1]}"
@@ -142,6 +150,6 @@ fi
 
 # The trainer on its own GPUs, pointed at both servers.
 CUDA_VISIBLE_DEVICES=$TRAIN_GPUS "$PYTHON" -m tau2jax.train "$@" \
-  --config.engine.kind=sglang --config.engine.url="http://127.0.0.1:$POLICY_PORT" \
-  --config.user.kind=llm --config.user.base_url="http://127.0.0.1:$USER_PORT/v1" \
+  --config.engine.kind=sglang --config.engine.url="http://$BIND_HOST:$POLICY_PORT" \
+  --config.user.kind=llm --config.user.base_url="http://$BIND_HOST:$USER_PORT/v1" \
   --config.user.model="openai/$USER_NAME"

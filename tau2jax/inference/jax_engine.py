@@ -372,7 +372,7 @@ class JaxEngine:
         self._max_cache = -(-max_seq_len // self._block) * self._block
         self._shapes = jax.eval_shape(lambda: qwen3.init_params(cfg, jax.random.key(0)))
         self._shardings = (qwen3.param_shardings(cfg, mesh) if mesh is not None else
-                           jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), self._shapes))
+                           jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), self._shapes))
         self._params = self._own(params)
         self.policy_version = policy_version
         self.batches_run = 0

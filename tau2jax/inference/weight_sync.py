@@ -42,6 +42,7 @@ from tau2jax.weights.hf_write import fsync
 LATEST = "LATEST"
 KEEP = 3  # versions kept (preflight budgets this many)
 SHM = "/dev/shm"
+PUBLISH_WAIT_S = 600.0  # how long a process waits for process 0 to publish a version
 _VERSION_DIR = re.compile(r"version_(\d{6,})")
 # export_hf's "<name>.tmp-*" (being written) and "<name>.old-*" (replaced copy being deleted)
 _TEMP = re.compile(r"(version_\d{6,}\.(tmp|old)|LATEST\.tmp)-")
@@ -108,9 +109,12 @@ def publish_tensors(tensors, cfg, root: str, version: int, *, keep: int = KEEP, 
 def default_root(workdir: str, server_urls=(), configured: str = "") -> str:
     """Where versions are published: `configured` if set; else, when every server URL is on this
     host, a per-run dir under /dev/shm (RAM: no disk in the way, the server reads it at memory
-    speed); else `workdir/weights` (a shared filesystem the remote servers must also see)."""
+    speed); else `workdir/weights` (a shared filesystem the remote servers must also see). Several
+    learner processes always get `workdir/weights`: process 0 writes what every host's servers read."""
     if configured:
         return os.path.abspath(configured)
+    if jax.process_count() > 1:
+        return os.path.join(os.path.abspath(workdir), "weights")
     hosts = {urllib.parse.urlparse(u).hostname for u in server_urls}
     if hosts and hosts <= _local_hosts() and os.path.isdir(SHM) and os.access(SHM, os.W_OK):
         run = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:12]
@@ -171,7 +175,9 @@ class Pusher:
     serving while the next version was written). `on_swap(v)` runs on the background thread once
     the engine serves v; `on_error()` there when a push failed: the learner's next `push`/`wait`
     raises it. Multi-process: every process calls `push` (the snapshot gathers on the devices);
-    process 0 writes and tells the engine. Device memory: one bf16 model copy while a push runs.
+    process 0 writes; every process then tells its own engine (its share of the servers) once
+    LATEST names the version (no collective on the background thread). Device memory: one bf16
+    model copy while a push runs.
     """
 
     def __init__(self, engine, cfg, root: str, *, keep: int = KEEP, extra_dir: str | None = None,
@@ -216,9 +222,10 @@ class Pusher:
                 path = publish_tensors(staged, self.cfg, self.root, version, keep=self.keep,
                                        extra_dir=self.extra_dir, barrier=False)
                 del staged  # the device copy is no longer needed
+                if jax.process_index() != 0:  # process 0 writes; its LATEST says when the version is whole
+                    _wait_published(self.root, version)
                 t1 = time.perf_counter()
-                if jax.process_index() == 0:
-                    self.engine.update_weights(path, version)  # the server drains and loads: its pause
+                self.engine.update_weights(path, version)  # the server drains and loads: its pause
                 pause = time.perf_counter() - t1
             else:
                 jax.block_until_ready(staged)
@@ -232,6 +239,16 @@ class Pusher:
             self._error = (version, e)
             if self._on_error is not None:
                 self._on_error()
+
+
+def _wait_published(root: str, version: int, timeout_s: float = PUBLISH_WAIT_S) -> None:
+    """Blocks until LATEST names `version` or a newer one (process 0 publishing on the shared root)."""
+    deadline = time.monotonic() + timeout_s
+    while (latest_version(root) or -1) < version:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"policy version {version} did not appear under {root} within {timeout_s:.0f} s: "
+                               "is the publish root on a filesystem every learner host shares (rl.weights_dir)?")
+        time.sleep(0.05)
 
 
 def _write_latest(root: str, version: int) -> None:

@@ -171,6 +171,32 @@ def _check_same(name: str, value: int, timeout_s: int) -> None:
             f"the run has {jax.process_count()}): start every process with the same {name}")
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": repr(v)}
+    return out
+
+
+def check_same_config(config) -> None:
+    """Every process runs the same config (a stage whose processes decide things independently,
+    GRPO's groups, would silently diverge otherwise): raises DistributedConfigError naming the
+    differing keys within TAU2JAX_INIT_TIMEOUT_S seconds. One process: nothing to check."""
+    if jax.process_count() == 1:
+        return
+    from tau2jax.parallel import host_gather
+
+    flat = _flat(config.to_dict())
+    seen = host_gather.allgather("config", flat, timeout=init_timeout_s())
+    diff = sorted({k for other in seen for k in set(other) | set(flat) if other.get(k) != flat.get(k)})
+    if diff:
+        shown = "; ".join(f"config.{k}: " + ", ".join(f"process {i}: {s.get(k)}" for i, s in enumerate(seen))
+                          for k in diff[:5])
+        raise DistributedConfigError(
+            f"the processes run different configs ({shown}; {len(diff)} key(s) differ): start every process "
+            "with the same --config and --config.* flags")
+
+
 def initialize() -> bool:
     """Joins the multi-process run the environment describes; returns whether this is one.
     Call once per process, before the first `jax.devices()` / array creation."""

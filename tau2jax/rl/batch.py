@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import grain
 import numpy as np
@@ -108,10 +109,13 @@ def _rows_bucket(n: int, multiple: int) -> int:
     return -(-b // multiple) * multiple
 
 
-def build_batch(items: list[tuple[Trajectory, float, int]], cfg: BatchConfig) -> tuple[dict | None, BatchStats]:
+def build_batch(items: list[tuple[Trajectory, float, int]], cfg: BatchConfig,
+                agree_rows: Callable[[int], int] | None = None) -> tuple[dict | None, BatchStats]:
     """items: (trajectory, advantage, group index). -> (dict of [R, max_len] arrays | None, stats).
 
-    Padding rows/positions are 0 (`group`/`policy_version` -1, `temperature` 1)."""
+    Padding rows/positions are 0 (`group`/`policy_version` -1, `temperature` 1). `agree_rows`:
+    this process's packed row count -> the count every process pads to (the largest), so the
+    processes' rows form one global batch; None when every process has 0 rows."""
     stats = BatchStats(trajectories=len(items))
     examples = []
     for traj, adv, group in items:
@@ -128,10 +132,11 @@ def build_batch(items: list[tuple[Trajectory, float, int]], cfg: BatchConfig) ->
             stats.dropped_no_loss += 1
             continue
         examples.append(ex)
-    if not examples:
+    rows = pack(examples, cfg.max_len) if examples else []
+    n = agree_rows(len(rows)) if agree_rows is not None else len(rows)
+    if not n:
         return None, stats
-    rows = pack(examples, cfg.max_len)
-    n_rows = _rows_bucket(len(rows), cfg.row_multiple)
+    n_rows = _rows_bucket(n, cfg.row_multiple)
     batch = {}
     for k in [*INT_FIELDS, *FLOAT_FIELDS, "segment_ids", "positions"]:
         fill = {"temperature": 1.0, "policy_version": -1, "group": -1}.get(k, 0)

@@ -84,16 +84,19 @@ def make_grpo_step(model_cfg, tx: optax.GradientTransformation, schedule, loss_c
 
 def micro_batched_grpo_step(model_cfg, tx: optax.GradientTransformation, schedule,
                             loss_cfg: losses.PolicyLossConfig, shardings: TrainState, batch_sharding,
-                            ref_shardings=None, *, micro_batch_rows: int, **forward_kw):
+                            ref_shardings=None, *, micro_batch_rows: int, put=None, **forward_kw):
     """-> step(state, host_batch, ref_params) -> (state, metrics) for batches of any multiple of
     `micro_batch_rows` rows. A step's row count follows its rollouts, so one executable per row
     count would compile again whenever a new count appears mid-run; here the host loops over
     micro-batches of a fixed shape (rows j, j+n, j+2n, ... as accumulate_gradients splits them)
     through three executables compiled once (first micro-batch, each further one, the update),
     summing gradients on device. Same result as make_grpo_step with grad_accum = rows / micro.
-    `step.compiles()` counts the executables compiled so far."""
+    `step.compiles()` counts the executables compiled so far. With several processes the batch is
+    this process's rows, `micro_batch_rows` its share of a micro-batch, and `put` (host dict ->
+    global arrays) joins every process's micro-batch j into the global one."""
     loss_fn = _policy_loss_fn(model_cfg, loss_cfg, forward_kw)
     batch_in = {k: batch_sharding for k in BATCH_KEYS}
+    put = put or (lambda b: jax.device_put(b, batch_in))
 
     def grads_of(params, micro, ref_params):
         return accumulate_gradients(lambda p, mb: loss_fn(p, mb, ref_params), params, micro, 1)
@@ -116,7 +119,7 @@ def micro_batched_grpo_step(model_cfg, tx: optax.GradientTransformation, schedul
         n = rows // micro_batch_rows
         sums = None
         for j in range(n):
-            micro = jax.device_put({k: np.asarray(batch[k])[j::n] for k in BATCH_KEYS}, batch_in)
+            micro = put({k: np.asarray(batch[k])[j::n] for k in BATCH_KEYS})
             sums = first(state.params, micro, ref_params) if sums is None else more(state.params, sums, micro,
                                                                                    ref_params)
         return finish(state, sums)

@@ -88,7 +88,9 @@ def mesh(config):
 
 def builtin_engine(config):
     """The built-in engine on `engine.checkpoint` (an `hf_to_orbax` output, or an SFT run's
-    `params/`) in `engine.dtype`; with more than one device, restored sharded on `config.mesh`."""
+    `params/`) in `engine.dtype`; with more than one device, restored sharded on `config.mesh`.
+    In a multi-process run (eval and RFT run on process 0 alone) it stays on this process's first
+    device: a mesh over every process's devices would wait on the others."""
     import jax
 
     from tau2jax.inference.jax_engine import JaxEngine, engine_dtype
@@ -99,20 +101,32 @@ def builtin_engine(config):
                                      "(python -m checkpoints_tools.hf_to_orbax, or an SFT run's params/ dir)")
     dtype = engine_dtype(e.dtype)
     return JaxEngine.from_checkpoint(
-        e.checkpoint, dtype=dtype, compute_dtype=dtype, mesh=mesh(config) if jax.device_count() > 1 else None,
+        e.checkpoint, dtype=dtype, compute_dtype=dtype, mesh=mesh(config) if jax.device_count() > 1 and jax.process_count() == 1 else None,
         max_seq_len=e.max_seq_len, max_batch=e.max_batch, prefix_cache_tokens=e.prefix_cache_tokens,
         tokenizer=tokenizer(config), seed=config.seed)
 
 
-def sglang_engine(config):
+def process_urls(urls: list[str], rank: int, count: int) -> list[str]:
+    """Process `rank`'s share of the policy servers: every count-th one from its rank, or (fewer
+    servers than processes) one server shared with the other processes of the same rank mod n."""
+    return urls[rank::count] if len(urls) >= count else [urls[rank % len(urls)]]
+
+
+def sglang_engine(config, *, per_process: bool = False):
     """The SGLang client on `engine.url` (comma-separated: a `ServerPool` over every server, an
-    episode's turns on one of them), once every server answers /health."""
+    episode's turns on one of them), once every server answers /health. `per_process`: only this
+    process's share of the servers (`process_urls`; GRPO's rollouts run on every process)."""
+    import jax
+
     from tau2jax.inference.server_pool import ServerPool
     from tau2jax.inference.sglang_client import SGLangEngine
 
     e = config.engine
+    urls = config_lib.csv(e.url)
+    if per_process:
+        urls = process_urls(urls, jax.process_index(), jax.process_count())
     clients = [SGLangEngine(url, concurrency=e.concurrency, timeout_s=e.timeout_s, max_retries=e.max_retries)
-               for url in config_lib.csv(e.url)]
+               for url in urls]
     engine = clients[0] if len(clients) == 1 else ServerPool(clients)
     engine.wait_ready(e.timeout_s)
     return engine
@@ -142,7 +156,9 @@ def engine_factory(config, chat, style):
 
 def rollout_engine(config, model_cfg, params, tok, version: int):
     """GRPO's engine holding `params` as policy `version`: the built-in engine in this process
-    (weights pushed as device arrays), or SGLang over HTTP (weights published to disk)."""
+    (weights pushed as device arrays; with several processes `params` are host arrays, the engine
+    on this process's first device), or SGLang over HTTP (weights published to disk; this
+    process's share of the servers)."""
     if config.engine.kind == "builtin":
         import jax
 
@@ -154,7 +170,7 @@ def rollout_engine(config, model_cfg, params, tok, version: int):
                          compute_dtype=dtype, prefix_cache_tokens=config.engine.prefix_cache_tokens,
                          policy_version=version, seed=config.seed)
     if config.engine.kind == "sglang":
-        return sglang_engine(config)
+        return sglang_engine(config, per_process=True)
     raise config_lib.ConfigError(f"config.engine.kind={config.engine.kind!r}: GRPO needs builtin or sglang")
 
 

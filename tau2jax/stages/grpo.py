@@ -27,6 +27,12 @@ train state and the loop state (task order cursor, re-queued tasks, curriculum t
 history), with the groups submitted but not yet trained put back in the re-queue. After a SIGKILL
 the rerun restores the last checkpoint and replays them; ledger lines of steps past the checkpoint
 are discarded, so no group is ever trained (or counted) twice.
+
+Several processes (launch/multihost.sh, launch/slurm_rl.sbatch): every process plans every job and
+plays its share of the groups (`rl.process_share`), sees every process's groups, and so takes the
+same decisions; it packs its own groups' rows into the global batch. Process 0 writes the ledger,
+dumps and metrics; the checkpoint (train state + loop state) resumes under any process count that
+divides rl.tasks_per_step. See docs/CONTRACTS.md "RL loop".
 """
 
 from __future__ import annotations
@@ -51,13 +57,14 @@ from tau2jax.learn.optimizer import make_optimizer
 from tau2jax.learn.train_state import abstract_params as make_abstract_params
 from tau2jax.learn.train_state import create_state, state_shardings
 from tau2jax.models import qwen3
-from tau2jax.parallel import sharding
+from tau2jax.parallel import distributed, host_gather, sharding
 from tau2jax.rl import advantages as adv_lib
 from tau2jax.rl import groups as group_lib
 from tau2jax.rl import rollout_metrics, staleness
 from tau2jax.rl.batch import BatchConfig, build_batch
 from tau2jax.rl.grpo_step import jit_grpo_step, make_grpo_step, micro_batched_grpo_step
 from tau2jax.rl.losses import PolicyLossConfig
+from tau2jax.rl.process_share import ProcessShare
 from tau2jax.rl.rollout_workers import RolloutWorkers
 from tau2jax.stages import builders
 
@@ -87,14 +94,34 @@ def loss_config(config) -> PolicyLossConfig:
                             veto_threshold=rl.veto_threshold)
 
 
+def check_processes(config) -> None:
+    """A multi-process launch that cannot work fails here, on every process, naming the fix: the
+    processes' configs differ, or the step's groups do not divide over them."""
+    n = jax.process_count()
+    if n == 1:
+        return
+    distributed.check_same_config(config)
+    if config.rl.tasks_per_step % n:
+        raise config_lib.ConfigError(
+            f"config.rl.tasks_per_step={config.rl.tasks_per_step} does not divide over {n} processes (each "
+            f"plays whole groups): set it to a multiple of {n}, e.g. {-(-config.rl.tasks_per_step // n) * n}, "
+            "or launch a process count that divides it")
+
+
+def host_params(params):
+    """A whole host copy of (possibly sharded, multi-process) params, on every process."""
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)
+
+
 # ----------------------------------------------------------------------------- the stage
 
 def run(config) -> dict:
     rl = config.rl
-    if jax.process_count() > 1:
-        raise config_lib.ConfigError("stage grpo runs in one process (rollouts on this host); "
-                                     "multi-process GRPO is not built yet")
+    nproc, is_main = jax.process_count(), jax.process_index() == 0
     t_start = time.perf_counter()
+    check_processes(config)
     # --- setup
     env, tokenizer, model_cfg = builders.rl_environment(config)
     null_solvable = null_solvable_tasks(config, env)
@@ -107,9 +134,13 @@ def run(config) -> dict:
     shardings = state_shardings(tx, abstract_params, p_shard, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    # rows: a multiple of the data-parallel size times the micro-batch (rl.micro_batch_rows rows, or
-    # optim.grad_accum micro-batches)
-    micro = dp * rl.micro_batch_rows if rl.micro_batch_rows else dp * config.optim.grad_accum
+    if dp % nproc:
+        raise config_lib.ConfigError(f"config.mesh: the data-parallel size {dp} does not divide over {nproc} "
+                                     "processes; each process feeds its own rows (use mesh.data=-1)")
+    local_dp = dp // nproc  # this process's rows go to its devices' share of the data axes
+    # rows per process: a multiple of its data-parallel share times the micro-batch
+    # (rl.micro_batch_rows rows, or optim.grad_accum micro-batches)
+    micro = local_dp * (rl.micro_batch_rows or config.optim.grad_accum)
     batch_cfg = BatchConfig(max_len=rl.max_len, overlong=rl.overlong, keep_length_cut=rl.keep_length_cut,
                             malformed_turns=rl.malformed_turns, row_multiple=micro)
 
@@ -143,19 +174,28 @@ def run(config) -> dict:
                       vocab_chunk=rl.vocab_chunk, attn_chunk=config.model.attn_chunk,
                       attn_impl=config.model.attn_impl, attn_max_segments=config.model.attn_max_segments)
     ref_shardings = p_shard if ref_params is not None else None
+
+    def put(local):  # this process's rows -> global arrays (every process's rows, in process order)
+        if nproc == 1:
+            return jax.device_put(local, batch_sharding)
+        return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
+
     if rl.micro_batch_rows:  # fixed-shape micro-batches: compiled once, whatever a step's row count
         step_fn = micro_batched_grpo_step(model_cfg, tx, schedule, loss_config(config), shardings, batch_sharding,
-                                          ref_shardings, micro_batch_rows=dp * rl.micro_batch_rows, **forward_kw)
+                                          ref_shardings, micro_batch_rows=micro, put=put, **forward_kw)
         learner_compiles = step_fn.compiles
     else:  # one executable per row bucket
         jitted = jit_grpo_step(make_grpo_step(model_cfg, tx, schedule, loss_config(config),
                                               grad_accum=config.optim.grad_accum, **forward_kw),
                                shardings, batch_sharding, ref_shardings)
-        step_fn = lambda st, b, ref: jitted(st, jax.device_put(b, batch_sharding), ref)  # noqa: E731
+        step_fn = lambda st, b, ref: jitted(st, put(b), ref)  # noqa: E731
         learner_compiles = jitted._cache_size
 
     # --- rollouts: the engine at the state's version, workers producing whole groups
-    engine = builders.rollout_engine(config, model_cfg, state.params, tokenizer, version=start)
+    # every process rolls out its share of the groups, on its own engine: an in-process engine holds
+    # a whole copy of the (possibly sharded) params
+    local_copy = (lambda p: p) if nproc == 1 or config.engine.kind != "builtin" else host_params
+    engine = builders.rollout_engine(config, model_cfg, local_copy(state.params), tokenizer, version=start)
     urls = config_lib.csv(config.engine.url) if engine.takes_published_weights else []
     weights_root = weight_sync.default_root(config.workdir, urls, rl.weights_dir)
     synced = {"version": start, "resyncs": 0}
@@ -168,8 +208,11 @@ def run(config) -> dict:
     pusher = weight_sync.Pusher(engine, model_cfg, weights_root, keep=rl.weights_keep, on_swap=swapped,
                                 on_error=lambda: workers.request_resync())
 
-    def push_now(version):  # the learner's current params as `version`, served when this returns
-        pusher.push(state.params, version)
+    def push(version):  # the learner's current params as `version` (every process calls it)
+        return pusher.push(local_copy(state.params), version)
+
+    def push_now(version):  # ... served when this returns
+        push(version)
         pusher.wait()
 
     def lost_weights(traj) -> bool:  # worker thread, after an infrastructure failure
@@ -178,7 +221,11 @@ def run(config) -> dict:
 
     def resync():  # learner thread: the engine restarted without our weights (or a push failed)
         pusher.wait()  # raises a background push's error
-        push_now(int(state.step))
+        if nproc == 1:
+            push_now(int(state.step))
+        else:  # one process's servers: reload the version every process published (a push is collective)
+            weight_sync.sync_engine(engine, weights_root, synced["version"])
+            workers.set_version(synced["version"])
         synced["resyncs"] += 1
 
     sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
@@ -186,15 +233,17 @@ def run(config) -> dict:
     workers = RolloutWorkers(env, engine=engine, sampling=sampling, samples=rl.samples_per_task, seed=config.seed,
                              concurrency=rl.concurrency, max_infra_retries=rl.max_infra_retries,
                              max_staleness=rl.max_staleness, version=start, lost_weights=lost_weights)
+    share = ProcessShare(workers)  # this process plays its share of the groups, and sees them all
     if engine.takes_published_weights:  # the server starts from other weights
         push_now(start)
 
     rollouts_dir = os.path.join(config.workdir, "rollouts")
     os.makedirs(rollouts_dir, exist_ok=True)
     ledger_path = os.path.join(rollouts_dir, "ledger.jsonl")
-    group_lib.truncate_ledger(ledger_path, start)
+    if is_main:  # process 0 writes the ledger, the rollout dumps and the metrics
+        group_lib.truncate_ledger(ledger_path, start)
     writer = MetricWriter(config.workdir)
-    bar = tqdm(total=rl.steps, initial=start, desc="grpo", dynamic_ncols=True)
+    bar = tqdm(total=rl.steps, initial=start, desc="grpo", disable=not is_main, dynamic_ncols=True)
     planned, max_seen, busy = start, 0, []
     t_prev = t_first = time.perf_counter()
 
@@ -204,19 +253,22 @@ def run(config) -> dict:
             for step in range(start, rl.steps):
                 # prompts for this step and up to max_staleness steps ahead (the workers gate them)
                 while planned < min(step + rl.max_staleness + 1, rl.steps):
-                    workers.submit(group_lib.plan_jobs(tasks, meta, target=planned, round_=0, n=rl.tasks_per_step,
+                    share.submit(group_lib.plan_jobs(tasks, meta, target=planned, round_=0, n=rl.tasks_per_step,
                                              seed=config.seed))
                     planned += 1
-                m = {"queue_depth": workers.ready_groups()}
+                queue_depth = workers.ready_groups()
                 t0 = time.perf_counter()
-                groups, rounds = group_lib.gather(workers, tasks, meta, rl, step=step, seed=config.seed, resync=resync)
-                m["rollout_wait_s"] = time.perf_counter() - t0
+                groups, rounds = group_lib.gather(share, tasks, meta, rl, step=step, seed=config.seed, resync=resync)
+                m = {"rollout_wait_s": time.perf_counter() - t0}
                 items, ledger, counts, ages = group_lib.assemble(groups, rl, tracker, step=step + 1, learner_version=step)
                 max_seen = max([max_seen, *ages])
                 trajs = [t for g in groups if g.complete for t in g.trajectories]
                 m |= rollout_metrics.episode_metrics(trajs, null_solvable) | counts | staleness.histogram(ages)
-                m |= {"refill_rounds": rounds, "staleness_max": max(ages, default=0)} | workers.throughput()
-                batch, bstats = build_batch(items, batch_cfg)
+                m |= {"refill_rounds": rounds, "staleness_max": max(ages, default=0)}
+                # this process packs the rows of its own groups; every process pads to the same count
+                mine = [it for it in items if share.own(groups[it[2]].group_id)]
+                agree = (lambda n: max(host_gather.allgather(f"rows_{step}", n))) if nproc > 1 else None
+                batch, bstats = build_batch(mine, batch_cfg, agree)
                 t1 = time.perf_counter()
                 if batch is not None:
                     if config.model.attn_impl == "cudnn":
@@ -227,7 +279,7 @@ def run(config) -> dict:
                     state, learner = step_fn(state, batch, ref_params)
                     learner = jax.device_get(learner)
                     m |= {k: float(v) for k, v in learner.items()}
-                    m["tokens_per_s"] = float((batch["segment_ids"] > 0).sum()) / (time.perf_counter() - t1)
+                    learner_tokens = int((batch["segment_ids"] > 0).sum())
                     if not math.isfinite(m["loss"]):
                         raise FloatingPointError(
                             f"non-finite GRPO loss at step {step + 1}; the last good checkpoint is step "
@@ -235,20 +287,33 @@ def run(config) -> dict:
                 else:
                     # nothing trainable: the optimizer does not move, the step still counts
                     state = state.replace(step=state.step + 1)
+                    learner_tokens = 0
                 m["learner_s"] = time.perf_counter() - t1
-                m |= {"batch_" + k: v for k, v in vars(bstats).items()}
+                # counters of every process, summed: rows and tokens packed, episodes and tokens sampled
+                local = {"batch_" + k: v for k, v in vars(bstats).items()} | workers.throughput()
+                local |= {"queue_depth": queue_depth, "learner_tokens": learner_tokens}
+                summed = {k: sum(p[k] for p in host_gather.allgather(f"counts_{step}", local)) for k in local}
+                learner_tokens = summed.pop("learner_tokens")
+                m |= summed
+                if batch is not None:
+                    m["tokens_per_s"] = learner_tokens / m["learner_s"]
                 if (step + 1) % rl.sync_every == 0 or step + 1 == rl.steps:
                     # wait: the learner blocked on the previous push; publish/pause: that push's
                     # (published while this step ran; the engine paused only for its swap)
-                    m |= {f"weight_sync_{k}": v for k, v in pusher.push(state.params, step + 1).items()}
+                    sync = push(step + 1)
+                    m |= {f"weight_sync_{k}": v for k, v in sync.items()}
+                    if "version" in sync:  # every process's engines serve that finished push (summed)
+                        m["engines_behind"] = sum(host_gather.allgather(
+                            f"served_{step}", int((engine.served_version() or 0) < sync["version"])))
                 m["engine_resyncs"] = synced["resyncs"]
                 meta["rewards"].append(m.get("reward_mean", 0.0))
                 meta["episodes"] += len(trajs)
                 meta["tracker"] = tracker.state_dict() if tracker is not None else None
-                with open(ledger_path, "a") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in ledger)
-                with open(os.path.join(rollouts_dir, f"step_{step + 1}.jsonl"), "w") as f:
-                    f.writelines(t.to_json() + "\n" for g in groups for t in [*g.trajectories, *g.failed_attempts])
+                if is_main:
+                    with open(ledger_path, "a") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in ledger)
+                    with open(os.path.join(rollouts_dir, f"step_{step + 1}.jsonl"), "w") as f:
+                        f.writelines(t.to_json() + "\n" for g in groups for t in [*g.trajectories, *g.failed_attempts])
                 now = time.perf_counter()
                 m["step_s"], t_prev = now - t_prev, now
                 m["learner_busy_frac"] = m["learner_s"] / m["step_s"]
@@ -258,7 +323,7 @@ def run(config) -> dict:
                 writer.write(step + 1, m)
                 bar.set_postfix(reward=f"{m.get('reward_mean', 0.0):.3f}", loss=f"{m.get('loss', 0.0):.4f}")
                 bar.update(1)
-                ckpt.save(step + 1, state, meta=group_lib.checkpoint_meta(meta, workers.in_flight_keys()),
+                ckpt.save(step + 1, state, meta=group_lib.checkpoint_meta(meta, share.in_flight_keys()),
                           force=step + 1 == rl.steps)
         last_push = pusher.wait()  # the final version served (and any error raised) before teardown
     finally:

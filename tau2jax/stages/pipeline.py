@@ -64,6 +64,10 @@ STEPS = (
 EVALS = {"eval_base": ("base", None), "eval_sft": ("sft", "sft"), "eval_rft": ("rft", "sft_rft"),
          "eval_grpo": ("grpo", "grpo")}
 DONE = "pipeline_step.json"
+# Stages process 0 runs alone in a multi-process run (no collective in them); the learner stages
+# (sft, grpo) run on every process.
+MAIN_ONLY = ("demos", "eval", "rft")
+PIPELINE_WAIT_S = 7 * 24 * 3600  # the other processes wait this long for process 0's eval / RFT
 # The config sections a stage reads: a finished step is refused only when one of these changed (a
 # GRPO setting changed after SFT finished is GRPO's business, not SFT's).
 SECTIONS = {
@@ -173,10 +177,15 @@ def serve(config, params_dir: str, version: int) -> None:
     from tau2jax.inference import weight_sync
     from tau2jax.stages.builders import sglang_engine
 
+    import jax
+
     root = os.path.join(os.path.dirname(config.workdir), "served")
     params, model_cfg = restore_params(params_dir)
     extra = os.path.join(params_dir, HF_EXTRA_DIR)
+    # every process (publish ends in a barrier); process 0 writes, and alone re-points the server
     weight_sync.publish(params, model_cfg, root, version, extra_dir=extra if os.path.isdir(extra) else None)
+    if jax.process_index():
+        return
     engine = sglang_engine(config)
     try:
         weight_sync.sync_engine(engine, root, version)
@@ -204,9 +213,37 @@ def collect_inputs(step: str, result: dict, inputs: dict) -> None:
         inputs["evals"][step] = os.path.join(result["out_dir"], "summary.json")
 
 
+def from_main(name: str, fn):
+    """`fn()` as process 0 computed it, on every process (fn runs on process 0 only; a ConfigError
+    it raises is raised on every process). One process: `fn()`."""
+    import jax
+
+    from tau2jax.parallel import host_gather
+
+    if jax.process_count() == 1:
+        return fn()
+    value = None
+    if jax.process_index() == 0:
+        try:
+            value = {"value": fn()}
+        except config_lib.ConfigError as e:
+            value = {"error": str(e)}
+    value = host_gather.allgather(name, value, timeout=PIPELINE_WAIT_S)[0]
+    if "error" in value:
+        raise config_lib.ConfigError(value["error"])
+    return value["value"]
+
+
 def run(config, run_stage=None) -> dict:
     """Every step in order (finished ones reused), then the report. `run_stage(step_config) -> dict`
-    runs one stage (default: `tau2jax.stages.run_stage`; tests pass stand-ins)."""
+    runs one stage (default: `tau2jax.stages.run_stage`; tests pass stand-ins).
+
+    Several processes: every process walks the steps; process 0 decides which are finished, runs
+    demos, evals and RFT alone (the others take its result), writes the step records and the
+    report; SFT and GRPO run on every process."""
+    import jax
+
+    is_main = jax.process_index() == 0
     if run_stage is None:
         from tau2jax.stages import run_stage
     if not config.model.init_from:
@@ -219,19 +256,23 @@ def run(config, run_stage=None) -> dict:
     for step, stage, _ in STEPS:
         c = step_config(config, step, inputs)
         step_dir = c.workdir
-        result = finished(step_dir, c)
+        result = from_main(f"pipeline/{step}/finished", lambda: finished(step_dir, c))
         if result is None:
             t = time.time()
             if c.engine.kind == "sglang" and stage in ("eval", "rft") and c.engine.checkpoint != served:
                 serve(c, c.engine.checkpoint, version=served_version(c.engine.checkpoint, inputs))
                 served = c.engine.checkpoint
-            result = run_stage(c)
+            if stage in MAIN_ONLY:
+                result = from_main(f"pipeline/{step}/result", lambda: run_stage(c))
+            else:
+                result = run_stage(c)
             timings[step] = round(time.time() - t, 1)
             result.setdefault("wall_s", timings[step])
-            os.makedirs(step_dir, exist_ok=True)
-            _mark_finished(step_dir, c, result)
+            if is_main:
+                os.makedirs(step_dir, exist_ok=True)
+                _mark_finished(step_dir, c, result)
         collect_inputs(step, result, inputs)
-    report = write_report(config, inputs["evals"])
+    report = from_main("pipeline/report", lambda: write_report(config, inputs["evals"]))
     return {"stage": "pipeline", "workdir": config.workdir, "report": report["files"],
             "stages": report["headline"], "steps_run": timings, "wall_s": round(time.time() - t_start, 1)}
 

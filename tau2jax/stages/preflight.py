@@ -110,14 +110,26 @@ def _check_policy_url(url: str) -> None:
         r = httpx.get(f"{url}/health", timeout=httpx.Timeout(HEALTH_TIMEOUT_S, connect=5.0))
         info = httpx.get(f"{url}/get_model_info", timeout=10.0).json() if r.status_code == 200 else {}
     except httpx.HTTPError as e:
-        raise config_lib.ConfigError(f"config.engine.url: policy server {url} unreachable ({type(e).__name__}: {e}); "
-                                     f"{fix}") from None
+        raise config_lib.ConfigError(f"config.engine.url: policy server {url} unreachable{_from_here()} "
+                                     f"({type(e).__name__}: {e}); {fix} (a server on another node must bind its "
+                                     "cluster address: launch/gpu_node.sh with BIND_HOST)") from None
     if r.status_code != 200:
         raise config_lib.ConfigError(f"config.engine.url: policy server {url}/health answered {r.status_code} "
                                      f"(still loading, or failing); {fix}")
     path = info.get("model_path") or ""
     if os.path.isdir(path):  # a path on another node cannot be checked from here
         check_model_dir(path, f"the policy server {url} serves")
+
+
+def _from_here() -> str:
+    """In a multi-process run every process checks the servers: say which one could not reach it."""
+    import socket
+
+    import jax
+
+    if jax.process_count() == 1:
+        return ""
+    return f" from process {jax.process_index()} on {socket.gethostname()}"
 
 
 def check_model_dir(path: str, what: str) -> None:
@@ -139,8 +151,8 @@ def check_user_server(config) -> None:
     try:
         r = httpx.get(f"{url}/models", timeout=httpx.Timeout(10.0, connect=5.0))
     except httpx.HTTPError as e:
-        raise config_lib.ConfigError(f"config.user.base_url: user simulator {url} unreachable ({type(e).__name__}: "
-                                     f"{e}); start it (launch/gpu_node.sh) or point config.user.base_url at it") from None
+        raise config_lib.ConfigError(f"config.user.base_url: user simulator {url} unreachable{_from_here()} "
+                                     f"({type(e).__name__}: {e}); start it (launch/gpu_node.sh) or point config.user.base_url at it") from None
     if r.status_code != 200:
         raise config_lib.ConfigError(f"config.user.base_url: user simulator {url}/models answered {r.status_code}")
 

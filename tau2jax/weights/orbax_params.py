@@ -55,11 +55,18 @@ def load_config(orbax_dir: str) -> ModelConfig:
 
 
 def restore_params(orbax_dir: str, mesh: jax.sharding.Mesh | None = None, *, dtype=None):
-    """-> (params, cfg). With `mesh`, arrays come back sharded by `param_shardings(cfg, mesh)`;
-    without, on the first local device. `dtype` casts while reading (None keeps the stored one)."""
+    """-> (params, cfg). With `mesh`, arrays come back sharded by `param_shardings(cfg, mesh)`
+    (collective in a multi-process run); without, on the first local device, read by this process
+    alone. `dtype` casts while reading (None keeps the stored one)."""
     cfg = load_config(orbax_dir)
     path = os.path.join(os.path.abspath(orbax_dir), PARAMS_DIR)
-    ckptr = ocp.StandardCheckpointer()
+    if mesh is None and jax.process_count() > 1:
+        # a local copy, read by this process alone (process 0's eval engine): no barrier with the others
+        me = jax.process_index()
+        ckptr = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"local_restore_{me}"))
+    else:
+        ckptr = ocp.StandardCheckpointer()
     stored = ckptr.metadata(path).item_metadata.tree
     _check_structure(jax.tree.map(lambda m: tuple(m.shape), stored, is_leaf=_is_array_meta),
                      cfg, what=path)
