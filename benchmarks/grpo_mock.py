@@ -1,18 +1,17 @@
-"""GRPO on real tau2 episodes: does it raise a tiny SFT policy's success on mock, seed after seed?
+"""GRPO on real tau2 episodes: does it raise a tiny policy's success on mock, seed after seed?
 
     python benchmarks/grpo_mock.py [--seeds 0,1,2] [--sampled 4] [--workdir runs/grpo_mock]
 
-The demo's setting (configs/tiny_pipeline.py: its SFT, GRPO and eval overrides, its train tasks,
-the real tokenizer, the scripted user, tau2's evaluator), without the RFT step: per seed
-(`config.seed`: SFT batch order, rollout and eval sampling),
-1. SFT of the converted tiny random Qwen3 on the gold demos (a warm start that leaves room);
-2. eval of that checkpoint: greedy (Pass@1) and sampled (`--sampled` samples per task at the
-   rollout temperature);
-3. GRPO from it;
-4. the same evals of the GRPO policy.
+Per seed (`config.seed`: SFT batch order, rollout and eval sampling), the demo's whole pipeline
+(configs/tiny_pipeline.py: the real tokenizer, the scripted user, tau2's evaluator): demos -> SFT ->
+RFT -> SFT on its successes -> GRPO, greedy evals between. GRPO starts from the RFT step's SFT
+checkpoint; that checkpoint and the GRPO policy are also evaluated sampled (`--sampled` samples per
+task at the rollout temperature). GRPO straight from the first SFT checkpoint was tried: its T=1
+episodes succeed too rarely (reward 0.07 -> 0.02 in two steps, seed 0), see WORKSPACE.md.
 Success is on the mock tasks a do-nothing agent fails. Mock has no train/test split: GRPO trains
-on the tasks it is evaluated on (fitting, not generalisation). Last stdout line: one JSON object
-(also benchmarks/results/grpo_mock.json); `benchmarks/make_results.py` puts it in RESULTS.md.
+on the tasks it is evaluated on (fitting, not generalisation). Rerunning reuses finished steps. Last
+stdout line: one JSON object (also benchmarks/results/grpo_mock.json); `benchmarks/make_results.py`
+puts it in RESULTS.md.
 """
 
 from __future__ import annotations
@@ -55,24 +54,26 @@ def _grpo_signal(workdir: str) -> list[dict]:
     return out
 
 
-def run_seed(base, seed: int, demo_files: list, sampled: int) -> dict:
-    from tau2jax.stages import pipeline, run_stage
+def run_seed(base, seed: int, sampled: int) -> dict:
+    from tau2jax.stages import pipeline
 
     c = base.copy_and_resolve_references()
     c.seed = seed
     c.workdir = os.path.join(base.workdir, f"seed_{seed}")
-    temperature = c.pipeline.grpo.rl.temperature
     t0 = time.time()
-    sft = run_stage(pipeline.step_config(c, "sft", {"demo_files": demo_files}))
-    grpo_c = pipeline.step_config(c, "grpo", {"params": {"sft_rft": sft["params"]}})  # GRPO from SFT
-    grpo = run_stage(grpo_c)
-    out = {"seed": seed, "sft_final_loss": sft.get("final_loss"), "grpo_first_reward": grpo["first_reward"],
-           "grpo_final_reward": grpo["final_reward"], "grpo_steps": _grpo_signal(grpo_c.workdir)}
-    ev = pipeline.step_config(c, "eval_sft", {"params": {"sft": sft["params"]}})
-    for stage, params in (("before", sft["params"]), ("after", grpo["params"])):
-        out[stage] = {"greedy": _eval(ev, f"{stage}_greedy", params, 0.0, 1),
+    r = pipeline.run(c)
+    greedy = {p: v["pass@1"] for p, v in r["stages"].items()}
+    start = os.path.join(c.workdir, "sft_rft", "params")  # GRPO's init (stages/pipeline.py)
+    ev = pipeline.step_config(c, "eval_rft", {"params": {"sft_rft": start}})
+    temperature = c.pipeline.grpo.rl.temperature
+    out = {"seed": seed, "greedy": greedy, "grpo_steps": _grpo_signal(os.path.join(c.workdir, "grpo"))}
+    steps = out["grpo_steps"]
+    out["grpo_first_reward"], out["grpo_final_reward"] = steps[0]["reward_mean"], steps[-1]["reward_mean"]
+    for stage, params, policy in (("before", start, "rft"), ("after", os.path.join(c.workdir, "grpo", "params"), "grpo")):
+        out[stage] = {"greedy": {"pass@1": greedy[policy]},
                       "sampled": _eval(ev, f"{stage}_sampled", params, temperature, sampled)}
     out["margin"] = {m: out["after"][m]["pass@1"] - out["before"][m]["pass@1"] for m in ("greedy", "sampled")}
+    out["margin_vs_first_sft_greedy"] = greedy["grpo"] - greedy["sft"]
     out["wall_s"] = round(time.time() - t0, 1)
     return out
 
@@ -94,18 +95,15 @@ def main(argv=None) -> int:
     absl_logging.set_verbosity(absl_logging.WARNING)
     from configs import tiny_pipeline
     from tau2jax.demo import convert_and_check
-    from tau2jax.stages import pipeline, run_stage
 
     orbax_dir, _ = convert_and_check(work)
     c = tiny_pipeline.get_config()
     c.workdir, c.model.init_from = work, orbax_dir
-    demos = run_stage(pipeline.step_config(c, "demos", {}))
-    demo_files = [v["file"] for v in demos.values() if isinstance(v, dict) and v.get("file")]
-    seeds = [run_seed(c, int(s), demo_files, args.sampled) for s in args.seeds.split(",")]
+    seeds = [run_seed(c, int(s), args.sampled) for s in args.seeds.split(",")]
 
     g = c.pipeline.grpo
     result = {
-        "setting": "configs/tiny_pipeline.py without RFT: SFT -> GRPO from the SFT checkpoint",
+        "setting": "configs/tiny_pipeline.py per seed; GRPO from the RFT step's SFT checkpoint (before = that checkpoint)",
         "train_task_ids": c.pipeline.train_task_ids, "sft_steps": c.pipeline.sft.train.steps,
         "grpo_steps": g.rl.steps, "samples_per_task": g.rl.samples_per_task,
         "rollout_temperature": g.rl.temperature, "grpo_lr": g.optim.lr, "sampled_eval_samples": args.sampled,
@@ -117,8 +115,8 @@ def main(argv=None) -> int:
         "load_avg": {"before": load_before, "after": [round(v, 2) for v in os.getloadavg()]},
     }
     for s in seeds:
-        print(f"seed {s['seed']}: greedy pass@1 SFT {s['before']['greedy']['pass@1']:.3f} -> GRPO "
-              f"{s['after']['greedy']['pass@1']:.3f}; sampled SFT {s['before']['sampled']['pass@1']:.3f} -> "
+        print(f"seed {s['seed']}: greedy pass@1 SFT {s['greedy']['sft']:.3f}, RFT (GRPO's start) {s['greedy']['rft']:.3f} -> "
+              f"GRPO {s['greedy']['grpo']:.3f}; sampled RFT {s['before']['sampled']['pass@1']:.3f} -> "
               f"GRPO {s['after']['sampled']['pass@1']:.3f}")
     common.write_result(result, args.out or common.result_path("grpo_mock.json"))
     return 0
