@@ -44,14 +44,15 @@ def _eval(config, name: str, params: str, temperature: float, samples: int) -> d
 
 
 def _grpo_signal(workdir: str) -> list[dict]:
-    """Per GRPO step: mean episode reward and success, groups kept (with reward variance)."""
+    """Per GRPO step: mean episode reward and success, groups kept (with reward variance). A resumed
+    run appends to metrics.jsonl: the last record of a step is the one its checkpoint holds."""
     keys = ("reward_mean", "success_rate", "groups_trained", "groups_zero_variance", "loss")
-    out = []
+    by_step = {}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         for line in f:
             m = json.loads(line)
-            out.append({"step": m["step"], **{k: m.get(k) for k in keys}})
-    return out
+            by_step[m["step"]] = {"step": m["step"], **{k: m.get(k) for k in keys}}
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def run_seed(base, seed: int, sampled: int) -> dict:
