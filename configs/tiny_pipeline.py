@@ -15,7 +15,7 @@ measures it (Pass@k = Pass@1 = pass^k).
 Each stage leaves room for the next: SFT stops early (58 steps: 3 of the 8 tasks beyond the floor),
 RFT fine-tunes on its successes and the demos (4 of 8), GRPO samples 8 episodes per task so most
 groups carry reward variance, and learns to copy the task id the user names (5 of 8; measured in
-benchmarks/results/demo/, 3 seeds of SFT -> GRPO in benchmarks/results/grpo_mock.json).
+benchmarks/results/demo/; per seed: benchmarks/grpo_mock.py).
 """
 
 import ml_collections
