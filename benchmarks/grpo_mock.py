@@ -1,15 +1,17 @@
-"""GRPO on real tau2 episodes: does it raise an under-trained tiny SFT policy's success on mock?
+"""GRPO on real tau2 episodes: does it raise a tiny policy's success on mock, seed after seed?
 
-    python benchmarks/grpo_mock.py [--sft-steps 120] [--grpo-steps 20] [--temperature 0.5] [--workdir runs/grpo_mock]
+    python benchmarks/grpo_mock.py [--seeds 0,1,2] [--sampled 4] [--workdir runs/grpo_mock]
 
-1. gold demos of mock -> SFT of the `tiny` Qwen3 for only `--sft-steps` steps (under-trained, so its
-   sampled episodes sometimes succeed and sometimes fail: groups carry reward variance);
-2. eval of that checkpoint: greedy and sampled (T = the rollout temperature, 4 samples);
-3. GRPO from it (configs/tiny_grpo.py settings: scripted user, built-in engine);
-4. the same evals of the GRPO policy.
-Success is measured on the mock tasks a do-nothing agent fails (`create_task_1_nl_eval` left out).
-Mock has no train/test split: GRPO trains on the tasks it is evaluated on (fitting, not
-generalisation). Last stdout line: one JSON object (also benchmarks/results/grpo_mock.json).
+Per seed (`config.seed`: SFT batch order, rollout and eval sampling), the demo's whole pipeline
+(configs/tiny_pipeline.py: the real tokenizer, the scripted user, tau2's evaluator): demos -> SFT ->
+RFT -> SFT on its successes -> GRPO, greedy evals between. GRPO starts from the RFT step's SFT
+checkpoint; that checkpoint and the GRPO policy are also evaluated sampled (`--sampled` samples per
+task at the rollout temperature). GRPO straight from the first SFT checkpoint was tried: its T=1
+episodes succeed too rarely (reward 0.07 -> 0.02 in two steps, seed 0), see WORKSPACE.md.
+Success is on the mock tasks a do-nothing agent fails. Mock has no train/test split: GRPO trains
+on the tasks it is evaluated on (fitting, not generalisation). Rerunning reuses finished steps. Last
+stdout line: one JSON object (also benchmarks/results/grpo_mock.json); `benchmarks/make_results.py`
+puts it in RESULTS.md.
 """
 
 from __future__ import annotations
@@ -26,71 +28,97 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 from benchmarks import common  # noqa: E402
 
 
-def _evals(config_mod, params: str, workdir: str, temperature: float) -> dict:
-    from tau2jax.train import run_stage
+def _eval(config, name: str, params: str, temperature: float, samples: int) -> dict:
+    """Pass@1 (and Pass@samples) beyond the floor of `params`, from `config`'s eval step config."""
+    from tau2jax.stages import run_stage
 
-    out = {}
-    for name, temp, samples in (("greedy", 0.0, 1), ("sampled", temperature, 4)):
-        c = config_mod.get_config("tiny")
-        c.workdir = os.path.join(workdir, name)
-        c.engine.kind, c.engine.checkpoint = "builtin", params
-        c.engine.max_seq_len, c.engine.max_new_tokens, c.engine.max_batch = 2048, 48, 36
-        c.tau2.domains, c.tau2.max_steps, c.tau2.max_repairs = "mock", 12, 1
-        c.eval.max_tasks_per_domain, c.eval.num_samples, c.eval.concurrency = 0, samples, 9
-        c.eval.temperature, c.eval.top_k = temp, 0
-        r = run_stage(c)
-        with open(os.path.join(r["out_dir"], "summary.json")) as f:
-            beyond = json.load(f)["metrics_beyond_floor"]["overall"]
-        out[name] = {"pass@1_all": r["pass@1"]["overall"], "pass@1_beyond_floor": beyond["pass@1"],
-                     f"pass@{r['k']}_beyond_floor": beyond[f"pass@{r['k']}"], "out_dir": r["out_dir"]}
+    c = config.copy_and_resolve_references()
+    c.workdir = os.path.join(os.path.dirname(config.workdir), name)
+    c.engine.checkpoint = params
+    c.eval.temperature, c.eval.num_samples = temperature, samples
+    r = run_stage(c)
+    with open(os.path.join(r["out_dir"], "summary.json")) as f:
+        beyond = json.load(f)["metrics_beyond_floor"]["overall"]
+    return {"pass@1": beyond["pass@1"], f"pass@{samples}": beyond["pass@k_unbiased"].get(str(samples)),
+            "tasks": beyond["num_tasks"], "samples": samples, "temperature": temperature}
+
+
+def _grpo_signal(workdir: str) -> list[dict]:
+    """Per GRPO step: mean episode reward and success, groups kept (with reward variance). A resumed
+    run appends to metrics.jsonl: the last record of a step is the one its checkpoint holds."""
+    keys = ("reward_mean", "success_rate", "groups_trained", "groups_zero_variance", "loss")
+    by_step = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            m = json.loads(line)
+            by_step[m["step"]] = {"step": m["step"], **{k: m.get(k) for k in keys}}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def run_seed(base, seed: int, sampled: int) -> dict:
+    from tau2jax.stages import pipeline
+
+    c = base.copy_and_resolve_references()
+    c.seed = seed
+    c.workdir = os.path.join(base.workdir, f"seed_{seed}")
+    t0 = time.time()
+    r = pipeline.run(c)
+    greedy = {p: v["pass@1"] for p, v in r["stages"].items()}
+    start = os.path.join(c.workdir, "sft_rft", "params")  # GRPO's init (stages/pipeline.py)
+    ev = pipeline.step_config(c, "eval_rft", {"params": {"sft_rft": start}})
+    temperature = c.pipeline.grpo.rl.temperature
+    out = {"seed": seed, "greedy": greedy, "grpo_steps": _grpo_signal(os.path.join(c.workdir, "grpo"))}
+    steps = out["grpo_steps"]
+    out["grpo_first_reward"], out["grpo_final_reward"] = steps[0]["reward_mean"], steps[-1]["reward_mean"]
+    for stage, params, policy in (("before", start, "rft"), ("after", os.path.join(c.workdir, "grpo", "params"), "grpo")):
+        out[stage] = {"greedy": {"pass@1": greedy[policy]},
+                      "sampled": _eval(ev, f"{stage}_sampled", params, temperature, sampled)}
+    out["margin"] = {m: out["after"][m]["pass@1"] - out["before"][m]["pass@1"] for m in ("greedy", "sampled")}
+    out["margin_vs_first_sft_greedy"] = greedy["grpo"] - greedy["sft"]
+    out["wall_s"] = round(time.time() - t0, 1)
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/grpo_mock")
-    p.add_argument("--sft-steps", type=int, default=120)
-    p.add_argument("--grpo-steps", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.5,
-                   help="rollout and sampled-eval temperature (a tiny model at T=1 rarely succeeds: no group variance)")
-    p.add_argument("--sft-params", default="", help="start from these SFT params (skip demos + SFT)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--sampled", type=int, default=4, help="samples per task of the sampled eval")
     p.add_argument("--out", default=None, help="result file (default benchmarks/results/grpo_mock.json)")
     args = p.parse_args(argv)
     work = os.path.abspath(args.workdir)
+    os.makedirs(work, exist_ok=True)
     t0 = time.time()
     load_before = [round(v, 2) for v in os.getloadavg()]
 
-    from configs import demos as demos_config
-    from configs import eval as eval_config
-    from configs import tiny_grpo, tiny_sft
-    from tau2jax.train import run_stage
+    from absl import logging as absl_logging
 
-    if args.sft_params:
-        sft = {"params": os.path.abspath(args.sft_params), "final_loss": None}
-    else:
-        c = demos_config.get_config("native")
-        c.workdir, c.tau2.domains, c.tau2.task_ids = os.path.join(work, "demos"), "mock", ""
-        demos = run_stage(c)
-        c = tiny_sft.get_config()
-        c.workdir, c.data.train_files = os.path.join(work, "sft"), demos["mock"]["file"]
-        c.data.max_len, c.train.steps, c.train.loss_chunk, c.train.checkpoint_every = 1024, args.sft_steps, 64, 50
-        sft = run_stage(c)
-    before = _evals(eval_config, sft["params"], os.path.join(work, "eval_sft"), args.temperature)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    from configs import tiny_pipeline
+    from tau2jax.demo import convert_and_check
 
-    c = tiny_grpo.get_config()
-    c.workdir, c.model.init_from = os.path.join(work, "grpo"), sft["params"]
-    c.rl.steps, c.rl.temperature, c.rl.max_len, c.train.loss_chunk = args.grpo_steps, args.temperature, 1024, 64
-    c.rl.dynamic_sampling, c.rl.max_refill_rounds = True, 0
-    grpo = run_stage(c)
-    after = _evals(eval_config, grpo["params"], os.path.join(work, "eval_grpo"), args.temperature)
+    orbax_dir, _ = convert_and_check(work)
+    c = tiny_pipeline.get_config()
+    c.workdir, c.model.init_from = work, orbax_dir
+    seeds = [run_seed(c, int(s), args.sampled) for s in args.seeds.split(",")]
 
-    result = {"sft_steps": args.sft_steps, "sft_params": sft["params"], "sft_final_loss": sft["final_loss"], "grpo_steps": args.grpo_steps,
-              "rollout_temperature": args.temperature, "grpo_first_reward": grpo["first_reward"],
-              "grpo_final_reward": grpo["final_reward"], "before": before, "after": after,
-              "wall_s": round(time.time() - t0, 1), "load_avg": {"before": load_before, "after": [round(v, 2) for v in os.getloadavg()]}}
-    for name in ("greedy", "sampled"):
-        b, a = before[name]["pass@1_beyond_floor"], after[name]["pass@1_beyond_floor"]
-        print(f"{name:8s} pass@1 beyond the floor: SFT {b} -> GRPO {a}")
+    g = c.pipeline.grpo
+    result = {
+        "setting": "configs/tiny_pipeline.py per seed; GRPO from the RFT step's SFT checkpoint (before = that checkpoint)",
+        "train_task_ids": c.pipeline.train_task_ids, "sft_steps": c.pipeline.sft.train.steps,
+        "grpo_steps": g.rl.steps, "samples_per_task": g.rl.samples_per_task,
+        "rollout_temperature": g.rl.temperature, "grpo_lr": g.optim.lr, "sampled_eval_samples": args.sampled,
+        "per_seed": seeds,
+        "grpo_above_sft_greedy": sum(s["margin"]["greedy"] > 0 for s in seeds),
+        "min_margin_greedy": min(s["margin"]["greedy"] for s in seeds),
+        "min_margin_sampled": min(s["margin"]["sampled"] for s in seeds),
+        "wall_s": round(time.time() - t0, 1),
+        "load_avg": {"before": load_before, "after": [round(v, 2) for v in os.getloadavg()]},
+    }
+    for s in seeds:
+        print(f"seed {s['seed']}: greedy pass@1 SFT {s['greedy']['sft']:.3f}, RFT (GRPO's start) {s['greedy']['rft']:.3f} -> "
+              f"GRPO {s['greedy']['grpo']:.3f}; sampled RFT {s['before']['sampled']['pass@1']:.3f} -> "
+              f"GRPO {s['after']['sampled']['pass@1']:.3f}")
     common.write_result(result, args.out or common.result_path("grpo_mock.json"))
     return 0
 

@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NA = "not recorded"
 
 # kind -> a field only that script's result has; the first match wins (mfu files have no other).
-KINDS = (("mfu", "mfu"), ("rl_overlap", "async_speedup"), ("grpo_mock", "grpo_final_reward"), ("rollout", "speedup_vs_reprefill"),
+KINDS = (("mfu", "mfu"), ("rl_overlap", "async_speedup"), ("grpo_mock", "per_seed"), ("rollout", "speedup_vs_reprefill"),
          ("weight_sync", "in_process"), ("decode", "engine_tokens_per_s"), ("train_step", "loss_first_jax"),
          ("forward", "jax_tokens_per_s"))
 
@@ -80,8 +80,8 @@ def command(path: str, kind: str, d: dict) -> str:
     elif kind == "rl_overlap":
         args = f"rl_overlap.py{size_flag(c.get('mode'))} --latency {c['turn_latency_s']}{out}"
     elif kind == "grpo_mock":
-        args = (f"grpo_mock.py --sft-steps {d['sft_steps']} --grpo-steps {d['grpo_steps']} "
-                f"--temperature {d['rollout_temperature']}{out}")
+        seeds = ",".join(str(r["seed"]) for r in d["per_seed"])
+        args = f"grpo_mock.py --seeds {seeds} --sampled {d['sampled_eval_samples']}{out}"
     elif kind == "weight_sync":  # writes weight_sync[_<model>].json; h100/ holds moved copies
         model = " --quick" if d["model"] == "tiny" else f" --model {d['model']} --layers {d['num_layers']}"
         args = f"weight_sync.py{model} --repeats {d['repeats']}{out}"
@@ -176,14 +176,17 @@ def grpo_mock(files, out_dir) -> list[str]:
     for path, kind, d in files:
         if kind != "grpo_mock":
             continue
-        for stage in ("before", "after"):
-            g, s = d[stage]["greedy"], d[stage]["sampled"]
-            rows.append([link(path, out_dir), "SFT" if stage == "before" else "GRPO", d["sft_steps"], d["grpo_steps"],
-                         d["rollout_temperature"], g["pass@1_beyond_floor"], s["pass@1_beyond_floor"],
-                         s["pass@4_beyond_floor"], d["grpo_first_reward"], d["grpo_final_reward"]])
-    return table(["file", "policy", "SFT steps", "GRPO steps", "rollout T", "greedy pass@1 beyond floor",
-                  "sampled pass@1 beyond floor", "sampled pass@4 beyond floor", "GRPO first reward",
-                  "GRPO final reward"], rows)
+        for r in d["per_seed"]:
+            b, a = r["before"], r["after"]
+            k = f"pass@{d['sampled_eval_samples']}"
+            rows.append([link(path, out_dir), r["seed"], d["sft_steps"], d["grpo_steps"], d["rollout_temperature"],
+                         r["greedy"]["sft"], b["greedy"]["pass@1"], a["greedy"]["pass@1"], r["margin"]["greedy"],
+                         b["sampled"]["pass@1"], a["sampled"]["pass@1"], r["margin"]["sampled"],
+                         b["sampled"][k], a["sampled"][k], r["grpo_first_reward"], r["grpo_final_reward"]])
+    return table(["file", "seed", "SFT steps", "GRPO steps", "rollout T", "greedy pass@1 SFT",
+                  "greedy pass@1 GRPO's start (RFT)", "greedy pass@1 GRPO", "greedy margin over start",
+                  "sampled pass@1 start", "sampled pass@1 GRPO", "sampled margin", "sampled pass@k start",
+                  "sampled pass@k GRPO", "GRPO first reward", "GRPO final reward"], rows)
 
 
 def weight_sync(files, out_dir) -> list[str]:
@@ -280,9 +283,13 @@ def render(results_dir: str, out_dir: str) -> str:
              "## CPU: tau2jax vs transformers + torch (same weights, one run each)", "", *vs_transformers(cpu, out_dir),
              "", "## CPU: tau2 rollouts, prefix cache vs re-prefill", "", *rollout(cpu, out_dir),
              "", "## CPU: GRPO on the toy env, asynchronous vs synchronous loop", "", *rl_overlap(cpu, out_dir),
-             "", "## CPU: GRPO on tau2 mock from an under-trained tiny SFT policy", "",
-             "Success on the mock tasks a do-nothing agent fails; GRPO trains on the same tasks (mock has no "
-             "split). Rewards are the GRPO run's mean task reward over its first / last steps (all mock tasks).", "",
+             "", "## CPU: GRPO on tau2 mock in the demo's pipeline, per seed", "",
+             "The demo's setting (configs/tiny_pipeline.py) per seed: SFT stopped early, RFT, then GRPO from the "
+             "RFT step's SFT checkpoint (its start). "
+             "Pass@1 on the mock tasks a do-nothing agent fails (8), greedy and sampled at the rollout "
+             "temperature (pass@k: k samples per task); GRPO trains on the same tasks (mock has no split: "
+             "fitting, not generalisation). Rewards are the GRPO run's mean task reward over its first / last "
+             "steps.", "",
              *grpo_mock(cpu, out_dir),
              "", "## Weight sync (learner -> engine)", "", *weight_sync(cpu, out_dir),
              "", "## Compile counts after warm-up", "",

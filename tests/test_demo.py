@@ -21,7 +21,8 @@ def test_demo_learns_on_tasks_a_do_nothing_agent_fails(tmp_path):
     p1 = {name: s["pass@1"] for name, s in summary["stages"].items()}
     assert set(p1) == {"base", "sft", "rft", "grpo"}
     assert p1["sft"] >= p1["base"] + 0.3, p1  # SFT on the gold demos clearly above the untrained model
-    assert min(p1["rft"], p1["grpo"]) >= p1["sft"] - 0.05, p1  # RL stages do not lose what SFT learnt
+    # SFT leaves room (configs/tiny_pipeline.py); RFT keeps what it learnt; GRPO adds 2 of the 8 tasks
+    assert p1["rft"] >= p1["sft"] and p1["grpo"] >= p1["sft"] + 0.25, p1
     for ext in ("md", "json", "png"):
         assert os.path.getsize(summary["report"][ext]) > 0
     with open(summary["report"]["md"]) as f:

@@ -46,6 +46,8 @@ def render_report(data: dict) -> str:
                 f"train-split tasks; {t['overlap']} of the evaluated tasks were trained on")
         if not t["has_split"]:
             note += " (the domain has no train/test split: these numbers measure fitting, not generalisation)"
+        if t.get("trained_ids") and t["trained"] <= 20:
+            note += f"; trained on: {', '.join(t['trained_ids'])}"
         lines.append(f"- {note}.")
     for title, key in (("Tasks the do-nothing agent fails (what shows learning)", "beyond_floor"),
                        ("All tasks", "all")):

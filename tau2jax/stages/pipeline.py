@@ -278,8 +278,9 @@ def run(config, run_stage=None) -> dict:
 
 
 def trained_on(config, summary: dict) -> dict:
-    """Per domain: how many train tasks the policy learnt from, how many tasks the eval scored,
-    how many of those it learnt from (the overlap), and whether the domain has a train/test split."""
+    """Per domain: how many train tasks the policy learnt from (and their ids), how many tasks the
+    eval scored, how many of those it learnt from (the overlap), and whether the domain has a
+    train/test split."""
     from tau2jax.env import tau2_env
 
     tau2_env.init_tau2(config.tau2.data_dir)
@@ -289,7 +290,7 @@ def trained_on(config, summary: dict) -> dict:
         train = {t.id for t in tau2_env.load_tasks(domain, "train")}
         train = train & wanted if wanted else train
         out[domain] = {"trained": len(train), "evaluated": len(tasks), "overlap": len(train & set(tasks)),
-                       "has_split": tau2_env.task_splits(domain) is not None}
+                       "has_split": tau2_env.task_splits(domain) is not None, "trained_ids": sorted(train)}
     return out
 
 
