@@ -117,7 +117,7 @@ def test_two_process_checkpoint_resumes_in_one_process_and_replays_the_same_step
     assert len(ledger) == len({(r["step"], r["group_id"], r["sample_index"]) for r in ledger}) == 4 * 8 * 8
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # minutes on 2 cores: `make test-heavy`
 def test_tau2_mock_two_processes_match_one_process(tmp_path):
     two = _ok(two_processes(MOCK, tmp_path / "two", tmp_path / "logs"), "2-process mock GRPO")
     one = _ok(one_process(MOCK, tmp_path / "one", devices=2), "1-process mock GRPO")
@@ -258,7 +258,7 @@ def test_slurm_rl_bad_launches_fail_by_name(tmp_path, env, servers, rc, expected
 
 # ----------------------------------------------------------------------------- the pipeline
 
-@pytest.mark.slow
+@pytest.mark.heavy  # minutes on 2 cores: `make test-heavy`
 def test_pipeline_on_mock_runs_in_two_processes_to_its_report(tmp_path):
     """demos -> eval -> SFT -> eval -> RFT -> SFT -> eval -> GRPO -> eval under 2 processes, every step
     cut to seconds: SFT and GRPO on both processes, the rest on process 0, the report at the end."""
