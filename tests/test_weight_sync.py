@@ -37,6 +37,7 @@ def test_publish_latest_prune_and_round_trip(tmp_path):
         path = publish(_params(v), CFG, root, v, keep=2, dtype=None)
         assert path == weight_sync.version_dir(root, v) and os.path.basename(path) == f"version_{v:06d}"
         assert latest_version(root) == v
+    weight_sync.wait_pruned()  # old versions go in the background, after LATEST moved
     assert published_versions(root) == [3, 4]
     assert sorted(os.listdir(root)) == ["LATEST", "version_000003", "version_000004"]  # no temps left
     params, cfg = load_hf_params(weight_sync.version_dir(root, 4))
@@ -44,6 +45,7 @@ def test_publish_latest_prune_and_round_trip(tmp_path):
     _assert_same(params, _params(4))
     # a resumed run republishes an older version: it replaces it, becomes LATEST, survives pruning
     publish(_params(30), CFG, root, 3, keep=1, dtype=None)
+    weight_sync.wait_pruned()
     assert latest_version(root) == 3 and published_versions(root) == [3, 4]
     _assert_same(load_hf_params(weight_sync.version_dir(root, 3))[0], _params(30))
 

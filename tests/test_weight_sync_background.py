@@ -115,6 +115,7 @@ def test_disk_push_in_background_is_never_half_read(tmp_path):
     assert last["version"] == 2 and last["publish_s"] > 0 and last["pause_s"] > 0
     assert engine.loads == swapped == [1, 2] and engine.inner.policy_version == 2
     assert set(read) <= {1, 2} and read and seen[-1] == 2
+    weight_sync.wait_pruned()
     assert weight_sync.published_versions(root) == [1, 2]
 
 
