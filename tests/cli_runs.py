@@ -3,6 +3,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -36,3 +37,17 @@ def start_train(*args) -> subprocess.Popen:
     """A run in the background, output discarded (the SIGKILL-resume tests kill it)."""
     return subprocess.Popen(train_cmd(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=LAPTOP_ENV)
+
+
+def run_group(cmd, env, timeout) -> subprocess.CompletedProcess:
+    """Runs `cmd` (a launcher and its trainers) in its own process group from the repo root; on
+    timeout the whole group is killed (SIGKILL: jax.distributed catches SIGTERM)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{cmd[:4]} timed out after {timeout}s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from cli_runs import run_group
 from tau2jax.parallel import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,16 +32,7 @@ MOCK = ["--config", "configs/tiny_grpo.py", "--config.rl.steps=2", "--config.rl.
 
 
 def _run(cmd, env, timeout=TIMEOUT_S) -> subprocess.CompletedProcess:
-    """`cmd` in its own process group; on timeout the whole group is killed."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{cmd[:4]} timed out after {timeout}s:\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_group(cmd, env, timeout)
 
 
 def _ok(proc, what) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from cli_runs import run_group
 from tau2jax.parallel import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,16 +39,7 @@ def _free_port() -> int:
 
 
 def _run(cmd, env, timeout=TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Runs `cmd` in its own process group; on timeout the whole group (launcher and trainers) is killed."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{cmd[:3]} timed out after {timeout}s:\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_group(cmd, env, timeout)
 
 
 def _check(proc, what):
