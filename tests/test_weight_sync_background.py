@@ -53,6 +53,13 @@ class DiskEngine:
         self.loads.append(version)
 
 
+def _await_served(seen: list, errors: list, more: int) -> None:
+    """Waits until the serving thread has answered `more` further results (or failed)."""
+    n = len(seen)
+    while len(seen) < n + more and not errors:
+        threading.Event().wait(0.01)
+
+
 def _serve_while(engine, refs, done: threading.Event, seen: list) -> None:
     """Generates until `done`; every result must equal its reported version's reference, whole."""
     while not done.is_set():
@@ -102,10 +109,7 @@ def test_disk_push_in_background_is_never_half_read(tmp_path):
             out = pusher.push(versions[v], v)  # returns at once: publish and swap run in the background
             assert out["wait_s"] >= 0 and out.get("version") == (v - 1 if v > 1 else None)  # the previous push's
         last = pusher.wait()
-        # the engine keeps serving across the last swap
-        n = len(seen)
-        while len(seen) < n + 2 and not errors:
-            threading.Event().wait(0.01)
+        _await_served(seen, errors, 2)  # the engine keeps serving across the last swap
     finally:
         done.set()
         for t in threads:
@@ -140,9 +144,7 @@ def test_in_process_push_swaps_whole_versions_while_serving():
             pusher.push(params, v)
             jax.tree.map(lambda x: x.delete(), params)  # the learner's next step donates its params
         last = pusher.wait()
-        n = len(seen)
-        while len(seen) < n + 2 and not errors:
-            threading.Event().wait(0.01)
+        _await_served(seen, errors, 2)
     finally:
         done.set()
         t.join()
