@@ -81,7 +81,7 @@ def command(path: str, kind: str, d: dict) -> str:
         args = f"rl_overlap.py{size_flag(c.get('mode'))} --latency {c['turn_latency_s']}{out}"
     elif kind == "grpo_mock":
         seeds = ",".join(str(r["seed"]) for r in d["per_seed"])
-        args = f"grpo_mock.py --seeds {seeds} --sampled {d['sampled_eval_samples']}{out}"
+        args = f"grpo_mock.py --seeds {seeds} --sampled {d['sampled_eval_samples']} --grpo-steps {d['grpo_steps']}{out}"
     elif kind == "weight_sync":  # writes weight_sync[_<model>].json; h100/ holds moved copies
         model = " --quick" if d["model"] == "tiny" else f" --model {d['model']} --layers {d['num_layers']}"
         args = f"weight_sync.py{model} --repeats {d['repeats']}{out}"
@@ -285,11 +285,11 @@ def render(results_dir: str, out_dir: str) -> str:
              "", "## CPU: GRPO on the toy env, asynchronous vs synchronous loop", "", *rl_overlap(cpu, out_dir),
              "", "## CPU: GRPO on tau2 mock in the demo's pipeline, per seed", "",
              "The demo's setting (configs/tiny_pipeline.py) per seed: SFT stopped early, RFT, then GRPO from the "
-             "RFT step's SFT checkpoint (its start). "
+             "RFT step's SFT checkpoint (its start) for the steps shown (the demo runs 10). "
              "Pass@1 on the mock tasks a do-nothing agent fails (8), greedy and sampled at the rollout "
-             "temperature (pass@k: k samples per task); GRPO trains on the same tasks (mock has no split: "
-             "fitting, not generalisation). Rewards are the GRPO run's mean task reward over its first / last "
-             "steps.", "",
+             "temperature (k samples per task: sampled pass@1 is the mean over all of them, pass@k any of them); "
+             "GRPO trains on the same tasks (mock has no split: fitting, not generalisation). Rewards are the "
+             "GRPO run's mean task reward at its first / last step.", "",
              *grpo_mock(cpu, out_dir),
              "", "## Weight sync (learner -> engine)", "", *weight_sync(cpu, out_dir),
              "", "## Compile counts after warm-up", "",
