@@ -72,8 +72,10 @@ def run_seed(base, seed: int, sampled: int) -> dict:
     temperature = c.pipeline.grpo.rl.temperature
     out = {"seed": seed, "greedy": greedy, "grpo_steps": _grpo_signal(os.path.join(c.workdir, "grpo"))}
     steps = out["grpo_steps"]
-    with open(os.path.join(c.workdir, "grpo", pipeline.DONE)) as f:  # > 0 when the GRPO run continued a checkpoint
-        out["grpo_resumed_from"] = json.load(f)["result"].get("resumed_from")
+    # The GRPO step's own record (a rerun keeps it): its wall time, and resumed_from > 0 if it continued a checkpoint
+    with open(os.path.join(c.workdir, "grpo", pipeline.DONE)) as f:
+        grpo = json.load(f)["result"]
+    out["grpo_resumed_from"], out["grpo_wall_s"] = grpo.get("resumed_from"), grpo.get("wall_s")
     out["grpo_first_reward"], out["grpo_final_reward"] = steps[0]["reward_mean"], steps[-1]["reward_mean"]
     for stage, params, policy in (("before", start, "rft"), ("after", os.path.join(c.workdir, "grpo", "params"), "grpo")):
         out[stage] = {"greedy": {"pass@1": greedy[policy]},
