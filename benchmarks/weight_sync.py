@@ -86,9 +86,8 @@ def run(model: str, layers: int, repeats: int) -> dict:
         t = time.perf_counter()
         staged = jax.block_until_ready(engine.stage_weights(params))  # the engine serves meanwhile
         t1 = time.perf_counter()
-        engine.swap_weights(staged, version=v)
         stage.append(t1 - t)
-        swap.append(engine.last_swap_s)  # the lock held: freeing the old copy after it is no pause
+        swap.append(engine.swap_weights(staged, version=v))  # the lock held: freeing the old copy after is no pause
         del staged
     local = os.path.isdir(weight_sync.SHM) and os.access(weight_sync.SHM, os.W_OK)
     with tempfile.TemporaryDirectory(dir=weight_sync.SHM if local else os.environ.get("TMPDIR")) as root:

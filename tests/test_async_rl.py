@@ -16,6 +16,8 @@ from tau2jax.env import toy
 from tau2jax.env.environments import TaskRef
 from tau2jax.env.trajectory import INFRA_ERROR, Trajectory
 from tau2jax.inference.engine import FixedEngine, GenerateResult, SamplingParams
+from tau2jax.inference.jax_engine import JaxEngine
+from tau2jax.inference.sglang_client import SGLangEngine
 from tau2jax.rl import advantages, collector, staleness
 from tau2jax.rl import groups as loop
 from tau2jax.stages import grpo
@@ -120,18 +122,19 @@ def test_correct_turns_on_token_tis():
     assert staleness.tis_cap("correct", 3.0) == 3.0 and staleness.tis_cap("drop", 0.0) == 0.0
     c = config_lib.default_config()
     c.rl.stale_policy = "correct"
-    assert grpo.loss_config(c).tis_cap == staleness.DEFAULT_TIS_CAP
+    assert grpo.loss_config(c, JaxEngine).tis_cap == staleness.DEFAULT_TIS_CAP
 
 
-@pytest.mark.parametrize("engine, cap, want", [("sglang", -1.0, 2.0), ("builtin", -1.0, 0.0), ("sglang", 0.0, 0.0),
-                                               ("builtin", 3.0, 3.0)])
+@pytest.mark.parametrize("engine, cap, want", [(SGLangEngine, -1.0, 2.0), (JaxEngine, -1.0, 0.0),
+                                               (SGLangEngine, 0.0, 0.0), (JaxEngine, 3.0, 3.0)])
 def test_tis_by_engine(engine, cap, want):
     """Against SGLang the PPO ratio is anchored on the learner's own log-probs and TIS (cap 2) corrects
-    the behaviour gap, by default; the built-in engine shares the learner's numerics (off)."""
+    the behaviour gap, by default (the engine's `default_tis_cap`); the built-in engine shares the
+    learner's numerics (off)."""
     c = config_lib.default_config()
-    c.engine.kind, c.rl.tis_cap = engine, cap
+    c.rl.tis_cap = cap
     config_lib.validate(c)
-    assert grpo.loss_config(c).tis_cap == want
+    assert grpo.loss_config(c, engine).tis_cap == want
 
 
 def test_assemble_drops_stale_samples_out_of_their_group():
@@ -322,7 +325,9 @@ def test_sglang_sync_publishes_then_loads_the_version(tmp_path):
     cfg = configs.get_model_config("toy")
     engine = Server()
     assert engine.served_version() == -1  # a fresh / restarted server: not one of our versions
-    t = weight_sync.push(engine, qwen3.init_params(cfg, jax.random.key(0)), cfg, str(tmp_path / "weights"), 7)
+    engine.publication = weight_sync.Publication(cfg, str(tmp_path / "weights"))
+    assert engine.synced_version is None  # the server's start weights are not ours
+    t = weight_sync.push(engine, qwen3.init_params(cfg, jax.random.key(0)), 7)
     assert engine.loaded == [(weight_sync.version_dir(str(tmp_path / "weights"), 7), 7)]
     assert engine.served_version() == 7
     assert t["publish_s"] > 0 and t["pause_s"] >= 0 and set(t) == {"version", "pause_s", "publish_s"}

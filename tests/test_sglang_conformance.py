@@ -294,8 +294,8 @@ def test_a_push_aborts_nothing_and_an_answer_keeps_the_version_that_served_it(to
 
     cfg = configs.get_model_config("toy")
     with RunningServer(create_app(Server(Echo(policy_version=6), tok, rules=SGLANG))) as running:
-        client = Client(running.url, policy_version=6)
-        weight_sync.push(client, qwen3.init_params(cfg, jax.random.key(0)), cfg, str(tmp_path / "w"), 7)
+        client = Client(running.url, policy_version=6, publication=weight_sync.Publication(cfg, str(tmp_path / "w")))
+        weight_sync.push(client, qwen3.init_params(cfg, jax.random.key(0)), 7)
         [late] = client.generate([[1, 2]], SamplingParams(max_new_tokens=2))  # served before the swap
         client.close()
     assert (late.finish_reason, late.policy_version) == ("length", 6)

@@ -12,6 +12,7 @@ import pytest
 from tau2jax.weights import hf_write, mapping
 from tau2jax.models.configs import get_model_config
 from tau2jax.inference import weight_sync
+from tau2jax.inference.jax_engine import JaxEngine
 from tau2jax.inference.weight_sync import latest_version, load_hf_params, publish, published_versions, sync_engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,32 +105,29 @@ def test_killed_publisher_leaves_previous_version_and_no_final_dir(tmp_path):
     assert sorted(os.listdir(root)) == ["LATEST", "version_000001", "version_000002"]
 
 
-def test_sync_engine_uses_disk_loader_or_params(tmp_path):
+def test_sync_engine_has_a_server_read_the_dir_and_the_builtin_engine_load_it(tmp_path):
     root = str(tmp_path / "pub")
     with pytest.raises(FileNotFoundError, match="nothing published"):
         sync_engine(object(), root)
     publish(_params(1), CFG, root, 1, dtype=None)
     publish(_params(2), CFG, root, 2, dtype=None)
 
-    class HttpLike:
-        takes_published_weights = True
+    class HttpLike(weight_sync.ServedFromDisk):
+        kind = "http"
 
         def update_weights(self, path, version):
             self.loaded = (path, version)
 
-    class InProcess:
-        takes_published_weights = False
-
-        def update_weights(self, params, version):
-            self.loaded = (params, version)
-
-    http, local = HttpLike(), InProcess()
-    assert sync_engine(http, root) == 2
-    assert http.loaded == (weight_sync.version_dir(root, 2), 2)
-    assert sync_engine(local, root, 1) == 1
-    _assert_same(local.loaded[0], _params(1))
-    with pytest.raises(FileNotFoundError, match="version 7 is not published"):
-        sync_engine(local, root, 7)
+    http, local = HttpLike(), JaxEngine(_params(0), CFG, max_seq_len=64, max_batch=1)
+    try:
+        assert sync_engine(http, root) == 2
+        assert http.loaded == (weight_sync.version_dir(root, 2), 2)
+        assert sync_engine(local, root, 1) == 1 and local.served_version() == local.synced_version == 1
+        _assert_same(local._params, _params(1))  # noqa: SLF001
+        with pytest.raises(FileNotFoundError, match="version 7 is not published"):
+            sync_engine(local, root, 7)
+    finally:
+        local.close()
 
 
 def test_default_root_is_shm_for_a_local_server_else_the_workdir(tmp_path):

@@ -37,15 +37,15 @@ def _reference(params) -> list:
         engine.close()
 
 
-class DiskEngine:
+class DiskEngine(weight_sync.ServedFromDisk):
     """A server in miniature: loads what was published (as SGLang's update_weights_from_disk) into
     a built-in engine."""
 
     kind = "disk"
-    takes_published_weights = True
 
-    def __init__(self, params):
+    def __init__(self, params, root: str):
         self.inner = JaxEngine(params, CFG, max_seq_len=64, max_batch=4)
+        self.publication = weight_sync.Publication(CFG, root, keep=5)
         self.loads = []
 
     def update_weights(self, path, version):
@@ -80,9 +80,9 @@ def test_disk_push_in_background_is_never_half_read(tmp_path):
     versions = {v: _params(v) for v in range(3)}
     published = {v: _as_published(p) for v, p in versions.items()}
     refs = {v: _reference(p) for v, p in published.items()}
-    engine = DiskEngine(published[0])
+    engine = DiskEngine(published[0], root)
     swapped = []
-    pusher = weight_sync.Pusher(engine, CFG, root, keep=5, on_swap=swapped.append)
+    pusher = weight_sync.Pusher(engine, on_swap=swapped.append)
     done, seen, read, errors = threading.Event(), [], [], []
 
     def reader():  # LATEST always names a whole version: its bytes are that version's weights
@@ -127,7 +127,7 @@ def test_in_process_push_swaps_whole_versions_while_serving():
     versions = {v: _params(10 + v) for v in range(3)}
     refs = {v: _reference(p) for v, p in versions.items()}
     engine = JaxEngine(versions[0], CFG, max_seq_len=64, max_batch=4)
-    pusher = weight_sync.Pusher(engine, CFG, "unused")
+    pusher = weight_sync.Pusher(engine)
     done, seen, errors = threading.Event(), [], []
 
     def serve():
@@ -159,9 +159,9 @@ def test_a_failed_background_push_surfaces_on_the_learner(tmp_path):
         def update_weights(self, path, version):
             raise OSError("server gone (injected)")
 
-    engine = Broken(_params(0))
+    engine = Broken(_params(0), str(tmp_path / "w"))
     woke = []
-    pusher = weight_sync.Pusher(engine, CFG, str(tmp_path / "w"), on_error=lambda: woke.append(True))
+    pusher = weight_sync.Pusher(engine, on_error=lambda: woke.append(True))
     try:
         pusher.push(_params(1), 1)
         pusher._thread.join()  # noqa: SLF001  (let the background push fail)

@@ -62,21 +62,43 @@ class Engine(Protocol):
     update the params); nothing outside `inference/` asks which engine it is.
 
     `kind` names the engine in trajectories ("builtin", "sglang", "scripted", "gold");
-    `policy_version` is the version its results carry; `takes_published_weights` says what
-    `update_weights` takes: a published HF checkpoint directory (an engine in another process,
-    SGLang: `weight_sync.publish` writes it) or the params pytree (an engine in this process).
+    `policy_version` is the version its results carry; `synced_version` the last version this
+    process put into it (None: it serves weights it loaded itself, e.g. a server's start
+    checkpoint); `default_tis_cap` the token-TIS cap the RL loss uses against it unless configured
+    (0 = off: its log-probs are the learner's own numerics; SGLang's kernels differ).
+
+    How weights reach it is the engine's business (`weight_sync.Pusher` drives the two halves):
+    `stage_weights(params)` runs on the learner thread before the next step donates `params` and
+    returns the engine's snapshot (the built-in engine: its own on-device copy; a server: the bf16
+    HF tensors, cast on the devices; a multi-process run's host gather happens here);
+    `swap_weights(staged, version)` runs on a background thread and returns the engine's pause in
+    seconds (the built-in engine: a reference swap under its lock; a server: publish to disk, then
+    the server loads it; on processes other than 0 it waits until process 0 has published).
     """
 
     kind: str
     policy_version: int
-    takes_published_weights: bool
+    synced_version: int | None
+    default_tis_cap: float
 
     def generate(
         self, input_ids: list[list[int]], params: SamplingParams | list[SamplingParams]
     ) -> list[GenerateResult]: ...
 
+    def stage_weights(self, params):
+        """Snapshot of the learner's `params` for `swap_weights` (learner thread, before donation)."""
+
+    def swap_weights(self, staged, version: int) -> float:
+        """Serve `staged` as policy `version` from now on -> the engine's pause in seconds."""
+
     def update_weights(self, weights, version: int) -> None:
         """Serve `weights` (params pytree, or a published directory) as policy `version` from now on."""
+
+    def load_weights(self, path: str, version: int) -> None:
+        """Serve the published HF checkpoint at `path` (`weight_sync.publish`) as policy `version`."""
+
+    def reload(self, version: int) -> None:
+        """Serve again the already pushed `version` (a server that restarted without it)."""
 
     def served_version(self) -> int | None:
         """The version served now: -1 when it is none of ours (a restarted server), None when the
@@ -94,10 +116,13 @@ class FixedEngine:
 
     kind = "fixed"
     policy_version = 0
-    takes_published_weights = False
+    synced_version = 0
+    default_tis_cap = 0.0
 
-    def update_weights(self, weights, version: int) -> None:
+    def _no_weights(self, *_):
         raise TypeError(f"the {self.kind} engine plays fixed responses: it has no weights to update")
+
+    stage_weights = swap_weights = update_weights = load_weights = reload = _no_weights
 
     def served_version(self) -> int:
         return self.policy_version

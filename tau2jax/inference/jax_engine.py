@@ -68,9 +68,12 @@ import numpy as np
 
 from tau2jax.models import qwen3
 from tau2jax.models.configs import ModelConfig
+from tau2jax.parallel.host_gather import host_params
 from tau2jax.parallel.sharding import constrain
 from tau2jax.inference import sampling
 from tau2jax.inference.engine import ContextLengthError, GenerateResult, SamplingParams
+from tau2jax.weights.hf_read import load_hf_params
+from tau2jax.weights.orbax_params import restore_params
 
 MIN_CACHE_BUCKET = 256
 MIN_STOP_ID_SLOTS = 8  # stop-id table width; more stop ids round up to a power of two (a new shape)
@@ -351,7 +354,7 @@ class JaxEngine:
     """
 
     kind = "builtin"
-    takes_published_weights = False  # update_weights takes the params pytree
+    default_tis_cap = 0.0  # its log-probs are the learner's own numerics
 
     def __init__(self, params, cfg: ModelConfig, *, tokenizer=None, max_seq_len: int = 4096,
                  max_batch: int = 16, decode_chunk: int = 16, prefill_chunk: int = 512,
@@ -376,7 +379,6 @@ class JaxEngine:
         self._params = self._own(params)
         self.policy_version = policy_version
         self.batches_run = 0
-        self.last_swap_s = 0.0
         # Guards _params, policy_version, the prefix cache, the seed RNG, _closed and the counters.
         self._lock = threading.Lock()
         self._prefix = PrefixCache(prefix_cache_tokens)
@@ -393,8 +395,6 @@ class JaxEngine:
     def from_checkpoint(cls, orbax_dir: str, *, dtype=None, mesh=None, **kwargs) -> "JaxEngine":
         """Weights in our Orbax format (`tau2jax.weights.orbax_params` (`restore_params`, sharded on `mesh` if
         given), cast to `dtype`."""
-        from tau2jax.weights.orbax_params import restore_params
-
         params, cfg = restore_params(orbax_dir, mesh=mesh, dtype=dtype)
         return cls(params, cfg, mesh=mesh, **kwargs)
 
@@ -402,8 +402,6 @@ class JaxEngine:
     def from_hf_dir(cls, hf_dir: str, *, dtype="float32", **kwargs) -> "JaxEngine":
         """Weights straight from a HF Qwen3 directory (config.json + safetensors), converted in
         memory with `tau2jax.weights.hf_read`'s validated reader; nothing is written."""
-        from tau2jax.weights.hf_read import load_hf_params
-
         params, cfg = load_hf_params(hf_dir, np.dtype(jnp.dtype(dtype)))
         return cls(params, cfg, **kwargs)
 
@@ -431,32 +429,46 @@ class JaxEngine:
     def update_weights(self, params, version: int | None = None) -> int:
         """Swaps in new weights (same tree and shapes; cast to the engine's dtypes, placed on its
         shardings, so nothing recompiles), empties the prefix cache and sets policy_version to
-        `version` (default: +1). The engine keeps its own copy: the caller may donate or delete
-        its arrays afterwards. A batch already running finishes on the old weights and reports
-        the old version. = `swap_weights(stage_weights(params), version)`."""
-        return self.swap_weights(jax.block_until_ready(self.stage_weights(params)), version)
+        `version` (default: +1) -> that version. The engine keeps its own copy: the caller may
+        donate or delete its arrays afterwards. A batch already running finishes on the old
+        weights and reports the old version. = `swap_weights(stage_weights(params), version)`."""
+        self.swap_weights(self.stage_weights(params), version)
+        return self.policy_version
+
+    def load_weights(self, path: str, version: int) -> None:
+        """The published HF checkpoint at `path` (`weight_sync.publish`), read and swapped in."""
+        self.update_weights(load_hf_params(path)[0], version)
+
+    def reload(self, version: int) -> None:
+        """Its weights live in this process: nothing can take them away."""
+        if version != self.policy_version:
+            raise ValueError(f"the built-in engine serves version {self.policy_version}, not {version}: push it")
+
+    @property
+    def synced_version(self) -> int:
+        return self.policy_version  # built from, or swapped to, the learner's params
 
     def stage_weights(self, params):
         """The engine's copy of `params`, cast and placed on the devices (no host round trip),
         dispatched asynchronously; the engine keeps serving its current weights meanwhile. Call
-        on the thread that owns `params` before it donates them; block on the result before
-        `swap_weights`, so the swap never makes a batch wait for the copy."""
+        on the thread that owns `params` before it donates them. Params sharded over several
+        processes are gathered whole to this host first (collective: every process calls it)."""
         return self._own(params, self._params)
 
-    def swap_weights(self, staged, version: int | None = None) -> int:
-        """The only pause: points the engine at `staged` (from `stage_weights`) under its lock,
-        empties the prefix cache, sets policy_version; the old buffers are freed when the last
-        batch on them ends (here at the latest: outside the lock, so freeing them is no pause).
-        `last_swap_s`: seconds the lock was held, the engine's pause."""
+    def swap_weights(self, staged, version: int | None = None) -> float:
+        """The only pause: waits (unlocked) until `staged` (from `stage_weights`) is on the devices,
+        then points the engine at it under its lock, empties the prefix cache, sets policy_version;
+        the old buffers are freed when the last batch on them ends (here at the latest: outside the
+        lock, so freeing them is no pause). -> seconds the lock was held, the engine's pause."""
+        jax.block_until_ready(staged)  # a batch never waits for the copy
         with self._lock:
             t = time.perf_counter()
             old, self._params = self._params, staged
             self._prefix.clear()
             self.policy_version = self.policy_version + 1 if version is None else int(version)
-            served = self.policy_version
-            self.last_swap_s = time.perf_counter() - t
+            pause = time.perf_counter() - t
         del old
-        return served
+        return pause
 
     def served_version(self) -> int:
         return self.policy_version
@@ -495,6 +507,8 @@ class JaxEngine:
         want = jax.tree.structure(self._shapes)
         if jax.tree.structure(params) != want:
             raise ValueError(f"params tree {jax.tree.structure(params)} does not match the model's {want}")
+        if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(params)):
+            params = host_params(params)  # a multi-process learner's shards: a whole copy on this host
 
         def place(path, x, sharding, ref, like):
             if tuple(x.shape) != ref.shape:

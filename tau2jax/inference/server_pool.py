@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tau2jax.inference.engine import GenerateResult, SamplingParams, per_prompt
 from tau2jax.inference.sglang_client import EngineUnavailableError, SGLangEngine
+from tau2jax.inference.weight_sync import ServedFromDisk
 
 DEAD_FOR_S = 30.0  # a server that failed is skipped this long, then tried again
 
@@ -27,14 +28,14 @@ def _weight(key: str, url: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{key}\0{url}".encode(), digest_size=8).digest(), "big")
 
 
-class ServerPool:
+class ServerPool(ServedFromDisk):
     kind = "sglang"
-    takes_published_weights = True
 
-    def __init__(self, servers: list[SGLangEngine], *, dead_for_s: float = DEAD_FOR_S):
+    def __init__(self, servers: list[SGLangEngine], *, dead_for_s: float = DEAD_FOR_S, publication=None):
         if len(servers) < 2:
             raise ValueError("a ServerPool needs at least two servers (use SGLangEngine for one)")
         self.servers = list(servers)
+        self.publication = publication
         self.dead_for_s = dead_for_s
         self._lock = threading.Lock()
         self._dead_until = {s.url: 0.0 for s in self.servers}
@@ -48,6 +49,11 @@ class ServerPool:
     @property
     def policy_version(self) -> int:
         return min(s.policy_version for s in self.servers)
+
+    @property
+    def synced_version(self) -> int | None:
+        versions = [s.synced_version for s in self.servers]
+        return None if None in versions else min(versions)
 
     def pick(self, affinity: str | None) -> SGLangEngine:
         """The server for a request: rendezvous hashing of `affinity` over the live servers (all of

@@ -46,6 +46,7 @@ import httpx
 
 from tau2jax.inference.engine import ContextLengthError, GenerateResult, SamplingParams, per_prompt
 from tau2jax.inference.sglang_rules import INPUT_MARGIN
+from tau2jax.inference.weight_sync import ServedFromDisk
 
 
 class EngineRequestError(ValueError):
@@ -101,14 +102,16 @@ def _finish(meta: dict) -> tuple[str, str | int | None]:
     return "abort", fr.get("message") or f"finish_reason {fr!r}"
 
 
-class SGLangEngine:
-    """`url`: the server; `policy_version`: the version it serves at start (see the module docstring)."""
+class SGLangEngine(ServedFromDisk):
+    """`url`: the server; `policy_version`: the version it serves at start (see the module docstring).
+    Weight pushes are published to `publication` (`weight_sync.ServedFromDisk`)."""
 
     kind = "sglang"
-    takes_published_weights = True  # update_weights takes a published HF checkpoint dir
+    synced_version: int | None = None  # until this client loads weights, the server's are its own
 
     def __init__(self, url: str, *, concurrency: int = 8, timeout_s: float = 300.0, max_retries: int = 3,
-                 backoff_s: float = 0.5, max_backoff_s: float = 10.0, policy_version: int = 0):
+                 backoff_s: float = 0.5, max_backoff_s: float = 10.0, policy_version: int = 0,
+                 publication=None):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.url = url.rstrip("/")
@@ -116,6 +119,7 @@ class SGLangEngine:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.policy_version = policy_version
+        self.publication = publication
         self._context_length: int | None = None
         self._context_known = False
         self._info_lock = threading.Lock()
@@ -200,7 +204,7 @@ class SGLangEngine:
                             {"model_path": str(path), "weight_version": str(version)})
         if not out.get("success"):
             raise EngineRequestError(f"{self.url} could not load {path}: {out.get('message')}")
-        self.policy_version = version
+        self.policy_version = self.synced_version = version
 
     def health(self) -> bool:
         """True when /health answers 200 within HEALTH_TIMEOUT_S (503 while starting, a timeout:

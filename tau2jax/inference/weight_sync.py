@@ -6,12 +6,13 @@
       LATEST             "4\\n": the newest complete version
 
 The learner pushes after a step through a `Pusher` (`push(...)`: the same, waiting until served):
-the params are snapshotted on the devices, then, on a background thread while the engine keeps
-serving, an engine in another process (SGLang, our server) gets what `publish` wrote (bf16 cast and
-HF transposes on the devices, streamed into the safetensors shards: `hf_write.write_hf`) and loads
-it; an in-process engine gets its own on-device copy and swaps a reference (`JaxEngine.swap_weights`).
-Only the load / swap pauses the engine. `sync_engine(engine, root, version)` points an engine at an
-already published version. `default_root`: /dev/shm for a server on this host, else the workdir.
+the engine snapshots the params on the devices (`Engine.stage_weights`), then, on a background
+thread while it keeps serving, takes them over (`Engine.swap_weights`): an engine in another process
+(SGLang, our server: `ServedFromDisk`) gets what its `Publication` wrote (bf16 cast and HF
+transposes on the devices, streamed into the safetensors shards: `hf_write.write_hf`) and loads it;
+the built-in engine swaps a reference to its own on-device copy. Only the load / swap pauses the
+engine. `sync_engine(engine, root, version)` points an engine at an already published version.
+`default_root`: /dev/shm for a server on this host, else the workdir.
 
 Crash safety: a version is written into a temp dir inside `root` (`version_N.tmp-*`), every file
 and the dir are fsynced, and only then renamed to `version_N`, so a final name always holds a
@@ -20,7 +21,8 @@ a crash at any point leaves the previous version intact and `LATEST` naming it. 
 a killed publisher are removed by the next `publish`.
 
 Multi-host: call `publish` (or `Pusher.push`) on every process (each parameter is gathered on the
-devices); only process 0 writes and tells the engine. Call `sync_engine` from one process.
+devices); only process 0 writes; every process then tells its own servers once LATEST names the
+version. Call `sync_engine` from one process.
 """
 
 from __future__ import annotations
@@ -153,13 +155,60 @@ def _local_hosts() -> set[str]:
 load_hf_params = hf_read.load_hf_params
 
 
-def sync_engine(engine, root: str, version: int | None = None) -> int:
-    """Loads published `version` (default: LATEST) into `engine` and returns it.
+class Publication:
+    """Where a server engine's pushes go: `stage` casts the learner's params to bf16 HF tensors on
+    the devices (the learner thread's part); `write` streams them into `root/version_N` and moves
+    LATEST (the background part). Process 0 writes; every other process waits until LATEST names
+    the version (its servers read the same shared root)."""
 
-    An HTTP engine (`SGLangEngine`) is asked to load the directory itself
-    (`update_weights_from_disk`); an in-process engine gets the params via `update_weights`.
-    Either way the engine's `policy_version` becomes `version`.
-    """
+    def __init__(self, cfg, root: str, *, keep: int = KEEP, extra_dir: str | None = None):
+        self.cfg, self.root, self.keep, self.extra_dir = cfg, os.path.abspath(root), keep, extra_dir
+
+    def stage(self, params) -> list:
+        return list(hf_write.device_tensors(params, self.cfg, "bfloat16"))
+
+    def write(self, staged, version: int) -> str:
+        path = publish_tensors(staged, self.cfg, self.root, version, keep=self.keep, extra_dir=self.extra_dir,
+                               barrier=False)  # a background thread runs no collectives
+        if jax.process_index() != 0:
+            _wait_published(self.root, version)
+        return path
+
+
+class ServedFromDisk:
+    """The weight half of the Engine protocol for engines in another process (SGLang, our server),
+    on their `update_weights(path, version)`: pushes go through `publication` (set by the factory)."""
+
+    publication: Publication | None = None
+    default_tis_cap = 2.0  # its kernels are not the learner's: token TIS corrects the gap (verl, slime)
+
+    def _target(self) -> Publication:
+        if self.publication is None:
+            raise RuntimeError(f"the {self.kind} engine has no publish directory for weight pushes "
+                               "(set engine.publication = weight_sync.Publication(...))")
+        return self.publication
+
+    def stage_weights(self, params) -> list:
+        return self._target().stage(params)
+
+    def swap_weights(self, staged, version: int) -> float:
+        path = self._target().write(staged, version)
+        del staged  # the device copy is no longer needed
+        t = time.perf_counter()
+        self.update_weights(path, version)  # the server drains and loads: its pause
+        return time.perf_counter() - t
+
+    def load_weights(self, path: str, version: int) -> None:
+        self.update_weights(path, version)
+
+    def reload(self, version: int) -> None:
+        self.load_weights(version_dir(self._target().root, version), version)
+
+
+def sync_engine(engine, root: str, version: int | None = None) -> int:
+    """Loads published `version` (default: LATEST) into `engine` and returns it
+    (`engine.load_weights`: a server reads the directory itself, an in-process engine is handed the
+    params). Either way the engine's `policy_version` becomes `version`."""
     if version is None:
         version = latest_version(root)
         if version is None:
@@ -167,40 +216,36 @@ def sync_engine(engine, root: str, version: int | None = None) -> int:
     path = version_dir(root, version)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"version {version} is not published under {root} (have {published_versions(root)})")
-    engine.update_weights(path if engine.takes_published_weights else load_hf_params(path)[0], version)
+    engine.load_weights(path, version)
     return version
 
 
-def push(engine, params, cfg, root: str, version: int, *, keep: int = KEEP) -> dict:
+def push(engine, params, version: int) -> dict:
     """The learner's `params` into `engine` as policy `version`, waiting until it serves them ->
     {"version", "publish_s", "pause_s"} (see `Pusher`)."""
-    pusher = Pusher(engine, cfg, root, keep=keep)
+    pusher = Pusher(engine)
     pusher.push(params, version)
     return pusher.wait()
 
 
 class Pusher:
-    """Weight pushes off the learner's critical path: `push(params, v)` snapshots the params on the
-    devices (cast to bf16 in HF layout for a published engine, the engine's own copy for an
-    in-process one: dispatch only, on the learner thread, before the next step donates them) and
-    returns; a background thread then publishes them (device -> safetensors under `root`) while the
-    engine keeps serving v - 1 and rollouts go on, and only then swaps them in (SGLang:
-    `update_weights_from_disk`; the built-in engine: a reference swap under its lock). The learner
-    waits only when it pushes again before the previous push is done.
+    """Weight pushes off the learner's critical path: `push(params, v)` has the engine snapshot the
+    params (`engine.stage_weights`: dispatch only, on the learner thread, before the next step
+    donates them) and returns; a background thread then hands the snapshot over
+    (`engine.swap_weights`: a server's publish to disk and load, the built-in engine's reference
+    swap) while the engine keeps serving v - 1 and rollouts go on. The learner waits only when it
+    pushes again before the previous push is done.
 
     `push` -> {"wait_s": seconds this call blocked the learner} plus the last finished push's
     {"version", "publish_s", "pause_s"} (the engine's pause; publish = seconds the engine kept
-    serving while the next version was written). `on_swap(v)` runs on the background thread once
-    the engine serves v; `on_error()` there when a push failed: the learner's next `push`/`wait`
-    raises it. Multi-process: every process calls `push` (the snapshot gathers on the devices);
-    process 0 writes; every process then tells its own engine (its share of the servers) once
-    LATEST names the version (no collective on the background thread). Device memory: one bf16
-    model copy while a push runs.
+    serving while the next version was handed over). `on_swap(v)` runs on the background thread
+    once the engine serves v; `on_error()` there when a push failed: the learner's next
+    `push`/`wait` raises it. Multi-process: every process calls `push` (the snapshot gathers on
+    the devices). Device memory: one model copy while a push runs.
     """
 
-    def __init__(self, engine, cfg, root: str, *, keep: int = KEEP, extra_dir: str | None = None,
-                 on_swap=None, on_error=None):
-        self.engine, self.cfg, self.root, self.keep, self.extra_dir = engine, cfg, root, keep, extra_dir
+    def __init__(self, engine, *, on_swap=None, on_error=None):
+        self.engine = engine
         self._on_swap, self._on_error = on_swap, on_error
         self._thread: threading.Thread | None = None
         self._error: tuple[int, BaseException] | None = None
@@ -209,10 +254,7 @@ class Pusher:
     def push(self, params, version: int) -> dict:
         t = time.perf_counter()
         last = self.wait()
-        if self.engine.takes_published_weights:
-            staged = list(hf_write.device_tensors(params, self.cfg, "bfloat16"))
-        else:
-            staged = self.engine.stage_weights(params)
+        staged = self.engine.stage_weights(params)
         self._thread = threading.Thread(target=self._run, args=(staged, version), name=f"push-{version}",
                                         daemon=True)
         self._thread.start()
@@ -236,21 +278,9 @@ class Pusher:
     def _run(self, staged, version: int) -> None:
         try:
             t0 = time.perf_counter()
-            if self.engine.takes_published_weights:
-                path = publish_tensors(staged, self.cfg, self.root, version, keep=self.keep,
-                                       extra_dir=self.extra_dir, barrier=False)
-                del staged  # the device copy is no longer needed
-                if jax.process_index() != 0:  # process 0 writes; its LATEST says when the version is whole
-                    _wait_published(self.root, version)
-                t1 = time.perf_counter()
-                self.engine.update_weights(path, version)  # the server drains and loads: its pause
-                pause = time.perf_counter() - t1
-            else:
-                jax.block_until_ready(staged)
-                t1 = time.perf_counter()
-                self.engine.swap_weights(staged, version)
-                pause = self.engine.last_swap_s  # its lock held; dropping the old copy after is no pause
-            self._last = {"version": version, "publish_s": t1 - t0, "pause_s": pause}
+            pause = self.engine.swap_weights(staged, version)
+            del staged
+            self._last = {"version": version, "publish_s": time.perf_counter() - t0 - pause, "pause_s": pause}
             if self._on_swap is not None:
                 self._on_swap(version)
         except BaseException as e:  # noqa: BLE001  (re-raised on the learner thread by wait())

@@ -19,6 +19,8 @@ import json
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 TIMEOUT_VAR = "TAU2JAX_GATHER_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 3600
@@ -64,3 +66,8 @@ def allgather(name: str, value, timeout: int | None = None) -> list:
         client.key_value_delete(key)
     _mine[:] = [*keys, f"{base}/{me}/n"]
     return out
+
+
+def host_params(params):
+    """A whole host copy of (possibly sharded, multi-process) params, on every process (collective)."""
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)

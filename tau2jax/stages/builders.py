@@ -132,6 +132,35 @@ def sglang_engine(config, *, per_process: bool = False):
     return engine
 
 
+def policy_servers(config) -> list[str]:
+    """The policy servers a config's engine talks to (none for an engine in this process)."""
+    return config_lib.csv(config.engine.url) if config.engine.kind == "sglang" else []
+
+
+def publish_root(config) -> str:
+    """Where GRPO publishes its pushes to the policy servers (`weight_sync.default_root`)."""
+    from tau2jax.inference import weight_sync
+
+    return weight_sync.default_root(config.workdir, policy_servers(config), config.rl.weights_dir)
+
+
+# What decides the weights an engine serves, per kind (resume checks: `stages/resume.run_settings`).
+ENGINE_SETTINGS = {"builtin": ("engine.checkpoint", "engine.max_seq_len", "engine.dtype"),
+                   "sglang": ("engine.url",), "gold": ()}  # fmt: skip
+
+
+def engine_settings(config) -> dict:
+    """{field: value}: the engine kind and its ENGINE_SETTINGS; the built-in engine's dtype resolved
+    ("auto" is another dtype on another platform)."""
+    fields = ("engine.kind", *ENGINE_SETTINGS.get(config.engine.kind, ()))
+    out = {f: config.engine[f.split(".", 1)[1]] for f in fields}
+    if config.engine.kind == "builtin":
+        from tau2jax.inference.jax_engine import engine_dtype
+
+        out["engine.dtype"] = engine_dtype(config.engine.dtype).name
+    return out
+
+
 # engine.kind -> the builder of one engine shared by every episode (thread-safe)
 SHARED_ENGINES = {"builtin": builtin_engine, "sglang": sglang_engine}
 
@@ -156,9 +185,9 @@ def engine_factory(config, chat, style):
 
 def rollout_engine(config, model_cfg, params, tok, version: int):
     """GRPO's engine holding `params` as policy `version`: the built-in engine in this process
-    (weights pushed as device arrays; with several processes `params` are host arrays, the engine
-    on this process's first device), or SGLang over HTTP (weights published to disk; this
-    process's share of the servers)."""
+    (weights pushed as device arrays; with several processes it gathers a whole copy onto this
+    process's first device), or SGLang over HTTP (this process's share of the servers; weights
+    published under `rl.weights_dir`, `weight_sync.default_root`)."""
     if config.engine.kind == "builtin":
         import jax
 
@@ -170,7 +199,11 @@ def rollout_engine(config, model_cfg, params, tok, version: int):
                          compute_dtype=dtype, prefix_cache_tokens=config.engine.prefix_cache_tokens,
                          policy_version=version, seed=config.seed)
     if config.engine.kind == "sglang":
-        return sglang_engine(config, per_process=True)
+        from tau2jax.inference import weight_sync
+
+        engine = sglang_engine(config, per_process=True)
+        engine.publication = weight_sync.Publication(model_cfg, publish_root(config), keep=config.rl.weights_keep)
+        return engine
     raise config_lib.ConfigError(f"config.engine.kind={config.engine.kind!r}: GRPO needs builtin or sglang")
 
 

@@ -11,9 +11,9 @@ step's episodes run while the learner trains. The learner takes step s's whole g
 with more tasks under dynamic sampling), checks each sample's staleness (`rl.staleness`: over the
 bound -> dropped, or kept under token TIS with rl.stale_policy="correct"), turns rewards into group
 advantages (`rl.advantages`), packs the trajectories' own tokens (`rl.batch`), takes one optimizer
-step (`rl.grpo_step`) and pushes the weights every `rl.sync_every` steps (`inference.weight_sync.Pusher`: the
-publish runs on a background thread while rollouts go on; the learner waits only if the previous push
-is unfinished; the engine pauses only for the swap). Episodes in flight across a push continue on the new weights; their
+step (`rl.grpo_step`) and pushes the weights every `rl.sync_every` steps (`rl.policy_sync.PolicySync`: the
+engine takes them over on a background thread while rollouts go on; the learner waits only if the
+previous push is unfinished; the engine pauses only for the swap). Episodes in flight across a push continue on the new weights; their
 turns carry the version that sampled them. Every episode gets a ledger line
 (`{workdir}/rollouts/ledger.jsonl`: trained, dropped with a reason, or re-queued) and its full record
 in `{workdir}/rollouts/step_N.jsonl`. Metrics per step: rollout tokens/s and episodes/s, learner
@@ -48,7 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tau2jax import config as config_lib
-from tau2jax.inference import weight_sync
+from tau2jax.eval import floor
 from tau2jax.inference.engine import SamplingParams
 from tau2jax.learn.checkpoint import Checkpointer, abstract_like
 from tau2jax.learn.export import export_params
@@ -64,9 +64,11 @@ from tau2jax.rl import rollout_metrics, staleness
 from tau2jax.rl.batch import BatchConfig, build_batch
 from tau2jax.rl.grpo_step import jit_grpo_step, make_grpo_step, micro_batched_grpo_step
 from tau2jax.rl.losses import PolicyLossConfig
+from tau2jax.rl.policy_sync import PolicySync
 from tau2jax.rl.process_share import ProcessShare
 from tau2jax.rl.rollout_workers import RolloutWorkers
 from tau2jax.stages import builders
+from tau2jax.weights.orbax_params import restore_params
 
 SUMMARY_WINDOW = 3  # first_reward / final_reward: mean over this many steps at each end
 
@@ -76,16 +78,15 @@ def null_solvable_tasks(config, env) -> set[str] | None:
     share of successes on them tells learning from a policy collapsing to refusals."""
     if config.rl.env != "tau2" or not config.eval.floor:
         return None
-    from tau2jax.eval import floor
-
     tasks = [(ref.domain, ref.task) for ref in env.tasks()]
     passes = floor.outcomes(tasks, chat=env.chat, style=env.style, cache_dir=config.eval.floor_cache_dir)
     return {f"{d}/{t}" for (d, t), ok in passes.items() if ok}
 
 
-def loss_config(config) -> PolicyLossConfig:
+def loss_config(config, engine) -> PolicyLossConfig:
+    """rl.tis_cap -1: the engine's default (token TIS against an engine whose numerics differ)."""
     rl = config.rl
-    cap = rl.tis_cap if rl.tis_cap >= 0 else staleness.DEFAULT_TIS_CAP if config.engine.kind == "sglang" else 0.0
+    cap = rl.tis_cap if rl.tis_cap >= 0 else engine.default_tis_cap
     geo = (rl.geo_mask_low, rl.geo_mask_high) if rl.geo_mask_high > 0 else None
     return PolicyLossConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, dual_clip=rl.dual_clip,
                             ratio_level=rl.ratio_level, agg_mode=rl.agg_mode, norm_len=rl.max_len,
@@ -108,141 +109,145 @@ def check_processes(config) -> None:
             "or launch a process count that divides it")
 
 
-def host_params(params):
-    """A whole host copy of (possibly sharded, multi-process) params, on every process."""
-    from jax.experimental import multihost_utils
+class Learner:
+    """The learner's static pieces: optimizer, shardings, batch packing, and `put` (this process's
+    rows -> global arrays, every process's rows in process order)."""
 
-    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)
+    def __init__(self, config, model_cfg, mesh):
+        rl, nproc = config.rl, jax.process_count()
+        self.tx, self.schedule = make_optimizer(config.optim, rl.steps)
+        self.p_shard = qwen3.param_shardings(model_cfg, mesh)
+        self.abstract_params = make_abstract_params(model_cfg, config.model.param_dtype)
+        self.shardings = state_shardings(self.tx, self.abstract_params, self.p_shard, mesh)
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        if dp % nproc:
+            raise config_lib.ConfigError(f"config.mesh: the data-parallel size {dp} does not divide over {nproc} "
+                                         "processes; each process feeds its own rows (use mesh.data=-1)")
+        # rows per process: a multiple of its data-parallel share (dp // nproc) times the micro-batch
+        # (rl.micro_batch_rows rows, or optim.grad_accum micro-batches)
+        self.micro = dp // nproc * (rl.micro_batch_rows or config.optim.grad_accum)
+        self.batch_cfg = BatchConfig(max_len=rl.max_len, overlong=rl.overlong, keep_length_cut=rl.keep_length_cut,
+                                     malformed_turns=rl.malformed_turns, row_multiple=self.micro)
+
+    def put(self, local):
+        if jax.process_count() == 1:
+            return jax.device_put(local, self.batch_sharding)
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in local.items()}
+
+    def step_fn(self, config, model_cfg, engine, with_ref: bool):
+        """-> (step(state, batch, ref) -> (state, metrics), compiles() -> executables compiled)."""
+        ref_shardings = self.p_shard if with_ref else None
+        kw = dict(compute_dtype=jnp.dtype(config.model.compute_dtype), remat=config.model.remat,
+                  loss_chunk=config.train.loss_chunk, vocab_chunk=config.rl.vocab_chunk,
+                  attn_chunk=config.model.attn_chunk, attn_impl=config.model.attn_impl,
+                  attn_max_segments=config.model.attn_max_segments)
+        loss = loss_config(config, engine)
+        if config.rl.micro_batch_rows:  # fixed-shape micro-batches: compiled once, whatever a step's row count
+            fn = micro_batched_grpo_step(model_cfg, self.tx, self.schedule, loss, self.shardings, self.batch_sharding,
+                                         ref_shardings, micro_batch_rows=self.micro, put=self.put, **kw)
+            return fn, fn.compiles
+        jitted = jit_grpo_step(make_grpo_step(model_cfg, self.tx, self.schedule, loss,
+                                              grad_accum=config.optim.grad_accum, **kw),
+                               self.shardings, self.batch_sharding, ref_shardings)
+        return (lambda st, b, ref: jitted(st, self.put(b), ref)), jitted._cache_size  # one per row bucket
+
+
+def restore_or_init(config, learner: Learner, ckpt: Checkpointer, model_cfg, mesh):
+    """-> (start step, train state, loop state, KL reference params or None)."""
+    start = ckpt.latest_step() or 0
+    init_params = builders.initial_params(config, model_cfg, mesh, learner.p_shard)
+    if start:
+        abstract = jax.eval_shape(lambda p: create_state(p, learner.tx, learner.shardings, config.seed),
+                                  learner.abstract_params)
+        state, meta = ckpt.restore(start, abstract_like(abstract, learner.shardings)), ckpt.restore_meta(start)
+    else:
+        state = create_state(init_params, learner.tx, learner.shardings, config.seed)
+        meta = {"cursor": 0, "requeue": [], "tracker": None, "rewards": [], "episodes": 0}
+    ref = None
+    if config.rl.kl_coef:  # rl.reference, else the initial weights (model.init_from or the seeded init), frozen
+        ref = restore_params(config.rl.reference, mesh=mesh)[0] if config.rl.reference else init_params
+    return start, state, meta, ref
+
+
+def learner_step(config, step_fn, state, batch, ref_params, step: int, ckpt: Checkpointer):
+    """One optimizer step on `batch` -> (state, metrics, learner tokens); a batch of nothing
+    trainable leaves the optimizer where it is (the step still counts)."""
+    if batch is None:
+        return state.replace(step=state.step + 1), {}, 0
+    if config.model.attn_impl == "cudnn":
+        try:
+            qwen3.check_segments(batch["segment_ids"], config.model.attn_max_segments)
+        except ValueError as e:
+            raise config_lib.ConfigError(f"config.{e}") from None
+    state, metrics = step_fn(state, batch, ref_params)
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not math.isfinite(m["loss"]):
+        raise FloatingPointError(f"non-finite GRPO loss at step {step + 1}; the last good checkpoint is step "
+                                 f"{ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or check the rewards.")
+    return state, m, int((batch["segment_ids"] > 0).sum())
+
+
+def summed_counters(step: int, bstats, workers, queue_depth: int, learner_tokens: int) -> dict:
+    """Counters of every process, summed: rows and tokens packed, episodes and tokens sampled."""
+    local = {"batch_" + k: v for k, v in vars(bstats).items()} | workers.throughput()
+    local |= {"queue_depth": queue_depth, "learner_tokens": learner_tokens}
+    return {k: sum(p[k] for p in host_gather.allgather(f"counts_{step}", local)) for k in local}
+
+
+class RolloutLog:
+    """Process 0's record of every episode: `rollouts/ledger.jsonl` (trained, dropped with a reason,
+    or re-queued) and `rollouts/step_N.jsonl` (full trajectories, failed attempts included)."""
+
+    def __init__(self, workdir: str, start: int, is_main: bool):
+        self.dir, self.is_main = os.path.join(workdir, "rollouts"), is_main
+        os.makedirs(self.dir, exist_ok=True)
+        self.ledger = os.path.join(self.dir, "ledger.jsonl")
+        if is_main:  # lines of steps past the checkpoint go: their groups are replayed
+            group_lib.truncate_ledger(self.ledger, start)
+
+    def write(self, step: int, ledger: list[dict], groups) -> None:
+        if not self.is_main:
+            return
+        with open(self.ledger, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in ledger)
+        with open(os.path.join(self.dir, f"step_{step}.jsonl"), "w") as f:
+            f.writelines(t.to_json() + "\n" for g in groups for t in [*g.trajectories, *g.failed_attempts])
 
 
 # ----------------------------------------------------------------------------- the stage
 
 def run(config) -> dict:
-    rl = config.rl
-    nproc, is_main = jax.process_count(), jax.process_index() == 0
-    t_start = time.perf_counter()
+    rl, is_main, t_start = config.rl, jax.process_index() == 0, time.perf_counter()
     check_processes(config)
-    # --- setup
+    # --- setup: environment, mesh, the learner's pieces
     env, tokenizer, model_cfg = builders.rl_environment(config)
-    null_solvable = null_solvable_tasks(config, env)
-    tasks = env.tasks()
+    null_solvable, tasks = null_solvable_tasks(config, env), env.tasks()
     mesh = builders.mesh(config)
-    compute_dtype = jnp.dtype(config.model.compute_dtype)
-    tx, schedule = make_optimizer(config.optim, rl.steps)
-    p_shard = qwen3.param_shardings(model_cfg, mesh)
-    abstract_params = make_abstract_params(model_cfg, config.model.param_dtype)
-    shardings = state_shardings(tx, abstract_params, p_shard, mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if dp % nproc:
-        raise config_lib.ConfigError(f"config.mesh: the data-parallel size {dp} does not divide over {nproc} "
-                                     "processes; each process feeds its own rows (use mesh.data=-1)")
-    local_dp = dp // nproc  # this process's rows go to its devices' share of the data axes
-    # rows per process: a multiple of its data-parallel share times the micro-batch
-    # (rl.micro_batch_rows rows, or optim.grad_accum micro-batches)
-    micro = local_dp * (rl.micro_batch_rows or config.optim.grad_accum)
-    batch_cfg = BatchConfig(max_len=rl.max_len, overlong=rl.overlong, keep_length_cut=rl.keep_length_cut,
-                            malformed_turns=rl.malformed_turns, row_multiple=micro)
+    learner = Learner(config, model_cfg, mesh)
 
     # --- state: the last checkpoint, else the initial (SFT) weights
     ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"), save_every=config.train.checkpoint_every,
                         keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint)
-    start = ckpt.latest_step() or 0
-    init_params = builders.initial_params(config, model_cfg, mesh, p_shard)
-    if start:
-        abstract_state = jax.eval_shape(lambda p: create_state(p, tx, shardings, config.seed), abstract_params)
-        state = ckpt.restore(start, abstract_like(abstract_state, shardings))
-        meta = ckpt.restore_meta(start)
-    else:
-        state = create_state(init_params, tx, shardings, config.seed)
-        meta = {"cursor": 0, "requeue": [], "tracker": None, "rewards": [], "episodes": 0}
-    ref_params = None
-    if rl.kl_coef:
-        if rl.reference:
-            from tau2jax.weights.orbax_params import restore_params
-
-            ref_params, _ = restore_params(rl.reference, mesh=mesh)
-        else:  # the initial weights (model.init_from, or the seeded random init), frozen
-            ref_params = init_params
-    else:
-        del init_params
+    start, state, meta, ref_params = restore_or_init(config, learner, ckpt, model_cfg, mesh)
     tracker = adv_lib.CurriculumTracker() if rl.curriculum else None
     if tracker is not None and meta["tracker"]:
         tracker.load_state_dict(meta["tracker"])
 
-    forward_kw = dict(compute_dtype=compute_dtype, remat=config.model.remat, loss_chunk=config.train.loss_chunk,
-                      vocab_chunk=rl.vocab_chunk, attn_chunk=config.model.attn_chunk,
-                      attn_impl=config.model.attn_impl, attn_max_segments=config.model.attn_max_segments)
-    ref_shardings = p_shard if ref_params is not None else None
-
-    def put(local):  # this process's rows -> global arrays (every process's rows, in process order)
-        if nproc == 1:
-            return jax.device_put(local, batch_sharding)
-        return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
-
-    if rl.micro_batch_rows:  # fixed-shape micro-batches: compiled once, whatever a step's row count
-        step_fn = micro_batched_grpo_step(model_cfg, tx, schedule, loss_config(config), shardings, batch_sharding,
-                                          ref_shardings, micro_batch_rows=micro, put=put, **forward_kw)
-        learner_compiles = step_fn.compiles
-    else:  # one executable per row bucket
-        jitted = jit_grpo_step(make_grpo_step(model_cfg, tx, schedule, loss_config(config),
-                                              grad_accum=config.optim.grad_accum, **forward_kw),
-                               shardings, batch_sharding, ref_shardings)
-        step_fn = lambda st, b, ref: jitted(st, put(b), ref)  # noqa: E731
-        learner_compiles = jitted._cache_size
-
-    # --- rollouts: the engine at the state's version, workers producing whole groups
-    # every process rolls out its share of the groups, on its own engine: an in-process engine holds
-    # a whole copy of the (possibly sharded) params
-    local_copy = (lambda p: p) if nproc == 1 or config.engine.kind != "builtin" else host_params
-    engine = builders.rollout_engine(config, model_cfg, local_copy(state.params), tokenizer, version=start)
-    urls = config_lib.csv(config.engine.url) if engine.takes_published_weights else []
-    weights_root = weight_sync.default_root(config.workdir, urls, rl.weights_dir)
-    synced = {"version": start, "resyncs": 0}
-
-    def swapped(version):  # push thread: the engine serves `version` now
-        synced["version"] = version
-        workers.set_version(version)
-
-    # publishes in the background while rollouts go on; a failure wakes the learner (resync raises it)
-    pusher = weight_sync.Pusher(engine, model_cfg, weights_root, keep=rl.weights_keep, on_swap=swapped,
-                                on_error=lambda: workers.request_resync())
-
-    def push(version):  # the learner's current params as `version` (every process calls it)
-        return pusher.push(local_copy(state.params), version)
-
-    def push_now(version):  # ... served when this returns
-        push(version)
-        pusher.wait()
-
-    def lost_weights(traj) -> bool:  # worker thread, after an infrastructure failure
-        v = engine.served_version()  # below the last completed sync: restarted (mid-sync it is old or new)
-        return v is not None and v < synced["version"]
-
-    def resync():  # learner thread: the engine restarted without our weights (or a push failed)
-        pusher.wait()  # raises a background push's error
-        if nproc == 1:
-            push_now(int(state.step))
-        else:  # one process's servers: reload the version every process published (a push is collective)
-            weight_sync.sync_engine(engine, weights_root, synced["version"])
-            workers.set_version(synced["version"])
-        synced["resyncs"] += 1
-
+    # --- rollouts: the engine at the state's version, workers producing whole groups (every process
+    # plays its share of the groups on its own engine: `rl.process_share`)
+    engine = builders.rollout_engine(config, model_cfg, state.params, tokenizer, version=start)
+    step_fn, learner_compiles = learner.step_fn(config, model_cfg, engine, ref_params is not None)
+    sync = PolicySync(engine, start)
     sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
                               max_new_tokens=config.engine.max_new_tokens)
     workers = RolloutWorkers(env, engine=engine, sampling=sampling, samples=rl.samples_per_task, seed=config.seed,
                              concurrency=rl.concurrency, max_infra_retries=rl.max_infra_retries,
-                             max_staleness=rl.max_staleness, version=start, lost_weights=lost_weights)
-    share = ProcessShare(workers)  # this process plays its share of the groups, and sees them all
-    if engine.takes_published_weights:  # the server starts from other weights
-        push_now(start)
-
-    rollouts_dir = os.path.join(config.workdir, "rollouts")
-    os.makedirs(rollouts_dir, exist_ok=True)
-    ledger_path = os.path.join(rollouts_dir, "ledger.jsonl")
-    if is_main:  # process 0 writes the ledger, the rollout dumps and the metrics
-        group_lib.truncate_ledger(ledger_path, start)
-    writer = MetricWriter(config.workdir)
+                             max_staleness=rl.max_staleness, version=start, lost_weights=sync.lost)
+    sync.listen(workers)
+    share = ProcessShare(workers)
+    sync.start(state.params, start)  # a server that starts from other weights gets ours
+    log, writer = RolloutLog(config.workdir, start, is_main), MetricWriter(config.workdir)
     bar = tqdm(total=rl.steps, initial=start, desc="grpo", disable=not is_main, dynamic_ncols=True)
     planned, max_seen, busy = start, 0, []
     t_prev = t_first = time.perf_counter()
@@ -254,66 +259,45 @@ def run(config) -> dict:
                 # prompts for this step and up to max_staleness steps ahead (the workers gate them)
                 while planned < min(step + rl.max_staleness + 1, rl.steps):
                     share.submit(group_lib.plan_jobs(tasks, meta, target=planned, round_=0, n=rl.tasks_per_step,
-                                             seed=config.seed))
+                                                     seed=config.seed))
                     planned += 1
-                queue_depth = workers.ready_groups()
-                t0 = time.perf_counter()
-                groups, rounds = group_lib.gather(share, tasks, meta, rl, step=step, seed=config.seed, resync=resync)
+                queue_depth, t0 = workers.ready_groups(), time.perf_counter()
+                groups, rounds = group_lib.gather(share, tasks, meta, rl, step=step, seed=config.seed,
+                                                  resync=lambda: sync.resync(state.params, int(state.step)))
                 m = {"rollout_wait_s": time.perf_counter() - t0}
                 items, ledger, counts, ages = group_lib.assemble(groups, rl, tracker, step=step + 1, learner_version=step)
                 max_seen = max([max_seen, *ages])
                 trajs = [t for g in groups if g.complete for t in g.trajectories]
                 m |= rollout_metrics.episode_metrics(trajs, null_solvable) | counts | staleness.histogram(ages)
                 m |= {"refill_rounds": rounds, "staleness_max": max(ages, default=0)}
-                # this process packs the rows of its own groups; every process pads to the same count
+
+                # --- learner: this process packs its own groups' rows; every process pads to one count
                 mine = [it for it in items if share.own(groups[it[2]].group_id)]
-                agree = (lambda n: max(host_gather.allgather(f"rows_{step}", n))) if nproc > 1 else None
-                batch, bstats = build_batch(mine, batch_cfg, agree)
+                agree = (lambda n: max(host_gather.allgather(f"rows_{step}", n))) if jax.process_count() > 1 else None
+                batch, bstats = build_batch(mine, learner.batch_cfg, agree)
                 t1 = time.perf_counter()
+                state, learned, learner_tokens = learner_step(config, step_fn, state, batch, ref_params, step, ckpt)
+                m |= learned | {"learner_s": time.perf_counter() - t1}
+                m |= summed_counters(step, bstats, workers, queue_depth, learner_tokens)
                 if batch is not None:
-                    if config.model.attn_impl == "cudnn":
-                        try:
-                            qwen3.check_segments(batch["segment_ids"], config.model.attn_max_segments)
-                        except ValueError as e:
-                            raise config_lib.ConfigError(f"config.{e}") from None
-                    state, learner = step_fn(state, batch, ref_params)
-                    learner = jax.device_get(learner)
-                    m |= {k: float(v) for k, v in learner.items()}
-                    learner_tokens = int((batch["segment_ids"] > 0).sum())
-                    if not math.isfinite(m["loss"]):
-                        raise FloatingPointError(
-                            f"non-finite GRPO loss at step {step + 1}; the last good checkpoint is step "
-                            f"{ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or check the rewards.")
-                else:
-                    # nothing trainable: the optimizer does not move, the step still counts
-                    state = state.replace(step=state.step + 1)
-                    learner_tokens = 0
-                m["learner_s"] = time.perf_counter() - t1
-                # counters of every process, summed: rows and tokens packed, episodes and tokens sampled
-                local = {"batch_" + k: v for k, v in vars(bstats).items()} | workers.throughput()
-                local |= {"queue_depth": queue_depth, "learner_tokens": learner_tokens}
-                summed = {k: sum(p[k] for p in host_gather.allgather(f"counts_{step}", local)) for k in local}
-                learner_tokens = summed.pop("learner_tokens")
-                m |= summed
-                if batch is not None:
-                    m["tokens_per_s"] = learner_tokens / m["learner_s"]
+                    m["tokens_per_s"] = m["learner_tokens"] / m["learner_s"]
+                del m["learner_tokens"]
+
+                # --- weights: push every rl.sync_every steps (wait: the learner blocked on the previous
+                # push; publish / pause: that push's, handed over while this step ran)
                 if (step + 1) % rl.sync_every == 0 or step + 1 == rl.steps:
-                    # wait: the learner blocked on the previous push; publish/pause: that push's
-                    # (published while this step ran; the engine paused only for its swap)
-                    sync = push(step + 1)
-                    m |= {f"weight_sync_{k}": v for k, v in sync.items()}
-                    if "version" in sync:  # every process's engines serve that finished push (summed)
+                    pushed = sync.push(state.params, step + 1)
+                    m |= {f"weight_sync_{k}": v for k, v in pushed.items()}
+                    if "version" in pushed:  # every process's engines serve that finished push (summed)
                         m["engines_behind"] = sum(host_gather.allgather(
-                            f"served_{step}", int((engine.served_version() or 0) < sync["version"])))
-                m["engine_resyncs"] = synced["resyncs"]
+                            f"served_{step}", sync.engines_behind(pushed["version"])))
+                m["engine_resyncs"] = sync.resyncs
+
+                # --- records and checkpoint
                 meta["rewards"].append(m.get("reward_mean", 0.0))
                 meta["episodes"] += len(trajs)
                 meta["tracker"] = tracker.state_dict() if tracker is not None else None
-                if is_main:
-                    with open(ledger_path, "a") as f:
-                        f.writelines(json.dumps(r) + "\n" for r in ledger)
-                    with open(os.path.join(rollouts_dir, f"step_{step + 1}.jsonl"), "w") as f:
-                        f.writelines(t.to_json() + "\n" for g in groups for t in [*g.trajectories, *g.failed_attempts])
+                log.write(step + 1, ledger, groups)
                 now = time.perf_counter()
                 m["step_s"], t_prev = now - t_prev, now
                 m["learner_busy_frac"] = m["learner_s"] / m["step_s"]
@@ -325,16 +309,17 @@ def run(config) -> dict:
                 bar.update(1)
                 ckpt.save(step + 1, state, meta=group_lib.checkpoint_meta(meta, share.in_flight_keys()),
                           force=step + 1 == rl.steps)
-        last_push = pusher.wait()  # the final version served (and any error raised) before teardown
+        last_push = sync.wait()  # the final version served (and any error raised) before teardown
     finally:
-        workers.close()
-        bar.close()
-        ckpt.close()
-        writer.close()
-        engine.close()
-    steady = t_prev - t_first  # the timed steps, not the teardown above
+        for close in (workers.close, bar.close, ckpt.close, writer.close, engine.close):
+            close()
     params_dir = export_params(config.workdir, state.params, model_cfg, rl.steps, builders.hf_extra_dir(config))
-    hist = meta["rewards"]
+    return summary(config, meta, start, params_dir, max_seen, busy, t_prev - t_first, sync, last_push,
+                   learner_compiles(), t_start)
+
+
+def summary(config, meta, start, params_dir, max_seen, busy, steady, sync, last_push, compiles, t_start) -> dict:
+    rl, hist = config.rl, meta["rewards"]
     w = min(SUMMARY_WINDOW, max(1, len(hist) // 2))
     return {
         "stage": "grpo", "env": rl.env, "steps": rl.steps, "resumed_from": start,
@@ -343,9 +328,9 @@ def run(config) -> dict:
         "episodes": meta["episodes"], "params": params_dir, "max_staleness": rl.max_staleness,
         "max_staleness_seen": max_seen,
         "learner_busy_frac": float(np.mean(busy[1:])) if len(busy) > 1 else None,
-        "steady_s": round(steady, 3), "engine_resyncs": synced["resyncs"], "last_weight_sync": last_push,
+        "steady_s": round(steady, 3), "engine_resyncs": sync.resyncs, "last_weight_sync": last_push,
         # learner executables compiled this run: one per power-of-two row bucket met, or with
         # rl.micro_batch_rows at most three (first micro-batch, the others, the update)
-        "learner_compiles": learner_compiles(),
+        "learner_compiles": compiles,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }  # fmt: skip

@@ -27,10 +27,10 @@ reuses it without running it, and refuses (ConfigError naming the fields) if the
 for that step now differs. An unfinished step runs again and resumes by its own rules (SFT and
 GRPO checkpoints, eval and RFT records).
 
-Engines: the built-in engine loads each step's params from disk (`engine.checkpoint`). With
-`engine.kind=sglang` the policy server is re-pointed before an eval or RFT step that reads other
-params than the server was last given in this run: they are published (`inference.weight_sync`,
-under `{workdir}/served/`) and loaded with `update_weights_from_disk`, as the version of the step
+Engines: the built-in engine loads each step's params from disk (`engine.checkpoint`). Against
+policy servers (SGLang: `builders.policy_servers`) the server is re-pointed before an eval or RFT
+step that reads other params than the server was last given in this run: they are published
+(`inference.weight_sync`, under `{workdir}/served/`) and loaded with `update_weights_from_disk`, as the version of the step
 that produced them (0: the start weights), so the same weights always carry the same version and
 a resumed eval or RFT step sees the version it recorded. GRPO pushes its own weights every step.
 """
@@ -46,6 +46,7 @@ import ml_collections
 
 from tau2jax import config as config_lib
 from tau2jax.eval import pipeline_report
+from tau2jax.stages import builders
 from tau2jax.stages.resume import write_atomic
 
 # (step, stage it runs, pipeline.<kind> overrides it takes)
@@ -64,6 +65,8 @@ STEPS = (
 EVALS = {"eval_base": ("base", None), "eval_sft": ("sft", "sft"), "eval_rft": ("rft", "sft_rft"),
          "eval_grpo": ("grpo", "grpo")}
 DONE = "pipeline_step.json"
+# The demos step plays the gold agent, whatever engine the pipeline's policy runs on.
+DEMOS_ENGINE = ml_collections.ConfigDict({"engine": {"kind": "gold"}})
 # Stages process 0 runs alone in a multi-process run (no collective in them); the learner stages
 # (sft, grpo) run on every process.
 MAIN_ONLY = ("demos", "eval", "rft")
@@ -112,7 +115,7 @@ def step_config(config, step: str, inputs: dict) -> ml_collections.ConfigDict:
         if config.pipeline.train_task_ids:
             c.tau2.task_ids = config.pipeline.train_task_ids
     if step == "demos":
-        c.engine.kind = "gold"
+        apply_overrides(c, DEMOS_ENGINE, "the demos step")
     elif step == "sft":
         c.data.train_files = ",".join(inputs["demo_files"])
     elif step == "rft":
@@ -175,7 +178,6 @@ def serve(config, params_dir: str, version: int) -> None:
     from tau2jax.weights.hf_read import HF_EXTRA_DIR
     from tau2jax.weights.orbax_params import restore_params
     from tau2jax.inference import weight_sync
-    from tau2jax.stages.builders import sglang_engine
 
     import jax
 
@@ -186,7 +188,7 @@ def serve(config, params_dir: str, version: int) -> None:
     weight_sync.publish(params, model_cfg, root, version, extra_dir=extra if os.path.isdir(extra) else None)
     if jax.process_index():
         return
-    engine = sglang_engine(config)
+    engine = builders.sglang_engine(config)
     try:
         weight_sync.sync_engine(engine, root, version)
     finally:
@@ -259,7 +261,7 @@ def run(config, run_stage=None) -> dict:
         result = from_main(f"pipeline/{step}/finished", lambda: finished(step_dir, c))
         if result is None:
             t = time.time()
-            if c.engine.kind == "sglang" and stage in ("eval", "rft") and c.engine.checkpoint != served:
+            if stage in ("eval", "rft") and builders.policy_servers(c) and c.engine.checkpoint != served:
                 serve(c, c.engine.checkpoint, version=served_version(c.engine.checkpoint, inputs))
                 served = c.engine.checkpoint
             if stage in MAIN_ONLY:

@@ -5,7 +5,7 @@ before anything is written.
 - learner (sft, grpo, and the pipeline's sft / sft_rft / grpo steps): the mesh against the visible
   devices, batch divisibility, and a per-device memory estimate (`learn.memory`) against the
   devices' memory;
-- the policy server (`engine.kind=sglang`): healthy (/health), its `weight_version` and served
+- the policy servers (SGLang: `builders.policy_servers`): healthy (/health), its `weight_version` and served
   `model_path` (a local directory must hold config, tokenizer and safetensors);
 - the user simulator (`user.kind=llm`): its OpenAI endpoint answers /models;
 - the workdir: writable, with disk space for checkpoints and published weight versions.
@@ -30,7 +30,7 @@ def check(config) -> None:
     for c in learners:
         check_learner(c)
     if config.stage in ENDPOINT_STAGES:
-        if config.engine.kind == "sglang":
+        if builders.policy_servers(config):
             check_policy_server(config)
         if config.user.kind == "llm":
             check_user_server(config)
@@ -171,10 +171,8 @@ def check_workdir(config, learners: list) -> None:
     for c in learners:
         n = num_params(builders.model_config(c))
         need += n * (4 + 8) * (c.train.keep_checkpoints + 1)  # fp32 params + Adam, plus the export
-        if c.engine.kind == "sglang" and c.stage == "grpo":
-            from tau2jax.inference import weight_sync
-
-            pub = _existing(weight_sync.default_root(c.workdir, config_lib.csv(c.engine.url), c.rl.weights_dir))
+        if c.stage == "grpo" and builders.policy_servers(c):
+            pub = _existing(builders.publish_root(c))
             if os.stat(pub).st_dev == os.stat(existing).st_dev:
                 need += n * 2 * c.rl.weights_keep  # the bf16 versions weight sync keeps
             else:

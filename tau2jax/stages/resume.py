@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from tau2jax import config as config_lib
+from tau2jax.stages import builders
 
 SETTINGS = "settings.json"
 
@@ -21,12 +22,11 @@ SETTINGS = "settings.json"
 RESULT_FIELDS = (
     "seed", "tau2.split", "tau2.prompt_style", "tau2.max_steps", "tau2.max_errors", "tau2.max_repairs",
     "tokenizer.path", "model.hf_dir",  # the tokenizer (model.hf_dir when tokenizer.path is "")
-    "engine.kind", "engine.max_new_tokens",
+    "engine.max_new_tokens",  # plus the engine's own: builders.engine_settings
     "user.kind",
 )  # fmt: skip
-# ... and those that matter for one engine or user kind only (the served weights: Engine.identity).
-ENGINE_FIELDS = {"builtin": ("engine.checkpoint", "engine.max_seq_len", "engine.dtype"),
-                 "sglang": ("engine.url",), "gold": ()}  # fmt: skip
+# ... and those that matter for one engine or user kind only (the engine's: builders.engine_settings;
+# the served weights: Engine.identity).
 USER_FIELDS = {"llm": ("user.model", "user.base_url", "user.temperature"), "scripted": ()}
 
 
@@ -35,13 +35,9 @@ def run_settings(config, data_root, sampling: str = "eval", extra: tuple = ()) -
     names the section holding temperature/top_p/top_k (eval, rft); `extra`: the stage's own fields."""
     fields = (RESULT_FIELDS + tuple(f"{sampling}.{k}" for k in ("temperature", "top_p", "top_k"))
               + tuple(f"reward.{k}" for k in config.reward) + tuple(extra)
-              + ENGINE_FIELDS.get(config.engine.kind, ()) + USER_FIELDS.get(config.user.kind, ()))
-    out = {f: _cfg_get(config, f) for f in fields} | {"tau2.data_root": str(data_root)}
-    if config.engine.kind == "builtin":  # "auto" is another dtype on another platform
-        from tau2jax.inference.jax_engine import engine_dtype
-
-        out["engine.dtype"] = engine_dtype(config.engine.dtype).name
-    return out
+              + USER_FIELDS.get(config.user.kind, ()))
+    out = {f: _cfg_get(config, f) for f in fields} | builders.engine_settings(config)
+    return out | {"tau2.data_root": str(data_root)}
 
 
 def load_settings(out_dir: Path) -> dict | None:
