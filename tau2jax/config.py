@@ -113,7 +113,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.engine.max_new_tokens = 1200
     c.engine.timeout_s = 300.0
     c.engine.max_retries = 3
-    c.engine.concurrency = 8
+    # sglang: /generate calls in flight per server; 0 = the stage's episode concurrency (eval, rft or
+    # rl .concurrency), so every episode in flight can have its turn at the server at once
+    c.engine.concurrency = 0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 4
@@ -167,6 +169,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.std_normalize = True  # GRPO (r - mean) / std; False = Dr.GRPO (r - mean)
     c.rl.dynamic_sampling = False  # drop zero-variance groups and refill with other tasks (DAPO)
     c.rl.max_refill_rounds = 2
+    # A step is an optimizer update: a step whose rollouts left nothing to train (all failed, all
+    # dropped) is played again on fresh groups, at most this many times, then the run stops.
+    c.rl.max_empty_rounds = 3
     c.rl.curriculum = False  # recipe's per-task weights on advantages (shared tracker, checkpointed)
     # Turns that failed to parse (kind "malformed"; their repair, if any, is never trained): "mask"
     # never trains them; "nonpositive" trains them only when their episode's advantage is negative,
@@ -284,6 +289,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.engine.prefix_cache_tokens >= 0, "engine.prefix_cache_tokens", "must be >= 0 (0 = off)")
     _require(c.eval.num_samples >= 1, "eval.num_samples", "must be >= 1")
     _require(c.eval.concurrency >= 1, "eval.concurrency", "must be >= 1")
+    _require(c.engine.concurrency >= 0, "engine.concurrency", "must be >= 0 (0 = the stage's concurrency)")
     _require(c.eval.max_infra_retries >= 0, "eval.max_infra_retries", "must be >= 0")
     _require(c.eval.max_tasks_per_domain >= 0, "eval.max_tasks_per_domain", "must be >= 0 (0 = all)")
     _require(c.eval.temperature >= 0.0, "eval.temperature", "must be >= 0")
@@ -298,6 +304,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.reward.wrong_call_penalty >= 0, "reward.wrong_call_penalty", "must be >= 0")
     _require(c.rl.sync_every >= 1 and c.rl.concurrency >= 1, "rl", "sync_every and concurrency must be >= 1")
     _require(c.rl.weights_keep >= 1, "rl.weights_keep", "must be >= 1")
+    _require(c.rl.max_empty_rounds >= 0, "rl.max_empty_rounds", "must be >= 0")
     _require(c.rl.max_staleness >= c.rl.sync_every - 1, "rl.max_staleness",
              f"must be >= rl.sync_every - 1 ({c.rl.sync_every - 1}): between syncs the engine serves a version "
              "that many steps old, and groups may only start within the staleness bound")

@@ -132,7 +132,8 @@ def test_assemble_accounts_for_every_episode():
     flat = collector.Group("b", TaskRef("toy", "b"), [_traj(1.0), _traj(1.0)])
     broken = collector.Group("c", TaskRef("toy", "c"), [_traj(1.0)], failed_attempts=[_traj(0, infra="y")], complete=False)
     items, ledger, counts, ages = assemble([ok, flat, broken], rl, None, step=1, learner_version=0)
-    assert counts == {"groups_requeued": 1, "groups_zero_variance": 1, "groups_trained": 1, "samples_stale": 0}
+    assert counts == {"groups_requeued": 1, "groups_zero_variance": 1, "groups_trained": 1, "samples_stale": 0,
+                      "samples_unknown_version": 0}
     assert ages == [0] * 4  # scored samples of complete groups, all sampled by version 0
     assert [a for _, a, _ in items] == pytest.approx([1 / (2 ** 0.5 + 1e-6 * 2), -1 / (2 ** 0.5 + 1e-6 * 2)], rel=1e-4)
     by = {(r["group_id"], r["status"], r["reason"]) for r in ledger}

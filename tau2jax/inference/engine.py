@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence, runtime_checkable
 
 FinishReason = Literal["stop", "length", "abort"]
+# The policy version of a turn whose server could not name its weights (SGLang's "default" before
+# the first update, i.e. a restarted server): never trained, the engine is re-synced first.
+UNKNOWN_VERSION = -1
 
 
 class ContextLengthError(ValueError):
@@ -77,6 +80,7 @@ class Engine(Protocol):
     """
 
     kind: str
+    location: str  # where it runs, for messages ("this process", a server URL)
     policy_version: int
     synced_version: int | None
     default_tis_cap: float
@@ -101,8 +105,8 @@ class Engine(Protocol):
         """Serve again the already pushed `version` (a server that restarted without it)."""
 
     def served_version(self) -> int | None:
-        """The version served now: -1 when it is none of ours (a restarted server), None when the
-        engine cannot be asked (down)."""
+        """The version served now: UNKNOWN_VERSION when it is none of ours (a restarted server), None
+        when the engine cannot be asked (down)."""
 
     def identity(self) -> dict:
         """Which policy it serves, for resume checks: {"policy_version", ...} (a server adds where
@@ -115,6 +119,7 @@ class FixedEngine:
     """Base of engines that play fixed responses (scripted, gold, do-nothing): no weights to update."""
 
     kind = "fixed"
+    location = "this process"
     policy_version = 0
     synced_version = 0
     default_tis_cap = 0.0

@@ -354,6 +354,7 @@ class JaxEngine:
     """
 
     kind = "builtin"
+    location = "this process"
     default_tis_cap = 0.0  # its log-probs are the learner's own numerics
 
     def __init__(self, params, cfg: ModelConfig, *, tokenizer=None, max_seq_len: int = 4096,

@@ -51,6 +51,10 @@ class ServerPool(ServedFromDisk):
         return min(s.policy_version for s in self.servers)
 
     @property
+    def location(self) -> str:
+        return ", ".join(self.urls)
+
+    @property
     def synced_version(self) -> int | None:
         versions = [s.synced_version for s in self.servers]
         return None if None in versions else min(versions)

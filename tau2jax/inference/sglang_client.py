@@ -23,7 +23,8 @@ launched with `--enable-deterministic-inference`; `launch/gpu_node.sh` checks th
   are finish_reason "abort" (an infrastructure failure), never a stop.
 - `policy_version` of a result is the server's `weight_version` when it is an integer (both servers
   report it per request, so a result is attributed to the weights that produced it even while a
-  sync races with it), else the version this client last loaded. A weight push aborts nothing:
+  sync races with it), else UNKNOWN_VERSION (SGLang's "default" before its first update: a restarted
+  server's start weights, never trained as on-policy; the learner re-syncs). A weight push aborts nothing:
   SGLang's `update_weights_from_disk` lets running requests finish on the old weights, swaps, and
   stamps one server-wide `weight_version` on what it serves after, so an episode in flight continues
   across a push, each turn carries the version that served it, and the learner judges staleness per
@@ -44,7 +45,7 @@ import time
 
 import httpx
 
-from tau2jax.inference.engine import ContextLengthError, GenerateResult, SamplingParams, per_prompt
+from tau2jax.inference.engine import UNKNOWN_VERSION, ContextLengthError, GenerateResult, SamplingParams, per_prompt
 from tau2jax.inference.sglang_rules import INPUT_MARGIN
 from tau2jax.inference.weight_sync import ServedFromDisk
 
@@ -61,6 +62,7 @@ _CONTEXT_ERRORS = ("context length", "exceeds the maximum allowed length")
 # weight update (sglang/srt/entrypoints/http_server.py, health_generate): seconds on a busy server,
 # and it answers 503 itself after its own HEALTH_CHECK_TIMEOUT_S (20 s); a 4B reload takes longer.
 HEALTH_TIMEOUT_S = 60.0
+CONTROL_CONNECTIONS = 4  # weight loads, version queries, health: a few at a time per server
 
 
 class EngineUnavailableError(RuntimeError):
@@ -114,7 +116,7 @@ class SGLangEngine(ServedFromDisk):
                  publication=None):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        self.url = url.rstrip("/")
+        self.url = self.location = url.rstrip("/")
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -123,12 +125,15 @@ class SGLangEngine(ServedFromDisk):
         self._context_length: int | None = None
         self._context_known = False
         self._info_lock = threading.Lock()
+        self.concurrency = concurrency
         self._sem = threading.BoundedSemaphore(concurrency)
-        self._client = httpx.Client(
-            base_url=self.url,
-            timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-        )
+        timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
+        self._client = httpx.Client(base_url=self.url, timeout=timeout, limits=httpx.Limits(
+            max_connections=concurrency, max_keepalive_connections=concurrency))
+        # Control calls (weight loads, version queries, health) on their own connections, outside the
+        # semaphore: they never queue behind the episodes' /generate calls.
+        self._control = httpx.Client(base_url=self.url, timeout=timeout, limits=httpx.Limits(
+            max_connections=CONTROL_CONNECTIONS, max_keepalive_connections=CONTROL_CONNECTIONS))
 
     def generate(self, input_ids: list[list[int]],
                  params: SamplingParams | list[SamplingParams]) -> list[GenerateResult]:
@@ -141,15 +146,14 @@ class SGLangEngine(ServedFromDisk):
             "sampling_params": [sampling_json(p) for p in ps] if batched else sampling_json(ps[0]),
             "return_logprob": True,
         }
-        version = self.policy_version
         out = self._request("POST", "/generate", body)
         outs = out if batched else [out]
         if not isinstance(outs, list) or len(outs) != len(input_ids):
             raise EngineUnavailableError(
                 f"{self.url}/generate answered {len(outs)} results for {len(input_ids)} prompts")
-        return [self._result(o, version, p) for o, p in zip(outs, ps)]
+        return [self._result(o, p) for o, p in zip(outs, ps)]
 
-    def _result(self, out: dict, version: int, params: SamplingParams) -> GenerateResult:
+    def _result(self, out: dict, params: SamplingParams) -> GenerateResult:
         meta = out["meta_info"]
         pairs = meta.get("output_token_logprobs")
         if pairs is None:
@@ -166,7 +170,7 @@ class SGLangEngine(ServedFromDisk):
             output_ids=ids,
             logprobs=[float(lp) for lp, *_ in pairs],
             finish_reason=reason,
-            policy_version=int(served) if served.isdigit() else version,
+            policy_version=int(served) if served.isdigit() else UNKNOWN_VERSION,
             stop_reason=matched,
         )
 
@@ -176,7 +180,7 @@ class SGLangEngine(ServedFromDisk):
         model_config.context_len), read once; None when the server states none."""
         with self._info_lock:
             if not self._context_known:
-                cards = self._request("GET", "/v1/models").get("data") or [{}]
+                cards = self._request("GET", "/v1/models", control=True).get("data") or [{}]
                 self._context_length = cards[0].get("max_model_len")
                 self._context_known = True
         return self._context_length
@@ -201,7 +205,7 @@ class SGLangEngine(ServedFromDisk):
         """Makes the server load the HF checkpoint at `path` (a path on the server's machine) as
         policy `version` (`/update_weights_from_disk`); SGLang waits for in-flight requests, then swaps."""
         out = self._request("POST", "/update_weights_from_disk",
-                            {"model_path": str(path), "weight_version": str(version)})
+                            {"model_path": str(path), "weight_version": str(version)}, control=True)
         if not out.get("success"):
             raise EngineRequestError(f"{self.url} could not load {path}: {out.get('message')}")
         self.policy_version = self.synced_version = version
@@ -210,7 +214,7 @@ class SGLangEngine(ServedFromDisk):
         """True when /health answers 200 within HEALTH_TIMEOUT_S (503 while starting, a timeout:
         not ready)."""
         try:
-            return self._client.get("/health", timeout=HEALTH_TIMEOUT_S).status_code == 200
+            return self._control.get("/health", timeout=HEALTH_TIMEOUT_S).status_code == 200
         except httpx.TransportError:
             return False
 
@@ -223,7 +227,7 @@ class SGLangEngine(ServedFromDisk):
             time.sleep(interval_s)
 
     def model_info(self) -> dict:
-        return self._request("GET", "/get_model_info")
+        return self._request("GET", "/get_model_info", control=True)
 
     def served_version(self) -> int | None:
         """The server's `weight_version` (/get_model_info): sees through a restart, which serves
@@ -232,7 +236,7 @@ class SGLangEngine(ServedFromDisk):
             v = str(self.model_info().get("weight_version", ""))
         except (EngineUnavailableError, ValueError):  # down, or an answer that is not JSON
             return None
-        return int(v) if v.isdigit() else -1
+        return int(v) if v.isdigit() else UNKNOWN_VERSION
 
     def identity(self) -> dict:
         """The served policy as results are stamped: the server's `weight_version` when it is an
@@ -244,15 +248,19 @@ class SGLangEngine(ServedFromDisk):
 
     def close(self) -> None:
         self._client.close()
+        self._control.close()
 
-    def _request(self, method: str, path: str, body: dict | None = None):
+    def _request(self, method: str, path: str, body: dict | None = None, *, control: bool = False):
         error = None
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
             try:
-                with self._sem:
-                    r = self._client.request(method, path, json=body)
+                if control:
+                    r = self._control.request(method, path, json=body)
+                else:
+                    with self._sem:
+                        r = self._client.request(method, path, json=body)
             except httpx.TransportError as e:  # refused, reset, timed out
                 error = f"{type(e).__name__}: {e}"
                 continue

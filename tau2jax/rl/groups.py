@@ -59,7 +59,8 @@ def assemble(groups, rl, tracker, *, step: int, learner_version: int):
     "drop") and leave their group's statistics; with dynamic sampling, zero-variance groups are
     dropped. Every drop is counted and has a ledger reason."""
     ledger, items = [], []
-    counts = {"groups_requeued": 0, "groups_zero_variance": 0, "groups_trained": 0, "samples_stale": 0}
+    counts = {"groups_requeued": 0, "groups_zero_variance": 0, "groups_trained": 0, "samples_stale": 0,
+              "samples_unknown_version": 0}
     rewards = {id(t): advantage_reward(t, rl) for g in groups for t in g.trajectories}
     kept, ages = [], []
     for gi, g in enumerate(groups):
@@ -79,9 +80,10 @@ def assemble(groups, rl, tracker, *, step: int, learner_version: int):
         ages += age
         for t, a, ok in zip(g.trajectories, age, fresh):
             if not ok:
-                counts["samples_stale"] += 1
+                reason = "unknown_version" if staleness.unknown(t) else "stale"
+                counts[f"samples_{reason}"] += 1
                 ledger.append(collector.ledger_record(t, step=step, group_id=g.group_id, status="dropped",
-                                                      reason="stale", staleness=a))
+                                                      reason=reason, staleness=a))
         rs = [rewards[id(t)] for t, ok in zip(g.trajectories, fresh) if ok]
         if rl.dynamic_sampling and rs and max(rs) == min(rs):
             counts["groups_zero_variance"] += 1
@@ -114,14 +116,14 @@ def useful(g, rl) -> bool:
     return g.complete and not (rl.dynamic_sampling and len({advantage_reward(t, rl) for t in g.trajectories}) == 1)
 
 
-def gather(workers, tasks, meta, rl, *, step: int, seed: int, resync) -> tuple[list, int]:
-    """Step `step`'s whole groups, refilled with more tasks under dynamic sampling -> (groups, refill
-    rounds). Tasks of incomplete groups go back to the re-queue."""
+def gather(workers, tasks, meta, rl, *, step: int, seed: int, resync, first_round: int = 0) -> tuple[list, int]:
+    """Step `step`'s whole groups (submitted as round `first_round`), refilled with more tasks under
+    dynamic sampling -> (groups, refill rounds). Tasks of incomplete groups go back to the re-queue."""
     groups, rounds = workers.take(step, resync), 0
     want = rl.tasks_per_step - sum(useful(g, rl) for g in groups)
     while rl.dynamic_sampling and want > 0 and rounds < rl.max_refill_rounds:
         rounds += 1
-        workers.submit(plan_jobs(tasks, meta, target=step, round_=rounds, n=want, seed=seed))
+        workers.submit(plan_jobs(tasks, meta, target=step, round_=first_round + rounds, n=want, seed=seed))
         new = workers.take(step, resync)
         groups += new
         want -= sum(useful(g, rl) for g in new)

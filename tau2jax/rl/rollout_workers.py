@@ -40,6 +40,7 @@ from tau2jax.env.trajectory import Trajectory
 from tau2jax.inference.engine import Engine, SamplingParams
 from tau2jax.env.episode import derive_seed
 from tau2jax.rl import collector
+from tau2jax.rl.policy_sync import EngineOutageError
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,15 @@ class Throughput:
 
 
 class _Watched:
-    """The environment, reporting each infrastructure failure to the workers."""
+    """The environment, each attempt let through the engine gate and its infrastructure failure
+    reported to the workers."""
 
-    def __init__(self, env: Environment, on_infra: Callable[[Trajectory], None]):
-        self.env, self.on_infra = env, on_infra
+    def __init__(self, env: Environment, on_infra: Callable[[Trajectory], None], gate: Callable[[], None] | None):
+        self.env, self.on_infra, self.gate = env, on_infra, gate
 
     def play(self, ref: TaskRef, **kw) -> Trajectory:
+        if self.gate is not None:
+            self.gate()  # an engine that is down or not at our version: wait, do not burn a retry
         traj = self.env.play(ref, **kw)
         if traj.infra_error is not None:
             self.on_infra(traj)
@@ -80,12 +84,15 @@ class _Watched:
 
 class RolloutWorkers:
     """See the module docstring. `version`: the policy version the engine serves now.
-    `lost_weights(traj) -> bool`: called on a worker thread after an infrastructure failure."""
+    `lost_weights(traj) -> bool`: called on a worker thread after an infrastructure failure.
+    `await_engine()`: called on a worker thread before each episode attempt; blocks while the
+    engine cannot serve us (`PolicySync.await_serving`), raises `EngineOutageError` to stop the run."""
 
     def __init__(self, env: Environment, *, engine: Engine, sampling: SamplingParams, samples: int, seed: int,
                  concurrency: int, max_infra_retries: int, max_staleness: int, version: int,
-                 lost_weights: Callable[[Trajectory], bool] | None = None):
-        self._env = _Watched(env, self._on_infra)
+                 lost_weights: Callable[[Trajectory], bool] | None = None,
+                 await_engine: Callable[[], None] | None = None):
+        self._env = _Watched(env, self._on_infra, await_engine)
         self._engine, self._sampling, self._samples, self._seed = engine, sampling, samples, seed
         self._concurrency, self._retries, self._max_staleness = concurrency, max_infra_retries, max_staleness
         self._lost_weights = lost_weights
@@ -141,6 +148,8 @@ class RolloutWorkers:
             for s in mine:
                 del self._slots[s.job.group_id]
         for s in mine:
+            if isinstance(s.error, EngineOutageError):  # the engine stayed down: stop, naming it
+                raise s.error
             if s.error is not None:  # episodes never raise; a raise is a bug, so stop the run
                 raise RuntimeError(f"rollout of group {s.job.group_id} raised") from s.error
         return [s.group for s in mine]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 from tau2jax.env.trajectory import Trajectory
+from tau2jax.inference.engine import UNKNOWN_VERSION
 
 POLICIES = ("drop", "correct")
 # "correct" without an explicit rl.tis_cap: truncated IS capped at 2.0 (the common public default).
@@ -24,16 +25,22 @@ def staleness(traj: Trajectory, learner_version: int) -> int:
     return learner_version - min(versions) if versions else 0
 
 
+def unknown(traj: Trajectory) -> bool:
+    """A turn sampled on weights the engine could not name (a restarted server's "default")."""
+    return any(t["policy_version"] <= UNKNOWN_VERSION for t in traj.turns)
+
+
 def check(trajs: list[Trajectory], learner_version: int, max_staleness: int,
           policy: str) -> tuple[list[int], list[bool]]:
     """-> (staleness per trajectory, keep per trajectory). Over the bound: dropped with "drop",
-    kept with "correct" (the learner then weights tokens by capped importance ratios)."""
+    kept with "correct" (the learner then weights tokens by capped importance ratios). A trajectory
+    with a turn of unknown version is always dropped: no bound holds for it."""
     if policy not in POLICIES:
         raise ValueError(f"stale policy must be one of {POLICIES}, got {policy!r}")
     if max_staleness < 0:
         raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
     values = [staleness(t, learner_version) for t in trajs]
-    return values, [policy == "correct" or s <= max_staleness for s in values]
+    return values, [(policy == "correct" or s <= max_staleness) and not unknown(t) for s, t in zip(values, trajs)]
 
 
 def tis_cap(policy: str, cap: float) -> float:

@@ -112,6 +112,18 @@ def process_urls(urls: list[str], rank: int, count: int) -> list[str]:
     return urls[rank::count] if len(urls) >= count else [urls[rank % len(urls)]]
 
 
+# stage -> the config section whose `concurrency` is its episodes in flight
+STAGE_CONCURRENCY = {"eval": "eval", "rft": "rft", "grpo": "rl"}
+
+
+def request_concurrency(config) -> int:
+    """Requests in flight per policy server: `engine.concurrency`, or (0) the stage's episodes in
+    flight: each episode has at most one turn at a server at a time."""
+    if config.engine.concurrency:
+        return config.engine.concurrency
+    return config[STAGE_CONCURRENCY.get(config.stage, "eval")].concurrency
+
+
 def sglang_engine(config, *, per_process: bool = False):
     """The SGLang client on `engine.url` (comma-separated: a `ServerPool` over every server, an
     episode's turns on one of them), once every server answers /health. `per_process`: only this
@@ -125,7 +137,8 @@ def sglang_engine(config, *, per_process: bool = False):
     urls = config_lib.csv(e.url)
     if per_process:
         urls = process_urls(urls, jax.process_index(), jax.process_count())
-    clients = [SGLangEngine(url, concurrency=e.concurrency, timeout_s=e.timeout_s, max_retries=e.max_retries)
+    clients = [SGLangEngine(url, concurrency=request_concurrency(config), timeout_s=e.timeout_s,
+                            max_retries=e.max_retries)
                for url in urls]
     engine = clients[0] if len(clients) == 1 else ServerPool(clients)
     engine.wait_ready(e.timeout_s)

@@ -171,10 +171,7 @@ def restore_or_init(config, learner: Learner, ckpt: Checkpointer, model_cfg, mes
 
 
 def learner_step(config, step_fn, state, batch, ref_params, step: int, ckpt: Checkpointer):
-    """One optimizer step on `batch` -> (state, metrics, learner tokens); a batch of nothing
-    trainable leaves the optimizer where it is (the step still counts)."""
-    if batch is None:
-        return state.replace(step=state.step + 1), {}, 0
+    """One optimizer step on `batch` -> (state, metrics, learner tokens)."""
     if config.model.attn_impl == "cudnn":
         try:
             qwen3.check_segments(batch["segment_ids"], config.model.attn_max_segments)
@@ -186,6 +183,41 @@ def learner_step(config, step_fn, state, batch, ref_params, step: int, ckpt: Che
         raise FloatingPointError(f"non-finite GRPO loss at step {step + 1}; the last good checkpoint is step "
                                  f"{ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or check the rewards.")
     return state, m, int((batch["segment_ids"] > 0).sum())
+
+
+def trainable_rollouts(config, share, learner: Learner, tasks, meta, tracker, null_solvable, step: int, *, resync):
+    """Step `step`'s whole groups, assembled and packed; played again on fresh groups (round numbers
+    continue, so seeds never repeat) while nothing in them is trainable (every rollout failed, or
+    every sample was dropped): a step is an optimizer update, an empty one is never counted,
+    checkpointed or pushed. -> (batch, batch stats, every group played, metrics incl. the ledger
+    records, staleness per scored trajectory)."""
+    rl, groups, ledger, ages, counts, first = config.rl, [], [], [], {}, 0
+    for attempt in range(rl.max_empty_rounds + 1):
+        if attempt:
+            share.submit(group_lib.plan_jobs(tasks, meta, target=step, round_=first, n=rl.tasks_per_step,
+                                             seed=config.seed))
+        got, rounds = group_lib.gather(share, tasks, meta, rl, step=step, seed=config.seed, resync=resync,
+                                       first_round=first)
+        first += rounds + 1
+        items, records, c, a = group_lib.assemble(got, rl, tracker, step=step + 1, learner_version=step)
+        groups, ledger, ages = groups + got, ledger + records, ages + a
+        counts = {k: counts.get(k, 0) + v for k, v in c.items()}
+        # this process packs the rows of its own groups; every process pads to the same count
+        mine = [(t, adv, gi + len(groups) - len(got)) for t, adv, gi in items if share.own(got[gi].group_id)]
+        agree = (lambda n: max(host_gather.allgather(f"rows_{step}_{attempt}", n))) if jax.process_count() > 1 else None
+        batch, bstats = build_batch(mine, learner.batch_cfg, agree)
+        if batch is not None:
+            break
+    else:
+        raise RuntimeError(
+            f"GRPO step {step + 1}: {rl.max_empty_rounds + 1} rounds of rollouts gave nothing to train "
+            f"({counts}); see {os.path.join(config.workdir, 'rollouts', 'ledger.jsonl')} and the rollouts' "
+            "infra errors (an engine or user simulator down?), or rl.max_len / rl.overlong (every sample cut?)")
+    trajs = [t for g in groups if g.complete for t in g.trajectories]
+    m = rollout_metrics.episode_metrics(trajs, null_solvable) | counts | staleness.histogram(ages)
+    m |= {"refill_rounds": first - 1 - attempt, "empty_rounds": attempt, "staleness_max": max(ages, default=0),
+          "episodes": len(trajs), "ledger": ledger}
+    return batch, bstats, groups, m, ages
 
 
 def summed_counters(step: int, bstats, workers, queue_depth: int, learner_tokens: int) -> dict:
@@ -243,7 +275,8 @@ def run(config) -> dict:
                               max_new_tokens=config.engine.max_new_tokens)
     workers = RolloutWorkers(env, engine=engine, sampling=sampling, samples=rl.samples_per_task, seed=config.seed,
                              concurrency=rl.concurrency, max_infra_retries=rl.max_infra_retries,
-                             max_staleness=rl.max_staleness, version=start, lost_weights=sync.lost)
+                             max_staleness=rl.max_staleness, version=start, lost_weights=sync.lost,
+                             await_engine=sync.await_serving)
     sync.listen(workers)
     share = ProcessShare(workers)
     sync.start(state.params, start)  # a server that starts from other weights gets ours
@@ -262,26 +295,16 @@ def run(config) -> dict:
                                                      seed=config.seed))
                     planned += 1
                 queue_depth, t0 = workers.ready_groups(), time.perf_counter()
-                groups, rounds = group_lib.gather(share, tasks, meta, rl, step=step, seed=config.seed,
-                                                  resync=lambda: sync.resync(state.params, int(state.step)))
-                m = {"rollout_wait_s": time.perf_counter() - t0}
-                items, ledger, counts, ages = group_lib.assemble(groups, rl, tracker, step=step + 1, learner_version=step)
+                batch, bstats, groups, m, ages = trainable_rollouts(
+                    config, share, learner, tasks, meta, tracker, null_solvable, step,
+                    resync=lambda: sync.resync(state.params, int(state.step)))
+                m = {"rollout_wait_s": time.perf_counter() - t0} | m
                 max_seen = max([max_seen, *ages])
-                trajs = [t for g in groups if g.complete for t in g.trajectories]
-                m |= rollout_metrics.episode_metrics(trajs, null_solvable) | counts | staleness.histogram(ages)
-                m |= {"refill_rounds": rounds, "staleness_max": max(ages, default=0)}
-
-                # --- learner: this process packs its own groups' rows; every process pads to one count
-                mine = [it for it in items if share.own(groups[it[2]].group_id)]
-                agree = (lambda n: max(host_gather.allgather(f"rows_{step}", n))) if jax.process_count() > 1 else None
-                batch, bstats = build_batch(mine, learner.batch_cfg, agree)
                 t1 = time.perf_counter()
                 state, learned, learner_tokens = learner_step(config, step_fn, state, batch, ref_params, step, ckpt)
                 m |= learned | {"learner_s": time.perf_counter() - t1}
                 m |= summed_counters(step, bstats, workers, queue_depth, learner_tokens)
-                if batch is not None:
-                    m["tokens_per_s"] = m["learner_tokens"] / m["learner_s"]
-                del m["learner_tokens"]
+                m["tokens_per_s"] = m.pop("learner_tokens") / m["learner_s"]
 
                 # --- weights: push every rl.sync_every steps (wait: the learner blocked on the previous
                 # push; publish / pause: that push's, handed over while this step ran)
@@ -294,10 +317,10 @@ def run(config) -> dict:
                 m["engine_resyncs"] = sync.resyncs
 
                 # --- records and checkpoint
-                meta["rewards"].append(m.get("reward_mean", 0.0))
-                meta["episodes"] += len(trajs)
+                meta["rewards"].append(m["reward_mean"])
+                meta["episodes"] += m["episodes"]
                 meta["tracker"] = tracker.state_dict() if tracker is not None else None
-                log.write(step + 1, ledger, groups)
+                log.write(step + 1, m.pop("ledger"), groups)
                 now = time.perf_counter()
                 m["step_s"], t_prev = now - t_prev, now
                 m["learner_busy_frac"] = m["learner_s"] / m["step_s"]
@@ -305,20 +328,21 @@ def run(config) -> dict:
                 if step == start:
                     t_first = now  # steady-state timings start after the first step (compiles)
                 writer.write(step + 1, m)
-                bar.set_postfix(reward=f"{m.get('reward_mean', 0.0):.3f}", loss=f"{m.get('loss', 0.0):.4f}")
+                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4f}")
                 bar.update(1)
                 ckpt.save(step + 1, state, meta=group_lib.checkpoint_meta(meta, share.in_flight_keys()),
                           force=step + 1 == rl.steps)
         last_push = sync.wait()  # the final version served (and any error raised) before teardown
     finally:
-        for close in (workers.close, bar.close, ckpt.close, writer.close, engine.close):
+        for close in (sync.close, workers.close, bar.close, ckpt.close, writer.close, engine.close):
             close()
     params_dir = export_params(config.workdir, state.params, model_cfg, rl.steps, builders.hf_extra_dir(config))
     return summary(config, meta, start, params_dir, max_seen, busy, t_prev - t_first, sync, last_push,
-                   learner_compiles(), t_start)
+                   learner_compiles(), t_start, int(jax.device_get(state.step)))
 
 
-def summary(config, meta, start, params_dir, max_seen, busy, steady, sync, last_push, compiles, t_start) -> dict:
+def summary(config, meta, start, params_dir, max_seen, busy, steady, sync, last_push, compiles, t_start,
+            updates) -> dict:
     rl, hist = config.rl, meta["rewards"]
     w = min(SUMMARY_WINDOW, max(1, len(hist) // 2))
     return {
@@ -329,6 +353,7 @@ def summary(config, meta, start, params_dir, max_seen, busy, steady, sync, last_
         "max_staleness_seen": max_seen,
         "learner_busy_frac": float(np.mean(busy[1:])) if len(busy) > 1 else None,
         "steady_s": round(steady, 3), "engine_resyncs": sync.resyncs, "last_weight_sync": last_push,
+        "optimizer_updates": updates, "push_failures": sync.push_failures, "engine_outages": sync.outages,
         # learner executables compiled this run: one per power-of-two row bucket met, or with
         # rl.micro_batch_rows at most three (first micro-batch, the others, the update)
         "learner_compiles": compiles,
