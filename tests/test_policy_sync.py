@@ -173,42 +173,100 @@ def _traj(turns, reward):
                       behaviour_logprobs=[0.0, -0.5], turns=turns, reward=reward, shaped_reward=reward)
 
 
-def test_control_calls_never_queue_behind_generation():
-    """With every /generate slot taken, a version query and a weight load still go through."""
+def test_control_calls_never_queue_behind_generation_and_a_push_drains_first():
+    """With every /generate slot taken, a version query still goes through; a weight load holds new
+    /generate calls, waits for the running ones and for the server to report nothing running
+    (SGLang's flush needs an empty running batch), then loads, checks the version and flushes."""
     release, entered = threading.Event(), threading.Semaphore(0)
+    state = {"version": "2", "calls": [], "busy": 2}
 
     def handler(request: httpx.Request):
+        state["calls"].append(request.url.path)
         if request.url.path == "/generate":
             entered.release()
             release.wait(10)
+            state["busy"] -= 1
             return httpx.Response(200, json={"meta_info": {"output_token_logprobs": [[-1.0, 5, None]],
-                                                           "finish_reason": {"type": "length"}, "weight_version": "2"}})
+                                                           "finish_reason": {"type": "length"},
+                                                           "weight_version": state["version"]}})
         if request.url.path == "/v1/models":
             return httpx.Response(200, json={"data": [{}]})
         if request.url.path == "/get_model_info":
-            return httpx.Response(200, json={"weight_version": "2"})
-        return httpx.Response(200, json={"success": True})
+            return httpx.Response(200, json={"weight_version": state["version"]})
+        if request.url.path == "/v1/loads":
+            return httpx.Response(404)
+        if request.url.path == "/get_load":  # sglang 0.5.3's form
+            return httpx.Response(200, json=[{"num_reqs": state["busy"], "num_waiting_reqs": 0}])
+        if request.url.path == "/update_weights_from_disk":
+            assert state["busy"] == 0, "weights loaded while requests still run"
+            state["version"] = json.loads(request.content)["weight_version"]
+            return httpx.Response(200, json={"success": True})
+        return httpx.Response(200, text="Cache flushed.\n")  # /flush_cache
 
     client = SGLangEngine("http://policy:30000", concurrency=2)
     transport = httpx.MockTransport(handler)
     client._client = httpx.Client(base_url=client.url, transport=transport)  # noqa: SLF001
     client._control = httpx.Client(base_url=client.url, transport=transport)  # noqa: SLF001
     client.context_length  # noqa: B018  (read once, before the slots fill)
-    threads = [threading.Thread(target=client.generate, args=([[1, 2]], SamplingParams(max_new_tokens=1)))
-               for _ in range(2)]
+    sp = SamplingParams(max_new_tokens=1)
+    threads = [threading.Thread(target=client.generate, args=([[1, 2]], sp)) for _ in range(2)]
     for t in threads:
         t.start()
     for _ in threads:
         assert entered.acquire(timeout=5)
     try:
-        assert client.served_version() == 2  # would block on the semaphore before
-        client.update_weights("/w/version_000003", 3)
-        assert client.synced_version == 3
+        assert client.served_version() == 2  # a control call: not behind the semaphore
+        push = threading.Thread(target=client.update_weights, args=("/w/version_000003", 3))
+        push.start()
+        push.join(0.2)
+        assert push.is_alive() and "/update_weights_from_disk" not in state["calls"]  # drains first
+        release.set()
+        push.join(10)
+        assert client.synced_version == 3 and state["calls"][-1] == "/flush_cache"
+        [r] = client.generate([[1, 2]], sp)
+        assert r.policy_version == 3
     finally:
         release.set()
         for t in threads:
             t.join()
         client.close()
+
+
+def test_a_weight_load_the_server_cannot_confirm_holds_generation():
+    """SGLang 0.5.23 answers 400 after swapping (flush refused, no version bump): the push fails and
+    no /generate is sent until a later push succeeds (never a turn stamped with other weights)."""
+    state = {"fail": True, "generated": 0}
+
+    def handler(request: httpx.Request):
+        path = request.url.path
+        if path == "/update_weights_from_disk":
+            if state["fail"]:
+                return httpx.Response(400, json={"success": False, "message": "Weights were updated, but the cache "
+                                                 "was not flushed because requests are still running or queued."})
+            return httpx.Response(200, json={"success": True})
+        if path == "/get_model_info":
+            return httpx.Response(200, json={"weight_version": "4"})
+        if path == "/generate":
+            state["generated"] += 1
+            return httpx.Response(200, json={"meta_info": {"output_token_logprobs": [[-1.0, 5, None]],
+                                                           "finish_reason": {"type": "length"}, "weight_version": "4"}})
+        if path == "/v1/loads":
+            return httpx.Response(200, json={"loads": [{"num_running_reqs": 0, "num_waiting_reqs": 0}]})
+        return httpx.Response(200, json={"data": [{}]}) if path == "/v1/models" else httpx.Response(200, text="ok")
+
+    client = SGLangEngine("http://policy:30000", timeout_s=0.3)
+    transport = httpx.MockTransport(handler)
+    client._client = httpx.Client(base_url=client.url, transport=transport)  # noqa: SLF001
+    client._control = httpx.Client(base_url=client.url, transport=transport)  # noqa: SLF001
+    with pytest.raises(Exception, match="cache was not flushed"):
+        client.update_weights("/w/version_000004", 4)
+    with pytest.raises(Exception, match="held"):
+        client.generate([[1, 2]], SamplingParams(max_new_tokens=1))
+    assert state["generated"] == 0 and client.synced_version is None
+    state["fail"] = False
+    client.update_weights("/w/version_000004", 4)
+    assert client.generate([[1, 2]], SamplingParams(max_new_tokens=1))[0].policy_version == 4
+    client.close()
 
 
 def test_server_concurrency_follows_the_stage():

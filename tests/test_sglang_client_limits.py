@@ -47,7 +47,9 @@ def _mock_client(handler):
     import httpx
 
     client = SGLangEngine("http://sglang.test", max_retries=0)
-    client._client = httpx.Client(base_url=client.url, transport=httpx.MockTransport(handler))
+    transport = httpx.MockTransport(handler)  # generation and control calls alike
+    client._client = httpx.Client(base_url=client.url, transport=transport)
+    client._control = httpx.Client(base_url=client.url, transport=transport)
     return client
 
 

@@ -218,6 +218,7 @@ class Server:
         self.model_path = model_path
         self.default_max_tokens = default_max_tokens
         self.batcher = Batcher(engine, max_batch, batch_window_s)
+        self.running = 0  # requests between arrival and response (SGLang's running + waiting)
         # the model's EOS ids (Qwen3 generation_config.json)
         self.eos_ids = tokenizer.end_of_turn_ids
         cfg = getattr(engine, "cfg", None)
@@ -486,10 +487,13 @@ def create_app(server: Server) -> fastapi.FastAPI:
         return _error(500, str(e))
 
     async def generate_many(reqs: list[_Request]) -> list[GenerateResult]:
+        server.running += len(reqs)
         try:  # requests were validated before queuing: what the engine raises is its own failure
             return await asyncio.gather(*(server.run(r.ids, r.params) for r in reqs))
         except Exception as e:
             raise EngineFailure(f"{type(e).__name__}: {e}") from e
+        finally:
+            server.running -= len(reqs)
 
     @app.get("/health")
     async def health():
@@ -500,6 +504,22 @@ def create_app(server: Server) -> fastapi.FastAPI:
         return {"model_path": server.model_path, "tokenizer_path": server.tokenizer.path,
                 "is_generation": True, "weight_version": str(server.engine.policy_version),
                 "max_batch": server.batcher.max_batch}
+
+    # SGLang's load reports (the push waits for 0 before updating weights): 0.5.3's /get_load,
+    # 0.5.2x's /v1/loads (sglang_client.IDLE_ENDPOINTS)
+    @app.get("/get_load")
+    async def get_load():
+        return [{"dp_rank": 0, "num_reqs": server.running, "num_waiting_reqs": 0, "num_tokens": 0}]
+
+    @app.get("/v1/loads")
+    async def loads():
+        return {"loads": [{"dp_rank": 0, "num_running_reqs": server.running, "num_waiting_reqs": 0}]}
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache():  # as SGLang's scheduler.flush_cache: refused while requests run
+        ok = server.running == 0
+        return fastapi.Response("Cache flushed.\n" if ok else "Cache not flushed: requests are running.\n",
+                                status_code=200 if ok else 400)
 
     @app.get("/v1/models")
     async def models():  # SGLang's ModelCard: max_model_len is the context length it validates against

@@ -39,6 +39,7 @@ go as JSON with `Content-Type: application/json` (SGLang rejects other content t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -62,6 +63,13 @@ _CONTEXT_ERRORS = ("context length", "exceeds the maximum allowed length")
 # weight update (sglang/srt/entrypoints/http_server.py, health_generate): seconds on a busy server,
 # and it answers 503 itself after its own HEALTH_CHECK_TIMEOUT_S (20 s); a 4B reload takes longer.
 HEALTH_TIMEOUT_S = 60.0
+IDLE_POLL_S = 0.05
+# Where a server says how many requests it runs or queues, per DP rank (update_weights waits for 0):
+# sglang 0.5.3 GET /get_load -> [{"num_reqs" (running + waiting), "num_waiting_reqs", ...}]
+# (managers/scheduler.py get_load); 0.5.2x GET /v1/loads -> {"loads": [{"num_running_reqs",
+# "num_waiting_reqs", ...}]} (entrypoints/v1_loads.py, managers/load_snapshot.py).
+IDLE_ENDPOINTS = (("/v1/loads", lambda j: j.get("loads") or [], ("num_running_reqs", "num_waiting_reqs")),
+                  ("/get_load", lambda j: j if isinstance(j, list) else [j], ("num_reqs",)))
 CONTROL_CONNECTIONS = 4  # weight loads, version queries, health: a few at a time per server
 
 
@@ -125,7 +133,10 @@ class SGLangEngine(ServedFromDisk):
         self._context_length: int | None = None
         self._context_known = False
         self._info_lock = threading.Lock()
-        self.concurrency = concurrency
+        self.concurrency, self.timeout_s = concurrency, timeout_s
+        self._gate = threading.Condition()  # weight updates hold new /generate calls (update_weights)
+        self._held, self._inflight, self._drained_by = False, 0, 0.0
+        self._idle_endpoint: str | None = None  # which load endpoint this server has ("" = none)
         self._sem = threading.BoundedSemaphore(concurrency)
         timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
         self._client = httpx.Client(base_url=self.url, timeout=timeout, limits=httpx.Limits(
@@ -146,7 +157,8 @@ class SGLangEngine(ServedFromDisk):
             "sampling_params": [sampling_json(p) for p in ps] if batched else sampling_json(ps[0]),
             "return_logprob": True,
         }
-        out = self._request("POST", "/generate", body)
+        with self._generation_slot():
+            out = self._request("POST", "/generate", body)
         outs = out if batched else [out]
         if not isinstance(outs, list) or len(outs) != len(input_ids):
             raise EngineUnavailableError(
@@ -203,12 +215,84 @@ class SGLangEngine(ServedFromDisk):
 
     def update_weights(self, path: str, version: int) -> None:
         """Makes the server load the HF checkpoint at `path` (a path on the server's machine) as
-        policy `version` (`/update_weights_from_disk`); SGLang waits for in-flight requests, then swaps."""
+        policy `version` (`/update_weights_from_disk`), safe against SGLang's flush race
+        (sgl-project/sglang#14062: an update that lands while a finished request still sits in the
+        scheduler's running batch kills 0.5.3's scheduler, `assert flush_cache_success`, and makes
+        0.5.23 answer 400 after the weights were swapped, without the version bump):
+
+        1. hold: this client sends no new /generate and waits for its own to come back;
+        2. wait until the server reports nothing running or queued (`IDLE_ENDPOINTS`);
+        3. load; 4. verify that the server now names `version`; 5. flush the radix cache.
+
+        Any failure raises, and the hold stays until a later update succeeds: no turn is sampled on
+        weights the server cannot name (each held request waits up to the client's timeout, then
+        fails as an infrastructure error). docs/gpu_serving.md cites the SGLang code."""
+        with self._gate:
+            self._held = True
+            self._drained_by = time.monotonic() + self.timeout_s
+            while self._inflight:
+                if not self._gate.wait(max(0.0, self._drained_by - time.monotonic())):
+                    raise EngineUnavailableError(f"{self.url}: /generate calls still running after "
+                                                 f"{self.timeout_s:.0f} s; weight update not sent")
+        self._wait_idle()
         out = self._request("POST", "/update_weights_from_disk",
                             {"model_path": str(path), "weight_version": str(version)}, control=True)
         if not out.get("success"):
             raise EngineRequestError(f"{self.url} could not load {path}: {out.get('message')}")
+        served = str(self.model_info().get("weight_version", ""))
+        if served != str(version):
+            raise EngineRequestError(f"{self.url} loaded {path} but serves weight_version {served!r}, not {version}")
+        r = self._control.post("/flush_cache")
+        if r.status_code != 200:
+            raise EngineRequestError(f"{self.url}/flush_cache refused ({r.status_code}): {r.text[:300]}")
         self.policy_version = self.synced_version = version
+        with self._gate:
+            self._held = False
+            self._gate.notify_all()
+
+    def _wait_idle(self) -> None:
+        """Until the server has no request running or queued (its load endpoint; one it lacks is
+        skipped): what SGLang's flush needs (scheduler.flush_cache: empty waiting queue and running batch)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            busy = self._server_busy()
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise EngineUnavailableError(f"{self.url} still runs {busy} request(s) after {self.timeout_s:.0f} s "
+                                             "with this client holding its own: another client is using it?")
+            time.sleep(IDLE_POLL_S)
+
+    def _server_busy(self) -> int:
+        """Requests the server runs or queues, over its DP ranks (0 when it has no load endpoint)."""
+        for path, rows, fields in IDLE_ENDPOINTS:
+            if self._idle_endpoint not in (None, path):
+                continue
+            r = self._control.get(path)
+            if r.status_code == 404:
+                continue
+            if r.status_code >= 400:
+                raise EngineUnavailableError(f"{self.url}{path} answered {r.status_code}: {r.text[:300]}")
+            self._idle_endpoint = path
+            loads = rows(r.json())
+            return sum(int(load.get(f) or 0) for load in loads for f in fields)
+        self._idle_endpoint = ""
+        return 0
+
+    @contextlib.contextmanager
+    def _generation_slot(self):
+        """A /generate call, unless a weight update holds them (then it waits, up to timeout_s)."""
+        with self._gate:
+            if self._held and not self._gate.wait_for(lambda: not self._held, self.timeout_s):
+                raise EngineUnavailableError(f"{self.url}: generation held for {self.timeout_s:.0f} s by a weight "
+                                             "update that has not succeeded (the learner re-syncs)")
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._inflight -= 1
+                self._gate.notify_all()
 
     def health(self) -> bool:
         """True when /health answers 200 within HEALTH_TIMEOUT_S (503 while starting, a timeout:
