@@ -10,7 +10,8 @@
 #                               Rollouts call /generate with token ids (tau2jax SGLangEngine,
 #                               config.engine.kind=sglang, config.engine.url=http://127.0.0.1:30000);
 #                               the trainer pushes new weights with /update_weights_from_disk
-#                               (tau2jax.inference.weight_sync: publish + sync_engine).
+#                               (tau2jax.inference.weight_sync: publish + sync_engine). A server
+#                               that dies is restarted (MAX_RESTARTS, logged: supervise below).
 #   port 30001  user simulator  SGLang on USER_GPUS; tau2's user simulator calls its OpenAI endpoint
 #                               through litellm (config.user.kind=llm,
 #                               config.user.base_url=http://127.0.0.1:30001/v1,
@@ -27,7 +28,7 @@
 # other nodes, for learners elsewhere; the script says so loudly, since anyone on that network can
 # then call the servers (no authentication; /update_weights_from_disk loads any path).
 #
-# SGLang >= 0.5.3 (checked at launch): --weight-version needs 0.5.1, the per-request
+# SGLang >= 0.5.3 (checked at launch): --weight-version on updates needs 0.5.1, the per-request
 # sampling_seed 0.5.3. DETERMINISTIC=1 launches both servers with --enable-deterministic-inference,
 # without which SGLang ignores sampling_seed (seeded episodes are then not reproducible); it costs
 # ~34% overhead (batch-invariant kernels; see docs/gpu_serving.md). SGLang 0.5.3 refuses that flag
@@ -82,6 +83,8 @@ USER_PORT=${USER_PORT:-30001}
 CONTEXT_LENGTH=${CONTEXT_LENGTH:-32768}
 MEM_FRACTION=${MEM_FRACTION:-0.85}        # weights (8 GB bf16) + KV cache; the rest for activations
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-900}   # model load + CUDA graph capture take minutes
+MAX_RESTARTS=${MAX_RESTARTS:-5}           # a server that dies after it was healthy is restarted this often
+RESTART_DELAY_S=${RESTART_DELAY_S:-5}
 LOG_DIR=${LOG_DIR:-runs/gpu_node_logs}
 BIND_HOST=${BIND_HOST:-127.0.0.1}         # the address both servers listen on
 if [[ "$BIND_HOST" != 127.0.0.1 ]]; then
@@ -94,36 +97,64 @@ mkdir -p "$LOG_DIR"
 num_gpus() { awk -F, '{print NF}' <<<"$1"; }
 
 pids=()
-cleanup() {  # stop only the servers this script started
+cleanup() {  # stop only the servers this script started (their supervisors stop their child)
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait "${pids[@]}" 2>/dev/null || true
 }
 trap cleanup EXIT INT TERM
+rm -f "$LOG_DIR"/*.ready
 
-# Policy. --weight-version 0: every /generate reports the weights' version in
-# meta_info.weight_version, and /update_weights_from_disk sets it, so each rollout is attributed
-# to the exact policy version that sampled it (SGLangEngine reads it). No --tool-call-parser: the
-# policy is driven token-in/token-out and tau2jax parses <tool_call> itself.
+# supervise NAME CMD...: runs the server, and restarts it when it dies after it was once healthy
+# (SGLang 0.5.3's scheduler asserts on a failed cache flush and takes the server down; a CUDA
+# fault does too), at most MAX_RESTARTS times, each logged to stderr, $LOG_DIR/NAME.log and
+# $LOG_DIR/restarts.log. A server that dies before its first health check is a launch failure:
+# no restart. The trainer rides through a restart (tau2jax.rl.policy_sync: rollouts wait, then the
+# weights are pushed again, since a restarted SGLang serves its start checkpoint as "default").
+supervise() {
+  local name=$1 restarts=0 child rc
+  shift
+  trap '[[ -n ${child:-} ]] && kill "$child" 2>/dev/null; wait "${child:-}" 2>/dev/null; exit 0' TERM INT
+  while true; do
+    "$@" >>"$LOG_DIR/$name.log" 2>&1 &
+    child=$!
+    echo "$child" >"$LOG_DIR/$name.pid"
+    rc=0; wait "$child" || rc=$?
+    if [[ ! -f $LOG_DIR/$name.ready ]]; then exit "$rc"; fi  # never healthy: wait_healthy reports it
+    if ((restarts >= MAX_RESTARTS)); then
+      echo "gpu_node.sh: $name server exited (rc $rc) after $restarts restarts; giving up" | tee -a "$LOG_DIR/$name.log" >&2
+      exit 1
+    fi
+    restarts=$((restarts + 1))
+    echo "gpu_node.sh: $name server exited (rc $rc); restart $restarts/$MAX_RESTARTS in ${RESTART_DELAY_S}s" \
+      | tee -a "$LOG_DIR/$name.log" >&2
+    echo "$(date +%s) $name $restarts $rc" >>"$LOG_DIR/restarts.log"
+    sleep "$RESTART_DELAY_S"
+  done
+}
+
+# Policy. No --weight-version: SGLang then reports weight_version "default" until the trainer's
+# first /update_weights_from_disk names one, in /get_model_info and every /generate's meta_info,
+# so a turn is attributed to the exact policy version that sampled it (SGLangEngine reads it) and
+# a restarted server's start checkpoint is never mistaken for one of ours. No --tool-call-parser:
+# the policy is driven token-in/token-out and tau2jax parses <tool_call> itself.
 # Log-probs: SGLang returns log-softmax(logits / temperature) of the sampled token, before
 # top-k/top-p: tau2jax's behaviour log-prob convention (what the learner recomputes).
-CUDA_VISIBLE_DEVICES=$POLICY_GPUS "$SGLANG_PYTHON" -m sglang.launch_server \
+CUDA_VISIBLE_DEVICES=$POLICY_GPUS supervise policy "$SGLANG_PYTHON" -m sglang.launch_server \
   --model-path "$POLICY_MODEL" --served-model-name policy \
   --host "$BIND_HOST" --port "$POLICY_PORT" \
   --dp-size "$(num_gpus "$POLICY_GPUS")" --tp-size 1 \
   --dtype bfloat16 --context-length "$CONTEXT_LENGTH" --mem-fraction-static "$MEM_FRACTION" \
-  --weight-version 0 $EXTRA_SGLANG_ARGS \
-  >"$LOG_DIR/policy.log" 2>&1 &
+  $EXTRA_SGLANG_ARGS &
 pids+=($!)
 
 # User simulator. --tool-call-parser qwen25 turns Qwen3's <tool_call> blocks into OpenAI
 # tool_calls (telecom's user owns device tools); the chat template is the model's own.
-CUDA_VISIBLE_DEVICES=$USER_GPUS "$SGLANG_PYTHON" -m sglang.launch_server \
+CUDA_VISIBLE_DEVICES=$USER_GPUS supervise user "$SGLANG_PYTHON" -m sglang.launch_server \
   --model-path "$USER_MODEL" --served-model-name "$USER_NAME" \
   --host "$BIND_HOST" --port "$USER_PORT" \
   --dp-size "$(num_gpus "$USER_GPUS")" --tp-size 1 \
   --dtype bfloat16 --context-length "$CONTEXT_LENGTH" --mem-fraction-static "$MEM_FRACTION" \
-  --tool-call-parser qwen25 $EXTRA_SGLANG_ARGS \
-  >"$LOG_DIR/user.log" 2>&1 &
+  --tool-call-parser qwen25 $EXTRA_SGLANG_ARGS &
 pids+=($!)
 
 wait_healthy() {  # name port pid
@@ -137,15 +168,16 @@ wait_healthy() {  # name port pid
     fi
     sleep 5
   done
+  touch "$LOG_DIR/$1.ready"  # from now on its supervisor restarts it when it dies
   echo "$1 server ready on http://$BIND_HOST:$2"
 }
 wait_healthy policy "$POLICY_PORT" "${pids[0]}"
 wait_healthy user "$USER_PORT" "${pids[1]}"
 
 if (($# == 0)); then
-  echo "serving (Ctrl-C stops both servers); logs in $LOG_DIR"
+  echo "serving (Ctrl-C stops both servers; a dead one is restarted up to $MAX_RESTARTS times); logs in $LOG_DIR"
   wait -n "${pids[@]}"
-  exit 1  # a server died
+  exit 1  # a server died past its restarts
 fi
 
 # The trainer on its own GPUs, pointed at both servers.
