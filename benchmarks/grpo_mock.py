@@ -69,7 +69,7 @@ def run_seed(base, seed: int, sampled: int) -> dict:
     greedy = {p: v["pass@1"] for p, v in r["stages"].items()}
     start = os.path.join(c.workdir, "sft_rft", "params")  # GRPO's init (stages/pipeline.py)
     ev = pipeline.step_config(c, "eval_rft", {"params": {"sft_rft": start}})
-    temperature = c.pipeline.grpo.rl.temperature
+    temperature = c.pipeline.grpo.rl.rollout.temperature
     out = {"seed": seed, "greedy": greedy, "grpo_steps": _grpo_signal(os.path.join(c.workdir, "grpo"))}
     steps = out["grpo_steps"]
     # The GRPO step's own record (a rerun keeps it): its wall time, and resumed_from > 0 if it continued a checkpoint
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         "setting": "configs/tiny_pipeline.py per seed; GRPO from the RFT step's SFT checkpoint (before = that checkpoint)",
         "train_task_ids": c.pipeline.train_task_ids, "sft_steps": c.pipeline.sft.train.steps,
         "grpo_steps": g.rl.steps, "samples_per_task": g.rl.samples_per_task,
-        "rollout_temperature": g.rl.temperature, "grpo_lr": g.optim.lr, "sampled_eval_samples": args.sampled,
+        "rollout_temperature": g.rl.rollout.temperature, "grpo_lr": g.optim.lr, "sampled_eval_samples": args.sampled,
         "per_seed": seeds,
         "grpo_above_start_greedy": sum(s["margin"]["greedy"] > 0 for s in seeds),
         "grpo_above_start_sampled": sum(s["margin"]["sampled"] > 0 for s in seeds),

@@ -215,7 +215,7 @@ def compiles(files, out_dir) -> list[str]:
                          f"{d['config']['timed_rounds']} timed rounds per mode", d["compiles_in_timed_rounds"]])
         for run in ("sync", "async"):
             if f"learner_compiles_{run}" in d:
-                rows.append([link(path, out_dir), f"GRPO learner step shapes, {run} run (row buckets; rl.micro_batch_rows: 3 at most)",
+                rows.append([link(path, out_dir), f"GRPO learner step shapes, {run} run (row buckets; rl.batch.micro_batch_rows: 3 at most)",
                              f"{d['config']['steps']} steps, first included", d[f"learner_compiles_{run}"]])
     return table(["file", "what", "counted over", "compiles"], rows)
 

@@ -5,7 +5,7 @@
 Runs stage `grpo` (`tau2jax.stages.grpo.run`) on `configs/tiny_grpo_toy.py` (the "toy" Qwen3, the
 built-in engine, CPU) twice in one process, identical except `rl.max_staleness`: 0 (synchronous:
 the next step's episodes start after the weight push) and 1 (they start while the learner trains).
-Each agent turn sleeps `rl.toy_turn_latency_s`, standing in for what dominates real tau2 rollouts
+Each agent turn sleeps `rl.toy.turn_latency_s`, standing in for what dominates real tau2 rollouts
 and uses no CPU here: the user simulator's and the tools' latency. Both runs get the same episode
 concurrency (enough for two steps of groups, which only the asynchronous run can use).
 
@@ -49,14 +49,14 @@ def grpo_config(workdir: str, *, steps: int, max_staleness: int, latency: float)
     c.workdir = workdir
     c.rl.steps = steps
     c.rl.max_staleness = max_staleness
-    c.rl.toy_turn_latency_s = latency
-    c.rl.concurrency = CONCURRENCY
+    c.rl.toy.turn_latency_s = latency
+    c.rl.rollout.concurrency = CONCURRENCY
     c.engine.max_batch = CONCURRENCY
     c.train.checkpoint_every = steps  # the final one only: checkpoint I/O is not what is compared
     # One packed row per step (64 episodes of <= 14 tokens): a fixed learner shape, compiled once.
     # With 64-token rows the row count moves between power-of-two buckets and a new one recompiles
     # mid-run, which would time XLA instead of the overlap.
-    c.rl.max_len = 1024
+    c.rl.batch.max_len = 1024
     return c
 
 
@@ -70,7 +70,7 @@ def warm_engine(config) -> None:
 
     cfg = builders.model_config(config)
     engine = builders.rollout_engine(config, cfg, qwen3.init_params(cfg, jax.random.key(0)), None, 0)
-    sampling = SamplingParams(temperature=config.rl.temperature, max_new_tokens=1)
+    sampling = SamplingParams(temperature=config.rl.rollout.temperature, max_new_tokens=1)
     b = 1
     while b <= config.engine.max_batch:
         engine.generate([[1, 5, 4, 2]] * b, sampling)

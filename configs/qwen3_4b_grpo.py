@@ -44,15 +44,15 @@ def get_config(arg: str = ""):
     c.rl.steps = 200
     c.rl.tasks_per_step = 16
     c.rl.samples_per_task = 4
-    c.rl.temperature = 0.7
-    c.rl.top_p = 1.0
-    c.rl.top_k = 0
-    c.rl.concurrency = 64  # every episode of a step in flight: SGLang batches them
-    c.rl.max_len = 16384  # packed rows; tau2 conversations run ~6-12k tokens
-    c.rl.eps_low, c.rl.eps_high = 0.2, 0.28
-    c.rl.kl_coef, c.rl.kl_type = 0.01, "k3"
-    c.rl.entropy_coef = 0.001
-    c.rl.vocab_chunk = 151936 // 8  # learner log-probs a vocabulary block at a time
+    c.rl.rollout.temperature = 0.7
+    c.rl.rollout.top_p = 1.0
+    c.rl.rollout.top_k = 0
+    c.rl.rollout.concurrency = 64  # every episode of a step in flight: SGLang batches them
+    c.rl.batch.max_len = 16384  # packed rows; tau2 conversations run ~6-12k tokens
+    c.rl.loss.eps_low, c.rl.loss.eps_high = 0.2, 0.28
+    c.rl.loss.kl_coef, c.rl.loss.kl_type = 0.01, "k3"
+    c.rl.loss.entropy_coef = 0.001
+    c.rl.batch.vocab_chunk = 151936 // 8  # learner log-probs a vocabulary block at a time
     c.train.loss_chunk = 1024
     c.train.checkpoint_every = 10
 
@@ -64,7 +64,7 @@ def get_config(arg: str = ""):
     c.optim.clip_norm = 1.0
     # 64 trajectories ≈ 32 packed rows of 16k: micro-batches of one row per GPU (~4 a step); the
     # learner compiles once whatever a step's row count.
-    c.rl.micro_batch_rows = 1
+    c.rl.batch.micro_batch_rows = 1
     if arg:
         raise ValueError(f"configs/qwen3_4b_grpo.py takes no arg, got {arg!r}")
     return c

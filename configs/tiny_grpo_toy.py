@@ -7,8 +7,8 @@ a few percent of episodes, so group advantages have signal from the first step. 
 is JSON with `first_reward` and `final_reward` (mean task reward over the first / last 3 steps).
 About a minute on 2 cores; `tests/test_grpo.py::test_toy_grpo_raises_reward` asserts a gain >= 0.3.
 
-One key -> value table for every task (`rl.toy_shared_table`): the answer can be learnt per key
-or read from the lookup tool. With a table per task (`--config.rl.toy_shared_table=False`) the
+One key -> value table for every task (`rl.toy.shared_table`): the answer can be learnt per key
+or read from the lookup tool. With a table per task (`--config.rl.toy.shared_table=False`) the
 value is only in the tool result and the model must learn to copy it: harder, and not learnt
 reliably in a CI-sized run.
 """
@@ -24,22 +24,22 @@ def get_config(arg: str = ""):
     c.mesh.data = 1  # one device: the step is tiny, collectives would only add latency
 
     c.rl.env = "toy"
-    c.rl.toy_tasks = 16
-    c.rl.toy_shared_table = True
+    c.rl.toy.tasks = 16
+    c.rl.toy.shared_table = True
     c.rl.steps = 40
     c.rl.tasks_per_step = 8
     c.rl.samples_per_task = 8  # more samples per group: more groups with a success early on
-    c.rl.temperature = 1.0
-    c.rl.concurrency = 16
-    c.rl.max_len = 64  # episodes are ~12 tokens
+    c.rl.rollout.temperature = 1.0
+    c.rl.rollout.concurrency = 16
+    c.rl.batch.max_len = 64  # episodes are ~12 tokens
     # Every toy action is one token sampled with max_new_tokens=1, so the engine reports each turn as
     # cut by the length limit; here that is the complete action, and it must be trained.
-    c.rl.keep_length_cut = True
+    c.rl.batch.keep_length_cut = True
     # A malformed toy action ends its episode at reward 0, so its advantage is never positive:
     # training it pushes the random start off malformed tokens.
-    c.rl.malformed_turns = "nonpositive"
-    c.rl.kl_coef = 0.0  # nothing to stay close to: the start is random
-    c.rl.entropy_coef = 0.0
+    c.rl.batch.malformed_turns = "nonpositive"
+    c.rl.loss.kl_coef = 0.0  # nothing to stay close to: the start is random
+    c.rl.loss.entropy_coef = 0.0
 
     c.engine.kind = "builtin"
     c.engine.max_seq_len = 64

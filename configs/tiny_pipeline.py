@@ -76,9 +76,9 @@ def get_config(arg: str = ""):
     # Fixed 2-row micro-batches compile the learner once (rows vary with the episodes kept).
     # 1024-token rows keep the dense attention's [rows, heads, T, T] scores small.
     c.pipeline.grpo = ml_collections.ConfigDict({
-        "rl": {"steps": 10, "tasks_per_step": 7, "samples_per_task": 8, "temperature": 1.0, "concurrency": 36,
-               "max_len": 1024, "dynamic_sampling": True, "max_refill_rounds": 0, "kl_coef": 0.0,
-               "entropy_coef": 0.0, "micro_batch_rows": 2},
+        "rl": {"steps": 10, "tasks_per_step": 7, "samples_per_task": 8, "dynamic_sampling": True,
+               "max_refill_rounds": 0, "rollout": {"temperature": 1.0, "concurrency": 36},
+               "loss": {"kl_coef": 0.0, "entropy_coef": 0.0}, "batch": {"max_len": 1024, "micro_batch_rows": 2}},
         "optim": {"lr": 3e-4, "schedule": "constant", "warmup_frac": 0.0},
         "train": {"checkpoint_every": 5},
     })

@@ -4,13 +4,18 @@
                                               # real Qwen3 vocabulary and tokenizer files (what
                                               # SGLang needs in a model dir); WORK/orbax: it converted
     python launch/rehearsal.py ports          # two free TCP ports on 127.0.0.1
-    python launch/rehearsal.py summary WORK/run WALL_S   # the last-line JSON, from the run's own files
+    python launch/rehearsal.py summary WORK/run WALL_S [WORK/logs]   # the last-line JSON, from the run's
+                                              # own files (and the launcher's and stand-in's logs)
 
 The tally reads only what the run wrote: a pipeline step is done when its `pipeline_step.json` marker
 exists; a weight push is a GRPO step row with weight-sync metrics (plus the push that starts the
 server on the learner's weights); a turn aborted by a push is an episode whose infrastructure error
 is an engine abort (an aborted turn ends its episode); an episode is unaccounted when GRPO's
 rollout dump (`rollouts/step_N.jsonl`, every attempt) holds it and the ledger has no line for it.
+From the logs: a policy restart is a `restarts.log` line of gpu_node.sh's supervisor; a turn is
+stamped wrong when the version its trajectory records is not what the stand-in's request log
+(`policy-requests.jsonl`: weight version per prompt + output digest) says served it, or the log has
+no such request; requests in flight are the stand-in's count when each arrived.
 """
 
 from __future__ import annotations
@@ -58,7 +63,38 @@ def _jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def summary(run: str, wall_s: float) -> dict:
+def _turn_versions(logs: str) -> tuple[dict, int]:
+    """The stand-in's request log -> ({(prompt digest, output digest): {versions served}}, most in flight)."""
+    from tau2jax.inference.engine import UNKNOWN_VERSION
+
+    path = os.path.join(logs, "policy-requests.jsonl")
+    served, most = collections.defaultdict(set), 0
+    for r in _jsonl(path) if os.path.exists(path) else []:
+        v = r["weight_version"]
+        served[r["prompt"], r["output"]].add(int(v) if v.isdigit() else UNKNOWN_VERSION)
+        most = max(most, r["in_flight"])
+    return served, most
+
+
+def stamped_wrong(trajectories: list[dict], served: dict) -> int:
+    """Sampled turns whose recorded policy_version is not one the server says it served them with."""
+    from tau2jax.inference.server import token_digest
+
+    wrong = 0
+    for t in trajectories:
+        ids = t["token_ids"]
+        for turn in t["turns"]:
+            key = (token_digest(ids[:turn["start"]]), token_digest(ids[turn["start"]:turn["end"]]))
+            wrong += turn["policy_version"] not in served.get(key, ())
+    return wrong
+
+
+def _restarts(logs: str, name: str) -> int:
+    path = os.path.join(logs, "restarts.log")
+    return sum(line.split()[1] == name for line in open(path)) if os.path.exists(path) else 0
+
+
+def summary(run: str, wall_s: float, logs: str | None = None) -> dict:
     from tau2jax.stages import pipeline
 
     steps_done = [s for s, _, _ in pipeline.STEPS if os.path.exists(os.path.join(run, s, pipeline.DONE))]
@@ -73,16 +109,40 @@ def summary(run: str, wall_s: float) -> dict:
                if isinstance(r, dict) and "infra_error" in r]
     aborted = sum("abort" in (r.get("infra_error") or "") for r in records)
 
-    dumped = collections.Counter()
+    dumped, grpo_trajs = collections.Counter(), []
     for p in glob.glob(os.path.join(grpo, "rollouts", "step_*.jsonl")):
         step = int(os.path.basename(p)[len("step_"):-len(".jsonl")])
+        grpo_trajs += _jsonl(p)
         dumped.update((step, f"{r['domain']}/{r['task_id']}", r["sample_index"]) for r in _jsonl(p))
     ledger_path = os.path.join(grpo, "rollouts", "ledger.jsonl")
     ledger = collections.Counter((r["step"], r["task"], r["sample_index"])
                                  for r in (_jsonl(ledger_path) if os.path.exists(ledger_path) else []))
-    return {"steps_done": steps_done, "weight_pushes": pushes, "turns_aborted_by_push": aborted,
-            "episodes_unaccounted": sum((dumped - ledger).values()), "episodes_dumped": sum(dumped.values()),
-            "grpo_steps": len(metrics), "wall_s": wall_s}
+    out = {"steps_done": steps_done, "weight_pushes": pushes, "turns_aborted_by_push": aborted,
+           "episodes_unaccounted": sum((dumped - ledger).values()), "episodes_dumped": sum(dumped.values()),
+           "grpo_steps": len(metrics), "wall_s": wall_s}
+    done = os.path.join(grpo, pipeline.DONE)
+    if os.path.exists(done):
+        with open(done) as f:
+            step = json.load(f)
+        out["grpo_optimizer_updates"] = step["result"].get("optimizer_updates")
+        out["rollout_concurrency"] = step["config"]["rl"]["rollout"]["concurrency"]
+    if logs is not None:
+        served, out["max_requests_in_flight"] = _turn_versions(logs)
+        out["turns_stamped_wrong"] = stamped_wrong(grpo_trajs, served) if served else None
+        out["policy_restarts"] = _restarts(logs, "policy")
+        out |= _replicas(logs)
+    return out
+
+
+def _replicas(logs: str) -> dict:
+    """The stand-in's replicas and --dp-size, from its startup line in policy.log (the last start)."""
+    found = {}
+    path = os.path.join(logs, "policy.log")
+    for line in open(path) if os.path.exists(path) else []:
+        if line.startswith("sglang stand-in: ") and "dp_size=" in line:
+            fields = dict(kv.split("=", 1) for kv in line.split()[2:] if "=" in kv)
+            found = {"policy_dp_size": int(fields["dp_size"]), "policy_replicas": int(fields["replicas"])}
+    return found
 
 
 if __name__ == "__main__":
@@ -92,6 +152,6 @@ if __name__ == "__main__":
     elif cmd == "ports":
         print(*free_ports(2))
     elif cmd == "summary":
-        print(json.dumps(summary(args[0], float(args[1]))))
+        print(json.dumps(summary(args[0], float(args[1]), *args[2:3])))
     else:
         raise SystemExit(f"usage: {sys.argv[0]} fixture WORK | ports | summary RUN WALL_S")

@@ -153,19 +153,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.rft.mix_files = ""  # comma-separated SFT JSONL appended to kept.jsonl as is (e.g. gold demos)
 
     # GRPO (stage grpo, tau2jax/stages/grpo.py): K samples per task per step, rollouts on worker threads.
+    # The algorithm here; by concern below it: rl.rollout (sampling, episodes in flight), rl.sync
+    # (weight pushes), rl.loss (the policy loss), rl.batch (packing learner rows), rl.toy (the toy game).
     c.rl = ml_collections.ConfigDict()
-    c.rl.env = "tau2"  # tau2 (tau2.* tasks, split train) | toy (env/toy.py lookup game)
+    c.rl.env = "tau2"  # tau2 (tau2.* tasks, split train) | toy (env/toy.py lookup game: rl.toy)
     c.rl.steps = 200  # optimizer steps = rollout rounds (recipe: 200)
     c.rl.tasks_per_step = 16  # recipe: 16 tasks × 4 samples = 64 trajectories per step
     c.rl.samples_per_task = 4
-    c.rl.temperature = 0.7  # rollout sampling (recipe: T 0.7, top_p 1, no top_k)
-    c.rl.top_p = 1.0
-    c.rl.top_k = 0
-    c.rl.concurrency = 32  # episodes in flight
-    c.rl.max_infra_retries = 2  # per episode; a group still missing a sample is re-queued whole
-    c.rl.max_len = 8192  # tokens per packed learner row; longer trajectories follow rl.overlong
-    c.rl.overlong = "truncate"  # truncate | drop
-    c.rl.keep_length_cut = False  # train turns cut by max_new_tokens (masked by default)
     c.rl.std_normalize = True  # GRPO (r - mean) / std; False = Dr.GRPO (r - mean)
     c.rl.dynamic_sampling = False  # drop zero-variance groups and refill with other tasks (DAPO)
     c.rl.max_refill_rounds = 2
@@ -173,45 +167,63 @@ def default_config() -> ml_collections.ConfigDict:
     # dropped) is played again on fresh groups, at most this many times, then the run stops.
     c.rl.max_empty_rounds = 3
     c.rl.curriculum = False  # recipe's per-task weights on advantages (shared tracker, checkpointed)
-    # Turns that failed to parse (kind "malformed"; their repair, if any, is never trained): "mask"
-    # never trains them; "nonpositive" trains them only when their episode's advantage is negative,
-    # so a malformed turn is only ever pushed down, never reinforced by an episode its repair won.
-    c.rl.malformed_turns = "mask"
     c.rl.repeat_penalty = 0.0  # subtracted per repeated identical tool call (0 = metric only)
-    c.rl.sync_every = 1  # push weights to the engine every N learner steps
-    # Where pushes to a server (SGLang) are published; "" = /dev/shm/... when every engine.url is on
-    # this host, else {workdir}/weights (`weight_sync.default_root`). The newest weights_keep stay.
-    c.rl.weights_dir = ""
-    c.rl.weights_keep = 3
-    c.rl.reference = ""  # frozen KL reference weights; "" = model.init_from (the SFT checkpoint)
-    c.rl.eps_low = 0.2  # PPO clip (recipe: 0.2 / 0.28 clip-higher)
-    c.rl.eps_high = 0.28
-    c.rl.dual_clip = 0.0  # > 1 enables dual-clip (verl: 3.0)
-    c.rl.ratio_level = "token"  # token (PPO) | sequence (GSPO)
-    c.rl.agg_mode = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
-    c.rl.kl_coef = 0.01  # recipe: k3 (low_var_kl) 0.01 to the SFT reference
-    c.rl.kl_type = "k3"  # k1 | k2 | k3
-    c.rl.entropy_coef = 0.001
-    # Token truncated importance sampling: min(exp(learner − behaviour log-prob), cap); 0 = off.
-    # -1 = by engine: 2.0 against SGLang, whose log-probs come from other kernels than the learner's
-    # (the PPO ratio is then anchored on the learner's own recomputation and TIS corrects the gap, as
-    # verl and slime do), off against the built-in engine (the learner's own numerics).
-    c.rl.tis_cap = -1.0
-    c.rl.geo_mask_low = 0.0  # geometric sequence mask bounds (0 = off)
-    c.rl.geo_mask_high = 0.0
-    c.rl.veto_threshold = 0.0  # drop sequences with a token ratio below this (0 = off)
-    c.rl.vocab_chunk = 0  # learner log-probs: vocabulary block (0 = whole vocabulary)
-    # Packed rows per data-parallel device per micro-batch: memory is bounded and the learner
-    # compiles once (fixed-shape micro-batches, looped on the host) though a step's row count
-    # follows its rollouts. 0 = one executable per row bucket, split into optim.grad_accum micro-batches.
-    c.rl.micro_batch_rows = 0
-    c.rl.toy_tasks = 16  # toy env: number of tasks
-    c.rl.toy_shared_table = False  # toy env: one key -> value table for all tasks (memorisable)
-    c.rl.toy_turn_latency_s = 0.0  # toy env: sleep per agent turn (models user/tool latency; benchmarks)
     # Asynchrony (tau2jax/rl/rollout_workers.py): groups for learner step s start once the engine serves
     # version >= s - max_staleness, so rollouts overlap the learner; 0 = synchronous.
     c.rl.max_staleness = 0
-    c.rl.stale_policy = "drop"  # over the bound: drop (ledger "stale") | correct (token TIS, rl.tis_cap or 2.0)
+    c.rl.stale_policy = "drop"  # over the bound: drop (ledger "stale") | correct (token TIS, rl.loss.tis_cap or 2.0)
+
+    c.rl.rollout = ml_collections.ConfigDict()  # how episodes are sampled
+    c.rl.rollout.temperature = 0.7  # recipe: T 0.7, top_p 1, no top_k
+    c.rl.rollout.top_p = 1.0
+    c.rl.rollout.top_k = 0
+    c.rl.rollout.concurrency = 32  # episodes in flight
+    c.rl.rollout.max_infra_retries = 2  # per episode; a group still missing a sample is re-queued whole
+
+    c.rl.sync = ml_collections.ConfigDict()  # learner -> engine weight pushes (rl/policy_sync.py)
+    c.rl.sync.every = 1  # push weights to the engine every N learner steps
+    # Where pushes to a server (SGLang) are published; "" = /dev/shm/... when every engine.url is on
+    # this host, else {workdir}/weights (`weight_sync.default_root`). The newest `keep` stay.
+    c.rl.sync.weights_dir = ""
+    c.rl.sync.keep = 3
+
+    c.rl.loss = ml_collections.ConfigDict()  # the policy loss (rl/losses.py)
+    c.rl.loss.eps_low = 0.2  # PPO clip (recipe: 0.2 / 0.28 clip-higher)
+    c.rl.loss.eps_high = 0.28
+    c.rl.loss.dual_clip = 0.0  # > 1 enables dual-clip (verl: 3.0)
+    c.rl.loss.ratio_level = "token"  # token (PPO) | sequence (GSPO)
+    c.rl.loss.agg_mode = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    c.rl.loss.kl_coef = 0.01  # recipe: k3 (low_var_kl) 0.01 to the SFT reference
+    c.rl.loss.kl_type = "k3"  # k1 | k2 | k3
+    c.rl.loss.reference = ""  # frozen KL reference weights; "" = model.init_from (the SFT checkpoint)
+    c.rl.loss.entropy_coef = 0.001
+    # Token truncated importance sampling: min(exp(learner − behaviour log-prob), cap); 0 = off.
+    # -1 = by engine (`Engine.default_tis_cap`): 2.0 against SGLang, whose log-probs come from other
+    # kernels than the learner's (the PPO ratio is then anchored on the learner's own recomputation
+    # and TIS corrects the gap, as verl and slime do), off against the built-in engine.
+    c.rl.loss.tis_cap = -1.0
+    c.rl.loss.geo_mask_low = 0.0  # geometric sequence mask bounds (0 = off)
+    c.rl.loss.geo_mask_high = 0.0
+    c.rl.loss.veto_threshold = 0.0  # drop sequences with a token ratio below this (0 = off)
+
+    c.rl.batch = ml_collections.ConfigDict()  # trajectories -> packed learner rows (rl/batch.py)
+    c.rl.batch.max_len = 8192  # tokens per packed learner row; longer trajectories follow `overlong`
+    c.rl.batch.overlong = "truncate"  # truncate | drop
+    c.rl.batch.keep_length_cut = False  # train turns cut by max_new_tokens (masked by default)
+    # Turns that failed to parse (kind "malformed"; their repair, if any, is never trained): "mask"
+    # never trains them; "nonpositive" trains them only when their episode's advantage is negative,
+    # so a malformed turn is only ever pushed down, never reinforced by an episode its repair won.
+    c.rl.batch.malformed_turns = "mask"
+    # Packed rows per data-parallel device per micro-batch: memory is bounded and the learner
+    # compiles once (fixed-shape micro-batches, looped on the host) though a step's row count
+    # follows its rollouts. 0 = one executable per row bucket, split into optim.grad_accum micro-batches.
+    c.rl.batch.micro_batch_rows = 0
+    c.rl.batch.vocab_chunk = 0  # learner log-probs: vocabulary block (0 = whole vocabulary)
+
+    c.rl.toy = ml_collections.ConfigDict()  # rl.env="toy": the lookup game (env/toy.py)
+    c.rl.toy.tasks = 16  # number of tasks
+    c.rl.toy.shared_table = False  # one key -> value table for all tasks (memorisable)
+    c.rl.toy.turn_latency_s = 0.0  # sleep per agent turn (models user/tool latency; benchmarks)
 
     # Stage pipeline (tau2jax/stages/pipeline.py): demos -> sft -> rft -> sft -> grpo, evals between them.
     # Every step starts from this whole config; these sub-configs (same keys as the config itself)
@@ -226,6 +238,38 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.lock()
     return c
+
+
+# Keys the `rl` section had before it was split by concern -> where they live now.
+MOVED = {f"rl.{old}": f"rl.{new}" for old, new in {
+    "temperature": "rollout.temperature", "top_p": "rollout.top_p", "top_k": "rollout.top_k",
+    "concurrency": "rollout.concurrency", "max_infra_retries": "rollout.max_infra_retries",
+    "sync_every": "sync.every", "weights_dir": "sync.weights_dir", "weights_keep": "sync.keep",
+    **{k: f"loss.{k}" for k in ("eps_low", "eps_high", "dual_clip", "ratio_level", "agg_mode", "kl_coef",
+                                "kl_type", "reference", "entropy_coef", "tis_cap", "geo_mask_low", "geo_mask_high",
+                                "veto_threshold")},
+    **{k: f"batch.{k}" for k in ("max_len", "overlong", "keep_length_cut", "malformed_turns", "micro_batch_rows",
+                                 "vocab_chunk")},
+    "toy_tasks": "toy.tasks", "toy_shared_table": "toy.shared_table", "toy_turn_latency_s": "toy.turn_latency_s",
+}.items()}  # fmt: skip
+
+
+def moved_key(key: str) -> str | None:
+    """The new name of an old config key (a pipeline override's too: `pipeline.grpo.rl.temperature`)."""
+    for old, new in MOVED.items():
+        if key == old or key.endswith("." + old):
+            return key[: len(key) - len(old)] + new
+    return None
+
+
+def check_override_keys(argv) -> None:
+    """Raises ConfigError for a `--config.<key>=` override naming a key that moved."""
+    for arg in argv:
+        if arg.startswith("--config."):
+            key = arg[len("--config."):].split("=", 1)[0]
+            if (new := moved_key(key)) is not None:
+                raise ConfigError(f"config.{key}: this key moved to config.{new} (the rl section is split by "
+                                  f"concern: rl.rollout, rl.sync, rl.loss, rl.batch, rl.toy); use --config.{new}")
 
 
 def redacted(c: ml_collections.ConfigDict) -> dict:
@@ -263,9 +307,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _require(not p or os.path.exists(p), path_field, f"path {p!r} does not exist")
     _require(c.data.overlong in ("truncate", "drop"), "data.overlong", "must be 'truncate' or 'drop'")
     _require(c.data.max_len > 0 and c.data.batch_size > 0, "data", "max_len and batch_size must be > 0")
-    # the packed row length the stage trains on: SFT rows are data.max_len, GRPO rows rl.max_len
-    row_field = "rl.max_len" if c.stage == "grpo" else "data.max_len"
-    row_len = c.rl.max_len if c.stage == "grpo" else c.data.max_len
+    # the packed row length the stage trains on: SFT rows are data.max_len, GRPO rows rl.batch.max_len
+    row_field = "rl.batch.max_len" if c.stage == "grpo" else "data.max_len"
+    row_len = c.rl.batch.max_len if c.stage == "grpo" else c.data.max_len
     for field, chunk in (("train.loss_chunk", c.train.loss_chunk), ("model.attn_chunk", c.model.attn_chunk)):
         _require(chunk >= 0 and (chunk == 0 or chunk >= row_len or row_len % chunk == 0), field,
                  f"{chunk} must be 0 or divide {row_field} ({row_len}); a remainder would "
@@ -299,22 +343,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
              "steps, tasks_per_step and samples_per_task must be >= 1")
     _require(c.rl.samples_per_task >= 2 or not c.rl.std_normalize, "rl.samples_per_task",
              "group advantages need >= 2 samples per task")
-    _require(c.rl.overlong in ("truncate", "drop"), "rl.overlong", "must be 'truncate' or 'drop'")
-    _require(c.rl.malformed_turns in ("mask", "nonpositive"), "rl.malformed_turns", "must be 'mask' or 'nonpositive'")
+    _require(c.rl.batch.overlong in ("truncate", "drop"), "rl.batch.overlong", "must be 'truncate' or 'drop'")
+    _require(c.rl.batch.malformed_turns in ("mask", "nonpositive"), "rl.batch.malformed_turns", "must be 'mask' or 'nonpositive'")
     _require(c.reward.wrong_call_penalty >= 0, "reward.wrong_call_penalty", "must be >= 0")
-    _require(c.rl.sync_every >= 1 and c.rl.concurrency >= 1, "rl", "sync_every and concurrency must be >= 1")
-    _require(c.rl.weights_keep >= 1, "rl.weights_keep", "must be >= 1")
+    _require(c.rl.sync.every >= 1, "rl.sync.every", "must be >= 1")
+    _require(c.rl.rollout.concurrency >= 1, "rl.rollout.concurrency", "must be >= 1")
+    _require(c.rl.sync.keep >= 1, "rl.sync.keep", "must be >= 1")
     _require(c.rl.max_empty_rounds >= 0, "rl.max_empty_rounds", "must be >= 0")
-    _require(c.rl.max_staleness >= c.rl.sync_every - 1, "rl.max_staleness",
-             f"must be >= rl.sync_every - 1 ({c.rl.sync_every - 1}): between syncs the engine serves a version "
+    _require(c.rl.max_staleness >= c.rl.sync.every - 1, "rl.max_staleness",
+             f"must be >= rl.sync.every - 1 ({c.rl.sync.every - 1}): between syncs the engine serves a version "
              "that many steps old, and groups may only start within the staleness bound")
     _require(c.rl.stale_policy in ("drop", "correct"), "rl.stale_policy", "must be 'drop' or 'correct'")
-    _require(c.rl.tis_cap == -1 or c.rl.tis_cap >= 0, "rl.tis_cap", f"must be -1 (by engine) or >= 0, got {c.rl.tis_cap}")
-    _require(c.rl.toy_turn_latency_s >= 0, "rl.toy_turn_latency_s", "must be >= 0")
-    _require(c.rl.agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"), "rl.agg_mode",
-             f"unknown {c.rl.agg_mode!r}")
-    _require(c.rl.kl_type in ("k1", "k2", "k3"), "rl.kl_type", f"unknown {c.rl.kl_type!r}")
-    _require(c.rl.ratio_level in ("token", "sequence"), "rl.ratio_level", "must be 'token' or 'sequence'")
+    _require(c.rl.loss.tis_cap == -1 or c.rl.loss.tis_cap >= 0, "rl.loss.tis_cap", f"must be -1 (by engine) or >= 0, got {c.rl.loss.tis_cap}")
+    _require(c.rl.toy.turn_latency_s >= 0, "rl.toy.turn_latency_s", "must be >= 0")
+    _require(c.rl.loss.agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"), "rl.loss.agg_mode",
+             f"unknown {c.rl.loss.agg_mode!r}")
+    _require(c.rl.loss.kl_type in ("k1", "k2", "k3"), "rl.loss.kl_type", f"unknown {c.rl.loss.kl_type!r}")
+    _require(c.rl.loss.ratio_level in ("token", "sequence"), "rl.loss.ratio_level", "must be 'token' or 'sequence'")
     _require(c.rft.samples >= 1 and c.rft.concurrency >= 1, "rft", "samples and concurrency must be >= 1")
     _require(c.rft.max_infra_retries >= 0, "rft.max_infra_retries", "must be >= 0")
     _require(c.rft.temperature >= 0.0 and c.rft.top_k >= 0, "rft", "temperature and top_k must be >= 0")

@@ -40,6 +40,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    try:  # before the flags parse: an old key would end there in ml_collections' AttributeError
+        config_lib.check_override_keys(sys.argv[1:])
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file returning a ConfigDict.",
                                               lock_config=True)
     app.run(main)

@@ -132,7 +132,7 @@ def test_tis_by_engine(engine, cap, want):
     the behaviour gap, by default (the engine's `default_tis_cap`); the built-in engine shares the
     learner's numerics (off)."""
     c = config_lib.default_config()
-    c.rl.tis_cap = cap
+    c.rl.loss.tis_cap = cap
     config_lib.validate(c)
     assert grpo.loss_config(c, engine).tis_cap == want
 
@@ -156,7 +156,7 @@ def test_assemble_drops_stale_samples_out_of_their_group():
 
 def test_config_rejects_a_staleness_bound_below_the_sync_interval():
     c = config_lib.default_config()
-    c.rl.sync_every = 3
+    c.rl.sync.every = 3
     with pytest.raises(config_lib.ConfigError, match="rl.max_staleness"):
         config_lib.validate(c)
     c.rl.max_staleness = 2
@@ -343,7 +343,7 @@ def test_async_sigkill_resume_trains_no_group_twice(tmp_path):
     rerun replays them; each step's groups are trained once, staleness stays within the bound, the
     curriculum state is restored, and the metrics carry the async counters."""
     common = ["--config", "configs/tiny_grpo_toy.py", f"--config.workdir={tmp_path}", "--config.rl.steps=8",
-              "--config.rl.max_staleness=1", "--config.rl.toy_turn_latency_s=0.005", "--config.rl.curriculum=True",
+              "--config.rl.max_staleness=1", "--config.rl.toy.turn_latency_s=0.005", "--config.rl.curriculum=True",
               "--config.train.checkpoint_every=2", "--config.train.async_checkpoint=False"]
     proc = start_train(*common)
     metrics = tmp_path / "metrics.jsonl"

@@ -185,13 +185,13 @@ def test_toy_grpo_raises_reward():
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        summary = train("--config", "configs/tiny_grpo_toy.py", f"--config.workdir={d}", "--config.rl.micro_batch_rows=1")
+        summary = train("--config", "configs/tiny_grpo_toy.py", f"--config.workdir={d}", "--config.rl.batch.micro_batch_rows=1")
     assert summary["final_reward"] - summary["first_reward"] >= 0.3, summary
     assert summary["learner_compiles"] == 3
 
 
 def test_micro_batches_by_rows_equal_one_pass_and_compile_once(rollouts):
-    """rl.micro_batch_rows: the host loops over fixed-shape micro-batches; as (sum, count) the loss
+    """rl.batch.micro_batch_rows: the host loops over fixed-shape micro-batches; as (sum, count) the loss
     and the updated params equal one pass over all rows, and a batch with another row count
     compiles nothing new."""
     params, groups = rollouts
@@ -222,12 +222,12 @@ def test_micro_batches_by_rows_equal_one_pass_and_compile_once(rollouts):
 
 
 def test_chunks_must_divide_the_grpo_row_length():
-    """GRPO rows are rl.max_len long: a loss_chunk that does not divide it is refused by name."""
+    """GRPO rows are rl.batch.max_len long: a loss_chunk that does not divide it is refused by name."""
     from tau2jax.config import ConfigError, validate
 
     c = default_config()
-    c.stage, c.rl.max_len, c.data.max_len, c.train.loss_chunk = "grpo", 1000, 1024, 256
-    with pytest.raises(ConfigError, match=r"train.loss_chunk.*rl.max_len \(1000\)"):
+    c.stage, c.rl.batch.max_len, c.data.max_len, c.train.loss_chunk = "grpo", 1000, 1024, 256
+    with pytest.raises(ConfigError, match=r"train.loss_chunk.*rl.batch.max_len \(1000\)"):
         validate(c)
-    c.rl.max_len = 1024
+    c.rl.batch.max_len = 1024
     validate(c)

@@ -28,7 +28,7 @@ TOY = ["--config", "configs/tiny_grpo_toy.py", "--config.rl.steps=4", "--config.
 # random model's turns all hit max_new_tokens, so they are kept (else nothing trains)
 MOCK = ["--config", "configs/tiny_grpo.py", "--config.rl.steps=2", "--config.rl.tasks_per_step=4",
         "--config.rl.samples_per_task=2", "--config.tau2.max_steps=6", "--config.engine.max_new_tokens=24",
-        "--config.rl.keep_length_cut=True", "--config.mesh.data=-1"]
+        "--config.rl.batch.keep_length_cut=True", "--config.mesh.data=-1"]
 
 
 def _run(cmd, env, timeout=TIMEOUT_S) -> subprocess.CompletedProcess:

@@ -271,9 +271,9 @@ def test_a_weight_load_the_server_cannot_confirm_holds_generation():
 
 def test_server_concurrency_follows_the_stage():
     c = config_lib.default_config()
-    for stage, section in builders.STAGE_CONCURRENCY.items():
+    for stage, want in (("eval", c.eval), ("rft", c.rft), ("grpo", c.rl.rollout)):
         c.stage = stage
-        assert builders.request_concurrency(c) == c[section].concurrency
+        assert builders.request_concurrency(c) == want.concurrency
     c.engine.concurrency = 5
     assert builders.request_concurrency(c) == 5
 
@@ -296,16 +296,16 @@ def test_a_step_whose_rollouts_all_failed_is_played_again_not_counted(tmp_path, 
 
     def environment(config):
         _, tok, cfg = real(config)
-        return FailingRound(num_tasks=config.rl.toy_tasks, seed=config.seed,
-                            shared_table=config.rl.toy_shared_table), tok, cfg
+        return FailingRound(num_tasks=config.rl.toy.tasks, seed=config.seed,
+                            shared_table=config.rl.toy.shared_table), tok, cfg
 
     c = tiny_grpo_toy.get_config()
-    c.workdir, c.rl.steps, c.rl.tasks_per_step, c.rl.max_infra_retries = str(tmp_path), 4, 2, 0
+    c.workdir, c.rl.steps, c.rl.tasks_per_step, c.rl.rollout.max_infra_retries = str(tmp_path), 4, 2, 0
     c.train.checkpoint_every, c.mesh.data = 100, -1
     # the groups of step 2, round 0: all their episodes fail
     meta = {"cursor": 0, "requeue": []}
     for target in range(2):
-        for job in group_lib.plan_jobs(toy.ToyEnvironment(num_tasks=c.rl.toy_tasks, seed=c.seed).tasks(), meta,
+        for job in group_lib.plan_jobs(toy.ToyEnvironment(num_tasks=c.rl.toy.tasks, seed=c.seed).tasks(), meta,
                                        target=target, round_=0, n=c.rl.tasks_per_step, seed=c.seed):
             if target == 1:
                 failing |= {derive_seed(c.seed, job.group_id, i): True for i in range(c.rl.samples_per_task)}

@@ -10,7 +10,9 @@ only with --tool-call-parser). The table with SGLang's sources is in docs/gpu_se
 Not SGLang flags (they would be refused): SGLANG_STANDIN_MAX_TOKENS caps an OpenAI request that
 names no max_tokens (default 64: SGLang lets it run to the context, scheduler.py
 init_req_max_new_tokens, and a random tiny user model never stops); SGLANG_STANDIN_VERSION is the
-version reported (0.5.3's rules apply below).
+version reported (0.5.3's rules apply below); SGLANG_STANDIN_LOG_DIR, if set, gets
+`<served-model-name>-requests.jsonl`: a line per /generate result (weight version, digests of the
+prompt and output ids, requests in flight), what launch/rehearsal.py's tally checks turns against.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def parse(argv):
     return args
 
 
+def _request_log(name: str) -> str | None:
+    log_dir = os.environ.get("SGLANG_STANDIN_LOG_DIR")
+    return os.path.join(log_dir, f"{name or 'model'}-requests.jsonl") if log_dir else None
+
+
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -73,7 +80,9 @@ def main(argv=None) -> int:
                                  args.enable_deterministic_inference, args.tool_call_parser)
     server = Server(engine, tokenizer, model_path=args.model_path, context_length=context, rules=rules,
                     served_model_name=args.served_model_name,
-                    default_max_tokens=int(os.environ.get("SGLANG_STANDIN_MAX_TOKENS", "64")))
+                    default_max_tokens=int(os.environ.get("SGLANG_STANDIN_MAX_TOKENS", "64")),
+                    request_log=_request_log(args.served_model_name))
+    print(f"sglang stand-in: dp_size={args.dp_size} replicas=1 (one process serves every --dp-size rank)", flush=True)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -12,7 +12,7 @@ the agent side is token-in/token-out:
   forced too.
 - The sampled text is parsed by the prompt style (prompts.py). Unparseable output is counted
   (`num_format_errors`, also toward max_errors), its turn becomes kind "malformed" with mask 0
-  (its behaviour log-probs kept, so a learner may push it down: `rl.malformed_turns`), and it is
+  (its behaviour log-probs kept, so a learner may push it down: `rl.batch.malformed_turns`), and it is
   answered with the style's repair prompt (mask 0); the regenerated turn is marked kind "repair"
   with mask 0, so it is never trained as if sampled. If every repair fails too, the episode ends as
   tau2's AGENT_ERROR (reward 0). No malformed output is ever trained toward by SFT on the record.

@@ -8,7 +8,7 @@ turn), on turns that failed to parse (kind "malformed": never a target to imitat
 and on turns regenerated after a format-repair prompt (kind "repair": conditioned on a prompt the
 policy never saw in ordinary play, so never trained as if sampled). `behaviour_logprobs` is 0.0
 wherever the mask is 0, except on malformed turns, which keep theirs so that a learner may train
-them with a non-positive advantage (`rl.malformed_turns`).
+them with a non-positive advantage (`rl.batch.malformed_turns`).
 
 `turns` lists every generated span as {"start", "end", "kind", "policy_version", "engine",
 "finish_reason", "temperature", "top_p", "top_k", "seed"} (token offsets, end exclusive, covering

@@ -52,6 +52,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import queue
 import socket
@@ -208,7 +210,7 @@ class Server:
     def __init__(self, engine, tokenizer, *, model_path: str = "", max_batch: int = 32,
                  batch_window_s: float = 0.005, default_max_tokens: int = 1024,
                  context_length: int | None = None, rules: SGLangRules | None = None,
-                 served_model_name: str = ""):
+                 served_model_name: str = "", request_log: str | None = None):
         self.engine = engine
         self.rules = rules or SGLangRules()
         self.update_lock = ModelUpdateLock()
@@ -219,6 +221,8 @@ class Server:
         self.default_max_tokens = default_max_tokens
         self.batcher = Batcher(engine, max_batch, batch_window_s)
         self.running = 0  # requests between arrival and response (SGLang's running + waiting)
+        # JSONL, a line per /generate result: which weights served which tokens (the rehearsal's tally)
+        self.request_log = request_log
         # the model's EOS ids (Qwen3 generation_config.json)
         self.eos_ids = tokenizer.end_of_turn_ids
         cfg = getattr(engine, "cfg", None)
@@ -354,6 +358,15 @@ class Server:
             meta["output_token_logprobs"] = [[float(lp), int(t), None] for lp, t in zip(r.logprobs, r.output_ids)]
         return {"text": text, "output_ids": list(r.output_ids), "meta_info": meta}
 
+    def log_served(self, reqs: list[_Request], results: list[GenerateResult], in_flight: int) -> None:
+        if self.request_log is None:
+            return
+        lines = "".join(json.dumps({"t": time.time(), "weight_version": str(r.policy_version), "in_flight": in_flight,
+                                    "prompt": token_digest(q.ids), "output": token_digest(r.output_ids)}) + "\n"
+                        for q, r in zip(reqs, results))
+        with open(self.request_log, "a") as f:  # one write per request batch: replicas append whole lines
+            f.write(lines)
+
     # /v1/chat/completions
 
     def parse_chat(self, body: dict) -> tuple[list[int], SamplingParams, set[str]]:
@@ -426,6 +439,11 @@ class Server:
         return f"loaded {model_path} as policy version {version}"
 
 
+def token_digest(ids) -> str:
+    """A short, stable name of a token sequence (request logs and what reads them)."""
+    return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
 def _chat_message(m: dict) -> dict:
     """OpenAI message -> the dict ChatFormat renders (content parts joined, "developer" = system)."""
     if not isinstance(m, dict):
@@ -486,10 +504,14 @@ def create_app(server: Server) -> fastapi.FastAPI:
         log.warning("engine failure: %s", e)
         return _error(500, str(e))
 
-    async def generate_many(reqs: list[_Request]) -> list[GenerateResult]:
+    async def generate_many(reqs: list[_Request], log: bool = False) -> list[GenerateResult]:
         server.running += len(reqs)
+        in_flight = server.running
         try:  # requests were validated before queuing: what the engine raises is its own failure
-            return await asyncio.gather(*(server.run(r.ids, r.params) for r in reqs))
+            results = await asyncio.gather(*(server.run(r.ids, r.params) for r in reqs))
+            if log:
+                server.log_served(reqs, results, in_flight)
+            return results
         except Exception as e:
             raise EngineFailure(f"{type(e).__name__}: {e}") from e
         finally:
@@ -535,7 +557,7 @@ def create_app(server: Server) -> fastapi.FastAPI:
         body = await _json_body(request)
         reqs, batched = server.parse_generate(body)
         async with server.update_lock.shared():
-            results = await generate_many(reqs)
+            results = await generate_many(reqs, log=True)
         out = [server.generate_response(q, r, bool(body.get("return_logprob")), t0) for q, r in zip(reqs, results)]
         return out if batched else out[0]
 

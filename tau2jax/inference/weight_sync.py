@@ -295,7 +295,7 @@ def _wait_published(root: str, version: int, timeout_s: float = PUBLISH_WAIT_S) 
     while (latest_version(root) or -1) < version:
         if time.monotonic() > deadline:
             raise TimeoutError(f"policy version {version} did not appear under {root} within {timeout_s:.0f} s: "
-                               "is the publish root on a filesystem every learner host shares (rl.weights_dir)?")
+                               "is the publish root on a filesystem every learner host shares (rl.sync.weights_dir)?")
         time.sleep(0.05)
 
 

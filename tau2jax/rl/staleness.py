@@ -15,7 +15,7 @@ from tau2jax.env.trajectory import Trajectory
 from tau2jax.inference.engine import UNKNOWN_VERSION
 
 POLICIES = ("drop", "correct")
-# "correct" without an explicit rl.tis_cap: truncated IS capped at 2.0 (the common public default).
+# "correct" without an explicit rl.loss.tis_cap: truncated IS capped at 2.0 (the common public default).
 DEFAULT_TIS_CAP = 2.0
 
 

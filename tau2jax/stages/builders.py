@@ -113,7 +113,7 @@ def process_urls(urls: list[str], rank: int, count: int) -> list[str]:
 
 
 # stage -> the config section whose `concurrency` is its episodes in flight
-STAGE_CONCURRENCY = {"eval": "eval", "rft": "rft", "grpo": "rl"}
+STAGE_CONCURRENCY = {"eval": "eval", "rft": "rft", "grpo": "rl.rollout"}
 
 
 def request_concurrency(config) -> int:
@@ -121,7 +121,10 @@ def request_concurrency(config) -> int:
     flight: each episode has at most one turn at a server at a time."""
     if config.engine.concurrency:
         return config.engine.concurrency
-    return config[STAGE_CONCURRENCY.get(config.stage, "eval")].concurrency
+    section = config
+    for name in STAGE_CONCURRENCY.get(config.stage, "eval").split("."):
+        section = section[name]
+    return section.concurrency
 
 
 def sglang_engine(config, *, per_process: bool = False):
@@ -154,7 +157,7 @@ def publish_root(config) -> str:
     """Where GRPO publishes its pushes to the policy servers (`weight_sync.default_root`)."""
     from tau2jax.inference import weight_sync
 
-    return weight_sync.default_root(config.workdir, policy_servers(config), config.rl.weights_dir)
+    return weight_sync.default_root(config.workdir, policy_servers(config), config.rl.sync.weights_dir)
 
 
 # What decides the weights an engine serves, per kind (resume checks: `stages/resume.run_settings`).
@@ -200,7 +203,7 @@ def rollout_engine(config, model_cfg, params, tok, version: int):
     """GRPO's engine holding `params` as policy `version`: the built-in engine in this process
     (weights pushed as device arrays; with several processes it gathers a whole copy onto this
     process's first device), or SGLang over HTTP (this process's share of the servers; weights
-    published under `rl.weights_dir`, `weight_sync.default_root`)."""
+    published under `rl.sync.weights_dir`, `weight_sync.default_root`)."""
     if config.engine.kind == "builtin":
         import jax
 
@@ -215,7 +218,7 @@ def rollout_engine(config, model_cfg, params, tok, version: int):
         from tau2jax.inference import weight_sync
 
         engine = sglang_engine(config, per_process=True)
-        engine.publication = weight_sync.Publication(model_cfg, publish_root(config), keep=config.rl.weights_keep)
+        engine.publication = weight_sync.Publication(model_cfg, publish_root(config), keep=config.rl.sync.keep)
         return engine
     raise config_lib.ConfigError(f"config.engine.kind={config.engine.kind!r}: GRPO needs builtin or sglang")
 
@@ -287,8 +290,8 @@ def rl_environment(config):
     if config.rl.env == "toy":
         from tau2jax.env.toy import ToyEnvironment
 
-        env = ToyEnvironment(num_tasks=config.rl.toy_tasks, seed=config.seed, shared_table=config.rl.toy_shared_table,
-                             turn_latency_s=config.rl.toy_turn_latency_s)
+        env = ToyEnvironment(num_tasks=config.rl.toy.tasks, seed=config.seed, shared_table=config.rl.toy.shared_table,
+                             turn_latency_s=config.rl.toy.turn_latency_s)
         return env, None, model_config(config)
     from tau2jax.data.chat import ChatFormat
 

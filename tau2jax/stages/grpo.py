@@ -11,7 +11,7 @@ step's episodes run while the learner trains. The learner takes step s's whole g
 with more tasks under dynamic sampling), checks each sample's staleness (`rl.staleness`: over the
 bound -> dropped, or kept under token TIS with rl.stale_policy="correct"), turns rewards into group
 advantages (`rl.advantages`), packs the trajectories' own tokens (`rl.batch`), takes one optimizer
-step (`rl.grpo_step`) and pushes the weights every `rl.sync_every` steps (`rl.policy_sync.PolicySync`: the
+step (`rl.grpo_step`) and pushes the weights every `rl.sync.every` steps (`rl.policy_sync.PolicySync`: the
 engine takes them over on a background thread while rollouts go on; the learner waits only if the
 previous push is unfinished; the engine pauses only for the swap). Episodes in flight across a push continue on the new weights; their
 turns carry the version that sampled them. Every episode gets a ledger line
@@ -84,15 +84,16 @@ def null_solvable_tasks(config, env) -> set[str] | None:
 
 
 def loss_config(config, engine) -> PolicyLossConfig:
-    """rl.tis_cap -1: the engine's default (token TIS against an engine whose numerics differ)."""
-    rl = config.rl
-    cap = rl.tis_cap if rl.tis_cap >= 0 else engine.default_tis_cap
-    geo = (rl.geo_mask_low, rl.geo_mask_high) if rl.geo_mask_high > 0 else None
-    return PolicyLossConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, dual_clip=rl.dual_clip,
-                            ratio_level=rl.ratio_level, agg_mode=rl.agg_mode, norm_len=rl.max_len,
-                            kl_coef=rl.kl_coef, kl_type=rl.kl_type, entropy_coef=rl.entropy_coef,
-                            tis_cap=staleness.tis_cap(rl.stale_policy, cap), geo_mask=geo,
-                            veto_threshold=rl.veto_threshold)
+    """rl.loss -> the loss; tis_cap -1: the engine's default (token TIS against an engine whose
+    numerics differ from the learner's)."""
+    loss = config.rl.loss
+    cap = loss.tis_cap if loss.tis_cap >= 0 else engine.default_tis_cap
+    geo = (loss.geo_mask_low, loss.geo_mask_high) if loss.geo_mask_high > 0 else None
+    return PolicyLossConfig(eps_low=loss.eps_low, eps_high=loss.eps_high, dual_clip=loss.dual_clip,
+                            ratio_level=loss.ratio_level, agg_mode=loss.agg_mode, norm_len=config.rl.batch.max_len,
+                            kl_coef=loss.kl_coef, kl_type=loss.kl_type, entropy_coef=loss.entropy_coef,
+                            tis_cap=staleness.tis_cap(config.rl.stale_policy, cap), geo_mask=geo,
+                            veto_threshold=loss.veto_threshold)
 
 
 def check_processes(config) -> None:
@@ -125,10 +126,11 @@ class Learner:
             raise config_lib.ConfigError(f"config.mesh: the data-parallel size {dp} does not divide over {nproc} "
                                          "processes; each process feeds its own rows (use mesh.data=-1)")
         # rows per process: a multiple of its data-parallel share (dp // nproc) times the micro-batch
-        # (rl.micro_batch_rows rows, or optim.grad_accum micro-batches)
-        self.micro = dp // nproc * (rl.micro_batch_rows or config.optim.grad_accum)
-        self.batch_cfg = BatchConfig(max_len=rl.max_len, overlong=rl.overlong, keep_length_cut=rl.keep_length_cut,
-                                     malformed_turns=rl.malformed_turns, row_multiple=self.micro)
+        # (rl.batch.micro_batch_rows rows, or optim.grad_accum micro-batches)
+        b = rl.batch
+        self.micro = dp // nproc * (b.micro_batch_rows or config.optim.grad_accum)
+        self.batch_cfg = BatchConfig(max_len=b.max_len, overlong=b.overlong, keep_length_cut=b.keep_length_cut,
+                                     malformed_turns=b.malformed_turns, row_multiple=self.micro)
 
     def put(self, local):
         if jax.process_count() == 1:
@@ -139,11 +141,11 @@ class Learner:
         """-> (step(state, batch, ref) -> (state, metrics), compiles() -> executables compiled)."""
         ref_shardings = self.p_shard if with_ref else None
         kw = dict(compute_dtype=jnp.dtype(config.model.compute_dtype), remat=config.model.remat,
-                  loss_chunk=config.train.loss_chunk, vocab_chunk=config.rl.vocab_chunk,
+                  loss_chunk=config.train.loss_chunk, vocab_chunk=config.rl.batch.vocab_chunk,
                   attn_chunk=config.model.attn_chunk, attn_impl=config.model.attn_impl,
                   attn_max_segments=config.model.attn_max_segments)
         loss = loss_config(config, engine)
-        if config.rl.micro_batch_rows:  # fixed-shape micro-batches: compiled once, whatever a step's row count
+        if config.rl.batch.micro_batch_rows:  # fixed-shape micro-batches: compiled once, whatever a step's row count
             fn = micro_batched_grpo_step(model_cfg, self.tx, self.schedule, loss, self.shardings, self.batch_sharding,
                                          ref_shardings, micro_batch_rows=self.micro, put=self.put, **kw)
             return fn, fn.compiles
@@ -165,8 +167,8 @@ def restore_or_init(config, learner: Learner, ckpt: Checkpointer, model_cfg, mes
         state = create_state(init_params, learner.tx, learner.shardings, config.seed)
         meta = {"cursor": 0, "requeue": [], "tracker": None, "rewards": [], "episodes": 0}
     ref = None
-    if config.rl.kl_coef:  # rl.reference, else the initial weights (model.init_from or the seeded init), frozen
-        ref = restore_params(config.rl.reference, mesh=mesh)[0] if config.rl.reference else init_params
+    if config.rl.loss.kl_coef:  # rl.loss.reference, else the initial weights (model.init_from or the seeded init), frozen
+        ref = restore_params(config.rl.loss.reference, mesh=mesh)[0] if config.rl.loss.reference else init_params
     return start, state, meta, ref
 
 
@@ -212,7 +214,7 @@ def trainable_rollouts(config, share, learner: Learner, tasks, meta, tracker, nu
         raise RuntimeError(
             f"GRPO step {step + 1}: {rl.max_empty_rounds + 1} rounds of rollouts gave nothing to train "
             f"({counts}); see {os.path.join(config.workdir, 'rollouts', 'ledger.jsonl')} and the rollouts' "
-            "infra errors (an engine or user simulator down?), or rl.max_len / rl.overlong (every sample cut?)")
+            "infra errors (an engine or user simulator down?), or rl.batch.max_len / overlong (every sample cut?)")
     trajs = [t for g in groups if g.complete for t in g.trajectories]
     m = rollout_metrics.episode_metrics(trajs, null_solvable) | counts | staleness.histogram(ages)
     m |= {"refill_rounds": first - 1 - attempt, "empty_rounds": attempt, "staleness_max": max(ages, default=0),
@@ -271,10 +273,11 @@ def run(config) -> dict:
     engine = builders.rollout_engine(config, model_cfg, state.params, tokenizer, version=start)
     step_fn, learner_compiles = learner.step_fn(config, model_cfg, engine, ref_params is not None)
     sync = PolicySync(engine, start)
-    sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
+    ro = rl.rollout
+    sampling = SamplingParams(temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                               max_new_tokens=config.engine.max_new_tokens)
     workers = RolloutWorkers(env, engine=engine, sampling=sampling, samples=rl.samples_per_task, seed=config.seed,
-                             concurrency=rl.concurrency, max_infra_retries=rl.max_infra_retries,
+                             concurrency=ro.concurrency, max_infra_retries=ro.max_infra_retries,
                              max_staleness=rl.max_staleness, version=start, lost_weights=sync.lost,
                              await_engine=sync.await_serving)
     sync.listen(workers)
@@ -306,9 +309,9 @@ def run(config) -> dict:
                 m |= summed_counters(step, bstats, workers, queue_depth, learner_tokens)
                 m["tokens_per_s"] = m.pop("learner_tokens") / m["learner_s"]
 
-                # --- weights: push every rl.sync_every steps (wait: the learner blocked on the previous
+                # --- weights: push every rl.sync.every steps (wait: the learner blocked on the previous
                 # push; publish / pause: that push's, handed over while this step ran)
-                if (step + 1) % rl.sync_every == 0 or step + 1 == rl.steps:
+                if (step + 1) % rl.sync.every == 0 or step + 1 == rl.steps:
                     pushed = sync.push(state.params, step + 1)
                     m |= {f"weight_sync_{k}": v for k, v in pushed.items()}
                     if "version" in pushed:  # every process's engines serve that finished push (summed)
@@ -355,7 +358,7 @@ def summary(config, meta, start, params_dir, max_seen, busy, steady, sync, last_
         "steady_s": round(steady, 3), "engine_resyncs": sync.resyncs, "last_weight_sync": last_push,
         "optimizer_updates": updates, "push_failures": sync.push_failures, "engine_outages": sync.outages,
         # learner executables compiled this run: one per power-of-two row bucket met, or with
-        # rl.micro_batch_rows at most three (first micro-batch, the others, the update)
+        # rl.batch.micro_batch_rows at most three (first micro-batch, the others, the update)
         "learner_compiles": compiles,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }  # fmt: skip

@@ -87,7 +87,9 @@ def apply_overrides(config, overrides, where: str) -> None:
     of the wrong type is a ConfigError naming `where.key`."""
     for key, value in overrides.items():
         if key not in config:
-            raise config_lib.ConfigError(f"config.{where}.{key}: no such config field")
+            new = config_lib.moved_key(f"{where}.{key}")
+            raise config_lib.ConfigError(f"config.{where}.{key}: no such config field"
+                                         + (f"; it moved to config.{new}" if new else ""))
         if isinstance(value, ml_collections.ConfigDict):
             if not isinstance(config[key], ml_collections.ConfigDict):
                 raise config_lib.ConfigError(f"config.{where}.{key}: {key!r} is a value, not a section")
@@ -126,7 +128,7 @@ def step_config(config, step: str, inputs: dict) -> ml_collections.ConfigDict:
         c.data.train_files = inputs["rft_file"]
     elif step == "grpo":
         c.model.init_from = inputs["params"]["sft_rft"]
-        c.rl.reference = ""  # the KL reference is the init: the RFT policy
+        c.rl.loss.reference = ""  # the KL reference is the init: the RFT policy
     elif stage == "eval":
         source = EVALS[step][1]
         c.engine.checkpoint = inputs["params"][source] if source else config.model.init_from

@@ -67,20 +67,20 @@ def check_learner(config) -> None:
                 f"must divide over the {dp} data-parallel devices {where}; use a multiple of {dp * config.optim.grad_accum}")
         rows, seq_len = micro // dp, config.data.max_len
     else:
-        rows, seq_len = max(1, config.rl.micro_batch_rows), config.rl.max_len
+        rows, seq_len = max(1, config.rl.batch.micro_batch_rows), config.rl.batch.max_len
     from tau2jax.learn.memory import learner_bytes
 
     est = learner_bytes(builders.model_config(config), param_dtype=config.model.param_dtype,
                         compute_dtype=config.model.compute_dtype, shards=mesh.shape["fsdp"] * mesh.shape["tensor"],
                         rows=rows, seq_len=seq_len, remat=config.model.remat, loss_chunk=config.train.loss_chunk,
-                        reference=config.stage == "grpo" and bool(config.rl.kl_coef))
+                        reference=config.stage == "grpo" and bool(config.rl.loss.kl_coef))
     have = device_memory_bytes()
     if est["total"] > MEMORY_HEADROOM * have:
         terms = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in est.items() if k != "total")
         raise config_lib.ConfigError(
             f"the learner needs ~{est['total'] / 2**30:.1f} GiB per device ({terms} GiB) but a device has "
             f"{have / 2**30:.1f} GiB {where}: shard over more devices (mesh.fsdp), shorten rows "
-            f"(data.max_len / rl.max_len), use model.remat=full or a smaller train.loss_chunk")
+            f"(data.max_len / rl.batch.max_len), use model.remat=full or a smaller train.loss_chunk")
 
 
 def device_memory_bytes() -> int:
@@ -174,14 +174,14 @@ def check_workdir(config, learners: list) -> None:
         if c.stage == "grpo" and builders.policy_servers(c):
             pub = _existing(builders.publish_root(c))
             if os.stat(pub).st_dev == os.stat(existing).st_dev:
-                need += n * 2 * c.rl.weights_keep  # the bf16 versions weight sync keeps
+                need += n * 2 * c.rl.sync.keep  # the bf16 versions weight sync keeps
             else:
-                elsewhere[pub] = elsewhere.get(pub, 0) + n * 2 * c.rl.weights_keep
+                elsewhere[pub] = elsewhere.get(pub, 0) + n * 2 * c.rl.sync.keep
     for pub, size in elsewhere.items():
         if size > shutil.disk_usage(pub).free:
-            raise config_lib.ConfigError(f"config.rl.weights_dir: published weights need ~{size / 2**30:.1f} GiB under "
+            raise config_lib.ConfigError(f"config.rl.sync.weights_dir: published weights need ~{size / 2**30:.1f} GiB under "
                                          f"{pub}, {shutil.disk_usage(pub).free / 2**30:.1f} GiB free; set "
-                                         "rl.weights_dir or lower rl.weights_keep")
+                                         "rl.sync.weights_dir or lower rl.sync.keep")
     free = shutil.disk_usage(existing).free
     if need > free:
         raise config_lib.ConfigError(f"config.workdir: {root} needs ~{need / 2**30:.1f} GiB for checkpoints and "
