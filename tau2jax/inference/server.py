@@ -55,6 +55,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import queue
 import socket
 import sys
@@ -68,7 +69,7 @@ import httpx
 from fastapi.responses import JSONResponse
 
 from tau2jax.data.chat import ChatFormat
-from tau2jax.inference.engine import GenerateResult, SamplingParams
+from tau2jax.inference.engine import UNKNOWN_VERSION, GenerateResult, SamplingParams
 from tau2jax.inference.sglang_rules import HEALTH_CHECK_TIMEOUT_S, INPUT_MARGIN, ModelUpdateLock, SGLangRules
 from tau2jax.inference.weight_sync import load_hf_params
 
@@ -82,6 +83,10 @@ _TEXT_ONLY_KEYS = {"skip_special_tokens", "no_stop_trim", "spaces_between_specia
 
 class RequestError(ValueError):
     """A bad request (HTTP 400); the message says which field is wrong."""
+
+
+class FlushRefused(ValueError):
+    """sglang 0.5.2x's answer to a weight update that raced a running request: weights swapped, 400."""
 
 
 class EngineFailure(RuntimeError):
@@ -210,7 +215,8 @@ class Server:
     def __init__(self, engine, tokenizer, *, model_path: str = "", max_batch: int = 32,
                  batch_window_s: float = 0.005, default_max_tokens: int = 1024,
                  context_length: int | None = None, rules: SGLangRules | None = None,
-                 served_model_name: str = "", request_log: str | None = None):
+                 served_model_name: str = "", request_log: str | None = None, flush_lag_s: float = 0.0,
+                 die_on_engine_failure: bool = False):
         self.engine = engine
         self.rules = rules or SGLangRules()
         self.update_lock = ModelUpdateLock()
@@ -223,6 +229,12 @@ class Server:
         self.running = 0  # requests between arrival and response (SGLang's running + waiting)
         # JSONL, a line per /generate result: which weights served which tokens (the rehearsal's tally)
         self.request_log = request_log
+        # SGLang's scheduler keeps a finished request in its running batch one more iteration: > 0
+        # models that window and the flush race it opens for a weight update (sglang#14062), as the
+        # version in `rules` fails it (update_weights_from_disk below)
+        self.flush_lag_s = flush_lag_s
+        # SGLang's scheduler dying takes the server down: the process exits instead of answering 500
+        self.die_on_engine_failure = die_on_engine_failure
         # the model's EOS ids (Qwen3 generation_config.json)
         self.eos_ids = tokenizer.end_of_turn_ids
         cfg = getattr(engine, "cfg", None)
@@ -351,17 +363,22 @@ class Server:
             "prompt_tokens": len(req.ids),
             "completion_tokens": len(r.output_ids),
             "cached_tokens": 0,
-            "weight_version": str(r.policy_version),
+            "weight_version": self.version_text(r.policy_version),
             "e2e_latency": time.perf_counter() - t0,
         }
         if return_logprob:
             meta["output_token_logprobs"] = [[float(lp), int(t), None] for lp, t in zip(r.logprobs, r.output_ids)]
         return {"text": text, "output_ids": list(r.output_ids), "meta_info": meta}
 
+    def version_text(self, version: int) -> str:
+        """The served weight version as SGLang names it: "default" until an update names one (the
+        engine then holds UNKNOWN_VERSION), else the integer."""
+        return "default" if version == UNKNOWN_VERSION else str(version)
+
     def log_served(self, reqs: list[_Request], results: list[GenerateResult], in_flight: int) -> None:
         if self.request_log is None:
             return
-        lines = "".join(json.dumps({"t": time.time(), "weight_version": str(r.policy_version), "in_flight": in_flight,
+        lines = "".join(json.dumps({"t": time.time(), "weight_version": self.version_text(r.policy_version), "in_flight": in_flight,
                                     "prompt": token_digest(q.ids), "output": token_digest(r.output_ids)}) + "\n"
                         for q, r in zip(reqs, results))
         with open(self.request_log, "a") as f:  # one write per request batch: replicas append whole lines
@@ -427,15 +444,22 @@ class Server:
     # /update_weights_from_disk
 
     def update_weights_from_disk(self, model_path: str, version: int) -> str:
-        if not hasattr(self.engine, "update_weights"):
-            raise RequestError(f"{type(self.engine).__name__} does not support weight updates")
         params, cfg = load_hf_params(model_path)
         engine_cfg = getattr(self.engine, "cfg", None)
         if engine_cfg is not None and cfg != engine_cfg:
             raise RequestError(f"{model_path}: model config {cfg} differs from the served model's {engine_cfg}")
+        racing = self.flush_lag_s > 0 and self.running > 0  # a finished request still in the running batch
+        if racing and self.rules.is_0_5_3:  # scheduler_update_weights_mixin.update_weights_from_disk
+            logging.getLogger(__name__).error("AssertionError: Cache flush failed after updating weights "
+                                              "(sglang 0.5.3's scheduler dies; stand-in: the server exits)")
+            os._exit(1)
         with self.batcher.lock:  # a health check's generation may still be in the batcher
-            self.engine.update_weights(params, version)
+            # 0.5.2x (weight_updater.flush_cache_after_weight_update): swapped, then refused, no version bump
+            self.engine.update_weights(params, self.engine.policy_version if racing else version)
         self.model_path = self.served_model_name = model_path  # as SGLang (tokenizer_manager.py)
+        if racing:
+            raise FlushRefused("Weights were updated, but the cache was not flushed because requests are still "
+                               "running or queued. Retract or finish them, then call /flush_cache.")
         return f"loaded {model_path} as policy version {version}"
 
 
@@ -513,9 +537,17 @@ def create_app(server: Server) -> fastapi.FastAPI:
                 server.log_served(reqs, results, in_flight)
             return results
         except Exception as e:
+            if server.die_on_engine_failure:  # SGLang: a scheduler exception ends the server process
+                logging.getLogger(__name__).error("scheduler failure, exiting: %s: %s", type(e).__name__, e)
+                os._exit(1)
             raise EngineFailure(f"{type(e).__name__}: {e}") from e
         finally:
-            server.running -= len(reqs)
+            def done(n=len(reqs)):
+                server.running -= n
+            if server.flush_lag_s > 0:  # still in the scheduler's running batch for a moment
+                asyncio.get_running_loop().call_later(server.flush_lag_s, done)
+            else:
+                done()
 
     @app.get("/health")
     async def health():
@@ -524,7 +556,7 @@ def create_app(server: Server) -> fastapi.FastAPI:
     @app.get("/get_model_info")
     async def model_info():
         return {"model_path": server.model_path, "tokenizer_path": server.tokenizer.path,
-                "is_generation": True, "weight_version": str(server.engine.policy_version),
+                "is_generation": True, "weight_version": server.version_text(server.engine.policy_version),
                 "max_batch": server.batcher.max_batch}
 
     # SGLang's load reports (the push waits for 0 before updating weights): 0.5.3's /get_load,
@@ -583,6 +615,8 @@ def create_app(server: Server) -> fastapi.FastAPI:
         try:  # as SGLang: drains the requests in flight, holds new ones back, loads, swaps
             async with server.update_lock.exclusive():
                 message = await asyncio.to_thread(server.update_weights_from_disk, path, version)
+        except FlushRefused as e:
+            return JSONResponse({"success": False, "message": str(e)}, status_code=400)
         except (OSError, ValueError) as e:  # missing dir, bad safetensors, wrong shapes
             return JSONResponse({"success": False, "message": f"{type(e).__name__}: {e}"}, status_code=400)
         return {"success": True, "message": message, "num_paused_requests": 0}
