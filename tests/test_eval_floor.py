@@ -67,8 +67,8 @@ def test_floor_is_cached_per_task_and_keyed_by_data_and_protocol(chat, tmp_path,
     style = prompts.get_style("native")
     tasks = [("mock", t) for t in tau2_env.load_tasks("mock", "base")]
     played = []
-    real_play = floor_lib.play
-    monkeypatch.setattr(floor_lib, "play", lambda task, *a, **kw: played.append(task.id) or real_play(task, *a, **kw))
+    real_episode = floor_lib.episode
+    monkeypatch.setattr(floor_lib, "episode", lambda task, *a, **kw: played.append(task.id) or real_episode(task, *a, **kw))
 
     first = floor_lib.outcomes(tasks[:5], chat=chat, style=style, cache_dir=tmp_path)
     assert len(played) == 5
@@ -84,7 +84,7 @@ def test_floor_is_cached_per_task_and_keyed_by_data_and_protocol(chat, tmp_path,
     monkeypatch.setattr(floor_lib, "PROTOCOL", floor_lib.PROTOCOL + 1)
     assert floor_lib.fingerprint("mock") != old
     monkeypatch.undo()
-    monkeypatch.setattr(floor_lib, "play", lambda *a, **kw: pytest.fail("played a cached task"))
+    monkeypatch.setattr(floor_lib, "episode", lambda *a, **kw: pytest.fail("played a cached task"))
     assert floor_lib.outcomes(tasks, chat=chat, style=style, cache_dir=tmp_path) == both
 
     # other data under the same task ids -> another fingerprint (another cache file)

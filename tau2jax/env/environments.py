@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tau2jax.env.episode import run_episode
+from tau2jax.env.rewards import RewardConfig
 from tau2jax.env.trajectory import Trajectory
 from tau2jax.inference.engine import Engine, SamplingParams
 
@@ -50,21 +52,19 @@ class Tau2Environment:
     domain)`, fresh per episode), limits and reward weights (`stages.builders.tau2_environment`
     builds one from a config)."""
 
-    def __init__(self, tasks: list[TaskRef], chat, *, style, user_for, reward_config, max_steps: int,
-                 max_errors: int, max_repairs: int):
+    def __init__(self, tasks: list[TaskRef], chat, *, style, user_for, reward_config=None, max_steps: int = 100,
+                 max_errors: int = 10, max_repairs: int = 1):
         self._tasks = list(tasks)
         self.chat = chat
         self.style = style
         self.user_for = user_for
-        self.reward_config = reward_config
+        self.reward_config = reward_config or RewardConfig()
         self.limits = dict(max_steps=max_steps, max_errors=max_errors, max_repairs=max_repairs)
 
     def tasks(self) -> list[TaskRef]:
         return list(self._tasks)
 
     def play(self, ref: TaskRef, *, engine: Engine, sampling: SamplingParams, sample_index: int) -> Trajectory:
-        from tau2jax.env.episode import run_episode
-
         return run_episode(ref.task, ref.domain, engine=engine, user=self.user_for(ref.task, ref.domain),
                            chat=self.chat, style=self.style, sampling=sampling,
                            reward_config=self.reward_config, sample_index=sample_index, **self.limits)

@@ -27,6 +27,12 @@ import json
 import os
 from pathlib import Path
 
+from tau2jax.env.environments import TaskRef, Tau2Environment
+from tau2jax.env.gold import NullEngine
+from tau2jax.eval.metrics import is_success
+from tau2jax.inference.engine import SamplingParams
+from tau2jax.rl import collector
+
 # Bump when NullEngine or ScriptedUser change in a way that can change an outcome.
 PROTOCOL = 1
 
@@ -49,31 +55,36 @@ def fingerprint(domain: str) -> str:
     return h.hexdigest()[:16]
 
 
+def environment(chat, style) -> Tau2Environment:
+    """The floor's episodes: the offline scripted user, tau2's default limits and rewards."""
+    from tau2jax.env.scripted_user import ScriptedUser  # imports tau2 (heavy), which the toy RL path never needs
+
+    return Tau2Environment([], chat, style=style, user_for=lambda task, domain: ScriptedUser(task))
+
+
+def episode(task, domain: str, *, chat, style) -> collector.Episode:
+    """The null agent's episode of `task` (deterministic: no sampling)."""
+    return collector.Episode(TaskRef(domain, task.id, task), 0, SamplingParams(temperature=0.0),
+                             NullEngine(task, style, chat))
+
+
 def play(task, domain: str, *, chat, style):
     """One null-agent episode of `task` against the scripted user -> Trajectory."""
-    from tau2jax.env.episode import run_episode
-    from tau2jax.env.gold import NullEngine
-    from tau2jax.env.scripted_user import ScriptedUser
-    from tau2jax.inference.engine import SamplingParams
-
-    engine = NullEngine(task, style, chat)
-    return run_episode(task, domain, engine=engine, user=ScriptedUser(task), chat=chat, style=style,
-                       sampling=SamplingParams(temperature=0.0))  # fmt: skip
+    ((_, traj, _),) = collector.play(environment(chat, style), [episode(task, domain, chat=chat, style=style)],
+                                     concurrency=1, max_infra_retries=0)
+    return traj
 
 
-def domain_outcomes(domain: str, tasks: list, *, chat, style, cache_dir: Path) -> dict[str, bool]:
+def domain_outcomes(domain: str, tasks: list, *, chat, style, cache_dir: Path, concurrency: int = 4) -> dict[str, bool]:
     """{task_id: the null agent passes it} for `tasks` of one domain; plays only uncached tasks."""
-    from tau2jax.eval.metrics import is_success
-
     path = Path(cache_dir) / f"{domain}-{style.name}-{fingerprint(domain)}.json"
     cached = json.loads(path.read_text())["tasks"] if path.exists() else {}
-    missing = [t for t in tasks if t.id not in cached]
-    for task in missing:
-        traj = play(task, domain, chat=chat, style=style)
+    missing = [episode(t, domain, chat=chat, style=style) for t in tasks if t.id not in cached]
+    for ep, traj, _ in collector.play(environment(chat, style), missing, concurrency=concurrency, max_infra_retries=0):
         if traj.infra_error is not None:  # offline agent and user: only a bug gets here
-            raise RuntimeError(f"null-agent floor: {domain} task {task.id!r} failed: {traj.infra_error}; "
+            raise RuntimeError(f"null-agent floor: {domain} task {ep.ref.task_id!r} failed: {traj.infra_error}; "
                                "set config.eval.floor=False to evaluate without the floor")  # fmt: skip
-        cached[task.id] = {"passes": is_success(traj.reward), "reward": traj.reward}
+        cached[ep.ref.task_id] = {"passes": is_success(traj.reward), "reward": traj.reward}
     if missing:
         path.parent.mkdir(parents=True, exist_ok=True)
         body = {"domain": domain, "prompt_style": style.name, "protocol": PROTOCOL,

@@ -2,7 +2,7 @@
 
 Each train task's expected actions are played through the full episode path (prompt style, chat
 format, tool-call parsing, the real tau2 environment, the scripted user, tau2's evaluator) by the
-GoldEngine. Every conversation that scores 1.0 is written to `{workdir}/{domain}.jsonl` as
+GoldEngine, `eval.concurrency` at a time (`rl.collector.play`). Every conversation that scores 1.0 is written to `{workdir}/{domain}.jsonl` as
 {"messages": [...], "tools": [...]} in the configured prompt style, with the real tool outputs.
 Test-split tasks are refused: demonstrations of them would leak the benchmark into training.
 
@@ -18,10 +18,13 @@ import sys
 from tqdm import tqdm
 
 from tau2jax.config import ConfigError, csv
-from tau2jax.env import episode, prompts, tau2_env
+from tau2jax.data.chat import ChatFormat
+from tau2jax.env import prompts, tau2_env
+from tau2jax.env.environments import TaskRef, Tau2Environment
 from tau2jax.env.gold import GoldEngine
 from tau2jax.env.scripted_user import ScriptedUser
 from tau2jax.inference import engine as engine_lib
+from tau2jax.rl import collector
 from tau2jax.stages import builders
 
 
@@ -38,8 +41,6 @@ def _train_tasks(domain: str, task_ids: list[str]) -> list:
 
 
 def run(config) -> dict:
-    from tau2jax.data.chat import ChatFormat
-
     if config.tau2.split != "train":
         raise ConfigError(f"config.tau2.split: gold demos are made from the train split only, got {config.tau2.split!r}")
     tau2_env.init_tau2(config.tau2.data_dir)
@@ -54,38 +55,26 @@ def run(config) -> dict:
 
     chat = ChatFormat(builders.tokenizer(config))
     style = prompts.get_style(config.tau2.prompt_style)
-    reward_config = builders.reward_config(config)
+    env = Tau2Environment([], chat, style=style, user_for=lambda task, domain: ScriptedUser(task),
+                          reward_config=builders.reward_config(config), max_steps=config.tau2.max_steps,
+                          max_errors=config.tau2.max_errors, max_repairs=config.tau2.max_repairs)
     sampling = engine_lib.SamplingParams(temperature=0.0, max_new_tokens=config.engine.max_new_tokens)
+    episodes = [collector.Episode(TaskRef(d, t.id, t), 0, sampling, GoldEngine(t, style, chat))
+                for d, tasks in per_domain.items() for t in tasks]
     os.makedirs(config.workdir, exist_ok=True)
 
+    done = {}
+    for ep, traj, _ in collector.play(env, episodes, concurrency=config.eval.concurrency, max_infra_retries=0,
+                                      progress={"desc": "gold demos", "unit": "task"}):
+        done[ep.ref.key] = traj
+        if not traj.success:
+            why = traj.infra_error or json.dumps(traj.reward_info)[:500]
+            tqdm.write(f"{ep.ref.key}: reward {traj.reward} ({traj.termination_reason}): {why}", file=sys.stderr)
     summary = {}
-    bar = tqdm(total=sum(len(t) for t in per_domain.values()), desc="gold demos", unit="task", file=sys.stderr)
-    for domain, tasks in per_domain.items():
+    for domain, tasks in per_domain.items():  # files in split order, whatever order episodes finished in
         path = os.path.join(config.workdir, f"{domain}.jsonl")
-        n_ok = 0
+        ok = [done[f"{domain}/{t.id}"] for t in tasks if done[f"{domain}/{t.id}"].success]
         with open(path, "w", encoding="utf-8") as f:
-            for task in tasks:
-                bar.set_postfix_str(f"{domain} {task.id[:40]}")
-                traj = episode.run_episode(
-                    task,
-                    domain,
-                    engine=GoldEngine(task, style, chat),
-                    user=ScriptedUser(task),
-                    chat=chat,
-                    style=style,
-                    sampling=sampling,
-                    max_steps=config.tau2.max_steps,
-                    max_errors=config.tau2.max_errors,
-                    max_repairs=config.tau2.max_repairs,
-                    reward_config=reward_config,
-                )
-                if traj.success:
-                    n_ok += 1
-                    f.write(json.dumps(traj.sft_record(), ensure_ascii=False) + "\n")
-                else:
-                    why = traj.infra_error or json.dumps(traj.reward_info)[:500]
-                    tqdm.write(f"{domain} task {task.id}: reward {traj.reward} ({traj.termination_reason}): {why}", file=sys.stderr)
-                bar.update()
-        summary[domain] = {"replayed": len(tasks), "reward_1": n_ok, "file": path}
-    bar.close()
+            f.writelines(json.dumps(traj.sft_record(), ensure_ascii=False) + "\n" for traj in ok)
+        summary[domain] = {"replayed": len(tasks), "reward_1": len(ok), "file": path}
     return summary

@@ -3,7 +3,7 @@
     python -m tau2jax.train --config configs/eval.py[:gold]
 
 Every (domain, task, sample) is one episode (`env.episode.run_episode`), num_samples per
-task, run `eval.concurrency` at a time on a thread pool. Outputs, under `<workdir>/eval/`:
+task, run `eval.concurrency` at a time by the episode collector (`rl.collector.play`). Outputs, under `<workdir>/eval/`:
 
 - `trajectories.jsonl`: one `Trajectory` JSON per line (`Trajectory.from_json` reads it back),
   appended and flushed as each episode finishes, so a crash loses only episodes in flight.
@@ -38,16 +38,21 @@ requests).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tau2jax import config as config_lib
-from tau2jax.env.environments import retry_infra
+from tau2jax.data.chat import ChatFormat
+from tau2jax.env import prompts, tau2_env
+from tau2jax.env.environments import TaskRef, Tau2Environment
+from tau2jax.env.episode import derive_seed
 from tau2jax.eval import floor as floor_lib
-from tau2jax.eval import metrics, report
+from tau2jax.eval import report
+from tau2jax.inference.engine import SamplingParams
+from tau2jax.rl import collector
 from tau2jax.stages import builders
 from tau2jax.stages.resume import check_records, check_same_settings, load_settings, record_settings, run_settings, write_atomic
 
@@ -62,8 +67,6 @@ def select_tasks(config) -> list[tuple[str, object]]:
     and retail ids overlap: pick the domain with `tau2.domains`); `eval.max_tasks_per_domain`
     then keeps the first N of each domain.
     """
-    from tau2jax.env import tau2_env
-
     wanted = config_lib.csv(config.tau2.task_ids)
     found: set[str] = set()
     out = []
@@ -141,13 +144,6 @@ def run(config) -> dict:
     if index != 0:
         return {"stage": "eval", "process_index": index, "note": "process 0 runs the evaluation"}
 
-    from tqdm import tqdm
-
-    from tau2jax.data.chat import ChatFormat
-    from tau2jax.env import prompts, tau2_env
-    from tau2jax.env.episode import derive_seed, run_episode
-    from tau2jax.inference.engine import SamplingParams
-
     t_start = time.time()
     data_root = tau2_env.init_tau2(config.tau2.data_dir)
     out_dir = Path(config.workdir) / "eval"
@@ -170,54 +166,32 @@ def run(config) -> dict:
     identity = engine_for(pending[0][1]).identity() if engine_for is not None else None
     settings = record_settings(out_dir, earlier, settings, identity)
     check_records(out_dir, finished, settings.get("policy_version"))
-    user_for = builders.user_factory(config)
-    reward_config = builders.reward_config(config)
-
-    def play(domain, task, sample_index):
-        """One (task, sample): rerun while it ends in an infrastructure failure, up to the limit.
-        -> (final trajectory, infra errors of the attempts that were retried)."""
-        sampling = SamplingParams(
-            temperature=config.eval.temperature,
-            top_p=config.eval.top_p,
-            top_k=config.eval.top_k,
-            max_new_tokens=config.engine.max_new_tokens,
-            seed=derive_seed(config.seed, domain, task.id, sample_index)  # stable across resumes
-        )
-        traj, failed = retry_infra(lambda: run_episode(
-            task, domain,
-            engine=engine_for(task), user=user_for(task, domain), chat=chat, style=style,
-            sampling=sampling, max_steps=config.tau2.max_steps, max_errors=config.tau2.max_errors,
-            max_repairs=config.tau2.max_repairs, reward_config=reward_config, sample_index=sample_index,
-        ), config.eval.max_infra_retries)  # fmt: skip
-        return traj, [t.infra_error for t in failed]
+    env = Tau2Environment([], chat, style=style, user_for=builders.user_factory(config),
+                          reward_config=builders.reward_config(config), max_steps=config.tau2.max_steps,
+                          max_errors=config.tau2.max_errors, max_repairs=config.tau2.max_repairs)
+    sampling = SamplingParams(temperature=config.eval.temperature, top_p=config.eval.top_p, top_k=config.eval.top_k,
+                              max_new_tokens=config.engine.max_new_tokens)
+    episodes = [collector.Episode(TaskRef(d, t.id, t), s, engine=engine_for(t),
+                                  sampling=dataclasses.replace(sampling, seed=derive_seed(config.seed, d, t.id, s)))
+                for d, t, s in pending]  # seeds stable across resumes  # fmt: skip
 
     new: dict[tuple, dict] = {}
-    pool = ThreadPoolExecutor(max_workers=config.eval.concurrency, thread_name_prefix="eval")
-    try:
-        with (
-            open(out_dir / TRAJECTORIES, "a", encoding="utf-8") as traj_file,
-            open(out_dir / INFRA_RETRIES, "a", encoding="utf-8") as retry_file,
-            tqdm(total=len(planned), initial=len(planned) - len(pending), desc="eval", unit="ep") as bar,
-        ):
-            futures = [pool.submit(play, *job) for job in pending]
-            ok = infra = 0
-            for fut in as_completed(futures):
-                traj, retried = fut.result()  # the runner turns outages into records: an exception is a bug
-                rec = traj.to_dict()
-                traj_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                traj_file.flush()
-                for attempt, err in enumerate(retried):
-                    retry_file.write(json.dumps({"domain": traj.domain, "task_id": traj.task_id,
-                                                 "sample_index": traj.sample_index, "attempt": attempt,
-                                                 "infra_error": err}) + "\n")  # fmt: skip
-                retry_file.flush()
-                new[_key(rec)] = _light(rec)
-                ok += metrics.is_success(traj.reward) and traj.infra_error is None
-                infra += traj.infra_error is not None
-                bar.update()
-                bar.set_postfix(success=ok, infra_failed=infra)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    with (
+        open(out_dir / TRAJECTORIES, "a", encoding="utf-8") as traj_file,
+        open(out_dir / INFRA_RETRIES, "a", encoding="utf-8") as retry_file,
+    ):
+        for _, traj, retried in collector.play(
+                env, episodes, concurrency=config.eval.concurrency, max_infra_retries=config.eval.max_infra_retries,
+                progress={"desc": "eval", "total": len(planned), "initial": len(planned) - len(pending)}):
+            rec = traj.to_dict()
+            traj_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            traj_file.flush()
+            for attempt, t in enumerate(retried):
+                retry_file.write(json.dumps({"domain": traj.domain, "task_id": traj.task_id,
+                                             "sample_index": traj.sample_index, "attempt": attempt,
+                                             "infra_error": t.infra_error}) + "\n")  # fmt: skip
+            retry_file.flush()
+            new[_key(rec)] = _light(rec)
 
     records = [r for key, r in {**finished, **new}.items() if key in planned_keys]
     floor = (

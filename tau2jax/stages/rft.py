@@ -29,13 +29,17 @@ Multi-host: process 0 plays and writes everything; the others return at once.
 from __future__ import annotations
 
 import json
-import math
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tau2jax import config as config_lib
+from tau2jax.data.chat import ChatFormat
+from tau2jax.data.sft_data import expand_files, load_conversations
+from tau2jax.env import tau2_env
+from tau2jax.env.trajectory import Trajectory
+from tau2jax.eval import floor as floor_lib
+from tau2jax.inference.engine import SamplingParams
+from tau2jax.rl import collector
 from tau2jax.rl.rft import (KEPT, KEPT_TRAJECTORIES, LEDGER, build_stats, finished_tasks, group_records, read_jsonl,
                             render_markdown, token_record)
 from tau2jax.stages import builders
@@ -57,8 +61,6 @@ def _append(path: Path, records: list[dict]) -> None:
 def write_kept(out_dir: Path, records: list[dict], order: list[str], mix_files: list[str]) -> tuple[int, int]:
     """kept.jsonl from the ledger's kept episodes (their last stored trajectory) and `mix_files`
     -> (rft records, mixed lines)."""
-    from tau2jax.env.trajectory import Trajectory
-
     kept = {(r["task"], r["sample_index"]): r["reason"] for r in records if r["status"] == "kept"}
     trajs = {(f"{t['domain']}/{t['task_id']}", t["sample_index"]): t
              for t in read_jsonl(out_dir / KEPT_TRAJECTORIES)}  # the last copy of a replayed task wins
@@ -75,46 +77,22 @@ def play_pending(env, pending: list, engine_for, config, out_dir: Path) -> None:
     """Plays `rft.samples` episodes of each pending task; as each task's group completes, appends
     its kept trajectories, then its ledger records (so the ledger never names a kept episode that
     was not stored)."""
-    from tqdm import tqdm
-
-    from tau2jax.inference.engine import SamplingParams
-    from tau2jax.rl.collector import collect
-
     r = config.rft
     sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               max_new_tokens=config.engine.max_new_tokens)
-    # One task per outer thread, its episodes on the shared pool: groups finish (and are written)
-    # one by one, and enough tasks are in flight to keep `concurrency` episodes running.
-    episodes = ThreadPoolExecutor(r.concurrency, thread_name_prefix="rft-episode")
-    tasks_pool = ThreadPoolExecutor(math.ceil(r.concurrency / r.samples) + 1, thread_name_prefix="rft-task")
-
-    def play(ref):
-        return collect(env, [(ref.key, ref)], engine=engine_for(ref.task), sampling=sampling, samples=r.samples,
-                       seed=config.seed, concurrency=r.concurrency, max_infra_retries=r.max_infra_retries,
-                       pool=episodes)[0]  # fmt: skip
-
-    bar = tqdm(total=len(pending), desc="rft", unit="task", file=sys.stderr, dynamic_ncols=True)
-    try:
-        for fut in as_completed([tasks_pool.submit(play, ref) for ref in pending]):
-            records, kept = group_records(fut.result(), r.min_partial)
-            _append(out_dir / KEPT_TRAJECTORIES, [t.to_dict() for t in kept])
-            _append(out_dir / LEDGER, records)
-            bar.update()
-    finally:
-        bar.close()
-        tasks_pool.shutdown(wait=False, cancel_futures=True)
-        episodes.shutdown(wait=False, cancel_futures=True)
+    # Episodes start in task order, so groups finish (and are written) about one by one.
+    for group in collector.groups(env, [(ref.key, ref) for ref in pending], engine_for=lambda ref: engine_for(ref.task),
+                                  sampling=sampling, samples=r.samples, seed=config.seed, concurrency=r.concurrency,
+                                  max_infra_retries=r.max_infra_retries, progress={"desc": "rft"}):
+        records, kept = group_records(group, r.min_partial)
+        _append(out_dir / KEPT_TRAJECTORIES, [t.to_dict() for t in kept])
+        _append(out_dir / LEDGER, records)
 
 
 def run(config) -> dict:
     index = builders.process_index()
     if index != 0:
         return {"stage": "rft", "process_index": index, "note": "process 0 samples and writes the RFT data"}
-
-    from tau2jax.data.chat import ChatFormat
-    from tau2jax.data.sft_data import expand_files, load_conversations
-    from tau2jax.env import tau2_env
-    from tau2jax.eval import floor as floor_lib
 
     if config.tau2.split != "train":
         raise config_lib.ConfigError(f"config.tau2.split: RFT samples train tasks only, got {config.tau2.split!r} "
