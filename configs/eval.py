@@ -16,7 +16,8 @@ retail, 0/40 telecom) and Pass@k over the tasks it fails; the floor's first run 
 episodes, later runs read ~/.cache/tau2jax/floor (eval.floor=False skips it).
 For the published checkpoints add --config.tau2.prompt_style=recipe (the prompt they were
 trained with); the user simulator the recipe reports is gpt-4.1-mini:
---config.user.model=gpt-4.1-mini --config.user.base_url=https://api.openai.com/v1 --config.user.api_key=$KEY.
+--config.user.model=gpt-4.1-mini --config.user.base_url=https://api.openai.com/v1 --config.user.api_key=$KEY
+--config.user.sglang_params=False (OpenAI refuses SGLang's top_k/min_p/repetition_penalty fields).
 
 CPU smoke run (gold engine replays each task's reference actions, scripted user; 2 tasks per
 domain × 2 samples, about a minute on 2 cores; every task passes):

@@ -91,9 +91,26 @@ def default_config() -> ml_collections.ConfigDict:
     c.user = ml_collections.ConfigDict()
     c.user.kind = "scripted"  # scripted | llm
     c.user.model = "openai/qwen3-4b"  # litellm model name
+    # The user simulator's OpenAI endpoint, or several comma-separated (one per rollout node: each
+    # episode keeps one for all its turns; episodes go round-robin over them, `builders.user_factory`).
     c.user.base_url = "http://127.0.0.1:30001/v1"
     c.user.api_key = "EMPTY"
+    # Every sampling parameter is sent with each request, so the user's behaviour does not follow the
+    # server's defaults: SGLang >= 0.5.2x (`--sampling-defaults model`) fills an omitted one from the
+    # model's generation_config.json, 0.5.3 from its own neutral ones. These are the neutral ones
+    # (the recipe states only T=0.7 for its user simulator).
     c.user.temperature = 0.7
+    c.user.top_p = 1.0
+    c.user.top_k = -1  # SGLang's "off"
+    c.user.min_p = 0.0
+    c.user.presence_penalty = 0.0
+    c.user.frequency_penalty = 0.0
+    c.user.repetition_penalty = 1.0  # 1 = off
+    # Bound on a user turn's tokens: a chat request without max_tokens runs to the context limit in SGLang.
+    c.user.max_tokens = 1024
+    # Send top_k, min_p, repetition_penalty (SGLang's fields, outside OpenAI's API) in the request
+    # body; False for an endpoint that rejects unknown fields (api.openai.com).
+    c.user.sglang_params = True
     c.user.timeout_s = 120.0
     c.user.max_retries = 3
     c.user.retry_backoff_s = 1.0  # first retry wait; doubles per retry (capped at 30 s)
@@ -285,6 +302,18 @@ def csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def url_list(value: str, field: str) -> list[str]:
+    """A comma-separated list of URLs (whitespace around each tolerated) -> the URLs; an empty entry
+    (a stray comma) or an empty list is a ConfigError naming `config.<field>`."""
+    urls = [v.strip() for v in value.split(",")]
+    if not any(urls):
+        raise ConfigError(f"config.{field}: no URL given; give one, or several comma-separated")
+    if not all(urls):
+        raise ConfigError(f"config.{field}: {value!r} has an empty entry (a stray comma?); "
+                          "list the URLs comma-separated, none empty")
+    return urls
+
+
 def _require(cond: bool, field: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config.{field}: {msg}")
@@ -326,6 +355,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.user.kind in ("scripted", "llm"), "user.kind", "must be 'scripted' or 'llm'")
     _require(c.user.timeout_s > 0, "user.timeout_s", "must be > 0")
     _require(c.user.max_retries >= 0 and c.user.retry_backoff_s >= 0, "user", "max_retries and retry_backoff_s must be >= 0")
+    if c.user.kind == "llm":
+        url_list(c.user.base_url, "user.base_url")
+    _require(c.user.temperature >= 0.0, "user.temperature", "must be >= 0")
+    _require(0.0 < c.user.top_p <= 1.0, "user.top_p", "must be in (0, 1]")
+    _require(c.user.top_k == -1 or c.user.top_k >= 1, "user.top_k", "must be -1 (off) or >= 1")
+    _require(0.0 <= c.user.min_p <= 1.0, "user.min_p", "must be in [0, 1]")
+    _require(c.user.repetition_penalty > 0.0, "user.repetition_penalty", "must be > 0 (1 = off)")
+    _require(c.user.max_tokens >= 1, "user.max_tokens", "must be >= 1")
     _require(c.engine.kind in ("builtin", "sglang", "gold"), "engine.kind", "must be builtin, sglang or gold")
     _require(c.engine.dtype in ("auto", "float32", "bfloat16"), "engine.dtype", "must be auto, float32 or bfloat16")
     _require(c.engine.max_seq_len >= 2 and c.engine.max_batch >= 1, "engine",

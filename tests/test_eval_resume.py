@@ -89,7 +89,8 @@ def test_engine_and_user_fields_count_only_for_their_kind(tmp_path):
     gold = resume.run_settings(_config(tmp_path), "/data")
     assert not {"engine.url", "engine.checkpoint", "user.base_url", "user.model"} & set(gold)
     llm = resume.run_settings(_config(tmp_path, user__kind="llm", engine__kind="sglang"), "/data")
-    assert {"engine.url", "user.base_url", "user.model", "user.temperature"} <= set(llm)
+    assert {"engine.url", "user.base_url", "user.model", "user.temperature", "user.top_p", "user.top_k", "user.min_p",
+            "user.repetition_penalty", "user.max_tokens", "user.sglang_params"} <= set(llm)
 
 
 def _served(info):

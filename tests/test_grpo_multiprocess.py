@@ -237,6 +237,19 @@ def test_slurm_rl_hands_the_rollout_nodes_servers_to_the_learner(tmp_path):
     assert "SLURM_NTASKS=1" in learner and "SLURM_STEP_NODELIST=127.0.0.1" in learner
 
 
+def test_slurm_rl_hands_every_rollout_nodes_user_simulator_to_the_learner(tmp_path):
+    """Two rollout nodes (localhost, 127.0.0.2): engine.url and user.base_url list both, in node order."""
+    proc, env, read = _sbatch_rl(tmp_path, {"FAKE_NODES": "127.0.0.1 localhost 127.0.0.2", "ROLLOUT_NODES": "2",
+                                            "SLURM_JOB_NODELIST": "fake[1-3]"}, "--config", "configs/tiny_grpo.py")
+    assert proc.returncode == 0, proc.stderr
+    p, u = env["POLICY_PORT"], env["USER_PORT"]
+    assert read("learner_0.out").splitlines()[-1] == (
+        f"ARGS -m tau2jax.train --config configs/tiny_grpo.py "
+        f"--config.engine.kind=sglang --config.engine.url=http://localhost:{p},http://127.0.0.2:{p} "
+        f"--config.user.kind=llm --config.user.base_url=http://localhost:{u}/v1,http://127.0.0.2:{u}/v1 "
+        "--config.user.model=openai/qwen3-4b")
+
+
 @pytest.mark.parametrize("env, servers, rc, expected", [
     ({"ROLLOUT_NODES": "2"}, FAKE_SERVERS, 2, "ROLLOUT_NODES='2': must be between 1 and the job's node count - 1 (1)"),
     ({"READY_TIMEOUT_S": "1"}, "#!/usr/bin/env bash\nexec sleep 30\n", 1,

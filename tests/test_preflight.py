@@ -72,3 +72,26 @@ def test_a_served_directory_without_tokenizer_is_refused(tmp_path):
         c.stage, c.workdir, c.engine.kind, c.engine.url = "rft", str(tmp_path / "run"), "sglang", running.url
         c.tau2.split = "train"
         _refused(c, r"serves .*served, which lacks tokenizer.json.*orbax_to_hf")
+
+
+def test_one_unreachable_user_simulator_of_several_is_refused_by_name(tmp_path):
+    from test_llm_user import FakeChatServer  # tests/ is on sys.path under pytest
+
+    with FakeChatServer(lambda body, i: ("ok", "hi")) as up:
+        c = default_config()
+        c.stage, c.workdir, c.engine.kind, c.engine.checkpoint = "eval", str(tmp_path / "run"), "gold", ""
+        c.user.kind, c.user.base_url = "llm", f"{up.base_url},http://127.0.0.1:9/v1"
+        _refused(c, r"config.user.base_url: user simulator http://127.0.0.1:9/v1 unreachable")
+        c.user.base_url = f"http://127.0.0.1:9/v1, {up.base_url}"  # first or not
+        _refused(c, r"config.user.base_url: user simulator http://127.0.0.1:9/v1 unreachable")
+
+
+def test_every_listed_user_simulator_is_checked(tmp_path):
+    from test_llm_user import FakeChatServer
+
+    from tau2jax.stages import preflight
+
+    with FakeChatServer(lambda body, i: ("ok", "hi")) as a, FakeChatServer(lambda body, i: ("ok", "hi")) as b:
+        c = default_config()
+        c.user.kind, c.user.base_url = "llm", f"{a.base_url},{b.base_url}/"
+        preflight.check_user_server(c)  # both answer /models

@@ -6,11 +6,20 @@ unchanged) with one addition: each turn is retried with exponential backoff, and
 fails raises `UserSimulatorError`, which the episode runner records as an infrastructure failure
 (not a model failure).
 
+Every sampling parameter goes with each request (temperature, top_p, top_k, min_p, the presence /
+frequency / repetition penalties, max_tokens), so the user behaves the same whatever the server's
+defaults: SGLang 0.5.2x (`--sampling-defaults model`) takes an omitted one from the model's
+generation_config.json, 0.5.3 uses neutral ones, and a request without max_tokens runs to the
+context limit. top_k, min_p and repetition_penalty are SGLang's, outside OpenAI's API: they go in
+`extra_body` (the OpenAI client merges it into the JSON body); `sglang_params=False` leaves them out
+for an endpoint that rejects unknown fields (api.openai.com).
+
 Retries are ours alone: tau2's `generate` forwards `llm_args` to `litellm.completion`, where
 `num_retries=0` turns off litellm's retry wrapper and `max_retries=0` the OpenAI client's, so one
 attempt is one HTTP request bounded by `timeout`.
 
-    user_for = stages.builders.user_factory(config)   # user_for(task, domain): an LLMUser per episode
+    user_for = stages.builders.user_factory(config)   # user_for(task, domain): an LLMUser per episode,
+                                                      # on one of config.user.base_url's servers
 """
 
 from __future__ import annotations
@@ -51,6 +60,14 @@ class LLMUser(UserSimulator):
         base_url: str,
         api_key: str = "EMPTY",
         temperature: float = 0.7,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        min_p: float = 0.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        max_tokens: int = 1024,
+        sglang_params: bool = True,
         timeout_s: float = 120.0,
         max_retries: int = 3,
         backoff_s: float = 1.0,
@@ -61,11 +78,18 @@ class LLMUser(UserSimulator):
         llm_args = {
             "api_base": base_url or None,
             "api_key": api_key,
+            # every sampling parameter pinned (none left to the server's defaults: module doc)
             "temperature": temperature,
+            "top_p": top_p,
+            "presence_penalty": presence_penalty,
+            "frequency_penalty": frequency_penalty,
+            "max_tokens": max_tokens,
             "timeout": timeout_s,
             "num_retries": 0,
             "max_retries": 0,
         }
+        if sglang_params:  # outside OpenAI's API: the OpenAI client sends extra_body's keys in the JSON body
+            llm_args["extra_body"] = {"top_k": top_k, "min_p": min_p, "repetition_penalty": repetition_penalty}
         super().__init__(tools=tools, instructions=instructions, llm=model, llm_args=llm_args)
         self.base_url = base_url
         self.max_retries = max_retries

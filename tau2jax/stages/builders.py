@@ -5,8 +5,10 @@ call these; the rooms below take plain arguments.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import sys
 import threading
 
 from tau2jax import config as config_lib
@@ -225,8 +227,20 @@ def rollout_engine(config, model_cfg, params, tok, version: int):
 
 # ----------------------------------------------------------------------------- users, environments
 
-def user_factory(config):
-    """-> `user_for(task, domain) -> tau2 BaseUser`, fresh per episode (`config.user`)."""
+def user_servers(config) -> list[str]:
+    """The user simulator endpoints `user.base_url` lists (comma-separated; none for a scripted user)."""
+    return config_lib.url_list(config.user.base_url, "user.base_url") if config.user.kind == "llm" else []
+
+
+def user_factory(config, *, start: int | None = None):
+    """-> `user_for(task, domain) -> tau2 BaseUser`, fresh per episode (`config.user`).
+
+    An LLM user is built on one of `user.base_url`'s servers and keeps it for the whole episode (each
+    rollout node serves its own user simulator); successive calls go round-robin over the servers
+    (a counter under a lock: the same order of calls gives the same servers; an episode retried
+    after an infrastructure failure is a new call, so it moves to the next server). `start`: the
+    first call's server (default: this process's index, so the processes of a multi-process run do
+    not all begin on the first server)."""
     u = config.user
     if u.kind == "scripted":
         from tau2jax.env.scripted_user import ScriptedUser
@@ -235,17 +249,26 @@ def user_factory(config):
     from tau2jax.env import tau2_env
     from tau2jax.env.llm_user import LLMUser
 
+    urls = user_servers(config)
+    if start is None:  # jax only when the stage has it already (a process that never imported it is process 0)
+        jax = sys.modules.get("jax")
+        start = jax.process_index() if jax is not None else 0
     tools: dict[str, list | None] = {}  # user tool schemas per domain (only schemas are used)
     lock = threading.Lock()
+    calls = itertools.count(start)
 
     def user_for(task, domain):
         with lock:
             if domain not in tools:
                 env = tau2_env.make_environment(domain)
                 tools[domain] = env.get_user_tools() if env.user_tools is not None else None
+            url = urls[next(calls) % len(urls)]
         # as tau2's own runner: the task's user scenario as instructions
         return LLMUser(tools=tools[domain] or None, instructions=str(task.user_scenario), model=u.model,
-                       base_url=u.base_url, api_key=u.api_key, temperature=u.temperature, timeout_s=u.timeout_s,
+                       base_url=url, api_key=u.api_key, temperature=u.temperature, top_p=u.top_p,
+                       top_k=u.top_k, min_p=u.min_p, presence_penalty=u.presence_penalty,
+                       frequency_penalty=u.frequency_penalty, repetition_penalty=u.repetition_penalty,
+                       max_tokens=u.max_tokens, sglang_params=u.sglang_params, timeout_s=u.timeout_s,
                        max_retries=u.max_retries, backoff_s=u.retry_backoff_s)
 
     return user_for

@@ -7,7 +7,7 @@ before anything is written.
   devices' memory;
 - the policy servers (SGLang: `builders.policy_servers`): healthy (/health), its `weight_version` and served
   `model_path` (a local directory must hold config, tokenizer and safetensors);
-- the user simulator (`user.kind=llm`): its OpenAI endpoint answers /models;
+- the user simulators (`user.kind=llm`): every OpenAI endpoint `user.base_url` lists answers /models;
 - the workdir: writable, with disk space for checkpoints and published weight versions.
 """
 
@@ -145,9 +145,14 @@ def check_model_dir(path: str, what: str) -> None:
 
 
 def check_user_server(config) -> None:
+    """Every endpoint `user.base_url` lists answers /models (an episode may land on any of them)."""
+    for url in builders.user_servers(config):
+        _check_user_url(url.rstrip("/"))
+
+
+def _check_user_url(url: str) -> None:
     import httpx
 
-    url = config.user.base_url.rstrip("/")
     try:
         r = httpx.get(f"{url}/models", timeout=httpx.Timeout(10.0, connect=5.0))
     except httpx.HTTPError as e:

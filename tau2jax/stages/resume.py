@@ -26,8 +26,13 @@ RESULT_FIELDS = (
     "user.kind",
 )  # fmt: skip
 # ... and those that matter for one engine or user kind only (the engine's: builders.engine_settings;
-# the served weights: Engine.identity).
-USER_FIELDS = {"llm": ("user.model", "user.base_url", "user.temperature"), "scripted": ()}
+# the served weights: Engine.identity). user.base_url counts as engine.url does: a user server has
+# no identity to check (which model answers is known only by where it is), so another list of
+# URLs may be another user simulator.
+USER_FIELDS = {"llm": ("user.model", "user.base_url", "user.temperature", "user.top_p", "user.top_k", "user.min_p",
+                       "user.presence_penalty", "user.frequency_penalty", "user.repetition_penalty",
+                       "user.max_tokens", "user.sglang_params"),
+               "scripted": ()}  # fmt: skip
 
 
 def run_settings(config, data_root, sampling: str = "eval", extra: tuple = ()) -> dict:
