@@ -32,10 +32,13 @@ talk to this server and to SGLang alike; POST bodies must be `Content-Type: appl
   `GET /get_model_info`, `GET /v1/models` (id: the served model name, the model path after an
   update, as SGLang; `max_model_len` is the context length).
 - `POST /v1/chat/completions` (OpenAI, with tools): the messages and tools are rendered with the
-  Qwen3 chat format, `<tool_call>` blocks in the reply become OpenAI `tool_calls` by SGLang's qwen25
-  parser (`--tool-call-parser qwen25`; none: the raw text); finish_reason "tool_calls" only when
-  generation stopped, "length" stays "length" (as SGLang).
-  Without max_tokens the reply may take --max-tokens, capped to the room the context leaves.
+  built-in Qwen3-2507 chat format, or, given `chat_template` (the SGLang stand-in), with the model
+  dir's own jinja template as SGLang does (`chat_template.py`); `<tool_call>` blocks in the reply
+  become OpenAI `tool_calls` by SGLang's qwen25 parser (`--tool-call-parser qwen25`; none: the raw
+  text); finish_reason "tool_calls" only when generation stopped, "length" stays "length" (as SGLang).
+  Without max_tokens the reply may take the room the context leaves (context - prompt - 2, as
+  SGLang), capped at --max-tokens (`default_max_tokens`; None: no cap). Omitted temperature, top_p,
+  top_k come from `chat_defaults` (the stand-in: the SGLang version's, `chat_sampling_defaults`).
   This is what the user simulator (tau2 via litellm, `api_base=http://HOST:PORT/v1`) calls.
 
 Requests are validated one by one (`Server.validate`) before they are queued, so a bad one fails
