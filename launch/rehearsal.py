@@ -70,6 +70,8 @@ def _turn_versions(logs: str) -> tuple[dict, int]:
     path = os.path.join(logs, "policy-requests.jsonl")
     served, most = collections.defaultdict(set), 0
     for r in _jsonl(path) if os.path.exists(path) else []:
+        if r.get("endpoint", "/generate") != "/generate":  # policy turns only, not OpenAI chat calls
+            continue
         v = r["weight_version"]
         served[r["prompt"], r["output"]].add(int(v) if v.isdigit() else UNKNOWN_VERSION)
         most = max(most, r["in_flight"])

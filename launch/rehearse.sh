@@ -58,6 +58,9 @@ export SGLANG_PYTHON=${SGLANG_PYTHON:-launch/sglang_standin/python}
 export POLICY_MODEL=$WORK/hf USER_MODEL=$WORK/hf POLICY_PORT=$policy_port USER_PORT=$user_port
 export LOG_DIR=$WORK/logs READY_TIMEOUT_S=${READY_TIMEOUT_S:-300} PYTHON=$PY
 export SGLANG_STANDIN_LOG_DIR=$WORK/logs  # the stand-in's request log: which weights served each turn
+# SGLang lets a chat request without max_tokens run to the context; the random tiny user model never
+# stops, so the rehearsal caps it (a stand-in knob, not SGLang behaviour)
+export SGLANG_STANDIN_MAX_TOKENS=${SGLANG_STANDIN_MAX_TOKENS:-64}
 export RESTART_DELAY_S=${RESTART_DELAY_S:-1}
 export LITELLM_LOCAL_MODEL_COST_MAP=True
 

@@ -204,11 +204,12 @@ def test_chat_without_max_tokens_takes_the_room_the_context_leaves(tok):
     messages = [{"role": "user", "content": "go"}]
     n_prompt = len(Server(Echo(), tok).chat.render(messages, None, add_generation_prompt=True)[0])
     engine = ScriptedEngine(tok, [list(range(100, 200))])
-    # the smallest context that admits the prompt (scheduler: len < context - 6), room context - 1 - len
+    # the smallest context that admits the prompt (scheduler: len < context - 6), room context - 2 - len
+    # (scheduler.py init_req_max_new_tokens: max_req_len - len - 1, max_req_len = context - 1)
     with RunningServer(create_app(Server(engine, tok, context_length=n_prompt + 7, rules=SGLANG))) as running:
         r = httpx.post(f"{running.url}/v1/chat/completions", json={"messages": messages})
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] == 6 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert r.json()["usage"]["completion_tokens"] == 5 and r.json()["choices"][0]["finish_reason"] == "length"
 
 
 # -- 6. per-request validation before batching -------------------------------------------------------------

@@ -7,18 +7,28 @@ subset that tau2jax uses with SGLang's rules for the version and flags it runs u
 --enable-deterministic-inference, the version's finish order and tool-call shapes, tool calls parsed
 only with --tool-call-parser). The table with SGLang's sources is in docs/gpu_serving.md.
 
-Not SGLang flags (they would be refused): SGLANG_STANDIN_MAX_TOKENS caps an OpenAI request that
-names no max_tokens (default 64: SGLang lets it run to the context, scheduler.py
-init_req_max_new_tokens, and a random tiny user model never stops); SGLANG_STANDIN_VERSION is the
-version reported (0.5.3's rules apply below); SGLANG_STANDIN_LOG_DIR, if set, gets
-`<served-model-name>-requests.jsonl`: a line per /generate result (weight version, digests of the
-prompt and output ids, requests in flight), what launch/rehearsal.py's tally checks turns against.
+OpenAI chat as SGLang serves it: the prompt is the model dir's own jinja chat template
+(`chat_template.jinja`, else tokenizer_config.json's `chat_template`; none: the server starts, every
+chat request is a 400, as SGLang), a request without max_tokens runs to the context
+(context - prompt - 2 tokens), and omitted sampling parameters take the version's defaults: 0.5.3
+temperature 0.7, top_p 1, top_k -1, min_p 0; 0.5.23 `--sampling-defaults model` (its default) the
+model's generation_config.json over OpenAI's 1.0, 1.0, -1, 0 (`--sampling-defaults openai`: those).
+
+Not SGLang flags (they would be refused): SGLANG_STANDIN_MAX_TOKENS, if set, caps a chat request
+that names no max_tokens (unset: to the context, as SGLang; launch/rehearse.sh sets it, as a random
+tiny user model never stops); SGLANG_STANDIN_VERSION is the version reported and modelled (default
+0.5.3; any other gets 0.5.23's rules); SGLANG_STANDIN_LOG_DIR, if set, gets
+`<served-model-name>-requests.jsonl`: a line per result ("endpoint" /generate or
+/v1/chat/completions; weight version, digests of the prompt and output ids, token counts, requests
+in flight; chat: "sampling", the parameters SGLang would sample with), what launch/rehearsal.py's
+tally checks turns against.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import os
 import sys
@@ -27,7 +37,16 @@ import sys
 DETERMINISTIC_BACKENDS = ("flashinfer", "fa3", "triton")
 
 
+def _version() -> str:
+    return os.environ.get("SGLANG_STANDIN_VERSION", "0.5.3")
+
+
+def _is_0_5_3(version: str) -> bool:
+    return version.split(".post")[0] == "0.5.3"
+
+
 def parse(argv):
+    version = _version()
     p = argparse.ArgumentParser(prog="python -m sglang.launch_server (tau2jax stand-in)")
     p.add_argument("--model-path", required=True)
     p.add_argument("--served-model-name", default="")
@@ -42,8 +61,11 @@ def parse(argv):
     p.add_argument("--tool-call-parser", default=None, choices=["qwen25"])
     p.add_argument("--enable-deterministic-inference", action="store_true")
     p.add_argument("--attention-backend", default=None)
+    if not _is_0_5_3(version):  # 0.5.2x arg_groups/fields/serving.py; 0.5.3 has no such flag
+        p.add_argument("--sampling-defaults", default="model", choices=["openai", "model"])
     args = p.parse_args(argv)
-    if args.enable_deterministic_inference and os.environ.get("SGLANG_STANDIN_VERSION", "0.5.3") == "0.5.3" \
+    args.sampling_defaults = getattr(args, "sampling_defaults", None)
+    if args.enable_deterministic_inference and _is_0_5_3(version) \
             and args.attention_backend not in DETERMINISTIC_BACKENDS:
         p.error(f"--enable-deterministic-inference needs --attention-backend in {DETERMINISTIC_BACKENDS} "
                 f"(SGLang 0.5.3), got {args.attention_backend}")
@@ -84,16 +106,26 @@ def _request_log(name: str) -> str | None:
     return os.path.join(log_dir, f"{name or 'model'}-requests.jsonl") if log_dir else None
 
 
+def generation_config(model_path: str) -> dict:
+    """The model dir's generation_config.json ({} without one, as SGLang's get_generation_config)."""
+    path = os.path.join(model_path, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
     from tau2jax.data.tokenizer import load_tokenizer
+    from tau2jax.inference.chat_template import HFChatTemplate, MissingChatTemplate
     from tau2jax.inference.engine import UNKNOWN_VERSION
     from tau2jax.inference.jax_engine import JaxEngine
     from tau2jax.inference.server import Server, create_app
-    from tau2jax.inference.sglang_rules import SGLangRules
+    from tau2jax.inference.sglang_rules import SGLangRules, chat_sampling_defaults
 
     missing = [f for f in ("config.json", "tokenizer.json") if not os.path.exists(os.path.join(args.model_path, f))]
     if missing:
@@ -110,14 +142,28 @@ def main(argv=None) -> int:
                                   max_batch=16, policy_version=version)
     engine = ReplicaSet([first] + [JaxEngine(first._params, first.cfg, tokenizer=tokenizer, max_seq_len=context,  # noqa: SLF001
                                              max_batch=16, policy_version=version) for _ in range(args.dp_size - 1)])
-    rules = SGLangRules.launched(os.environ.get("SGLANG_STANDIN_VERSION", "0.5.3"),
-                                 args.enable_deterministic_inference, args.tool_call_parser)
+    rules = SGLangRules.launched(_version(), args.enable_deterministic_inference, args.tool_call_parser)
+    template = HFChatTemplate.from_dir(args.model_path)
+    if template is None:  # SGLang starts anyway; transformers refuses every chat request
+        logging.getLogger("sglang_standin").warning(
+            "No HuggingFace chat template found in %s: every /v1/chat/completions request will fail (400), "
+            "as SGLang's does", args.model_path)
+        template = MissingChatTemplate()
+    chat_defaults = chat_sampling_defaults(_version(), args.sampling_defaults, generation_config(args.model_path))
+    unmodelled = {k: chat_defaults[k] for k, neutral in (("min_p", 0.0), ("repetition_penalty", 1.0))
+                  if chat_defaults.get(k, neutral) != neutral}
+    if unmodelled:
+        logging.getLogger("sglang_standin").warning(
+            "chat defaults %s: SGLang applies them, the stand-in's engine samples without them", unmodelled)
+    max_tokens = os.environ.get("SGLANG_STANDIN_MAX_TOKENS")
     server = Server(engine, tokenizer, model_path=args.model_path, context_length=context, rules=rules,
                     served_model_name=args.served_model_name,
-                    default_max_tokens=int(os.environ.get("SGLANG_STANDIN_MAX_TOKENS", "64")),
+                    default_max_tokens=int(max_tokens) if max_tokens else None,
+                    chat_template=template, chat_defaults=chat_defaults,
                     request_log=_request_log(args.served_model_name), flush_lag_s=FLUSH_LAG_S,
                     die_on_engine_failure=True)
     print(f"sglang stand-in: dp_size={args.dp_size} replicas={len(engine.replicas)} (round-robin)", flush=True)
+    print(f"sglang stand-in: chat sampling defaults {json.dumps(chat_defaults, sort_keys=True)}", flush=True)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
     return 0
 

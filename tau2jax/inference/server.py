@@ -32,10 +32,13 @@ talk to this server and to SGLang alike; POST bodies must be `Content-Type: appl
   `GET /get_model_info`, `GET /v1/models` (id: the served model name, the model path after an
   update, as SGLang; `max_model_len` is the context length).
 - `POST /v1/chat/completions` (OpenAI, with tools): the messages and tools are rendered with the
-  Qwen3 chat format, `<tool_call>` blocks in the reply become OpenAI `tool_calls` by SGLang's qwen25
-  parser (`--tool-call-parser qwen25`; none: the raw text); finish_reason "tool_calls" only when
-  generation stopped, "length" stays "length" (as SGLang).
-  Without max_tokens the reply may take --max-tokens, capped to the room the context leaves.
+  built-in Qwen3-2507 chat format, or, given `chat_template` (the SGLang stand-in), with the model
+  dir's own jinja template as SGLang does (`chat_template.py`); `<tool_call>` blocks in the reply
+  become OpenAI `tool_calls` by SGLang's qwen25 parser (`--tool-call-parser qwen25`; none: the raw
+  text); finish_reason "tool_calls" only when generation stopped, "length" stays "length" (as SGLang).
+  Without max_tokens the reply may take the room the context leaves (context - prompt - 2, as
+  SGLang), capped at --max-tokens (`default_max_tokens`; None: no cap). Omitted temperature, top_p,
+  top_k come from `chat_defaults` (the stand-in: the SGLang version's, `chat_sampling_defaults`).
   This is what the user simulator (tau2 via litellm, `api_base=http://HOST:PORT/v1`) calls.
 
 Requests are validated one by one (`Server.validate`) before they are queued, so a bad one fails
@@ -69,8 +72,10 @@ import httpx
 from fastapi.responses import JSONResponse
 
 from tau2jax.data.chat import ChatFormat
+from tau2jax.inference.chat_template import sglang_messages
 from tau2jax.inference.engine import UNKNOWN_VERSION, GenerateResult, SamplingParams
-from tau2jax.inference.sglang_rules import HEALTH_CHECK_TIMEOUT_S, INPUT_MARGIN, ModelUpdateLock, SGLangRules
+from tau2jax.inference.sglang_rules import (HEALTH_CHECK_TIMEOUT_S, INPUT_MARGIN, ModelUpdateLock, SGLangRules,
+                                            template_tools)
 from tau2jax.inference.weight_sync import load_hf_params
 
 log = logging.getLogger(__name__)
@@ -213,10 +218,10 @@ class Server:
     """The engine + tokenizer behind the app: parsing, engine calls, response building."""
 
     def __init__(self, engine, tokenizer, *, model_path: str = "", max_batch: int = 32,
-                 batch_window_s: float = 0.005, default_max_tokens: int = 1024,
+                 batch_window_s: float = 0.005, default_max_tokens: int | None = 1024,
                  context_length: int | None = None, rules: SGLangRules | None = None,
                  served_model_name: str = "", request_log: str | None = None, flush_lag_s: float = 0.0,
-                 die_on_engine_failure: bool = False):
+                 die_on_engine_failure: bool = False, chat_template=None, chat_defaults: dict | None = None):
         self.engine = engine
         self.rules = rules or SGLangRules()
         self.update_lock = ModelUpdateLock()
@@ -224,7 +229,14 @@ class Server:
         self.tokenizer = tokenizer
         self.chat = ChatFormat(tokenizer)
         self.model_path = model_path
+        # a chat request without max_tokens: at most this many (None: as SGLang, up to the context)
         self.default_max_tokens = default_max_tokens
+        # chat prompts: the model's own template (`chat_template.HFChatTemplate`, or one whose render
+        # raises: the dir has none), as SGLang; None: the built-in Qwen3-2507 `ChatFormat`
+        self.chat_template = chat_template
+        # what a chat request's omitted temperature/top_p/top_k/min_p/repetition_penalty become
+        # (`sglang_rules.chat_sampling_defaults`); None: /generate's defaults (1.0, 1.0, off)
+        self.chat_defaults = chat_defaults
         self.batcher = Batcher(engine, max_batch, batch_window_s)
         self.running = 0  # requests between arrival and response (SGLang's running + waiting)
         # JSONL, a line per /generate result: which weights served which tokens (the rehearsal's tally)
@@ -375,19 +387,26 @@ class Server:
         engine then holds UNKNOWN_VERSION), else the integer."""
         return "default" if version == UNKNOWN_VERSION else str(version)
 
-    def log_served(self, reqs: list[_Request], results: list[GenerateResult], in_flight: int) -> None:
+    def log_served(self, reqs: list[_Request], results: list[GenerateResult], in_flight: int,
+                   endpoint: str = "/generate", sampling: dict | None = None) -> None:
+        """A line per result; `sampling` (chat): the sampling parameters SGLang would have used."""
         if self.request_log is None:
             return
-        lines = "".join(json.dumps({"t": time.time(), "weight_version": self.version_text(r.policy_version), "in_flight": in_flight,
-                                    "prompt": token_digest(q.ids), "output": token_digest(r.output_ids)}) + "\n"
+        extra = {} if sampling is None else {"sampling": sampling}
+        lines = "".join(json.dumps({"t": time.time(), "endpoint": endpoint,
+                                    "weight_version": self.version_text(r.policy_version), "in_flight": in_flight,
+                                    "prompt": token_digest(q.ids), "prompt_tokens": len(q.ids),
+                                    "output": token_digest(r.output_ids), "completion_tokens": len(r.output_ids),
+                                    **extra}) + "\n"
                         for q, r in zip(reqs, results))
         with open(self.request_log, "a") as f:  # one write per request batch: replicas append whole lines
             f.write(lines)
 
     # /v1/chat/completions
 
-    def parse_chat(self, body: dict) -> tuple[list[int], SamplingParams, set[str]]:
-        """-> (prompt ids, sampling params, the tool names whose calls are parsed out of the reply)."""
+    def parse_chat(self, body: dict) -> tuple[list[int], SamplingParams, set[str], dict]:
+        """-> (prompt ids, sampling params, the tool names whose calls are parsed out of the reply,
+        the sampling parameters as SGLang would use them: what the request log records)."""
         if body.get("stream"):
             raise RequestError("stream=true is not supported; send stream=false")
         if body.get("n", 1) != 1:
@@ -400,23 +419,44 @@ class Server:
         if tool_choice not in ("auto", "none"):
             raise RequestError(f"tool_choice {tool_choice!r} is not supported (use auto or none)")
         try:
-            ids, _ = self.chat.render([_chat_message(m) for m in messages], tools, add_generation_prompt=True)
+            if self.chat_template is not None:  # as SGLang: the model's template; tool_choice none: no tools
+                text = self.chat_template.render(
+                    sglang_messages(messages), template_tools(self.rules.version, tools if tool_choice == "auto" else None),
+                    add_generation_prompt=True)
+                ids = self.tokenizer.encode(text)
+            else:
+                ids, _ = self.chat.render([_chat_message(m) for m in messages], tools, add_generation_prompt=True)
         except (KeyError, TypeError, ValueError) as e:
             raise RequestError(f"cannot render messages: {e}") from None
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        if max_tokens is None:  # like SGLang: no max_tokens means "whatever fits"
-            room = self.default_max_tokens if self.context_length is None else self.context_length - 1 - len(ids)
-            max_tokens = max(1, min(self.default_max_tokens, room))
+        # 0.5.3 serving_chat.py _build_sampling_params: max_tokens or max_completion_tokens; 0.5.23
+        # protocol.py to_sampling_params the other way round
+        first, second = ("max_tokens", "max_completion_tokens") if self.rules.is_0_5_3 else \
+            ("max_completion_tokens", "max_tokens")
+        max_tokens = body.get(first) or body.get(second)
+        if max_tokens is None:
+            # SGLang: max_new_tokens None runs to the context: scheduler.py init_req_max_new_tokens,
+            # min(1 << 30, max_req_len - len - 1) with max_req_len = context - 1 (tp_worker.py)
+            room = None if self.context_length is None else self.context_length - 2 - len(ids)
+            caps = [c for c in (self.default_max_tokens, room) if c is not None]
+            max_tokens = max(1, min(caps)) if caps else 1 << 30
         sp = {"max_new_tokens": max_tokens, "stop": body.get("stop")}
-        for key in ("temperature", "top_p", "top_k"):
-            if body.get(key) is not None:
-                sp[key] = body[key]
-        if body.get("seed") is not None:
+        defaults = self.chat_defaults or {}
+        sampling = {}
+        for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            value = body.get(key)
+            value = defaults.get(key) if value is None else value
+            if value is not None:
+                sampling[key] = value
+                if key in ("temperature", "top_p", "top_k"):  # the engine has no min_p, repetition_penalty
+                    sp[key] = value
+        # 0.5.3's chat never passes the request's seed on (its sampling_seed stays 42)
+        if body.get("seed") is not None and not (self.chat_template is not None and self.rules.is_0_5_3):
             sp["sampling_seed"] = body["seed"]
         params = self.parse_sampling(sp)
         self.validate(ids, params)
+        sampling["max_new_tokens"] = params.max_new_tokens
         names = {t.get("function", {}).get("name") for t in tools or () if isinstance(t, dict)}
-        return ids, params, names if tool_choice == "auto" else set()
+        return ids, params, names if tool_choice == "auto" else set(), sampling
 
     def chat_response(self, body: dict, prompt: list[int], r: GenerateResult, tool_names: set[str]) -> dict:
         if r.finish_reason == "abort":  # OpenAI has no "abort": a 500 makes the client retry
@@ -528,13 +568,13 @@ def create_app(server: Server) -> fastapi.FastAPI:
         log.warning("engine failure: %s", e)
         return _error(500, str(e))
 
-    async def generate_many(reqs: list[_Request], log: bool = False) -> list[GenerateResult]:
+    async def generate_many(reqs: list[_Request], log: bool = False, **log_extra) -> list[GenerateResult]:
         server.running += len(reqs)
         in_flight = server.running
         try:  # requests were validated before queuing: what the engine raises is its own failure
             results = await asyncio.gather(*(server.run(r.ids, r.params) for r in reqs))
             if log:
-                server.log_served(reqs, results, in_flight)
+                server.log_served(reqs, results, in_flight, **log_extra)
             return results
         except Exception as e:
             if server.die_on_engine_failure:  # SGLang: a scheduler exception ends the server process
@@ -596,9 +636,10 @@ def create_app(server: Server) -> fastapi.FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: fastapi.Request):
         body = await _json_body(request)
-        ids, params, tool_names = server.parse_chat(body)
+        ids, params, tool_names, sampling = server.parse_chat(body)
         async with server.update_lock.shared():
-            (result,) = await generate_many([_Request(ids, params, False, False)])
+            (result,) = await generate_many([_Request(ids, params, False, False)], log=True,
+                                            endpoint="/v1/chat/completions", sampling=sampling)
         return server.chat_response(body, ids, result, tool_names)
 
     @app.post("/update_weights_from_disk")

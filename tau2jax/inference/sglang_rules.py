@@ -108,6 +108,56 @@ class SGLangRules:
             for i, (name, args) in enumerate(calls)], True
 
 
+# entrypoints/openai/protocol.py: what a chat request omitting a sampling parameter gets.
+# 0.5.3: ChatCompletionRequest's field defaults (temperature 0.7, not SamplingParams' 1.0); there is
+# no --sampling-defaults. 0.5.23: ChatCompletionRequest._DEFAULT_SAMPLING_PARAMS, under the model's
+# generation_config.json when --sampling-defaults is "model" (its default; arg_groups/fields/serving.py,
+# configs/model_config.py get_default_sampling_params, ChatCompletionRequest.to_sampling_params).
+CHAT_DEFAULTS_0_5_3 = {"temperature": 0.7, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+CHAT_DEFAULTS_OPENAI = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+SAMPLING_DEFAULTS = ("openai", "model")  # 0.5.23's --sampling-defaults choices; default "model"
+_FUNCTION_FIELDS = ("description", "name", "parameters", "strict", "defer_loading")
+
+
+def chat_sampling_defaults(version: str, sampling_defaults: str | None, generation_config: dict) -> dict:
+    """The values SGLang `version` gives a chat request's omitted temperature, top_p, top_k, min_p
+    and repetition_penalty (`sampling_defaults`: 0.5.23's flag, None on 0.5.3)."""
+    if version.split(".post")[0] == "0.5.3":
+        return dict(CHAT_DEFAULTS_0_5_3)
+    if sampling_defaults not in SAMPLING_DEFAULTS:
+        raise ValueError(f"sampling_defaults must be one of {SAMPLING_DEFAULTS}, got {sampling_defaults!r}")
+    model = {k: generation_config[k] for k in CHAT_DEFAULTS_OPENAI
+             if sampling_defaults == "model" and generation_config.get(k) is not None}
+    return {**CHAT_DEFAULTS_OPENAI, **model}
+
+
+def template_tools(version: str, tools: list[dict] | None) -> list[dict] | None:
+    """The `tools` SGLang hands the chat template (serving_chat.py `_process_messages`). 0.5.3:
+    each tool's bare function as its pydantic model dumps it, `{"description", "name", "parameters",
+    "strict": false}` in that order. 0.5.23: the whole tool, `{"type", "function", "defer_loading":
+    null}`, the function's keys in the order the client sent them (Function._serialize), a missing
+    description or parameters as null, strict and defer_loading only when given."""
+    if not tools:
+        return None
+    out = []
+    for t in tools:
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError(f"a tool must be {{'type': 'function', 'function': {{'name': ...}}}}, got {t!r}")
+        if version.split(".post")[0] == "0.5.3":
+            out.append({"description": fn.get("description"), "name": fn["name"], "parameters": fn.get("parameters"),
+                        "strict": bool(fn.get("strict", False))})
+            continue
+        dumped = {k: fn.get(k) for k in _FUNCTION_FIELDS}
+        for k in ("strict", "defer_loading"):
+            if dumped[k] is None:
+                dumped.pop(k)
+        order = [k for k in fn if k in dumped]
+        dumped = {k: dumped[k] for k in order + [k for k in dumped if k not in order]}
+        out.append({"type": t.get("type", "function"), "function": dumped, "defer_loading": t.get("defer_loading")})
+    return out
+
+
 class ModelUpdateLock:
     """SGLang's model_update_lock (aio_rwlock.py, taken in tokenizer_manager.py): every request
     holds it shared from arrival to answer; update_weights_from_disk takes it exclusively, so an
