@@ -175,6 +175,11 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path, devices):
       "SLURM_LOCALID": "0", "JAX_PROCESS_ID": "5"}, "JAX_PROCESS_ID=5, JAX_NUM_PROCESSES=2"),
     ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1",
       distributed.TIMEOUT_VAR: "0"}, f"{distributed.TIMEOUT_VAR}=0: must be >= 1"),
+    # A lone coordinator is one process only in a SLURM step of one task: not in a job without
+    # SLURM_NTASKS (not a step), and not when a count or id says more.
+    ({"SLURM_JOB_ID": "7", "JAX_COORDINATOR_ADDRESS": "n1:1234"}, "JAX_NUM_PROCESSES, JAX_PROCESS_ID missing"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "JAX_COORDINATOR_ADDRESS": "n1:1234", "JAX_NUM_PROCESSES": "2"},
+     "JAX_PROCESS_ID missing"),
 ])
 def test_incomplete_environment_is_rejected_by_name(env, expected, monkeypatch):
     for k in DIST_VARS:
@@ -184,6 +189,25 @@ def test_incomplete_environment_is_rejected_by_name(env, expected, monkeypatch):
     with pytest.raises(distributed.DistributedConfigError, match=re.escape(expected)):
         distributed.initialize()
     assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("env", [
+    # launch/slurm.sbatch's one-node default as it was: the coordinator exported, srun starts one task.
+    {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "n1", "SLURM_STEP_NUM_NODES": "1",
+     "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "JAX_COORDINATOR_ADDRESS": "n1:1234"},
+    # A one-task job, the trainer started without srun, the coordinator inherited from the submit shell.
+    {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "JAX_COORDINATOR_ADDRESS": "n1:1234"},
+])
+def test_one_slurm_task_with_a_lone_coordinator_is_one_process(env, monkeypatch, capsys):
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert distributed.resolve() is None
+    assert distributed.initialize() is False
+    assert not jax.distributed.is_initialized()
+    assert "one SLURM task (SLURM_NTASKS=1), one process; JAX_COORDINATOR_ADDRESS=n1:1234 unused" in \
+        capsys.readouterr().err
 
 
 def test_single_process_needs_no_environment(monkeypatch):
