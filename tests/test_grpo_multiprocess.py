@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+import fake_slurm
 from cli_runs import run_group
 from tau2jax.parallel import distributed
 
@@ -152,29 +153,6 @@ def test_processes_with_different_configs_fail_naming_the_keys(tmp_path):
 
 # ----------------------------------------------------------------------------- SLURM: learner + rollout nodes
 
-FAKE_SRUN = r"""#!/usr/bin/env bash
-# srun on one machine: --nodes x --ntasks-per-node local tasks on the --nodelist names, output to
-# $FAKE_SRUN_DIR/<program>_<task>.out; a signal stops its tasks, as srun does.
-nodes=1 per_node=1 list=
-while [[ $1 == -* ]]; do
-  case $1 in --nodes=*) nodes=${1#*=} ;; --ntasks-per-node=*) per_node=${1#*=} ;; --nodelist=*) list=${1#*=} ;; esac
-  shift
-done
-IFS=, read -ra names <<<"$list"
-n=$((nodes * per_node)) rc=0 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null; exit 143' TERM
-for ((i = 0; i < n; i++)); do
-  SLURM_NTASKS=$n SLURM_PROCID=$i SLURM_LOCALID=$((i % per_node)) SLURM_NODEID=$((i / per_node)) \
-    SLURM_STEP_NUM_NODES=$nodes SLURM_STEP_NODELIST=$list SLURMD_NODENAME=${names[i / per_node]} \
-    "$@" >"$FAKE_SRUN_DIR/$(basename "$1")_$i.out" 2>"$FAKE_SRUN_DIR/$(basename "$1")_$i.err" &
-  pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
-exit $rc
-"""
-FAKE_SCONTROL = """#!/usr/bin/env bash
-printf '%s\\n' $FAKE_NODES
-"""
 # Stands in for gpu_node.sh: says how it was started and answers every GET on both ports.
 FAKE_SERVERS = """#!/usr/bin/env bash
 echo "BIND_HOST=$BIND_HOST POLICY_GPUS=$POLICY_GPUS USER_GPUS=$USER_GPUS"
@@ -191,10 +169,6 @@ for port in ("POLICY_PORT", "USER_PORT"):
 threading.Event().wait(60)
 '
 """
-FAKE_LEARNER = """#!/usr/bin/env bash
-env | grep -E '^(SLURM|JAX)_' | sort
-echo "ARGS $*"
-"""
 
 
 def _free_port() -> int:
@@ -203,38 +177,72 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _sbatch_rl(tmp_path, env, *args, servers=FAKE_SERVERS):
-    """launch/slurm_rl.sbatch on fake node 127.0.0.1 (learner) + localhost (rollouts), fake srun."""
-    bin_dir, task_dir = tmp_path / "bin", tmp_path / "tasks"
-    for d in (bin_dir, task_dir):
-        d.mkdir(exist_ok=True)
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("servers", servers),
-                       ("learner", FAKE_LEARNER)):
-        (bin_dir / name).write_text(text.replace("{python}", sys.executable))
-        (bin_dir / name).chmod(0o755)
-    env = BASE_ENV | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SRUN_DIR": str(task_dir),
-                      "FAKE_NODES": "127.0.0.1 localhost", "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": ROOT,
-                      "SLURM_JOB_NODELIST": "fake[1-2]", "SERVER_SCRIPT": str(bin_dir / "servers"),
-                      "PYTHON": str(bin_dir / "learner"), "SERVER_LOG_DIR": str(tmp_path / "server_logs"),
-                      "POLICY_PORT": str(_free_port()), "USER_PORT": str(_free_port())} | env
+def _sbatch_rl(tmp_path, env, *args, servers=FAKE_SERVERS, nodes=("127.0.0.1", "localhost"), ntasks_per_node=1):
+    """launch/slurm_rl.sbatch in a job of `nodes` (default: 127.0.0.1 the learner, localhost the
+    rollouts) x ntasks_per_node tasks, with tests/fake_slurm.py's srun; the learner prints its
+    environment. -> (proc, env, [srun steps])."""
+    task_dir = tmp_path / "tasks"
+    env = (BASE_ENV | fake_slurm.install(tmp_path / "bin", task_dir, servers=servers.replace("{python}", sys.executable),
+                                         learner=fake_slurm.PRINT_ENV)
+           | fake_slurm.allocation(list(nodes), ntasks_per_node)
+           | {"SLURM_SUBMIT_DIR": ROOT, "SERVER_SCRIPT": str(tmp_path / "bin" / "servers"),
+              "PYTHON": str(tmp_path / "bin" / "learner"), "SERVER_LOG_DIR": str(tmp_path / "server_logs"),
+              "POLICY_PORT": str(_free_port()), "USER_PORT": str(_free_port())} | env)
     proc = _run(["bash", "launch/slurm_rl.sbatch", *args], env, timeout=120)
-    read = lambda name: (task_dir / name).read_text() if (task_dir / name).exists() else ""  # noqa: E731
-    return proc, env, read
+    return proc, env, fake_slurm.steps(task_dir)
 
 
-def test_slurm_rl_hands_the_rollout_nodes_servers_to_the_learner(tmp_path):
-    proc, env, read = _sbatch_rl(tmp_path, {"WORKDIR": "/shared/rl"}, "--config", "configs/tiny_grpo.py")
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID",
+              "SLURM_STEP_NUM_NODES", "JAX_COORDINATOR_PORT", "JAX_LOCAL_DEVICE_IDS", *distributed.ENV_VARS)
+
+
+def _resolve_in(env, monkeypatch):
+    for k in SLURM_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return distributed.resolve()
+
+
+# sbatch's default (1 task per node), and an allocation of 4 tasks per node whose SLURM_NTASKS an
+# srun without --ntasks would inherit (two gpu_node.sh on the rollout node, learners of a GPU each).
+@pytest.mark.parametrize("ntasks_per_node", [1, 4])
+def test_slurm_rl_hands_the_rollout_nodes_servers_to_the_learner(tmp_path, monkeypatch, ntasks_per_node):
+    proc, env, steps = _sbatch_rl(tmp_path, {"WORKDIR": "/shared/rl"}, "--config", "configs/tiny_grpo.py",
+                                  ntasks_per_node=ntasks_per_node)
     assert proc.returncode == 0, proc.stderr
     assert "learner on 127.0.0.1, policy + user servers on localhost" in proc.stderr
-    assert read("bash_0.out").splitlines()[0] == "BIND_HOST=localhost POLICY_GPUS=0,1,2,3,4,5,6 USER_GPUS=7"
-    learner = read("learner_0.out").splitlines()
-    assert learner[-1] == (
+    assert "learner 1 process(es), a single process (no coordinator)" in proc.stderr
+    servers, learner = steps
+    assert (servers.program, servers.info["ntasks"], servers.info["nodelist"], len(servers.tasks)) == \
+        ("bash", "1", "localhost", 1)
+    assert servers.tasks[0][0].splitlines()[0] == "BIND_HOST=localhost POLICY_GPUS=0,1,2,3,4,5,6 USER_GPUS=7"
+    assert (learner.program, learner.info["ntasks"], learner.info["nodelist"], len(learner.tasks)) == \
+        ("learner", "1", "127.0.0.1", 1)
+    assert learner.tasks[0][0].splitlines()[-1] == (
         f"ARGS -m tau2jax.train --config configs/tiny_grpo.py --config.workdir=/shared/rl "
         f"--config.engine.kind=sglang --config.engine.url=http://localhost:{env['POLICY_PORT']} "
         f"--config.user.kind=llm --config.user.base_url=http://localhost:{env['USER_PORT']}/v1 "
         "--config.user.model=openai/qwen3-4b")
-    assert f"JAX_COORDINATOR_ADDRESS=127.0.0.1:{4242 % 4096 + 61440}" in learner
-    assert "SLURM_NTASKS=1" in learner and "SLURM_STEP_NODELIST=127.0.0.1" in learner
+    seen = learner.env(0)
+    assert seen["SLURM_NTASKS"] == "1" and seen["SLURM_STEP_NODELIST"] == "127.0.0.1"
+    assert "JAX_COORDINATOR_ADDRESS" not in seen
+    assert _resolve_in(seen, monkeypatch) is None  # one process: it starts, no jax.distributed
+
+
+def test_slurm_rl_learner_nodes_join_one_run_beside_one_server_per_rollout_node(tmp_path, monkeypatch):
+    """3 nodes, 2 tasks each in the allocation (SLURM_NTASKS=6): 2 learner processes on the first two
+    nodes joined by the coordinator on the first, 1 gpu_node.sh on the last."""
+    proc, env, steps = _sbatch_rl(tmp_path, {"PORT": "1234"}, "--config", "configs/tiny_grpo.py",
+                                  nodes=("127.0.0.1", "127.0.0.2", "localhost"), ntasks_per_node=2)
+    assert proc.returncode == 0, proc.stderr
+    assert "learner 2 process(es), coordinator 127.0.0.1:1234" in proc.stderr
+    servers, learner = steps
+    assert (servers.info["ntasks"], servers.info["nodelist"], len(servers.tasks)) == ("1", "localhost", 1)
+    assert (learner.info["ntasks"], learner.info["nodelist"], len(learner.tasks)) == ("2", "127.0.0.1,127.0.0.2", 2)
+    for i in range(2):
+        assert learner.env(i)["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:1234"
+        assert _resolve_in(learner.env(i), monkeypatch) == distributed.Launch("127.0.0.1:1234", 2, i, None)
 
 
 def test_slurm_rl_hands_every_rollout_nodes_user_simulator_to_the_learner(tmp_path):
@@ -256,9 +264,9 @@ def test_slurm_rl_hands_every_rollout_nodes_user_simulator_to_the_learner(tmp_pa
      "error: policy server http://localhost:{POLICY_PORT} not healthy from"),
 ])
 def test_slurm_rl_bad_launches_fail_by_name(tmp_path, env, servers, rc, expected):
-    proc, env, read = _sbatch_rl(tmp_path, env, "--config", "configs/tiny_grpo.py", servers=servers)
+    proc, env, steps = _sbatch_rl(tmp_path, env, "--config", "configs/tiny_grpo.py", servers=servers)
     assert proc.returncode == rc and expected.format(**env) in proc.stderr, proc.stderr
-    assert not read("learner_0.out")  # the learner never started
+    assert not [s for s in steps if s.program == "learner"]  # the learner never started
 
 
 # ----------------------------------------------------------------------------- the pipeline

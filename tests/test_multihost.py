@@ -20,13 +20,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import fake_slurm
 from cli_runs import run_group
 from tau2jax.parallel import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST_VARS = (*distributed.ENV_VARS, distributed.TIMEOUT_VAR, "JAX_COORDINATOR_PORT", "JAX_LOCAL_DEVICE_IDS",
              "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID",
-             "SLURM_STEP_NUM_NODES")
+             "SLURM_STEP_NUM_NODES", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NUM_NODES", "SLURM_NNODES",
+             "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS")
 # Each child gets its own device count; none inherits the 8 fake devices or a coordinator.
 BASE_ENV = {k: v for k, v in os.environ.items() if k not in (*DIST_VARS, "XLA_FLAGS")} | {"JAX_PLATFORMS": "cpu"}
 TIMEOUT_S = 300
@@ -175,6 +177,11 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path, devices):
       "SLURM_LOCALID": "0", "JAX_PROCESS_ID": "5"}, "JAX_PROCESS_ID=5, JAX_NUM_PROCESSES=2"),
     ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1",
       distributed.TIMEOUT_VAR: "0"}, f"{distributed.TIMEOUT_VAR}=0: must be >= 1"),
+    # A lone coordinator is one process only in a SLURM step of one task: not in a job without
+    # SLURM_NTASKS (not a step), and not when a count or id says more.
+    ({"SLURM_JOB_ID": "7", "JAX_COORDINATOR_ADDRESS": "n1:1234"}, "JAX_NUM_PROCESSES, JAX_PROCESS_ID missing"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "JAX_COORDINATOR_ADDRESS": "n1:1234", "JAX_NUM_PROCESSES": "2"},
+     "JAX_PROCESS_ID missing"),
 ])
 def test_incomplete_environment_is_rejected_by_name(env, expected, monkeypatch):
     for k in DIST_VARS:
@@ -184,6 +191,25 @@ def test_incomplete_environment_is_rejected_by_name(env, expected, monkeypatch):
     with pytest.raises(distributed.DistributedConfigError, match=re.escape(expected)):
         distributed.initialize()
     assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("env", [
+    # launch/slurm.sbatch's one-node default as it was: the coordinator exported, srun starts one task.
+    {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "n1", "SLURM_STEP_NUM_NODES": "1",
+     "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "JAX_COORDINATOR_ADDRESS": "n1:1234"},
+    # A one-task job, the trainer started without srun, the coordinator inherited from the submit shell.
+    {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "JAX_COORDINATOR_ADDRESS": "n1:1234"},
+])
+def test_one_slurm_task_with_a_lone_coordinator_is_one_process(env, monkeypatch, capsys):
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert distributed.resolve() is None
+    assert distributed.initialize() is False
+    assert not jax.distributed.is_initialized()
+    assert "one SLURM task (SLURM_NTASKS=1), one process; JAX_COORDINATOR_ADDRESS=n1:1234 unused" in \
+        capsys.readouterr().err
 
 
 def test_single_process_needs_no_environment(monkeypatch):
@@ -282,47 +308,27 @@ def test_mesh_not_dividing_the_devices_is_a_config_error(tmp_path):
             "whose product divides 4") in err
 
 
-FAKE_SRUN = r"""#!/usr/bin/env bash
-# srun on one machine: --nodes × --ntasks-per-node local processes with srun's step variables.
-nodes=1 per_node=1
-while [[ $1 == -* ]]; do
-  case $1 in --nodes=*) nodes=${1#*=} ;; --ntasks-per-node=*) per_node=${1#*=} ;; esac
-  shift
-done
-n=$((nodes * per_node)) rc=0 pids=()
-for ((i = 0; i < n; i++)); do
-  SLURM_NTASKS=$n SLURM_PROCID=$i SLURM_LOCALID=$((i % per_node)) SLURM_NODEID=$((i / per_node)) \
-    SLURM_STEP_NUM_NODES=$nodes SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST \
-    "$@" >"$FAKE_SRUN_DIR/task_$i.out" 2>"$FAKE_SRUN_DIR/task_$i.err" &
-  pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
-exit $rc
-"""
-FAKE_SCONTROL = """#!/usr/bin/env bash
-printf '%s\\n' ${FAKE_NODES:-node01 node02}  # `scontrol show hostnames node[01-02]`
-"""
-# Stands in for python under PER_GPU: prints what the trainer would read.
-FAKE_PYTHON = """#!/usr/bin/env bash
-env | grep -E '^(SLURM|JAX)_' | sort
-echo "ARGS $*"
-"""
-
-
-def _sbatch(tmp_path, env, *args, timeout=TIMEOUT_S):
-    """launch/slurm.sbatch as sbatch would run it on the first of 2 nodes, with a fake srun/scontrol."""
-    bin_dir, task_dir = tmp_path / "bin", tmp_path / "tasks"
-    for d in (bin_dir, task_dir):
-        d.mkdir(exist_ok=True)
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("python", FAKE_PYTHON)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    env = BASE_ENV | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SRUN_DIR": str(task_dir),
-                      "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_JOB_NUM_NODES": "2",
-                      "SLURM_SUBMIT_DIR": ROOT} | env
+def _sbatch(tmp_path, env, *args, timeout=TIMEOUT_S, nodes=("node01", "node02"), ntasks_per_node=1):
+    """launch/slurm.sbatch as sbatch would run it on the first node of `sbatch --nodes=len(nodes)
+    --ntasks-per-node=ntasks_per_node` (the allocation's SLURM_NTASKS, which srun would inherit),
+    with the fake srun/scontrol of tests/fake_slurm.py. -> (proc, [(stdout, stderr) of each task
+    of its one srun step])."""
+    task_dir = tmp_path / "tasks"
+    env = (BASE_ENV | fake_slurm.install(tmp_path / "bin", task_dir, python=fake_slurm.PRINT_ENV)
+           | fake_slurm.allocation(list(nodes), ntasks_per_node) | {"SLURM_SUBMIT_DIR": ROOT} | env)
     proc = _run(["bash", "launch/slurm.sbatch", *args], env, timeout=timeout)
-    tasks = sorted(task_dir.glob("task_*.out"), key=lambda p: int(p.stem.split("_")[1]))
-    return proc, [(p.read_text(), p.with_suffix(".err").read_text()) for p in tasks]
+    steps = fake_slurm.steps(task_dir)
+    assert len(steps) <= 1, steps
+    return proc, steps[0].tasks if steps else []
+
+
+def _resolve_in(env, monkeypatch):
+    """distributed.resolve() in a task that saw `env`."""
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return distributed.resolve()
 
 
 def test_slurm_sbatch_one_process_per_gpu_derives_each_tasks_run(tmp_path, monkeypatch):
@@ -336,11 +342,79 @@ def test_slurm_sbatch_one_process_per_gpu_derives_each_tasks_run(tmp_path, monke
     for i, (out, _) in enumerate(tasks):
         env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line and not line.startswith("ARGS"))
         assert out.splitlines()[-1] == "ARGS -m tau2jax.train --config configs/tiny_sft.py --config.workdir=/shared/run"
-        for k in DIST_VARS:
-            monkeypatch.delenv(k, raising=False)
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        assert distributed.resolve() == distributed.Launch(f"node01:{JOB_PORT}", 4, i, (i % 2,))
+        assert env["SLURM_STEP_TASKS_PER_NODE"] == "2(x2)" and env["SLURM_NODEID"] == str(i // 2)
+        assert _resolve_in(env, monkeypatch) == distributed.Launch(f"node01:{JOB_PORT}", 4, i, (i % 2,))
+
+
+def _print_env_sbatch(tmp_path, nodes, ntasks_per_node, **env):
+    proc, tasks = _sbatch(tmp_path, {"PYTHON": str(tmp_path / "bin" / "python"), **env},
+                          "--config", "configs/tiny_sft.py", nodes=nodes, ntasks_per_node=ntasks_per_node)
+    assert proc.returncode == 0, proc.stderr
+    [step] = fake_slurm.steps(tmp_path / "tasks")
+    return proc, step
+
+
+@pytest.mark.parametrize("ntasks_per_node", [1, 8])  # sbatch's default; an allocation of 8 tasks
+def test_slurm_sbatch_on_one_node_runs_one_process(tmp_path, monkeypatch, ntasks_per_node):
+    """The one-node default used to export JAX_COORDINATOR_ADDRESS to its one task, which then
+    refused to start (JAX_NUM_PROCESSES, JAX_PROCESS_ID missing)."""
+    proc, step = _print_env_sbatch(tmp_path, ["node01"], ntasks_per_node)
+    assert "1 node(s) x 1 process(es), a single process (no coordinator)" in proc.stderr
+    assert (step.info["ntasks"], step.info["ntasks_from"], len(step.tasks)) == ("1", "option", 1)
+    env = step.env(0)
+    assert env["SLURM_NTASKS"] == "1" and "JAX_COORDINATOR_ADDRESS" not in env
+    assert _resolve_in(env, monkeypatch) is None
+
+
+@pytest.mark.slow  # ~35 s on 2 busy cores
+def test_slurm_sbatch_trains_on_one_node(tmp_path, short_sft_jsonl):
+    """sbatch's default (--nodes=1): one process trains, no jax.distributed, even with a coordinator
+    address inherited from the submit shell (sbatch exports the submitter's environment)."""
+    env = {"PYTHON": sys.executable, "WORKDIR": str(tmp_path / "run"), "JAX_COORDINATOR_ADDRESS": "node01:9",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc, tasks = _sbatch(tmp_path, env, "--config", "configs/tiny_sft.py", "--config.train.steps=1",
+                          f"--config.data.train_files={short_sft_jsonl}", "--config.data.batch_size=2", "--config.data.max_len=64", "--config.train.loss_chunk=64",
+                          nodes=("127.0.0.1",))
+    assert proc.returncode == 0, proc.stderr + "".join(err[-3000:] for _, err in tasks)
+    [(out, err)] = tasks
+    assert "JAX_COORDINATOR_ADDRESS=node01:9 unused" in err and "jax.distributed: " not in err.replace(
+        "jax.distributed: one SLURM task", "")
+    assert json.loads(out.splitlines()[-1])["steps"] == 1
+    assert [s for s, _ in _losses(tmp_path / "run")] == [1]
+
+
+@pytest.mark.parametrize("per_gpu, ntasks", [("0", 2), ("1", 4)])
+def test_slurm_sbatch_starts_its_own_task_count_whatever_the_allocation_has(tmp_path, monkeypatch, per_gpu, ntasks):
+    """`sbatch --ntasks-per-node=8` gives the batch script SLURM_NTASKS=16, which an srun without
+    --ntasks would inherit: one process per node must still be 2, one per GPU 2 x 2."""
+    _, step = _print_env_sbatch(tmp_path, ["node01", "node02"], 8, PER_GPU=per_gpu, GPUS_PER_NODE="2")
+    assert (step.info["ntasks"], step.info["ntasks_from"], len(step.tasks)) == (str(ntasks), "option", ntasks)
+    for i in range(ntasks):
+        launch = _resolve_in(step.env(i), monkeypatch)
+        assert (launch.coordinator, launch.num_processes, launch.process_id) == (f"node01:{JOB_PORT}", ntasks, i)
+
+
+def test_the_fake_srun_inherits_the_allocations_task_count_as_srun_does(tmp_path):
+    """What the sbatch tests would catch: in a job of SLURM_NTASKS=4 (2 nodes x 2), an srun without
+    --ntasks asks for 4 tasks: `srun --nodes=2` starts 4, `srun --nodes=1 --ntasks-per-node=1` is
+    refused (real srun ignores the --ntasks-per-node and starts 4 on one node)."""
+    env = (BASE_ENV | fake_slurm.install(tmp_path / "bin", tmp_path / "tasks", show=fake_slurm.PRINT_ENV)
+           | fake_slurm.allocation(["node01", "node02"], 2))
+    srun = lambda *a: _run(["srun", *a, "show"], env, timeout=30)  # noqa: E731
+    assert srun("--nodes=2").returncode == 0
+    refused = srun("--nodes=1", "--ntasks-per-node=1")
+    assert refused.returncode == 1 and ("--ntasks=4 (SLURM_NTASKS) > --nodes=1 x --ntasks-per-node=1"
+                                        in refused.stderr)
+    assert srun("--nodes=2", "--ntasks=2", "--ntasks-per-node=1").returncode == 0
+    assert srun("--nodes=2", "--ntasks=5", "--ntasks-per-node=2").returncode == 1
+    first, second = fake_slurm.steps(tmp_path / "tasks")
+    assert (first.info["ntasks_from"], len(first.tasks), first.info["tasks_per_node"]) == ("SLURM_NTASKS", 4, "2(x2)")
+    assert [first.env(i)["SLURM_LOCALID"] for i in range(4)] == ["0", "1", "0", "1"]
+    assert [first.env(i)["SLURM_NODEID"] for i in range(4)] == ["0", "0", "1", "1"]
+    assert first.env(3)["SLURM_STEP_NODELIST"] == "node01,node02" and first.env(3)["SLURM_STEP_NUM_TASKS"] == "4"
+    assert (second.info["ntasks_from"], len(second.tasks), second.env(1)["SLURM_STEP_TASKS_PER_NODE"]) == \
+        ("option", 2, "1(x2)")
+    assert first.env(0)["SLURM_STEP_ID"] == "0" and second.env(0)["SLURM_STEP_ID"] == "1"
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -361,17 +435,19 @@ def test_slurm_sbatch_trains_on_two_nodes_and_a_requeue_resumes(tmp_path):
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}?"},
                                                      {"role": "assistant", "content": f"{i}."}]}) + "\n"
                             for i in range(8)))
+    two_nodes = ("127.0.0.1", "127.0.0.1")
     env = {"PORT": str(_free_port()), "PYTHON": sys.executable, "WORKDIR": str(tmp_path / "run"),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "FAKE_NODES": "127.0.0.1 127.0.0.1"}
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     args = ["--config", "configs/tiny_sft.py", f"--config.data.train_files={data}", "--config.data.max_len=64",
             "--config.data.batch_size=4", "--config.train.steps=2", "--config.train.loss_chunk=64"]
-    proc, tasks = _sbatch(tmp_path, env, *args)
+    proc, tasks = _sbatch(tmp_path, env, *args, nodes=two_nodes)
     assert proc.returncode == 0, proc.stderr + "".join(err[-3000:] for _, err in tasks)
     assert "jax.distributed: 2 processes, 4 global devices (2 local, cpu)" in tasks[0][1]
     assert [json.loads(out.splitlines()[-1])["steps"] for out, _ in tasks] == [2, 2]
     assert [s for s, _ in _losses(tmp_path / "run")] == [1, 2]
 
     env["PORT"] = str(_free_port())
-    proc, tasks = _sbatch(tmp_path, env | {"SLURM_RESTART_COUNT": "1"}, *args)
+    shutil.rmtree(tmp_path / "tasks")
+    proc, tasks = _sbatch(tmp_path, env | {"SLURM_RESTART_COUNT": "1"}, *args, nodes=two_nodes)
     assert proc.returncode == 0 and "(restart 1)" in proc.stderr
     assert [json.loads(out.splitlines()[-1])["resumed_from"] for out, _ in tasks] == [2, 2]

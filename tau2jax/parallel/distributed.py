@@ -11,6 +11,16 @@ all of that node's devices; several tasks per node get one device each (by SLURM
 own detection does). On CPU, cross-process collectives use gloo. See launch/multihost.sh and
 launch/slurm.sbatch.
 
+A SLURM task alone in its step (SLURM_JOB_ID set and SLURM_NTASKS=1: `srun --ntasks=1`, or a
+one-task job) is one process: a JAX_COORDINATOR_ADDRESS it sees without JAX_NUM_PROCESSES and
+JAX_PROCESS_ID (exported for a multi-task step, or inherited from the submit shell, which sbatch
+passes on) is ignored: there is nobody to coordinate. In a step of several tasks a lone
+JAX_COORDINATOR_ADDRESS is fine too (count and id come from srun). Anywhere else it is an
+incomplete launch and fails naming the missing variables: outside SLURM, or in a SLURM job without
+SLURM_NTASKS (not in a step), nothing says how many processes were meant, and a forgotten
+JAX_NUM_PROCESSES must not silently train alone. With JAX_NUM_PROCESSES or JAX_PROCESS_ID also
+given, the usual rules hold (all three, or none).
+
 A bad launch fails within TAU2JAX_INIT_TIMEOUT_S seconds (default 300) with a message naming what
 to fix, never hangs: a coordinator nobody serves, processes missing, or processes started with
 different JAX_NUM_PROCESSES (checked through the coordinator's key-value store once all joined).
@@ -65,6 +75,11 @@ def _under_slurm() -> bool:
         return False
 
 
+def _one_slurm_task() -> bool:
+    """A SLURM job step (or job) of exactly one task: SLURM_JOB_ID set, SLURM_NTASKS=1."""
+    return bool(os.environ.get("SLURM_JOB_ID")) and os.environ.get("SLURM_NTASKS", "").strip() == "1"
+
+
 def init_timeout_s() -> int:
     timeout = _int_var(TIMEOUT_VAR)
     if timeout is None:
@@ -81,6 +96,8 @@ def resolve() -> Launch | None:
     slurm = _under_slurm()
     if not given and not slurm:
         return None
+    if set(given) == {"JAX_COORDINATOR_ADDRESS"} and _one_slurm_task():
+        return None  # one task: one process, whoever exported the coordinator
     coordinator = given.get("JAX_COORDINATOR_ADDRESS")
     num_processes, process_id = _int_var("JAX_NUM_PROCESSES"), _int_var("JAX_PROCESS_ID")
     local_device_ids = None
@@ -204,6 +221,9 @@ def initialize() -> bool:
         return True
     launch = resolve()
     if launch is None:
+        if os.environ.get("JAX_COORDINATOR_ADDRESS", "").strip():
+            print(f"jax.distributed: one SLURM task (SLURM_NTASKS=1), one process; JAX_COORDINATOR_ADDRESS="
+                  f"{os.environ['JAX_COORDINATOR_ADDRESS'].strip()} unused", file=sys.stderr, flush=True)
         return False
     timeout_s = init_timeout_s()
     # Older JAX has no CPU collectives by default; keep an explicit choice (e.g. mpi).
