@@ -58,9 +58,6 @@ export SGLANG_PYTHON=${SGLANG_PYTHON:-launch/sglang_standin/python}
 export POLICY_MODEL=$WORK/hf USER_MODEL=$WORK/hf POLICY_PORT=$policy_port USER_PORT=$user_port
 export LOG_DIR=$WORK/logs READY_TIMEOUT_S=${READY_TIMEOUT_S:-300} PYTHON=$PY
 export SGLANG_STANDIN_LOG_DIR=$WORK/logs  # the stand-in's request log: which weights served each turn
-# SGLang lets a chat request without max_tokens run to the context; the random tiny user model never
-# stops, so the rehearsal caps it (a stand-in knob, not SGLang behaviour)
-export SGLANG_STANDIN_MAX_TOKENS=${SGLANG_STANDIN_MAX_TOKENS:-64}
 export RESTART_DELAY_S=${RESTART_DELAY_S:-1}
 export LITELLM_LOCAL_MODEL_COST_MAP=True
 
@@ -72,6 +69,7 @@ size=(  # sizes only; everything else is configs/qwen3_4b_pipeline.py as a GPU u
   --config.pipeline.train_task_ids="0,1,$telecom_task"  # airline 0,1 + retail 0,1 + one telecom task
   --config.pipeline.eval.eval.max_tasks_per_domain=1 --config.pipeline.eval.eval.num_samples=2
   --config.tau2.max_steps=8 --config.engine.max_new_tokens=16 --config.pipeline.eval.engine.max_new_tokens=16
+  --config.user.max_tokens=64  # the random user model never stops: its turns end where the config says
   # SFT steps follow the data (the config's 2 epochs of the 5 demos); a tau2 prompt with its
   # tools is ~5-6k tokens, so shorter rows keep no assistant token
   --config.pipeline.sft.data.max_len=8192 --config.pipeline.sft.data.batch_size=4
@@ -81,6 +79,9 @@ size=(  # sizes only; everything else is configs/qwen3_4b_pipeline.py as a GPU u
   --config.pipeline.grpo.rl.samples_per_task=2 --config.pipeline.grpo.rl.batch.max_len=8192
   --config.pipeline.grpo.rl.rollout.concurrency=4  # the step's 2 x 2 episodes all in flight
   --config.pipeline.grpo.rl.max_staleness=$staleness
+  # a random policy never emits a parsable action: every turn is malformed, masked by default, so no
+  # step would have a token to train; trained down instead (their advantage is never positive)
+  --config.pipeline.grpo.rl.batch.malformed_turns=nonpositive
 )
 echo "rehearsal ($mode): $WORK; servers on :$policy_port (policy) and :$user_port (user)" >&2
 kill_policy_after_first_grpo_step() {  # the fault: SIGKILL the policy server (and its replicas)
