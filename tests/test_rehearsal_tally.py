@@ -37,3 +37,33 @@ def test_tally_counts_steps_pushes_aborts_and_unledgered_episodes(tmp_path):
     assert out["turns_aborted_by_push"] == 1
     assert out["episodes_unaccounted"] == 1 and out["episodes_dumped"] == 3  # the retried attempt has no line
     assert out["wall_s"] == 12.0
+
+
+def test_tally_reads_restarts_updates_replicas_and_turns_stamped_against_the_request_log(tmp_path):
+    from tau2jax.inference.server import token_digest
+
+    run, logs = str(tmp_path / "run"), str(tmp_path / "logs")
+    grpo = os.path.join(run, "grpo")
+    _write(os.path.join(grpo, "metrics.jsonl"), [{"step": 1, "loss": 0.1}, {"step": 2, "loss": 0.1}])
+    _write(os.path.join(grpo, pipeline.DONE), [{"result": {"optimizer_updates": 2},
+                                               "config": {"rl": {"rollout": {"concurrency": 4}}}}])
+    # one episode, two sampled turns: the first served by version 1, the second by 2 but stamped 1
+    ids = [5, 6, 7, 8, 9, 10]
+    turns = [{"start": 2, "end": 3, "policy_version": 1}, {"start": 4, "end": 6, "policy_version": 1}]
+    _write(os.path.join(grpo, "rollouts", "step_1.jsonl"),
+           [{"domain": "airline", "task_id": "0", "sample_index": 0, "infra_error": None, "token_ids": ids,
+             "turns": turns}])
+    served = lambda t, v, n: {"endpoint": "/generate", "weight_version": v, "in_flight": n,  # noqa: E731
+                              "prompt": token_digest(ids[:t["start"]]), "output": token_digest(ids[t["start"]:t["end"]])}
+    _write(os.path.join(logs, "policy-requests.jsonl"),
+           [served(turns[0], "1", 3), served(turns[1], "2", 4), {"endpoint": "/v1/chat/completions", "in_flight": 9}])
+    with open(os.path.join(logs, "restarts.log"), "w") as f:
+        f.write("1700000000 policy 1 137\n1700000001 user 1 1\n")
+    with open(os.path.join(logs, "policy.log"), "w") as f:  # the last start counts
+        f.write("sglang stand-in: dp_size=3 replicas=1\nrestarted\nsglang stand-in: dp_size=3 replicas=3\n")
+    out = rehearsal.summary(run, 1.0, logs)
+    assert out["grpo_steps"] == 2 and out["grpo_optimizer_updates"] == 2 and out["rollout_concurrency"] == 4
+    assert out["turns_stamped_wrong"] == 1  # the second turn: served by 2, recorded as 1
+    assert out["max_requests_in_flight"] == 4  # policy turns only
+    assert out["policy_restarts"] == 1  # the user server's restart is not the policy's
+    assert out["policy_dp_size"] == 3 and out["policy_replicas"] == 3
