@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import sys
 import threading
 
 from tau2jax import config as config_lib
@@ -250,9 +249,7 @@ def user_factory(config, *, start: int | None = None):
     from tau2jax.env.llm_user import LLMUser
 
     urls = user_servers(config)
-    if start is None:  # jax only when the stage has it already (a process that never imported it is process 0)
-        jax = sys.modules.get("jax")
-        start = jax.process_index() if jax is not None else 0
+    start = process_index() if start is None else start
     tools: dict[str, list | None] = {}  # user tool schemas per domain (only schemas are used)
     lock = threading.Lock()
     calls = itertools.count(start)
