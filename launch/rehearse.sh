@@ -79,9 +79,10 @@ size=(  # sizes only; everything else is configs/qwen3_4b_pipeline.py as a GPU u
   --config.pipeline.grpo.rl.samples_per_task=2 --config.pipeline.grpo.rl.batch.max_len=8192
   --config.pipeline.grpo.rl.rollout.concurrency=4  # the step's 2 x 2 episodes all in flight
   --config.pipeline.grpo.rl.max_staleness=$staleness
-  # a random policy never emits a parsable action: every turn is malformed, masked by default, so no
-  # step would have a token to train; trained down instead (their advantage is never positive)
-  --config.pipeline.grpo.rl.batch.malformed_turns=nonpositive
+  # a random policy never emits a parsable action and never stops: every turn is malformed and cut at
+  # max_new_tokens, both masked by default, so no step would have a token to train; trained down
+  # instead (a malformed turn only where its advantage is negative)
+  --config.pipeline.grpo.rl.batch.malformed_turns=nonpositive --config.pipeline.grpo.rl.batch.keep_length_cut=True
 )
 echo "rehearsal ($mode): $WORK; servers on :$policy_port (policy) and :$user_port (user)" >&2
 kill_policy_after_first_grpo_step() {  # the fault: SIGKILL the policy server (and its replicas)
