@@ -4,7 +4,7 @@
     python -m checkpoints_tools.parity --random-tiny [--dtype float32|bfloat16] [--tokens N]
 
 Both models run on the same random token ids. Without --orbax-dir the HF dir is converted into a
-temp dir first (so this also checks hf_to_orbax). The last stdout line is one JSON object:
+temp dir first (so this also checks the conversion, tau2jax.weights.convert). The last stdout line is one JSON object:
 max_abs_logit_diff, mean_abs_logit_diff, greedy_match (fraction of positions whose argmax agrees),
 dtype, num_tokens, ...
 """
@@ -26,14 +26,14 @@ def compare(hf_dir: str, orbax_dir: str | None = None, *, dtype: str = "float32"
     import jax
     import jax.numpy as jnp
 
-    from checkpoints_tools import hf_to_orbax
     from tau2jax.models import qwen3
     from tau2jax.weights import orbax_params
+    from tau2jax.weights.convert import convert
 
     with tempfile.TemporaryDirectory() as tmp:
         if orbax_dir is None:
             orbax_dir = os.path.join(tmp, "orbax")
-            hf_to_orbax.convert(hf_dir, orbax_dir, dtype=dtype)
+            convert(hf_dir, orbax_dir, dtype=dtype)
         params, cfg = orbax_params.restore_params(orbax_dir, dtype=dtype)
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, num_tokens), dtype=np.int32)
     log(f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 
     try:
         if args.random_tiny:
-            from checkpoints_tools.tiny_hf import make_tiny_hf_dir
+            from tau2jax.models.tiny_hf import make_tiny_hf_dir
             with tempfile.TemporaryDirectory() as tmp:
                 hf_dir = make_tiny_hf_dir(os.path.join(tmp, "hf"), seed=args.seed, dtype=args.dtype)
                 result = compare(hf_dir, dtype=args.dtype, num_tokens=args.tokens, seed=args.seed)
