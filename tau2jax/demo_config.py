@@ -41,10 +41,9 @@ def tiny_pipeline_config() -> ml_collections.ConfigDict:
     c.tau2.max_repairs = 0  # a tiny model's malformed turn is an error, not 48 more tokens
     c.user.kind = "scripted"
 
-    c.engine.kind = "builtin"
-    c.engine.max_seq_len = 2048  # the mock prompt is ~700 tokens; 8 short turns fit
-    c.engine.max_batch = 36
-    c.engine.max_new_tokens = 48  # a mock tool call is ~30 tokens
+    # the built-in engine; the mock prompt is ~700 tokens (8 short turns fit in 2048), a mock tool
+    # call ~30 tokens
+    c.engine.update(kind="builtin", max_seq_len=2048, max_batch=36, max_new_tokens=48)
 
     # Only ~5% of a mock conversation's tokens carry loss; length chunks without any skip the
     # 151k-vocabulary head, which is ~98% of this model's FLOPs.
