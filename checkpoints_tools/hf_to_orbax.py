@@ -21,6 +21,7 @@ from tau2jax.weights import orbax_params
 from tau2jax.weights.convert import convert
 from tau2jax.weights.hf_read import ConversionError
 
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m checkpoints_tools.hf_to_orbax", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
