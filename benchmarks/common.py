@@ -60,7 +60,7 @@ def pin_threads(p: argparse.ArgumentParser, threads: int) -> None:
 def tiny_hf_dir(model: dict):
     """A random HF Qwen3 checkpoint of shape `model` (tied embeddings) in a temporary directory,
     deleted on exit: both frameworks load their weights from it, so they compute the same model."""
-    from checkpoints_tools.tiny_hf import make_tiny_hf_dir
+    from tau2jax.models.tiny_hf import make_tiny_hf_dir
 
     with tempfile.TemporaryDirectory() as tmp:
         yield make_tiny_hf_dir(os.path.join(tmp, "hf"), tied=True, **model)
@@ -75,14 +75,14 @@ def load_hf(hf_dir: str):
 
 
 def tiny_qwen3(model: dict):
-    """(params, cfg, hf_model): our params, converted with hf_to_orbax as a real checkpoint would
+    """(params, cfg, hf_model): our params, converted with tau2jax.weights.convert as a real checkpoint would
     be, and the transformers model, both from one random checkpoint of shape `model`."""
-    from checkpoints_tools import hf_to_orbax
     from tau2jax.weights import orbax_params
+    from tau2jax.weights.convert import convert
 
     with tiny_hf_dir(model) as hf_dir:
         orbax_dir = os.path.join(os.path.dirname(hf_dir), "orbax")
-        hf_to_orbax.convert(hf_dir, orbax_dir)
+        convert(hf_dir, orbax_dir)
         params, cfg = orbax_params.restore_params(orbax_dir)
         return params, cfg, load_hf(hf_dir)
 

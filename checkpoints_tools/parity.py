@@ -3,8 +3,9 @@
     python -m checkpoints_tools.parity --hf-dir /models/Qwen3-4B-Instruct-2507 [--orbax-dir OUT]
     python -m checkpoints_tools.parity --random-tiny [--dtype float32|bfloat16] [--tokens N]
 
-Both models run on the same random token ids. Without --orbax-dir the HF dir is converted into a
-temp dir first (so this also checks hf_to_orbax). The last stdout line is one JSON object:
+The comparison itself is the library's `tau2jax.weights.parity.compare`. Both models run on the
+same random token ids. Without --orbax-dir the HF dir is converted into a temp dir first (so this
+also checks the conversion, `tau2jax.weights.convert`). The last stdout line is one JSON object:
 max_abs_logit_diff, mean_abs_logit_diff, greedy_match (fraction of positions whose argmax agrees),
 dtype, num_tokens, ...
 """
@@ -16,64 +17,10 @@ import json
 import os
 import sys
 import tempfile
-import time
 
-import numpy as np
-
-
-def compare(hf_dir: str, orbax_dir: str | None = None, *, dtype: str = "float32",
-            num_tokens: int = 32, batch: int = 2, seed: int = 0, log=print) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from checkpoints_tools import hf_to_orbax
-    from tau2jax.models import qwen3
-    from tau2jax.weights import orbax_params
-
-    with tempfile.TemporaryDirectory() as tmp:
-        if orbax_dir is None:
-            orbax_dir = os.path.join(tmp, "orbax")
-            hf_to_orbax.convert(hf_dir, orbax_dir, dtype=dtype)
-        params, cfg = orbax_params.restore_params(orbax_dir, dtype=dtype)
-    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, num_tokens), dtype=np.int32)
-    log(f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
-        f"tied={cfg.tie_word_embeddings}; tokens {batch}x{num_tokens}, dtype {dtype}")
-
-    t0 = time.perf_counter()
-    ref = _hf_logits(hf_dir, tokens, dtype)
-    log(f"transformers forward: {time.perf_counter() - t0:.2f} s")
-
-    t0 = time.perf_counter()
-    positions = np.broadcast_to(np.arange(num_tokens, dtype=np.int32), tokens.shape)
-    segment_ids = np.ones_like(tokens)
-    fwd = jax.jit(lambda p, t, pos, seg: qwen3.forward(p, cfg, t, pos, seg,
-                                                       compute_dtype=jnp.dtype(dtype)))
-    ours = np.asarray(fwd(params, tokens, positions, segment_ids), dtype=np.float32)
-    log(f"tau2jax forward (incl. compile): {time.perf_counter() - t0:.2f} s")
-
-    diff = np.abs(ours - ref)
-    return {
-        "max_abs_logit_diff": float(diff.max()),
-        "mean_abs_logit_diff": float(diff.mean()),
-        "max_abs_logit": float(np.abs(ref).max()),
-        "greedy_match": float((ours.argmax(-1) == ref.argmax(-1)).mean()),
-        "dtype": dtype,
-        "num_tokens": int(tokens.size),
-        "batch": batch,
-        "seq_len": num_tokens,
-    }
-
-
-def _hf_logits(hf_dir: str, tokens: np.ndarray, dtype: str) -> np.ndarray:
-    import torch
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=getattr(torch, dtype), attn_implementation="eager")  # eager: exact softmax
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=torch.from_numpy(tokens.astype(np.int64))).logits
-    return logits.float().numpy()
+from tau2jax.models.tiny_hf import make_tiny_hf_dir
+from tau2jax.weights import hf_read, orbax_params
+from tau2jax.weights.parity import compare
 
 
 def main(argv=None) -> int:
@@ -91,11 +38,8 @@ def main(argv=None) -> int:
     if args.orbax_dir and args.random_tiny:
         p.error("--orbax-dir needs --hf-dir")
 
-    from tau2jax.weights import hf_read, orbax_params
-
     try:
         if args.random_tiny:
-            from checkpoints_tools.tiny_hf import make_tiny_hf_dir
             with tempfile.TemporaryDirectory() as tmp:
                 hf_dir = make_tiny_hf_dir(os.path.join(tmp, "hf"), seed=args.seed, dtype=args.dtype)
                 result = compare(hf_dir, dtype=args.dtype, num_tokens=args.tokens, seed=args.seed)

@@ -33,9 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 
 def fixture(work: str) -> None:
-    from checkpoints_tools import hf_to_orbax
-    from checkpoints_tools.tiny_hf import make_tiny_hf_dir
     from tau2jax.data.tokenizer import load_tokenizer, shipped_tokenizer_dir
+    from tau2jax.models.tiny_hf import make_tiny_hf_dir
+    from tau2jax.weights.convert import convert
 
     hf, orbax = os.path.join(work, "hf"), os.path.join(work, "orbax")
     if os.path.isdir(orbax):
@@ -44,7 +44,7 @@ def fixture(work: str) -> None:
     make_tiny_hf_dir(hf, vocab_size=load_tokenizer().vocab_size, seed=0)
     for name in os.listdir(shipped_tokenizer_dir()):  # tokenizer.json, tokenizer_config.json (chat template), ...
         shutil.copy(os.path.join(shipped_tokenizer_dir(), name), hf)
-    hf_to_orbax.convert(hf, orbax)
+    convert(hf, orbax)
 
 
 def free_ports(n: int) -> list[int]:

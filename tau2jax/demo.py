@@ -1,9 +1,9 @@
 """`make demo`: the recipe on CPU with a tiny model on tau2 mock, offline, and it visibly learns.
 
 1. a tiny random HF Qwen3 (the real Qwen3 vocabulary) → Orbax → logit parity against transformers;
-2. the `pipeline` stage (`configs/tiny_pipeline.py`): gold demos → SFT → RFT → SFT → GRPO, with a
-   greedy eval of the untrained model and after each training stage, ending with the performance
-   table (`{workdir}/pipeline/report.{md,json,png}`);
+2. the `pipeline` stage (`tau2jax/demo_config.py`, the CLI's `configs/tiny_pipeline.py`): gold
+   demos → SFT → RFT → SFT → GRPO, with a greedy eval of the untrained model and after each
+   training stage, ending with the performance table (`{workdir}/pipeline/report.{md,json,png}`);
 3. the final GRPO weights exported back to HF safetensors and served by the built-in JAX engine.
 
 Every step is the code path the GPU configs use; only the sizes differ. Rerunning resumes (finished
@@ -23,35 +23,37 @@ import time
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from absl import logging as absl_logging
 from rich.console import Console
 from rich.markdown import Markdown
+
+from tau2jax.data.chat import ChatFormat
+from tau2jax.data.tokenizer import load_tokenizer
+from tau2jax.demo_config import tiny_pipeline_config
+from tau2jax.inference.engine import SamplingParams
+from tau2jax.inference.jax_engine import JaxEngine
+from tau2jax.models.tiny_hf import make_tiny_hf_dir
+from tau2jax.stages import run_stage
+from tau2jax.weights.convert import convert
+from tau2jax.weights.hf_write import export_hf
+from tau2jax.weights.orbax_params import restore_params
+from tau2jax.weights.parity import compare
 
 console = Console()
 
 
 def convert_and_check(work: str) -> tuple[str, dict]:
     """A tiny random HF Qwen3 converted to Orbax (once) -> (orbax dir, parity against transformers)."""
-    from checkpoints_tools import hf_to_orbax, parity
-    from checkpoints_tools.tiny_hf import make_tiny_hf_dir
-    from tau2jax.data.tokenizer import load_tokenizer
-
     hf_dir, orbax_dir = os.path.join(work, "hf_tiny"), os.path.join(work, "orbax_tiny")
     if not os.path.isdir(orbax_dir):
         shutil.rmtree(hf_dir, ignore_errors=True)
         make_tiny_hf_dir(hf_dir, vocab_size=load_tokenizer().vocab_size, seed=0)
-        hf_to_orbax.convert(hf_dir, orbax_dir)
-    return orbax_dir, parity.compare(hf_dir, orbax_dir, log=console.print)
+        convert(hf_dir, orbax_dir)
+    return orbax_dir, compare(hf_dir, orbax_dir, log=console.print)
 
 
 def export_and_generate(params_dir: str, export_dir: str) -> dict:
     """Orbax params -> HF safetensors -> the built-in engine answers one greedy turn."""
-    from tau2jax.data.chat import ChatFormat
-    from tau2jax.data.tokenizer import load_tokenizer
-    from tau2jax.inference.engine import SamplingParams
-    from tau2jax.inference.jax_engine import JaxEngine
-    from tau2jax.weights.hf_write import export_hf
-    from tau2jax.weights.orbax_params import restore_params
-
     params, cfg = restore_params(params_dir)
     export_hf(params, cfg, export_dir, overwrite=True)
     tokenizer = load_tokenizer()
@@ -77,17 +79,13 @@ def main(argv=None) -> dict:
     os.makedirs(work, exist_ok=True)
     t_start = time.perf_counter()
 
-    from absl import logging as absl_logging
-
     absl_logging.set_verbosity(absl_logging.WARNING)
-    from configs import tiny_pipeline
-    from tau2jax.train import run_stage
 
     console.rule("[bold]1/3  HF → Orbax conversion and parity with transformers")
     orbax_dir, parity = convert_and_check(work)
 
-    console.rule("[bold]2/3  Pipeline: demos → SFT → RFT → SFT → GRPO, evals between (configs/tiny_pipeline.py)")
-    c = tiny_pipeline.get_config()
+    console.rule("[bold]2/3  Pipeline: demos → SFT → RFT → SFT → GRPO, evals between (tau2jax/demo_config.py)")
+    c = tiny_pipeline_config()
     c.workdir = os.path.join(work, "pipeline")
     c.model.init_from = orbax_dir
     result = run_stage(c)

@@ -18,8 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 from checkpoints_tools import hf_to_orbax, orbax_to_hf  # noqa: E402
 from tau2jax.weights import hf_read, hf_write, mapping, orbax_params  # noqa: E402
+from tau2jax.weights.convert import convert  # noqa: E402
 from tau2jax.weights.hf_read import ConversionError  # noqa: E402
-from checkpoints_tools.tiny_hf import make_tiny_hf_dir  # noqa: E402
+from tau2jax.models.tiny_hf import make_tiny_hf_dir  # noqa: E402
 from tau2jax.models import qwen3  # noqa: E402
 from tau2jax.parallel import sharding  # noqa: E402
 
@@ -41,7 +42,7 @@ def hf_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tied_orbax(hf_dirs, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("orbax") / "tied")
-    hf_to_orbax.convert(hf_dirs["tied"], out)
+    convert(hf_dirs["tied"], out)
     return out
 
 
@@ -61,7 +62,7 @@ def test_hf_orbax_hf_round_trip_is_bit_identical(hf_dirs, tmp_path, case, export
     if case == "untied_sharded":
         assert os.path.isfile(os.path.join(src, hf_read.INDEX_FILE))
     orbax_dir, back = str(tmp_path / "orbax"), str(tmp_path / "back")
-    hf_to_orbax.convert(src, orbax_dir)  # float32 storage; bf16 -> f32 -> bf16 is exact
+    convert(src, orbax_dir)  # float32 storage; bf16 -> f32 -> bf16 is exact
     argv = ["--orbax-dir", orbax_dir, "--out", back, "--max-shard-size", "50KB"]
     assert orbax_to_hf.main(argv + (["--dtype", export_dtype] if export_dtype else [])) == 0
 
@@ -198,7 +199,7 @@ def test_bad_input_names_the_problem_and_leaves_no_output(hf_dirs, tmp_path, kin
     hf_dir, pattern = _break(kind, hf_dirs["tied"], tmp_path)
     out = tmp_path / "out" / "ckpt"
     with pytest.raises(ConversionError, match=pattern):
-        hf_to_orbax.convert(hf_dir, str(out))
+        convert(hf_dir, str(out))
     assert not out.exists()
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
@@ -220,7 +221,7 @@ def test_tied_lm_head_equal_to_embed_is_accepted(hf_dirs, tmp_path):
     d = _copy(hf_dirs["tied"], tmp_path / "hf")
     _rewrite(os.path.join(d, "model.safetensors"),
              lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"]})
-    hf_to_orbax.convert(d, str(tmp_path / "out"))
+    convert(d, str(tmp_path / "out"))
     params, cfg = orbax_params.restore_params(str(tmp_path / "out"))
     assert cfg.tie_word_embeddings and "lm_head" not in params
 
@@ -231,7 +232,7 @@ def test_failed_write_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(orbax_params, "save_params", fail)
     with pytest.raises(OSError, match="disk full"):
-        hf_to_orbax.convert(hf_dirs["tied"], str(tmp_path / "out" / "ckpt"))
+        convert(hf_dirs["tied"], str(tmp_path / "out" / "ckpt"))
     assert os.listdir(tmp_path / "out") == []
 
 

@@ -275,12 +275,12 @@ def test_slurm_rl_bad_launches_fail_by_name(tmp_path, env, servers, rc, expected
 def test_pipeline_on_mock_runs_in_two_processes_to_its_report(tmp_path):
     """demos -> eval -> SFT -> eval -> RFT -> SFT -> eval -> GRPO -> eval under 2 processes, every step
     cut to seconds: SFT and GRPO on both processes, the rest on process 0, the report at the end."""
-    from checkpoints_tools import hf_to_orbax
-    from checkpoints_tools.tiny_hf import make_tiny_hf_dir
     from tau2jax.data.tokenizer import load_tokenizer
+    from tau2jax.models.tiny_hf import make_tiny_hf_dir
+    from tau2jax.weights.convert import convert
 
     make_tiny_hf_dir(str(tmp_path / "hf"), vocab_size=load_tokenizer().vocab_size, seed=0)
-    hf_to_orbax.convert(str(tmp_path / "hf"), str(tmp_path / "orbax"))
+    convert(str(tmp_path / "hf"), str(tmp_path / "orbax"))
     args = ["--config", "configs/tiny_pipeline.py", f"--config.model.init_from={tmp_path / 'orbax'}",
             "--config.mesh.data=-1", "--config.tau2.max_steps=4", "--config.engine.max_new_tokens=16",
             "--config.eval.max_tasks_per_domain=2", "--config.pipeline.sft.train.steps=2",

@@ -13,16 +13,16 @@ from jax.sharding import PartitionSpec as P
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from checkpoints_tools import hf_to_orbax  # noqa: E402
-from checkpoints_tools.tiny_hf import make_tiny_hf_dir  # noqa: E402
 from tau2jax.data.tokenizer import load_tokenizer  # noqa: E402
 from tau2jax.models import qwen3  # noqa: E402
+from tau2jax.models.tiny_hf import make_tiny_hf_dir  # noqa: E402
 from tau2jax.parallel.sharding import make_mesh  # noqa: E402
 from tau2jax.inference import sampling  # noqa: E402
 from tau2jax.inference.engine import Engine, SamplingParams  # noqa: E402
 from tau2jax.inference import jax_engine  # noqa: E402
 from tau2jax.inference.jax_engine import JaxEngine  # noqa: E402
 from tau2jax.stages import builders  # noqa: E402
+from tau2jax.weights.convert import convert  # noqa: E402
 
 VOCAB, MAX_SEQ, MAX_BATCH = 512, 64, 4
 # Every engine here has the same static config, so they share compiled prefill/decode code.
@@ -35,7 +35,7 @@ PROMPTS = [[int(t) for t in np.random.RandomState(s).randint(0, VOCAB, n)] for s
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     hf_dir = make_tiny_hf_dir(str(root / "hf"), vocab_size=VOCAB, seed=0)
-    hf_to_orbax.convert(hf_dir, str(root / "orbax"))
+    convert(hf_dir, str(root / "orbax"))
     tok = load_tokenizer("")
     engine = JaxEngine.from_checkpoint(str(root / "orbax"), tokenizer=tok, **ENGINE_KW)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -400,7 +400,7 @@ def test_from_config_dtype_and_mesh(setup, tmp_path):
     from tau2jax.config import ConfigError, default_config, validate
 
     orbax_dir = str(tmp_path / "orbax")
-    hf_to_orbax.convert(setup["hf_dir"], orbax_dir)
+    convert(setup["hf_dir"], orbax_dir)
     c = default_config()
     c.engine.checkpoint, c.engine.max_seq_len, c.engine.prefix_cache_tokens = orbax_dir, 128, 512
     c.mesh.data, c.mesh.tensor = 4, 2

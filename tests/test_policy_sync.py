@@ -104,7 +104,7 @@ def test_rollouts_wait_at_the_gate_while_the_engine_is_down_and_a_long_outage_na
     sync = PolicySync(server, 3, outage_s=0.3, poll_s=0.01)
     server.restart_down()
     assert sync.lost(None) is False  # down: not a resync yet, the prober watches
-    with pytest.raises(EngineOutageError, match=r"fake-server engine at http://fake:30000 did not answer for 0 s"):
+    with pytest.raises(EngineOutageError, match=r"the engine at http://fake:30000 did not answer for 0 s"):
         sync.await_serving()
     with pytest.raises(EngineOutageError):
         sync.resync({}, 3)

@@ -169,7 +169,7 @@ def _model_dir(path, template=CUSTOM_TEMPLATE, jinja_file=None, generation=None,
 
     os.makedirs(path, exist_ok=True)
     if tiny:
-        from checkpoints_tools.tiny_hf import make_tiny_hf_dir
+        from tau2jax.models.tiny_hf import make_tiny_hf_dir
         make_tiny_hf_dir(str(path), vocab_size=load_tokenizer().vocab_size, seed=0)
     for name in os.listdir(shipped_tokenizer_dir()):
         shutil.copy(os.path.join(shipped_tokenizer_dir(), name), path)

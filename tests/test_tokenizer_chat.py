@@ -16,11 +16,25 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tau2jax.data import tokenizer as tokenizer_lib
-from tau2jax.data.chat import ChatFormat, parse_tool_calls
+from tau2jax.data.chat import IM_START, ChatFormat, parse_tool_calls
 from tau2jax.data.sft_data import load_conversations
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "data", "tiny_sft.jsonl")
 EMPTY_THINK = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def render_text(messages, tools=None, add_generation_prompt=False) -> str:
+    """The full prompt text as ChatFormat renders it piece by piece (what `apply_chat_template(...,
+    tokenize=False)` of the 2507 template gives)."""
+    system, start = ChatFormat._split_system(messages)
+    text = [ChatFormat.system_text(system, tools)]
+    for i in range(start, len(messages)):
+        prev = messages[i - 1]["role"] if i > 0 else None
+        nxt = messages[i + 1]["role"] if i + 1 < len(messages) else None
+        text += [piece for piece, _ in ChatFormat.message_parts(messages[i], prev, nxt)]
+    if add_generation_prompt:
+        text.append(f"{IM_START}assistant\n")
+    return "".join(text)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +109,7 @@ def test_load_from_local_dir_and_clear_errors(tmp_path, tok, monkeypatch):
 
 def test_fixture_matches_transformers_template(tok, chat, hf):
     for conv in load_conversations([FIXTURE]):
-        text = chat.render_text(conv.messages, conv.tools)
+        text = render_text(conv.messages, conv.tools)
         assert text == hf_text(hf, conv.messages, conv.tools), conv.source
         ids, mask = chat.render(conv.messages, conv.tools)
         assert ids == tok.encode(text) == hf.encode(text, add_special_tokens=False), conv.source
@@ -119,7 +133,7 @@ def test_more_shapes_match_transformers(tok, chat, hf):
     ]
     for messages, t in cases:
         for gen in (False, True):
-            text = chat.render_text(messages, t, add_generation_prompt=gen)
+            text = render_text(messages, t, add_generation_prompt=gen)
             assert text == hf_text(hf, messages, t, add_generation_prompt=gen)
             assert chat.render(messages, t, add_generation_prompt=gen)[0] == tok.encode(text)
 
@@ -200,7 +214,7 @@ def _starts_with_newline_run(text):
 def test_render_properties(tok, chat, hf, conv):
     messages, tools = conv
     ids, mask = chat.render(messages, tools)
-    text = chat.render_text(messages, tools)
+    text = render_text(messages, tools)
     # Per-message encoding == encoding the whole text == the reference template's text.
     assert ids == tok.encode(text)
     assert tok.decode(ids) == unicodedata.normalize("NFC", text)

@@ -14,6 +14,11 @@ from tau2jax.inference.engine import ContextLengthError, GenerateResult, Samplin
 from tau2jax.models import configs, qwen3
 
 
+def gold_action_ids(task: toy.ToyTask) -> list[list[int]]:
+    """What a perfect agent samples, turn by turn: look up the task's key, answer its value."""
+    return [[toy.KEY0 + task.key], [toy.VALUE0 + task.value]]
+
+
 def play(env, ref, responses, seed=7):
     engine = ScriptedEngine(None, responses)
     return env.play(ref, engine=engine, sampling=SamplingParams(seed=seed), sample_index=3), engine
@@ -38,7 +43,7 @@ def check_record(traj):
 def test_gold_agent_scores_one_on_every_task(split, shared_table):
     env = toy.ToyEnvironment(num_tasks=24, seed=1, split=split, shared_table=shared_table)
     for ref in env.tasks():
-        traj, engine = play(env, ref, toy.gold_action_ids(ref.task))
+        traj, engine = play(env, ref, gold_action_ids(ref.task))
         assert (traj.reward, traj.partial_reward, traj.shaped_reward) == (1.0, 1.0, 1.3)
         assert traj.termination_reason == toy.AGENT_STOP and traj.infra_error is None
         check_record(traj)
@@ -52,7 +57,7 @@ def test_trajectory_layout_and_turn_records():
     env = toy.ToyEnvironment(num_tasks=1, seed=0)
     ref = env.tasks()[0]
     k, v = ref.task.key, ref.task.value
-    traj, _ = play(env, ref, toy.gold_action_ids(ref.task), seed=11)
+    traj, _ = play(env, ref, gold_action_ids(ref.task), seed=11)
     K, V = toy.KEY0 + k, toy.VALUE0 + v
     assert traj.token_ids == [toy.TASK, K, toy.END, toy.AGENT, K, toy.END, toy.RESULT, V, toy.END,
                               toy.AGENT, V, toy.END]

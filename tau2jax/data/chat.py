@@ -119,19 +119,6 @@ class ChatFormat:
             return _content(messages[0]), 1
         return None, 0
 
-    def render_text(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
-                    add_generation_prompt: bool = False) -> str:
-        """The full prompt text (what `apply_chat_template(..., tokenize=False)` of the 2507 template gives)."""
-        system, start = self._split_system(messages)
-        text = [self.system_text(system, tools)]
-        for i in range(start, len(messages)):
-            prev = messages[i - 1]["role"] if i > 0 else None
-            nxt = messages[i + 1]["role"] if i + 1 < len(messages) else None
-            text += [piece for piece, _ in self.message_parts(messages[i], prev, nxt)]
-        if add_generation_prompt:
-            text.append(f"{IM_START}assistant\n")
-        return "".join(text)
-
     # -- ids --------------------------------------------------------------------------------------
 
     def _encode_parts(self, parts: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:

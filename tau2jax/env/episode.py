@@ -46,6 +46,8 @@ from tau2jax.env import prompts, rewards, tau2_env
 from tau2jax.inference.engine import ContextLengthError, Engine, SamplingParams
 from tau2jax.env.trajectory import INFRA_ERROR, Trajectory, turn_record
 
+# tau2 (heavy) is imported inside the functions that use it: importing this module stays cheap
+
 _AGENT, _USER, _ENV = "agent", "user", "env"
 _STOP_STRINGS = ("</tool_call>",)
 

@@ -3,6 +3,8 @@ eval's `gold` engine); and the null agent, which only apologises (the eval's do-
 
 from __future__ import annotations
 
+from tau2jax.env.prompts import AgentAction
+from tau2jax.env.tau2_env import initial_messages
 from tau2jax.inference.engine import FixedEngine, _finish, per_prompt
 
 
@@ -26,8 +28,6 @@ def gold_final_message(task) -> str:
 def gold_script(task) -> list:
     """The gold agent's turns for a task: each expected action in order (an agent action as a tool
     call, a user action as a request that the user run it), then `gold_final_message`."""
-    from tau2jax.env.prompts import AgentAction
-
     ec = task.evaluation_criteria
     turns = []
     for a in (ec.actions or []) if ec is not None else []:
@@ -53,9 +53,7 @@ class GoldEngine(FixedEngine):
     def __init__(self, task, style, chat, policy_version: int = 0, *, script=None, closing=None):
         """script / closing: the turns to play and the one after them (default: the task's gold
         script, then the style's closing action)."""
-        from tau2.data_model.message import AssistantMessage
-
-        from tau2jax.env.tau2_env import initial_messages
+        from tau2.data_model.message import AssistantMessage  # tau2 (heavy): imported on first use
 
         tok = chat.tokenizer
         self.policy_version = policy_version
@@ -95,8 +93,6 @@ class NullEngine(GoldEngine):
     kind = "null"
 
     def __init__(self, task, style, chat, policy_version: int = 0):
-        from tau2jax.env.prompts import AgentAction
-
         sorry, closing = AgentAction.say(NULL_AGENT_MESSAGE), style.closing_action()
         # a style whose closing action is a message (native) keeps apologising instead
         super().__init__(task, style, chat, policy_version, script=[sorry],

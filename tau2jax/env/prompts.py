@@ -181,7 +181,7 @@ class NativeStyle(PromptStyle):
     name = "native"
 
     def system_prompt(self, spec: DomainSpec) -> str:
-        from tau2.agent.llm_agent import AGENT_INSTRUCTION, SYSTEM_PROMPT
+        from tau2.agent.llm_agent import AGENT_INSTRUCTION, SYSTEM_PROMPT  # tau2 (heavy): imported on first use
 
         return SYSTEM_PROMPT.format(agent_instruction=AGENT_INSTRUCTION, domain_policy=spec.policy)
 

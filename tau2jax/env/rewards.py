@@ -31,6 +31,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from tau2jax.config import ConfigError
+
+# tau2 (heavy) is imported inside the functions that use it: importing this module stays cheap
+
 
 @dataclass(frozen=True)
 class RewardConfig:
@@ -50,8 +54,6 @@ class RewardConfig:
         """From the `reward` section of the run config: a named preset, or the explicit fields."""
         if reward_section.preset:
             if reward_section.preset not in PRESETS:
-                from tau2jax.config import ConfigError
-
                 raise ConfigError(f"config.reward.preset: {reward_section.preset!r}; known: {sorted(PRESETS)}")
             return PRESETS[reward_section.preset]
         return cls(

@@ -19,8 +19,14 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
+
+from loguru import logger
+
+# tau2 (heavy) is imported inside the functions that use it: importing this module
+# stays cheap (init_tau2 imports it)
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm downloads prices at import otherwise
 
@@ -36,8 +42,6 @@ def _install_quiet_logging() -> None:
 
     tau2's own warnings are import-time nags ("No .env file found", "Sonnet thinking is disabled").
     """
-    from loguru import logger
-
     try:
         logger.remove(0)  # the default sink; absent if someone already reconfigured loguru
     except ValueError:
@@ -203,8 +207,6 @@ def domain_spec(domain: str) -> DomainSpec:
 def initial_messages(task) -> list:
     """The tau2 messages an episode starts from, as tau2's Orchestrator does: the task's message
     history if it has one, else the agent's fixed greeting "Hi! How can I help you today?"."""
-    from copy import deepcopy
-
     from tau2.orchestrator.orchestrator import DEFAULT_FIRST_AGENT_MESSAGE
 
     history = task.initial_state.message_history if task.initial_state is not None else None

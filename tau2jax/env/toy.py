@@ -75,11 +75,6 @@ class ToyTask:
         return [TASK, KEY0 + self.key, END]
 
 
-def gold_action_ids(task: ToyTask) -> list[list[int]]:
-    """What a perfect agent samples, turn by turn: look up the task's key, answer its value."""
-    return [[KEY0 + task.key], [VALUE0 + task.value]]
-
-
 def _draw_tasks(rng: np.random.Generator, n: int, table: tuple[int, ...] | None, exclude=frozenset()) -> list[ToyTask]:
     out: list[ToyTask] = []
     for _ in range(100 * n):

@@ -67,7 +67,7 @@ def render_report(data: dict) -> str:
 
 def plot_report(data: dict, path: str) -> None:
     """Pass@1 / Pass@k / pass^k per policy on the tasks the do-nothing agent fails, one panel per group."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib (heavy): only plotting needs it
     from matplotlib.figure import Figure
 
     groups, policies, k = data["groups"], list(data["rows"]), data["k"]

@@ -172,7 +172,7 @@ def _num(x) -> str:
 
 def plot_pass_at_k(summary: dict, path: Path) -> None:
     """Unbiased pass@k (solid) and pass^k (dashed) against k, one colour per domain."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib (heavy): only plotting needs it
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.2), dpi=100)

@@ -24,6 +24,10 @@ import json
 import os
 from datetime import datetime
 
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # transformers tokenization_utils_base.py get_chat_template, word for word
@@ -64,10 +68,6 @@ def _tokenizer_config(model_dir: str) -> dict:
 
 
 def _compile(template: str):
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     class Generation(jinja2.ext.Extension):  # `{% generation %}` (assistant masks): renders its body
         tags = {"generation"}
 
@@ -124,8 +124,6 @@ class HFChatTemplate:
 
     def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
                **kwargs) -> str:
-        import jinja2
-
         source = self._select(tools)
         if source not in self._compiled:
             self._compiled[source] = _compile(source)

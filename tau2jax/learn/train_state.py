@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tau2jax.models import qwen3
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -21,8 +23,6 @@ class TrainState:
 
 def abstract_params(model_cfg, param_dtype: str):
     """The params' shapes and dtypes, nothing allocated."""
-    from tau2jax.models import qwen3
-
     return jax.eval_shape(lambda: qwen3.init_params(model_cfg, jax.random.key(0), dtype=jnp.dtype(param_dtype)))
 
 

@@ -228,7 +228,7 @@ def segment_causal_attention(q, k, v, segment_ids, scale: float, chunk: int = 0,
       packed entry point (jax._src.cudnn; same in jax 0.10 and 0.11).
     """
     if impl == "flash":
-        from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+        from jax.experimental.pallas.ops.gpu import attention as pallas_attention  # GPU kernels: only on a GPU
 
         groups = q.shape[2] // k.shape[2]  # the kernel wants as many kv heads as query heads
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)

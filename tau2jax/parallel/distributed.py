@@ -37,6 +37,8 @@ import time
 
 import jax
 
+from tau2jax.parallel import host_gather
+
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 TIMEOUT_VAR = "TAU2JAX_INIT_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300  # JAX's own initialization timeout
@@ -102,7 +104,7 @@ def resolve() -> Launch | None:
     num_processes, process_id = _int_var("JAX_NUM_PROCESSES"), _int_var("JAX_PROCESS_ID")
     local_device_ids = None
     if slurm:
-        from jax._src.clusters.slurm_cluster import SlurmCluster
+        from jax._src.clusters.slurm_cluster import SlurmCluster  # private jax API: only under SLURM
 
         if not SlurmCluster.is_env_present():
             raise DistributedConfigError(
@@ -201,7 +203,6 @@ def check_same_config(config) -> None:
     differing keys within TAU2JAX_INIT_TIMEOUT_S seconds. One process: nothing to check."""
     if jax.process_count() == 1:
         return
-    from tau2jax.parallel import host_gather
 
     flat = _flat(config.to_dict())
     seen = host_gather.allgather("config", flat, timeout=init_timeout_s())

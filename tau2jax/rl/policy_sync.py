@@ -74,7 +74,7 @@ class PolicySync:
         if self.engine.synced_version != version:
             self.push(params, version)
             if self.wait() is None:
-                raise EngineOutageError(f"the first weight push to the {self.engine.kind} engine at "
+                raise EngineOutageError(f"the first weight push to the engine at "
                                         f"{self.engine.location} failed: {self.last_error}")
 
     def push(self, params, version: int) -> dict:
@@ -115,8 +115,8 @@ class PolicySync:
         except Exception as e:  # noqa: BLE001  (an engine fault: retried once it answers)
             self.push_failures += 1
             self.last_error = f"{type(e).__name__}: {e}"
-            log.warning("re-sync of the %s engine at %s failed (%s); retried once it answers",
-                        self.engine.kind, self.engine.location, self.last_error)
+            log.warning("re-sync of the engine at %s failed (%s); retried once it answers",
+                        self.engine.location, self.last_error)
             self._went_down() if self.engine.served_version() is None else self._request_resync()
             return
         self.resyncs += 1
@@ -166,8 +166,8 @@ class PolicySync:
                 return
             self._state = DOWN
             self.outages += 1
-            log.warning("the %s engine at %s is down: rollouts wait for it (up to %.0f s)",
-                        self.engine.kind, self.engine.location, self.outage_s)
+            log.warning("the engine at %s is down: rollouts wait for it (up to %.0f s)",
+                        self.engine.location, self.outage_s)
             self._prober = threading.Thread(target=self._probe, name="policy-sync-probe", daemon=True)
             self._prober.start()
 
@@ -184,13 +184,13 @@ class PolicySync:
                     self._cv.notify_all()
                     break
                 if time.monotonic() > deadline:
-                    self._error = (f"the {self.engine.kind} engine at {self.engine.location} did not answer for "
+                    self._error = (f"the engine at {self.engine.location} did not answer for "
                                    f"{self.outage_s:.0f} s: restart it (launch/gpu_node.sh restarts a dead server) "
                                    "and resume from the last checkpoint")
                     self._cv.notify_all()
                     break
                 self._cv.wait(self.poll_s)
-        log.warning("the %s engine at %s answers again (version %s)", self.engine.kind, self.engine.location, v)
+        log.warning("the engine at %s answers again (version %s)", self.engine.location, v)
         self._request_resync()
 
     def _request_resync(self) -> None:

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from tau2jax.eval.metrics import is_success
+from tau2jax.rl.collector import ledger_record
 
 LEDGER = "ledger.jsonl"
 KEPT = "kept.jsonl"
@@ -35,8 +36,6 @@ def select(trajectories: list, min_partial: float) -> list[tuple[object, str, st
 
 def group_records(group, min_partial: float) -> tuple[list[dict], list]:
     """-> (ledger records of every episode of a collected group, kept trajectories)."""
-    from tau2jax.rl.collector import ledger_record
-
     def rec(traj, status, reason):
         return ledger_record(traj, step=0, group_id=group.group_id, status=status, reason=reason)
 

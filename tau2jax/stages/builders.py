@@ -10,21 +10,34 @@ import json
 import os
 import threading
 
+import jax
+import jax.numpy as jnp
+
 from tau2jax import config as config_lib
+from tau2jax.data.chat import ChatFormat
+from tau2jax.data.tokenizer import load_tokenizer, shipped_tokenizer_dir
+from tau2jax.env import environments, prompts, tau2_env
+from tau2jax.env.gold import GoldEngine
+from tau2jax.env.rewards import RewardConfig
+from tau2jax.env.toy import ToyEnvironment
+from tau2jax.inference import weight_sync
+from tau2jax.inference.jax_engine import JaxEngine, engine_dtype
+from tau2jax.inference.server_pool import ServerPool
+from tau2jax.inference.sglang_client import SGLangEngine
 from tau2jax.models import configs as model_configs
+from tau2jax.models import qwen3
+from tau2jax.parallel import sharding
+from tau2jax.weights.hf_read import HF_EXTRA_DIR
+from tau2jax.weights.orbax_params import restore_params
 
 
 def process_index() -> int:
-    import jax  # lazily: stages that never touch a device should not pay for it
-
     return jax.process_index()
 
 
 # ----------------------------------------------------------------------------- model
 
 def tokenizer(config):
-    from tau2jax.data.tokenizer import load_tokenizer
-
     return load_tokenizer(config.tokenizer.path or config.model.hf_dir)
 
 
@@ -52,9 +65,6 @@ def hf_extra_dir(config) -> str:
     """Where a trained export's tokenizer and HF config files come from: the start checkpoint's
     `hf_extra/`, else `model.hf_dir`, else the tokenizer in use (`tokenizer.path`, or the shipped
     Qwen3 files)."""
-    from tau2jax.data.tokenizer import shipped_tokenizer_dir
-    from tau2jax.weights.hf_read import HF_EXTRA_DIR
-
     extra = os.path.join(config.model.init_from, HF_EXTRA_DIR) if config.model.init_from else ""
     for d in (extra, config.model.hf_dir, config.tokenizer.path):
         if d and os.path.isdir(d):
@@ -64,15 +74,8 @@ def hf_extra_dir(config) -> str:
 
 def initial_params(config, model_cfg, mesh, param_shardings):
     """Random init directly into the sharded layout, or the converted checkpoint restored onto the mesh."""
-    import jax
-    import jax.numpy as jnp
-
-    from tau2jax.models import qwen3
-
     dtype = jnp.dtype(config.model.param_dtype)
     if config.model.init_from:
-        from tau2jax.weights.orbax_params import restore_params
-
         params, _ = restore_params(config.model.init_from, mesh=mesh)
         return jax.tree.map(lambda x: x.astype(dtype), params)
     init = jax.jit(lambda key: qwen3.init_params(model_cfg, key, dtype=dtype), out_shardings=param_shardings)
@@ -80,8 +83,6 @@ def initial_params(config, model_cfg, mesh, param_shardings):
 
 
 def mesh(config):
-    from tau2jax.parallel import sharding
-
     return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
 
@@ -92,10 +93,6 @@ def builtin_engine(config):
     `params/`) in `engine.dtype`; with more than one device, restored sharded on `config.mesh`.
     In a multi-process run (eval and RFT run on process 0 alone) it stays on this process's first
     device: a mesh over every process's devices would wait on the others."""
-    import jax
-
-    from tau2jax.inference.jax_engine import JaxEngine, engine_dtype
-
     e = config.engine
     if not e.checkpoint:
         raise config_lib.ConfigError("config.engine.checkpoint: the builtin engine needs converted weights "
@@ -132,11 +129,6 @@ def sglang_engine(config, *, per_process: bool = False):
     """The SGLang client on `engine.url` (comma-separated: a `ServerPool` over every server, an
     episode's turns on one of them), once every server answers /health. `per_process`: only this
     process's share of the servers (`process_urls`; GRPO's rollouts run on every process)."""
-    import jax
-
-    from tau2jax.inference.server_pool import ServerPool
-    from tau2jax.inference.sglang_client import SGLangEngine
-
     e = config.engine
     urls = config_lib.csv(e.url)
     if per_process:
@@ -156,8 +148,6 @@ def policy_servers(config) -> list[str]:
 
 def publish_root(config) -> str:
     """Where GRPO publishes its pushes to the policy servers (`weight_sync.default_root`)."""
-    from tau2jax.inference import weight_sync
-
     return weight_sync.default_root(config.workdir, policy_servers(config), config.rl.sync.weights_dir)
 
 
@@ -172,8 +162,6 @@ def engine_settings(config) -> dict:
     fields = ("engine.kind", *ENGINE_SETTINGS.get(config.engine.kind, ()))
     out = {f: config.engine[f.split(".", 1)[1]] for f in fields}
     if config.engine.kind == "builtin":
-        from tau2jax.inference.jax_engine import engine_dtype
-
         out["engine.dtype"] = engine_dtype(config.engine.dtype).name
     return out
 
@@ -191,8 +179,6 @@ def engine_factory(config, chat, style):
     task's script); the others are one engine shared by every episode."""
     kind = config.engine.kind
     if kind == "gold":
-        from tau2jax.env.gold import GoldEngine
-
         return lambda task: GoldEngine(task, style, chat)
     if kind not in SHARED_ENGINES:
         raise EngineUnavailable(f"engine.kind={kind!r}: unknown engine; known: gold, {', '.join(SHARED_ENGINES)}")
@@ -206,18 +192,12 @@ def rollout_engine(config, model_cfg, params, tok, version: int):
     process's first device), or SGLang over HTTP (this process's share of the servers; weights
     published under `rl.sync.weights_dir`, `weight_sync.default_root`)."""
     if config.engine.kind == "builtin":
-        import jax
-
-        from tau2jax.inference.jax_engine import JaxEngine, engine_dtype
-
         dtype = engine_dtype(config.engine.dtype)
         return JaxEngine(jax.tree.map(lambda x: x.astype(dtype), params), model_cfg, tokenizer=tok,
                          max_seq_len=config.engine.max_seq_len, max_batch=config.engine.max_batch,
                          compute_dtype=dtype, prefix_cache_tokens=config.engine.prefix_cache_tokens,
                          policy_version=version, seed=config.seed)
     if config.engine.kind == "sglang":
-        from tau2jax.inference import weight_sync
-
         engine = sglang_engine(config, per_process=True)
         engine.publication = weight_sync.Publication(model_cfg, publish_root(config), keep=config.rl.sync.keep)
         return engine
@@ -242,11 +222,10 @@ def user_factory(config, *, start: int | None = None):
     not all begin on the first server)."""
     u = config.user
     if u.kind == "scripted":
-        from tau2jax.env.scripted_user import ScriptedUser
+        from tau2jax.env.scripted_user import ScriptedUser  # tau2 (heavy): only the tau2 stages need it
 
         return lambda task, domain: ScriptedUser(task)
-    from tau2jax.env import tau2_env
-    from tau2jax.env.llm_user import LLMUser
+    from tau2jax.env.llm_user import LLMUser  # tau2 + litellm (heavy): only LLM users need them
 
     urls = user_servers(config)
     start = process_index() if start is None else start
@@ -272,20 +251,15 @@ def user_factory(config, *, start: int | None = None):
 
 
 def reward_config(config):
-    from tau2jax.env.rewards import RewardConfig
-
     return RewardConfig.from_config(config.reward)
 
 
 def tau2_tasks(config, split: str | None = None) -> list:
     """TaskRefs of `tau2.domains` / `split` (default `tau2.split`), only `tau2.task_ids` when given."""
-    from tau2jax.env import tau2_env
-    from tau2jax.env.environments import TaskRef
-
     tau2_env.init_tau2(config.tau2.data_dir)
     wanted = set(config_lib.csv(config.tau2.task_ids))
     split = split or config.tau2.split
-    tasks = [TaskRef(d, t.id, t) for d in config_lib.csv(config.tau2.domains)
+    tasks = [environments.TaskRef(d, t.id, t) for d in config_lib.csv(config.tau2.domains)
              for t in tau2_env.load_tasks(d, split) if not wanted or t.id in wanted]
     if not tasks:
         raise config_lib.ConfigError(f"config.tau2: no task in domains {config.tau2.domains!r}, split {split!r}"
@@ -295,10 +269,7 @@ def tau2_tasks(config, split: str | None = None) -> list:
 
 def tau2_environment(config, chat, *, split: str | None = None):
     """The tau2 tasks of the config, played with its prompt style, user simulator, limits and rewards."""
-    from tau2jax.env import prompts
-    from tau2jax.env.environments import Tau2Environment
-
-    return Tau2Environment(tau2_tasks(config, split), chat, style=prompts.get_style(config.tau2.prompt_style),
+    return environments.Tau2Environment(tau2_tasks(config, split), chat, style=prompts.get_style(config.tau2.prompt_style),
                            user_for=user_factory(config), reward_config=reward_config(config),
                            max_steps=config.tau2.max_steps, max_errors=config.tau2.max_errors,
                            max_repairs=config.tau2.max_repairs)
@@ -308,12 +279,9 @@ def rl_environment(config):
     """RL's environment -> (environment, tokenizer or None, model config): the toy game, or tau2's
     train split."""
     if config.rl.env == "toy":
-        from tau2jax.env.toy import ToyEnvironment
-
         env = ToyEnvironment(num_tasks=config.rl.toy.tasks, seed=config.seed, shared_table=config.rl.toy.shared_table,
                              turn_latency_s=config.rl.toy.turn_latency_s)
         return env, None, model_config(config)
-    from tau2jax.data.chat import ChatFormat
 
     tok = tokenizer(config)
     return tau2_environment(config, ChatFormat(tok), split="train"), tok, model_config(config, tok)

@@ -42,31 +42,21 @@ import os
 import time
 from pathlib import Path
 
-import ml_collections
+import jax
 
 from tau2jax import config as config_lib
+from tau2jax.env import tau2_env
 from tau2jax.eval import pipeline_report
-from tau2jax.stages import builders
+from tau2jax.inference import weight_sync
+from tau2jax.parallel import host_gather
+from tau2jax.stages import builders, runner
+from tau2jax.stages.pipeline_steps import (  # noqa: F401  (DEMOS_ENGINE, apply_overrides: pipeline.* names too)
+    DEMOS_ENGINE, EVALS, STEPS, apply_overrides, step_config)
 from tau2jax.stages.resume import write_atomic
+from tau2jax.weights.hf_read import HF_EXTRA_DIR
+from tau2jax.weights.orbax_params import restore_params
 
-# (step, stage it runs, pipeline.<kind> overrides it takes)
-STEPS = (
-    ("demos", "demos", "demos"),
-    ("eval_base", "eval", "eval"),
-    ("sft", "sft", "sft"),
-    ("eval_sft", "eval", "eval"),
-    ("rft", "rft", "rft"),
-    ("sft_rft", "sft", "sft_rft"),
-    ("eval_rft", "eval", "eval"),
-    ("grpo", "grpo", "grpo"),
-    ("eval_grpo", "eval", "eval"),
-)
-# eval step -> (the policy's name in reports, the step whose params it evaluates; None = model.init_from)
-EVALS = {"eval_base": ("base", None), "eval_sft": ("sft", "sft"), "eval_rft": ("rft", "sft_rft"),
-         "eval_grpo": ("grpo", "grpo")}
 DONE = "pipeline_step.json"
-# The demos step plays the gold agent, whatever engine the pipeline's policy runs on.
-DEMOS_ENGINE = ml_collections.ConfigDict({"engine": {"kind": "gold"}})
 # Stages process 0 runs alone in a multi-process run (no collective in them); the learner stages
 # (sft, grpo) run on every process.
 MAIN_ONLY = ("demos", "eval", "rft")
@@ -80,60 +70,6 @@ SECTIONS = {
     "rft": ("seed", "tokenizer", "model", "tau2", "user", "engine", "reward", "eval", "rft"),
     "grpo": ("seed", "tokenizer", "model", "mesh", "tau2", "user", "engine", "reward", "optim", "train", "rl"),
 }
-
-
-def apply_overrides(config, overrides, where: str) -> None:
-    """Set every leaf of `overrides` (a nested ConfigDict) in `config`; an unknown key or a value
-    of the wrong type is a ConfigError naming `where.key`."""
-    for key, value in overrides.items():
-        if key not in config:
-            new = config_lib.moved_key(f"{where}.{key}")
-            raise config_lib.ConfigError(f"config.{where}.{key}: no such config field"
-                                         + (f"; it moved to config.{new}" if new else ""))
-        if isinstance(value, ml_collections.ConfigDict):
-            if not isinstance(config[key], ml_collections.ConfigDict):
-                raise config_lib.ConfigError(f"config.{where}.{key}: {key!r} is a value, not a section")
-            apply_overrides(config[key], value, f"{where}.{key}")
-            continue
-        try:
-            config[key] = value
-        except TypeError as e:
-            raise config_lib.ConfigError(f"config.{where}.{key}: {e}") from None
-
-
-def step_config(config, step: str, inputs: dict) -> ml_collections.ConfigDict:
-    """The config one step runs with: the pipeline's, its overrides, then its inputs.
-
-    inputs: what finished steps produced — "demo_files" (list), "params" (step -> params dir),
-    "rft_file"; only those this step reads need to be there.
-    """
-    stage, kind = next((st, k) for s, st, k in STEPS if s == step)
-    c = ml_collections.ConfigDict(config.to_dict())  # a deep, unlocked copy
-    c.stage = stage
-    c.workdir = os.path.join(config.workdir, step)
-    apply_overrides(c, config.pipeline[kind], f"pipeline.{kind}")
-    if stage in ("demos", "rft", "grpo"):
-        c.tau2.split = "train"  # these stages make training data; the evals keep the configured split
-        if config.pipeline.train_task_ids:
-            c.tau2.task_ids = config.pipeline.train_task_ids
-    if step == "demos":
-        apply_overrides(c, DEMOS_ENGINE, "the demos step")
-    elif step == "sft":
-        c.data.train_files = ",".join(inputs["demo_files"])
-    elif step == "rft":
-        c.engine.checkpoint = inputs["params"]["sft"]
-        c.rft.mix_files = ",".join(inputs["demo_files"]) if config.pipeline.rft_mix_demos else ""
-    elif step == "sft_rft":
-        c.model.init_from = inputs["params"]["sft"]
-        c.data.train_files = inputs["rft_file"]
-    elif step == "grpo":
-        c.model.init_from = inputs["params"]["sft_rft"]
-        c.rl.loss.reference = ""  # the KL reference is the init: the RFT policy
-    elif stage == "eval":
-        source = EVALS[step][1]
-        c.engine.checkpoint = inputs["params"][source] if source else config.model.init_from
-    c.lock()
-    return c
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -177,12 +113,6 @@ def _mark_finished(step_dir: str, config, result: dict) -> None:
 
 def serve(config, params_dir: str, version: int) -> None:
     """Re-point the SGLang policy server at `params_dir` as `version` (publish, then load from disk)."""
-    from tau2jax.weights.hf_read import HF_EXTRA_DIR
-    from tau2jax.weights.orbax_params import restore_params
-    from tau2jax.inference import weight_sync
-
-    import jax
-
     root = os.path.join(os.path.dirname(config.workdir), "served")
     params, model_cfg = restore_params(params_dir)
     extra = os.path.join(params_dir, HF_EXTRA_DIR)
@@ -220,10 +150,6 @@ def collect_inputs(step: str, result: dict, inputs: dict) -> None:
 def from_main(name: str, fn):
     """`fn()` as process 0 computed it, on every process (fn runs on process 0 only; a ConfigError
     it raises is raised on every process). One process: `fn()`."""
-    import jax
-
-    from tau2jax.parallel import host_gather
-
     if jax.process_count() == 1:
         return fn()
     value = None
@@ -240,16 +166,14 @@ def from_main(name: str, fn):
 
 def run(config, run_stage=None) -> dict:
     """Every step in order (finished ones reused), then the report. `run_stage(step_config) -> dict`
-    runs one stage (default: `tau2jax.stages.run_stage`; tests pass stand-ins).
+    runs one stage (default: `tau2jax.stages.runner.run_stage`; tests pass stand-ins).
 
     Several processes: every process walks the steps; process 0 decides which are finished, runs
     demos, evals and RFT alone (the others take its result), writes the step records and the
     report; SFT and GRPO run on every process."""
-    import jax
-
     is_main = jax.process_index() == 0
     if run_stage is None:
-        from tau2jax.stages import run_stage
+        run_stage = runner.run_stage
     if not config.model.init_from:
         raise config_lib.ConfigError("config.model.init_from: the pipeline starts from converted weights "
                                      "(checkpoints_tools.hf_to_orbax); eval_base evaluates them")
@@ -285,8 +209,6 @@ def trained_on(config, summary: dict) -> dict:
     """Per domain: how many train tasks the policy learnt from (and their ids), how many tasks the
     eval scored, how many of those it learnt from (the overlap), and whether the domain has a
     train/test split."""
-    from tau2jax.env import tau2_env
-
     tau2_env.init_tau2(config.tau2.data_dir)
     wanted = set(config_lib.csv(config.pipeline.train_task_ids or config.tau2.task_ids))
     out = {}

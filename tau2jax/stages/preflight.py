@@ -15,9 +15,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+
+import httpx
+import jax
+import psutil
 
 from tau2jax import config as config_lib
-from tau2jax.stages import builders
+from tau2jax.inference.sglang_client import HEALTH_TIMEOUT_S
+from tau2jax.learn.memory import learner_bytes
+from tau2jax.models.configs import num_params
+from tau2jax.stages import builders, pipeline_steps
 
 LEARNER_STAGES = ("sft", "grpo")
 ENDPOINT_STAGES = ("eval", "rft", "grpo", "pipeline")
@@ -42,16 +50,13 @@ def _learner_configs(config) -> list:
         return [config]
     if config.stage != "pipeline":
         return []
-    from tau2jax.stages import pipeline
-
     start = config.model.init_from  # stands in for every step's input weights: same shapes
-    inputs = {"demo_files": [], "rft_file": "", "params": {s: start for s, _, _ in pipeline.STEPS}}
-    return [pipeline.step_config(config, step, inputs) for step, stage, _ in pipeline.STEPS if stage in LEARNER_STAGES]
+    inputs = {"demo_files": [], "rft_file": "", "params": {s: start for s, _, _ in pipeline_steps.STEPS}}
+    return [pipeline_steps.step_config(config, step, inputs) for step, stage, _ in pipeline_steps.STEPS
+            if stage in LEARNER_STAGES]
 
 
 def check_learner(config) -> None:
-    import jax
-
     where = f"({config.stage} step in {config.workdir})"
     try:
         mesh = builders.mesh(config)
@@ -68,7 +73,6 @@ def check_learner(config) -> None:
         rows, seq_len = micro // dp, config.data.max_len
     else:
         rows, seq_len = max(1, config.rl.batch.micro_batch_rows), config.rl.batch.max_len
-    from tau2jax.learn.memory import learner_bytes
 
     est = learner_bytes(builders.model_config(config), param_dtype=config.model.param_dtype,
                         compute_dtype=config.model.compute_dtype, shards=mesh.shape["fsdp"] * mesh.shape["tensor"],
@@ -85,12 +89,9 @@ def check_learner(config) -> None:
 
 def device_memory_bytes() -> int:
     """One device's memory: the accelerator's limit, or on CPU the host's RAM shared by its devices."""
-    import jax
-
     stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
-    import psutil
 
     return psutil.virtual_memory().total // jax.local_device_count()
 
@@ -101,10 +102,6 @@ def check_policy_server(config) -> None:
 
 
 def _check_policy_url(url: str) -> None:
-    import httpx
-
-    from tau2jax.inference.sglang_client import HEALTH_TIMEOUT_S
-
     fix = "start it (launch/gpu_node.sh) or point config.engine.url at it"
     try:
         r = httpx.get(f"{url}/health", timeout=httpx.Timeout(HEALTH_TIMEOUT_S, connect=5.0))
@@ -123,10 +120,6 @@ def _check_policy_url(url: str) -> None:
 
 def _from_here() -> str:
     """In a multi-process run every process checks the servers: say which one could not reach it."""
-    import socket
-
-    import jax
-
     if jax.process_count() == 1:
         return ""
     return f" from process {jax.process_index()} on {socket.gethostname()}"
@@ -151,8 +144,6 @@ def check_user_server(config) -> None:
 
 
 def _check_user_url(url: str) -> None:
-    import httpx
-
     try:
         r = httpx.get(f"{url}/models", timeout=httpx.Timeout(10.0, connect=5.0))
     except httpx.HTTPError as e:
@@ -165,8 +156,6 @@ def _check_user_url(url: str) -> None:
 def check_workdir(config, learners: list) -> None:
     """Writable, with room for the learner's checkpoints (params + Adam, `train.keep_checkpoints`
     of them) and, against SGLang, the published bf16 versions."""
-    from tau2jax.models.configs import num_params
-
     root = os.path.abspath(config.workdir)
     existing = _existing(root)
     if not os.access(existing, os.W_OK):

@@ -3,7 +3,8 @@
 Everything is validated from the safetensors headers before any weight is read (each error names
 the tensor and file); weights then stream one tensor at a time into preallocated stacked [L, ...]
 numpy arrays: one copy of the model in the target dtype (plus one tensor). Used by the conversion
-CLI (`checkpoints_tools.hf_to_orbax`), the built-in engine and weight sync's reading side.
+(`tau2jax.weights.convert`, CLI `checkpoints_tools.hf_to_orbax`), the built-in engine and weight
+sync's reading side.
 """
 
 from __future__ import annotations

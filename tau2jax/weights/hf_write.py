@@ -25,6 +25,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tau2jax.models.configs import to_hf_config
@@ -118,7 +119,6 @@ def write_hf(tensors, cfg, out_dir: str, *, max_shard_size="2GB", extra_dir: str
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if barrier and jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"export_hf:{out_dir}")
     return out_dir
 

@@ -12,6 +12,7 @@ import dataclasses
 import math
 from typing import Any, Callable
 
+import ml_dtypes
 import numpy as np
 
 # Config dimension symbols used in the table -> ModelConfig field.
@@ -149,7 +150,6 @@ def set_path(tree: dict, path: str, value) -> None:
 
 def np_dtype(name: str) -> np.dtype:
     """"float32" / "bfloat16" -> numpy dtype (bfloat16 from ml_dtypes: numpy has none)."""
-    import ml_dtypes
     dtypes = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
     if name not in dtypes:
         raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(dtypes)}")

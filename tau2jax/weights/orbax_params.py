@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 
 from tau2jax.weights import mapping
 from tau2jax.models.configs import ModelConfig
+from tau2jax.models.qwen3 import param_shardings
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "model_config.json"
@@ -71,7 +72,6 @@ def restore_params(orbax_dir: str, mesh: jax.sharding.Mesh | None = None, *, dty
     _check_structure(jax.tree.map(lambda m: tuple(m.shape), stored, is_leaf=_is_array_meta),
                      cfg, what=path)
     if mesh is not None:
-        from tau2jax.models.qwen3 import param_shardings
         shardings = param_shardings(cfg, mesh)
     else:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -1,4 +1,5 @@
-"""A tiny random HF Qwen3 checkpoint, built offline, for tests and parity checks."""
+"""A tiny random HF Qwen3 checkpoint, built offline: the fixture model of the demo, the GPU
+rehearsal, the parity CLI, benchmarks and tests."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ def make_tiny_hf_dir(out_dir: str, *, tied: bool = True, vocab_size: int = 512, 
     """Saves a random transformers Qwen3ForCausalLM (safetensors) for
     `get_model_config(config_name, ...)` into `out_dir`. A small `max_shard_size` (e.g. "40KB")
     writes several shards plus model.safetensors.index.json."""
-    import torch
+    import torch  # torch + transformers (heavy, optional): only building the HF fixture needs them
     import transformers
 
     cfg = get_model_config(config_name, vocab_size=vocab_size, tie_word_embeddings=tied, **overrides)
