@@ -342,8 +342,9 @@ def test_launcher_deterministic_switch(tmp_path):
 # -- issue 33: bad input gets one clear 400 (or exit 2) and changes nothing ----------------------------------
 
 
-def _chat(url, **body):
-    return httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **body})
+def _chat(url, **body):  # json.dumps: NaN and Infinity as Python (and SGLang's parser) read them
+    return httpx.post(f"{url}/v1/chat/completions", headers={"Content-Type": "application/json"},
+                      content=json.dumps({"messages": [{"role": "user", "content": "hi"}], **body}))
 
 
 @pytest.mark.parametrize("tools, words", [

@@ -180,12 +180,13 @@ class Batcher:
 
 
 def _number(d: dict, key: str, default, kind):
-    """d[key] as `kind` (default when absent or null); a bool, a string, NaN or an infinity is a 400."""
+    """d[key] as `kind` (default when absent or null); a bool, a string, a fraction or a non-finite
+    integer is a 400 (a NaN or infinite float goes on to `verify_sampling`, which refuses it in SGLang's words)."""
     value = d.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or (kind is int and value != int(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (kind is int and (not math.isfinite(value) or value != int(value))):
         raise RequestError(f"{key} must be a finite {'integer' if kind is int else 'number'}, got {value!r}")
     return kind(value)
 
