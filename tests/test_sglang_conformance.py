@@ -460,18 +460,24 @@ def test_update_weights_loads_only_under_the_weights_root_and_says_nothing_of_ot
     assert ok.json()["success"] and engine.policy_version == 1
 
 
-def test_weight_versions_only_move_forward_and_the_same_version_reloads(tok, monkeypatch):
+def test_weight_versions_only_move_forward_and_the_same_version_reloads(tok, monkeypatch, tmp_path):
     monkeypatch.setattr(server_mod, "load_hf_params", lambda path: ({}, None))
-    engine = Updatable(policy_version=5)
+    pub, other = os.path.realpath(tmp_path / "pub"), os.path.realpath(tmp_path / "grpo")
+    engine = Updatable(policy_version=0)
     with RunningServer(create_app(Server(engine, tok, rules=SGLANG))) as running:
-        back = _update(running.url, "/ckpt/v4", 4)
-        again = _update(running.url, "/ckpt/v5", 5)  # a reload (SGLangEngine.reload, a re-push after a failure)
-        ahead = _update(running.url, "/ckpt/v6", 6)
-        negative = _update(running.url, "/ckpt/v", -2)
+        assert _update(running.url, f"{pub}/version_000005", 5).json()["success"]
+        back = _update(running.url, f"{pub}/version_000004", 4)  # a stale or replayed push
+        assert engine.policy_version == 5
+        again = _update(running.url, f"{pub}/version_000005", 5)  # a reload (SGLangEngine.reload, a re-push)
+        ahead = _update(running.url, f"{pub}/version_000006", 6)
+        # another publish dir is its own sequence (the pipeline: evals' steps 0..7, then GRPO's 0, 1, ...)
+        fresh = _update(running.url, f"{other}/version_000000", 0)
+        negative = _update(running.url, f"{pub}/version_000007", -2)
     assert back.status_code == 400 and back.json() == {"success": False, "message": (
-        "weight_version 4 is older than the served weight_version 5: versions only move forward "
-        "(the same version reloads; restart the server to go back)")}
-    assert again.json()["success"] and ahead.json()["success"] and engine.policy_version == 6
+        f"weight_version 4 is older than weight_version 5, the last loaded from {pub}: a publish dir's "
+        "versions only move forward (the same version reloads)")}
+    assert again.json()["success"] and ahead.json()["success"] and fresh.json()["success"]
+    assert engine.policy_version == 0
     assert negative.status_code == 400 and "got -2" in negative.json()["message"]
 
 

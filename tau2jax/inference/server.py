@@ -2,7 +2,7 @@
 
     python -m tau2jax.inference.server --checkpoint /ckpt/qwen3_4b [--host 127.0.0.1] [--port 30000] \\
         [--tokenizer HF_DIR] [--max-batch 32] [--batch-window-ms 5] [--max-seq-len 8192] \\
-        [--dtype float32|bfloat16] [--max-tokens 1024]
+        [--dtype float32|bfloat16] [--max-tokens 1024] [--weights-root DIR ...] [--api-key KEY]
 
 The CLI serves the built-in `JaxEngine`; in Python any Engine can be served (tests use
 `ScriptedEngine`): `RunningServer(create_app(Server(engine, tokenizer)))` runs it on a thread.
@@ -27,7 +27,11 @@ talk to this server and to SGLang alike; POST bodies must be `Content-Type: appl
   {"success", "message"}: as SGLang, waits for the requests in flight to finish on the old weights
   (they report the old version), holds back new ones, loads the safetensors by tensor name, swaps
   them in and empties the engine's prefix cache; without "weight_version" the version stays what it
-  was. `sglang_rules.py` has this and the other SGLang rules with their sources.
+  was. `sglang_rules.py` has this and the other SGLang rules with their sources. Our rules on top
+  (SGLang has neither): "model_path" must lie under a --weights-root (else a 400 that says nothing
+  of whether the path exists), and a publish dir's versions only move forward (the same one reloads).
+  Files that cannot be loaded are a 400; the old weights keep serving.
+- --api-key (SGLang's): every endpoint but /health needs "Authorization: Bearer KEY" (401 without).
 - `GET /health` (200 at once, or SGLang's one-token generation under `SGLangRules.health_generates`),
   `GET /get_model_info`, `GET /v1/models` (id: the served model name, the model path after an
   update, as SGLang; `max_model_len` is the context length).
@@ -308,6 +312,7 @@ class Server:
         self.weights_roots = None if weights_roots is None else [os.path.abspath(r) for r in weights_roots]
         # every endpoint but /health needs "Authorization: Bearer <api_key>" ("": none), as SGLang's --api-key
         self.api_key = api_key
+        self.loaded_versions: dict[str, int] = {}  # publish dir -> the last weight_version loaded from it
 
     def validate(self, ids: list[int], params: SamplingParams) -> None:
         """SGLang's per-request length checks (its tokenizer manager's and its scheduler's, same
@@ -558,12 +563,17 @@ class Server:
                                f"({', '.join(self.weights_roots)}; --weights-root): refused")
 
     def update_weights_from_disk(self, model_path: str, version: int) -> str:
-        served = self.engine.policy_version
         if version < 0:
             raise RequestError(f"weight_version must be a policy version >= 0, got {version}")
-        if served != UNKNOWN_VERSION and version < served:  # our rule; SGLang itself takes any order
-            raise RequestError(f"weight_version {version} is older than the served weight_version {served}: "
-                               "versions only move forward (the same version reloads; restart the server to go back)")
+        # Our rule (SGLang takes any order): the versions of one publish dir only move forward, so a
+        # stale or replayed push cannot put old weights back; the same version reloads (SGLangEngine
+        # .reload, a re-push after a failed one). Another dir starts its own sequence: the pipeline's
+        # evals publish steps 0, 2, 5, 7 under {workdir}/served, then GRPO its 0, 1, ... elsewhere.
+        pub = os.path.dirname(os.path.realpath(model_path))
+        last = self.loaded_versions.get(pub)
+        if last is not None and version < last:
+            raise RequestError(f"weight_version {version} is older than weight_version {last}, the last loaded from "
+                               f"{pub}: a publish dir's versions only move forward (the same version reloads)")
         try:
             params, cfg = load_hf_params(model_path)
         except Exception as e:  # noqa: BLE001  missing dir, bad config, truncated safetensors (safetensors'
@@ -581,6 +591,8 @@ class Server:
             # 0.5.2x (weight_updater.flush_cache_after_weight_update): swapped, then refused, no version bump
             self.engine.update_weights(params, self.engine.policy_version if racing else version)
         self.model_path = self.served_model_name = model_path  # as SGLang (tokenizer_manager.py)
+        if not racing:
+            self.loaded_versions[pub] = version
         if racing:
             raise FlushRefused("Weights were updated, but the cache was not flushed because requests are still "
                                "running or queued. Retract or finish them, then call /flush_cache.")
