@@ -20,7 +20,7 @@ from tau2jax.data.tokenizer import load_tokenizer
 from tau2jax.inference import server as server_mod
 from tau2jax.inference.engine import ContextLengthError, GenerateResult, SamplingParams, ScriptedEngine
 from tau2jax.inference.server import Batcher, RunningServer, Server, create_app
-from tau2jax.inference.sglang_client import SGLangEngine
+from tau2jax.inference.sglang_client import EngineRequestError, SGLangEngine
 from tau2jax.inference.sglang_rules import SGLangRules
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -504,7 +504,9 @@ def test_the_api_key_guards_every_endpoint_but_health(tok, monkeypatch):
         from_env.close()
         monkeypatch.delenv("TAU2JAX_API_KEY")
         keyless = SGLangEngine(url, max_retries=0)
-        with pytest.raises(Exception, match="401"):
+        with pytest.raises(EngineRequestError, match="401 Unauthorized: the server was started with --api-key"):
+            keyless.wait_ready(10)  # /health passes; the key is checked before any episode starts
+        with pytest.raises(EngineRequestError, match="401"):
             keyless.generate([[1, 2]], SamplingParams(max_new_tokens=2))
         keyless.close()
     assert res.output_ids == [1, 2] and engine.policy_version == 1

@@ -563,6 +563,10 @@ class Server:
                                f"({', '.join(self.weights_roots)}; --weights-root): refused")
 
     def update_weights_from_disk(self, model_path: str, version: int) -> str:
+        # a finished request still in the running batch when the update arrives (SGLang's scheduler
+        # takes the update on its next iteration, then loads, then fails the flush): judged on
+        # arrival, not after the load, which on a loaded CPU can outlast the window
+        racing = self.flush_lag_s > 0 and self.running > 0
         if version < 0:
             raise RequestError(f"weight_version must be a policy version >= 0, got {version}")
         # Our rule (SGLang takes any order): the versions of one publish dir only move forward, so a
@@ -582,7 +586,6 @@ class Server:
         engine_cfg = getattr(self.engine, "cfg", None)
         if engine_cfg is not None and cfg != engine_cfg:
             raise RequestError(f"{model_path}: model config {cfg} differs from the served model's {engine_cfg}")
-        racing = self.flush_lag_s > 0 and self.running > 0  # a finished request still in the running batch
         if racing and self.rules.is_0_5_3:  # scheduler_update_weights_mixin.update_weights_from_disk
             logging.getLogger(__name__).error("AssertionError: Cache flush failed after updating weights "
                                               "(sglang 0.5.3's scheduler dies; stand-in: the server exits)")

@@ -313,6 +313,7 @@ class SGLangEngine(ServedFromDisk):
             if time.monotonic() > deadline:
                 raise EngineUnavailableError(f"{self.url}/health not ready after {timeout_s:.0f} s")
             time.sleep(interval_s)
+        self.model_info()  # /health needs no key: a wrong or missing one fails here, in one line (401)
 
     def model_info(self) -> dict:
         return self._request("GET", "/get_model_info", control=True)
@@ -354,6 +355,9 @@ class SGLangEngine(ServedFromDisk):
                 continue
             if r.status_code < 400:
                 return r.json()
+            if r.status_code == 401:  # SGLang's --api-key middleware (our server's too)
+                raise EngineRequestError(f"{self.url}{path}: 401 Unauthorized: the server was started with --api-key; "
+                                         f"give this client the same key (engine.api_key or ${API_KEY_ENV})")
             if r.status_code < 500:
                 # SGLang (and our server) answer an over-long prompt with a 400 (_CONTEXT_ERRORS).
                 if any(e in r.text.lower() for e in _CONTEXT_ERRORS):
