@@ -567,8 +567,6 @@ class Server:
         # takes the update on its next iteration, then loads, then fails the flush): judged on
         # arrival, not after the load, which on a loaded CPU can outlast the window
         racing = self.flush_lag_s > 0 and self.running > 0
-        if version < 0:
-            raise RequestError(f"weight_version must be a policy version >= 0, got {version}")
         # Our rule (SGLang takes any order): the versions of one publish dir only move forward, so a
         # stale or replayed push cannot put old weights back; the same version reloads (SGLangEngine
         # .reload, a re-push after a failed one). Another dir starts its own sequence: the pipeline's
@@ -763,10 +761,12 @@ def create_app(server: Server) -> fastapi.FastAPI:
         version = body.get("weight_version")
         try:
             server.check_weights_path(path)
-            try:  # as SGLang: no weight_version keeps the current one
+            try:  # as SGLang: no weight_version keeps the current one ("default" included)
                 version = server.engine.policy_version if version is None else int(version)
             except (TypeError, ValueError):
                 raise RequestError(f"weight_version must be an integer policy version, got {version!r}") from None
+            if body.get("weight_version") is not None and version < 0:
+                raise RequestError(f"weight_version must be a policy version >= 0, got {version}")
             # as SGLang: drains the requests in flight, holds new ones back, loads, swaps
             async with server.update_lock.exclusive():
                 message = await asyncio.to_thread(server.update_weights_from_disk, path, version)
