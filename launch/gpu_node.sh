@@ -26,7 +26,11 @@
 # Both servers bind 127.0.0.1 only: nothing off the node can reach them. BIND_HOST=<this node's
 # cluster address> (launch/slurm_rl.sbatch sets it on its rollout nodes) makes them reachable from
 # other nodes, for learners elsewhere; the script says so loudly, since anyone on that network can
-# then call the servers (no authentication; /update_weights_from_disk loads any path).
+# then call the servers unless TAU2JAX_API_KEY is set (slurm_rl.sbatch makes one per job): both
+# servers then get --api-key (SGLang: every endpoint but /health needs "Authorization: Bearer KEY",
+# /update_weights_from_disk included, which on SGLang loads any path the server can read), and
+# the trainer sends it (SGLangEngine reads $TAU2JAX_API_KEY; the user simulator gets
+# --config.user.api_key). README.md "Trust model" has the rest.
 #
 # SGLang >= 0.5.3 (checked at launch): --weight-version on updates needs 0.5.1, the per-request
 # sampling_seed 0.5.3. DETERMINISTIC=1 launches both servers with --enable-deterministic-inference,
@@ -87,9 +91,17 @@ MAX_RESTARTS=${MAX_RESTARTS:-5}           # a server that dies after it was heal
 RESTART_DELAY_S=${RESTART_DELAY_S:-5}
 LOG_DIR=${LOG_DIR:-runs/gpu_node_logs}
 BIND_HOST=${BIND_HOST:-127.0.0.1}         # the address both servers listen on
+TAU2JAX_API_KEY=${TAU2JAX_API_KEY:-}     # shared by both servers (--api-key) and the trainer; "" = none
+auth_args=()
+if [[ -n "$TAU2JAX_API_KEY" ]]; then auth_args=(--api-key "$TAU2JAX_API_KEY"); export TAU2JAX_API_KEY; fi
 if [[ "$BIND_HOST" != 127.0.0.1 ]]; then
-  echo "WARNING: gpu_node.sh: BIND_HOST=$BIND_HOST: the policy and user servers accept connections from" \
-       "other hosts on that address (no authentication); unset BIND_HOST to keep them on 127.0.0.1" >&2
+  if [[ -n "$TAU2JAX_API_KEY" ]]; then
+    echo "WARNING: gpu_node.sh: BIND_HOST=$BIND_HOST: the policy and user servers accept connections from" \
+         "other hosts on that address (each request needs TAU2JAX_API_KEY)" >&2
+  else
+    echo "WARNING: gpu_node.sh: BIND_HOST=$BIND_HOST: the policy and user servers accept connections from" \
+         "other hosts on that address (no authentication: set TAU2JAX_API_KEY); unset BIND_HOST to keep them on 127.0.0.1" >&2
+  fi
 fi
 PYTHON=${PYTHON:-.venv/bin/python}        # the venv with tau2jax and jax[cuda12]
 
@@ -144,7 +156,7 @@ CUDA_VISIBLE_DEVICES=$POLICY_GPUS supervise policy "$SGLANG_PYTHON" -m sglang.la
   --host "$BIND_HOST" --port "$POLICY_PORT" \
   --dp-size "$(num_gpus "$POLICY_GPUS")" --tp-size 1 \
   --dtype bfloat16 --context-length "$CONTEXT_LENGTH" --mem-fraction-static "$MEM_FRACTION" \
-  $EXTRA_SGLANG_ARGS &
+  "${auth_args[@]}" $EXTRA_SGLANG_ARGS &
 pids+=($!)
 
 # User simulator. --tool-call-parser qwen25 turns Qwen3's <tool_call> blocks into OpenAI
@@ -154,7 +166,7 @@ CUDA_VISIBLE_DEVICES=$USER_GPUS supervise user "$SGLANG_PYTHON" -m sglang.launch
   --host "$BIND_HOST" --port "$USER_PORT" \
   --dp-size "$(num_gpus "$USER_GPUS")" --tp-size 1 \
   --dtype bfloat16 --context-length "$CONTEXT_LENGTH" --mem-fraction-static "$MEM_FRACTION" \
-  --tool-call-parser qwen25 $EXTRA_SGLANG_ARGS &
+  --tool-call-parser qwen25 "${auth_args[@]}" $EXTRA_SGLANG_ARGS &
 pids+=($!)
 
 wait_healthy() {  # name port pid
@@ -184,4 +196,4 @@ fi
 CUDA_VISIBLE_DEVICES=$TRAIN_GPUS "$PYTHON" -m tau2jax.train "$@" \
   --config.engine.kind=sglang --config.engine.url="http://$BIND_HOST:$POLICY_PORT" \
   --config.user.kind=llm --config.user.base_url="http://$BIND_HOST:$USER_PORT/v1" \
-  --config.user.model="openai/$USER_NAME"
+  --config.user.model="openai/$USER_NAME" ${TAU2JAX_API_KEY:+"--config.user.api_key=$TAU2JAX_API_KEY"}

@@ -58,6 +58,11 @@ export SGLANG_PYTHON=${SGLANG_PYTHON:-launch/sglang_standin/python}
 export POLICY_MODEL=$WORK/hf USER_MODEL=$WORK/hf POLICY_PORT=$policy_port USER_PORT=$user_port
 export LOG_DIR=$WORK/logs READY_TIMEOUT_S=${READY_TIMEOUT_S:-300} PYTHON=$PY
 export SGLANG_STANDIN_LOG_DIR=$WORK/logs  # the stand-in's request log: which weights served each turn
+# The trust model as a cluster run has it: a key shared by the servers and the trainer, and the
+# stand-in loading weights only where this run publishes them (eval's {workdir}/served, GRPO's
+# /dev/shm/tau2jax-<uid>/...: weight_sync.default_root)
+export TAU2JAX_API_KEY=${TAU2JAX_API_KEY:-rehearsal-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')}
+export SGLANG_STANDIN_WEIGHTS_ROOT=${SGLANG_STANDIN_WEIGHTS_ROOT:-$WORK/run:/dev/shm/tau2jax-$(id -u)}
 export RESTART_DELAY_S=${RESTART_DELAY_S:-1}
 export LITELLM_LOCAL_MODEL_COST_MAP=True
 

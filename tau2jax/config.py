@@ -130,6 +130,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.engine.max_new_tokens = 1200
     c.engine.timeout_s = 300.0
     c.engine.max_retries = 3
+    # sglang: the servers' --api-key, sent as "Authorization: Bearer <key>"; "" = $TAU2JAX_API_KEY
+    # (launch/gpu_node.sh exports it to the servers and the trainer), unset = no key
+    c.engine.api_key = ""
     # sglang: /generate calls in flight per server; 0 = the stage's episode concurrency (eval, rft or
     # rl .concurrency), so every episode in flight can have its turn at the server at once
     c.engine.concurrency = 0
@@ -292,8 +295,9 @@ def check_override_keys(argv) -> None:
 def redacted(c: ml_collections.ConfigDict) -> dict:
     """The config as a dict for reports, secrets (API keys) replaced."""
     d = c.to_dict()
-    if d.get("user", {}).get("api_key") not in (None, "", "EMPTY"):
-        d["user"]["api_key"] = "<redacted>"
+    for section in ("user", "engine"):
+        if d.get(section, {}).get("api_key") not in (None, "", "EMPTY"):
+            d[section]["api_key"] = "<redacted>"
     return d
 
 

@@ -139,7 +139,7 @@ printf '%s\\n' ${FAKE_NODES:-node01 node02}  # `scontrol show hostnames $SLURM_J
 
 # Stands in for a program under srun: prints the SLURM/JAX variables it sees and its arguments.
 PRINT_ENV = """#!/usr/bin/env bash
-env | grep -E '^(SLURM|JAX)_' | sort
+env | grep -E '^(SLURM|JAX|TAU2JAX)_' | sort
 echo "ARGS $*"
 """
 

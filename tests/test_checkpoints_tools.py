@@ -99,6 +99,38 @@ def test_parity_random_tiny_cli():
     assert result["max_abs_logit"] > 0.5  # logits are O(1): the comparison is not vacuous
 
 
+def test_parity_against_the_wrong_weights_exits_1_naming_the_metrics(hf_dirs, tmp_path, capsys):
+    """Issue 33: parity once reported greedy match 0.09 with rc 0; now outside its tolerances it is
+    rc 1 with one stderr line naming each metric and its tolerance."""
+    from checkpoints_tools import parity
+
+    wrong = str(tmp_path / "wrong")
+    hf_to_orbax.convert(make_tiny_hf_dir(str(tmp_path / "other"), tied=True, seed=5), wrong)
+    capsys.readouterr()  # transformers' progress bars
+    rc = parity.main(["--hf-dir", hf_dirs["tied"], "--orbax-dir", wrong, "--tokens", "16"])
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert rc == 1 and result["ok"] is False and result["greedy_match"] < 0.5, result
+    [line] = [ln for ln in err.splitlines() if "error" in ln.lower()]  # besides transformers' progress bars
+    assert line.startswith("error: parity fails: max_abs_logit_diff ") and "above the tolerance 0.0001" in line
+    assert f"greedy_match {result['greedy_match']:.4f} is below the tolerance 1" in line
+    # the right weights pass with the same defaults; looser tolerances are flags
+    assert parity.main(["--hf-dir", hf_dirs["tied"], "--orbax-dir", wrong, "--tokens", "16",
+                        "--max-diff", "1e9", "--min-greedy-match", "0"]) == 0
+    capsys.readouterr()
+    assert parity.main(["--hf-dir", hf_dirs["tied"], "--tokens", "16"]) == 0  # converts it afresh
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ok"] is True
+
+
+def test_hf_to_orbax_output_is_0755_as_every_export(tied_orbax):
+    """Issue 33: mkdtemp made the converted dir 0700, unreadable to a server of another user."""
+    assert os.stat(tied_orbax).st_mode & 0o777 == 0o755
+    for d, _, files in os.walk(tied_orbax):
+        assert os.stat(d).st_mode & 0o777 == 0o755, d
+        for f in files:
+            assert os.stat(os.path.join(d, f)).st_mode & 0o777 == 0o644, f
+
+
 def test_restore_sharded_matches_single_device(tied_orbax):
     assert len(jax.devices()) >= 8, "conftest should provide 8 fake CPU devices"
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])

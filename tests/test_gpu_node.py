@@ -81,3 +81,29 @@ def test_a_dead_server_is_restarted_then_given_up_on(tmp_path):
     assert proc.returncode == 1
     assert "policy server exited (rc 137); restart 1/1" in out and "after 1 restarts; giving up" in out
     _until(lambda: not _up(user_port), 10)  # the launcher stopped what it started
+
+
+def test_the_api_key_reaches_both_servers(tmp_path):
+    """Issue 33: TAU2JAX_API_KEY becomes SGLang's --api-key on the policy and the user server."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_SGLANG.replace('port = int(', 'open(f"{sys.argv[0]}.{sys.argv[sys.argv.index(\'--port\') + 1]}", "w")'
+                                        '.write("\\n".join(sys.argv))\nport = int(', 1))
+    fake.chmod(0o755)
+    for key in ("k3y-123", ""):
+        ports, logs = _ports(2), tmp_path / f"logs{key}"
+        env = os.environ | {"SGLANG_PYTHON": str(fake), "POLICY_MODEL": str(tmp_path), "USER_MODEL": str(tmp_path),
+                            "POLICY_PORT": str(ports[0]), "USER_PORT": str(ports[1]), "LOG_DIR": str(logs),
+                            "READY_TIMEOUT_S": "30", "TAU2JAX_API_KEY": key}
+        proc = subprocess.Popen(["bash", os.path.join(REPO, "launch", "gpu_node.sh")], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            _until(lambda: (logs / "policy.ready").exists() and (logs / "user.ready").exists())
+            argvs = [(tmp_path / f"python.{p}").read_text().split("\n") for p in ports]
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+        for argv in argvs:
+            if key:
+                assert argv[argv.index("--api-key") + 1] == key, argv
+            else:
+                assert "--api-key" not in argv, argv

@@ -219,12 +219,14 @@ def test_slurm_rl_hands_the_rollout_nodes_servers_to_the_learner(tmp_path, monke
     assert servers.tasks[0][0].splitlines()[0] == "BIND_HOST=localhost POLICY_GPUS=0,1,2,3,4,5,6 USER_GPUS=7"
     assert (learner.program, learner.info["ntasks"], learner.info["nodelist"], len(learner.tasks)) == \
         ("learner", "1", "127.0.0.1", 1)
+    seen = learner.env(0)
+    key = seen["TAU2JAX_API_KEY"]  # one per job (issue 33): the servers' --api-key, the learner's and its users'
+    assert len(key) == 32
     assert learner.tasks[0][0].splitlines()[-1] == (
         f"ARGS -m tau2jax.train --config configs/tiny_grpo.py --config.workdir=/shared/rl "
         f"--config.engine.kind=sglang --config.engine.url=http://localhost:{env['POLICY_PORT']} "
         f"--config.user.kind=llm --config.user.base_url=http://localhost:{env['USER_PORT']}/v1 "
-        "--config.user.model=openai/qwen3-4b")
-    seen = learner.env(0)
+        f"--config.user.model=openai/qwen3-4b --config.user.api_key={key}")
     assert seen["SLURM_NTASKS"] == "1" and seen["SLURM_STEP_NODELIST"] == "127.0.0.1"
     assert "JAX_COORDINATOR_ADDRESS" not in seen
     assert _resolve_in(seen, monkeypatch) is None  # one process: it starts, no jax.distributed
@@ -247,15 +249,18 @@ def test_slurm_rl_learner_nodes_join_one_run_beside_one_server_per_rollout_node(
 
 def test_slurm_rl_hands_every_rollout_nodes_user_simulator_to_the_learner(tmp_path):
     """Two rollout nodes (localhost, 127.0.0.2): engine.url and user.base_url list both, in node order."""
-    proc, env, read = _sbatch_rl(tmp_path, {"FAKE_NODES": "127.0.0.1 localhost 127.0.0.2", "ROLLOUT_NODES": "2",
-                                            "SLURM_JOB_NODELIST": "fake[1-3]"}, "--config", "configs/tiny_grpo.py")
+    proc, env, steps = _sbatch_rl(tmp_path, {"FAKE_NODES": "127.0.0.1 localhost 127.0.0.2", "ROLLOUT_NODES": "2",
+                                             "SLURM_JOB_NODELIST": "fake[1-3]"}, "--config", "configs/tiny_grpo.py")
     assert proc.returncode == 0, proc.stderr
     p, u = env["POLICY_PORT"], env["USER_PORT"]
-    assert read("learner_0.out").splitlines()[-1] == (
+    _, learner = steps
+    args, key = learner.tasks[0][0].splitlines()[-1].rsplit(" --config.user.api_key=", 1)
+    assert args == (
         f"ARGS -m tau2jax.train --config configs/tiny_grpo.py "
         f"--config.engine.kind=sglang --config.engine.url=http://localhost:{p},http://127.0.0.2:{p} "
         f"--config.user.kind=llm --config.user.base_url=http://localhost:{u}/v1,http://127.0.0.2:{u}/v1 "
         "--config.user.model=openai/qwen3-4b")
+    assert len(key) == 32
 
 
 @pytest.mark.parametrize("env, servers, rc, expected", [

@@ -64,7 +64,9 @@ def test_a_push_reaches_every_server_and_the_version_is_the_oldest(tok, tmp_path
         assert pool.served_version() == 0
         pool.update_weights(str(tmp_path), 5)
         assert [s.served_version() for s in pool.servers] == [5, 5] and pool.served_version() == 5
-        pool.servers[1].update_weights(str(tmp_path), 3)  # one server falls behind (restarted, resynced)
+        # one server falls behind (restarted, resynced; from another dir: our server refuses an
+        # older version from the dir it last loaded, issue 33)
+        pool.servers[1].update_weights(str(tmp_path / "other" / "v3"), 3)
         assert pool.served_version() == 3
     finally:
         for r in running:

@@ -20,7 +20,7 @@ from tau2jax.data.tokenizer import load_tokenizer
 from tau2jax.inference import server as server_mod
 from tau2jax.inference.engine import ContextLengthError, GenerateResult, SamplingParams, ScriptedEngine
 from tau2jax.inference.server import Batcher, RunningServer, Server, create_app
-from tau2jax.inference.sglang_client import SGLangEngine
+from tau2jax.inference.sglang_client import EngineRequestError, SGLangEngine
 from tau2jax.inference.sglang_rules import SGLangRules
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -337,3 +337,179 @@ def test_launcher_deterministic_switch(tmp_path):
     assert triton.stdout.split()[-1] == "triton"
     bad = launcher(tmp_path, "deterministic_args", "0.5.3", DETERMINISTIC="yes")
     assert bad.returncode != 0 and "DETERMINISTIC must be 0 or 1" in bad.stderr
+
+
+# -- issue 33: bad input gets one clear 400 (or exit 2) and changes nothing ----------------------------------
+
+
+def _chat(url, **body):  # json.dumps: NaN and Infinity as Python (and SGLang's parser) read them
+    return httpx.post(f"{url}/v1/chat/completions", headers={"Content-Type": "application/json"},
+                      content=json.dumps({"messages": [{"role": "user", "content": "hi"}], **body}))
+
+
+@pytest.mark.parametrize("tools, words", [
+    ("oops", "tools must be a list"),  # once rendered as four tools named o, o, p, s
+    ([{"type": "function", "function": {"description": "no name"}}], "tools[0].function.name must be a non-empty"),
+    ([{"type": "function"}], "tools[0].function must be an object"),
+    (["get_weather"], "tools[0] must be an object"),
+    ([{"type": "retrieval", "function": {"name": "f"}}], 'tools[0].type must be "function"'),
+])
+def test_chat_tools_are_checked_as_sglang_checks_them(tok, tools, words):
+    engine = Echo()
+    with RunningServer(create_app(Server(engine, tok, rules=SGLANG))) as running:
+        r = _chat(running.url, tools=tools)
+        ok = _chat(running.url, tools=[{"type": "function", "function": {"name": "f"}}], max_tokens=2)
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    assert "\n" not in r.json()["error"]["message"]
+    assert ok.status_code == 200 and len(engine.calls) == 1  # the bad one never reached the engine
+
+
+@pytest.mark.parametrize("sp, words", [
+    ({"temperature": float("nan")}, "temperature must be a non-negative finite number, got nan."),
+    ({"temperature": float("inf")}, "temperature must be a non-negative finite number, got inf."),
+    ({"temperature": -0.5}, "temperature must be a non-negative finite number, got -0.5."),
+    ({"top_p": float("nan")}, "top_p must be in (0, 1], got nan."),
+    ({"top_p": 0}, "top_p must be in (0, 1], got 0.0."),
+    ({"top_k": 0}, "top_k must be -1 (disable) or at least 1, got 0."),
+    ({"max_new_tokens": -1}, "max_new_tokens must be at least 0, got -1."),
+    ({"max_new_tokens": float("nan")}, "max_new_tokens must be a finite integer, got nan"),
+    ({"temperature": "hot"}, "temperature must be a finite number, got 'hot'"),
+])
+def test_generate_sampling_values_are_verified_as_sglang_does(tok, sp, words):
+    engine = Echo()
+    with RunningServer(create_app(Server(engine, tok, rules=SGLANG))) as running:
+        # json.dumps writes NaN/Infinity, which SGLang's and our JSON parser both accept
+        r = httpx.post(f"{running.url}/generate", content=json.dumps({"input_ids": [1, 2], "sampling_params": sp}),
+                       headers={"Content-Type": "application/json"})
+        chat = _chat(running.url, **{{"max_new_tokens": "max_tokens"}.get(k, k): v for k, v in sp.items()}) \
+            if "max_new_tokens" not in sp else None
+    assert r.status_code == 400 and r.json()["error"]["message"] == words, r.text
+    if chat is not None:  # the OpenAI endpoint checks the same values
+        assert chat.status_code == 400 and chat.json()["error"]["message"] == words, chat.text
+    assert engine.calls == []
+
+
+def test_chat_min_p_and_repetition_penalty_are_verified(tok):
+    with RunningServer(create_app(Server(Echo(), tok, rules=SGLANG))) as running:
+        r = _chat(running.url, min_p=1.5)
+        r2 = _chat(running.url, repetition_penalty=0)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "min_p must be in [0, 1], got 1.5."
+    assert r2.status_code == 400 and "repetition_penalty must be in (0, 2]" in r2.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("cmd", [
+    ["-m", "tau2jax.inference.server", "--checkpoint", "/nonexistent"],
+    [os.path.join("launch", "sglang_standin", "launch_server.py"), "--model-path", "/nonexistent"],
+])
+@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+def test_a_port_outside_1_65535_is_one_line_and_exit_2(cmd, port):
+    import sys
+
+    proc = subprocess.run([sys.executable, *cmd, "--port", port], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"error: --port {port} is outside 1..65535" and proc.stdout == ""
+
+
+def _published(tmp_path, name="pub", version=1):
+    """A real HF dir (toy Qwen3) published under tmp_path/name -> (root, version dir)."""
+    import jax
+
+    from tau2jax.inference import weight_sync
+    from tau2jax.models import configs, qwen3
+
+    cfg = configs.get_model_config("toy")
+    root = str(tmp_path / name)
+    return root, weight_sync.publish(qwen3.init_params(cfg, jax.random.key(version)), cfg, root, version, dtype=None)
+
+
+def _update(url, path, version=None, **kw):
+    body = {"model_path": path, **({} if version is None else {"weight_version": str(version)})}
+    return httpx.post(f"{url}/update_weights_from_disk", json=body, timeout=60, **kw)
+
+
+def test_a_truncated_safetensors_is_a_400_and_the_old_weights_keep_serving(tok, tmp_path):
+    _, path = _published(tmp_path)
+    shard = next(os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors"))
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    engine = Updatable(policy_version=3)
+    with RunningServer(create_app(Server(engine, tok, rules=SGLANG, weights_roots=[str(tmp_path)]))) as running:
+        r = _update(running.url, path, 4)
+        served = httpx.get(f"{running.url}/get_model_info").json()["weight_version"]
+    body = r.json()
+    assert r.status_code == 400 and body["success"] is False, r.text  # was a bare 500
+    assert body["message"].startswith(f"cannot load {path}: ") and "\n" not in body["message"]
+    assert served == "3" and engine.policy_version == 3  # nothing swapped
+
+
+def test_update_weights_loads_only_under_the_weights_root_and_says_nothing_of_other_paths(tok, tmp_path):
+    root, inside = _published(tmp_path, "pub")
+    _, outside = _published(tmp_path, "elsewhere")  # a complete checkpoint, but outside the root
+    os.symlink(outside, os.path.join(root, "link"))  # a link inside the root that leads out of it
+    engine = Updatable(policy_version=0)
+    with RunningServer(create_app(Server(engine, tok, rules=SGLANG, weights_roots=[root]))) as running:
+        refused = {p: _update(running.url, p, 1) for p in (
+            outside, str(tmp_path / "missing"), "/etc", os.path.join(root, "..", "elsewhere", os.path.basename(outside)),
+            os.path.join(root, "link"))}
+        assert engine.policy_version == 0
+        ok = _update(running.url, inside, 1)
+    for p, r in refused.items():
+        assert r.status_code == 400 and r.json()["message"] == (
+            f"model_path {p!r} is outside the server's weights root ({root}; --weights-root): refused"), p
+    assert ok.json()["success"] and engine.policy_version == 1
+
+
+def test_weight_versions_only_move_forward_and_the_same_version_reloads(tok, monkeypatch, tmp_path):
+    monkeypatch.setattr(server_mod, "load_hf_params", lambda path: ({}, None))
+    pub, other = os.path.realpath(tmp_path / "pub"), os.path.realpath(tmp_path / "grpo")
+    engine = Updatable(policy_version=0)
+    with RunningServer(create_app(Server(engine, tok, rules=SGLANG))) as running:
+        assert _update(running.url, f"{pub}/version_000005", 5).json()["success"]
+        back = _update(running.url, f"{pub}/version_000004", 4)  # a stale or replayed push
+        assert engine.policy_version == 5
+        again = _update(running.url, f"{pub}/version_000005", 5)  # a reload (SGLangEngine.reload, a re-push)
+        ahead = _update(running.url, f"{pub}/version_000006", 6)
+        # another publish dir is its own sequence (the pipeline: evals' steps 0..7, then GRPO's 0, 1, ...)
+        fresh = _update(running.url, f"{other}/version_000000", 0)
+        negative = _update(running.url, f"{pub}/version_000007", -2)
+    engine = Updatable(policy_version=-1)  # a server reporting "default": a push naming no version keeps it
+    with RunningServer(create_app(Server(engine, tok, rules=SGLANG))) as running:
+        keep = _update(running.url, f"{pub}/version_000001")
+        assert keep.json()["success"] and httpx.get(f"{running.url}/get_model_info").json()["weight_version"] == "default"
+    assert back.status_code == 400 and back.json() == {"success": False, "message": (
+        f"weight_version 4 is older than weight_version 5, the last loaded from {pub}: a publish dir's "
+        "versions only move forward (the same version reloads)")}
+    assert again.json()["success"] and ahead.json()["success"] and fresh.json()["success"]
+    assert negative.status_code == 400 and "got -2" in negative.json()["message"]
+
+
+def test_the_api_key_guards_every_endpoint_but_health(tok, monkeypatch):
+    monkeypatch.setattr(server_mod, "load_hf_params", lambda path: ({}, None))
+    engine = Updatable(policy_version=0)
+    with RunningServer(create_app(Server(engine, tok, rules=SGLANG, api_key="s3cret"))) as running:
+        url = running.url
+        assert httpx.get(f"{url}/health").status_code == 200  # probes need no key (SGLang)
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            for r in (httpx.post(f"{url}/generate", json={"input_ids": [1]}, headers=headers),
+                      httpx.get(f"{url}/get_model_info", headers=headers),
+                      _update(url, "/ckpt/v1", 1, headers=headers)):
+                assert (r.status_code, r.json()) == (401, {"error": "Unauthorized"}), (headers, r.request.url)
+        assert engine.calls == [] and engine.policy_version == 0
+
+        client = SGLangEngine(url, api_key="s3cret")
+        [res] = client.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+        client.update_weights("/ckpt/v1", 1)
+        client.close()
+        monkeypatch.setenv("TAU2JAX_API_KEY", "s3cret")  # the trainer's default: gpu_node.sh exports it
+        from_env = SGLangEngine(url)
+        assert from_env.served_version() == 1
+        from_env.close()
+        monkeypatch.delenv("TAU2JAX_API_KEY")
+        keyless = SGLangEngine(url, max_retries=0)
+        with pytest.raises(EngineRequestError, match="401 Unauthorized: the server was started with --api-key"):
+            keyless.wait_ready(10)  # /health passes; the key is checked before any episode starts
+        with pytest.raises(EngineRequestError, match="401"):
+            keyless.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+        keyless.close()
+    assert res.output_ids == [1, 2] and engine.policy_version == 1

@@ -322,3 +322,47 @@ def test_the_standin_serves_chat_with_the_models_template_to_the_context(tmp_pat
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_standin_takes_the_api_key_and_a_weights_root(tmp_path):
+    """Issue 33: --api-key as SGLang's (401 but for /health; the client sends the key) and
+    SGLANG_STANDIN_WEIGHTS_ROOT (loads only under it, in the same words whether a path exists)."""
+    import jax
+
+    from tau2jax.inference import weight_sync
+    from tau2jax.inference.sglang_client import EngineRequestError, SGLangEngine
+    from tau2jax.models import qwen3
+    from tau2jax.weights.hf_read import load_hf_params
+
+    rehearsal.fixture(str(tmp_path))
+    cfg = load_hf_params(str(tmp_path / "hf"))[1]
+    root = str(tmp_path / "pub")
+    path = weight_sync.publish(qwen3.init_params(cfg, jax.random.key(7)), cfg, root, 1)
+    port = rehearsal.free_ports(1)[0]
+    proc = subprocess.Popen([STANDIN, "-m", "sglang.launch_server", "--model-path", str(tmp_path / "hf"),
+                             "--port", str(port), "--context-length", "1024", "--api-key", "k3y"],
+                            env={**ENV, "SGLANG_STANDIN_WEIGHTS_ROOT": root}, stdout=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=30).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, "stand-in did not come up"
+            time.sleep(0.5)
+        assert httpx.get(f"{url}/get_model_info").status_code == 401
+        client = SGLangEngine(url, api_key="k3y")
+        for outside in (str(tmp_path / "hf"), "/nonexistent"):
+            with pytest.raises(EngineRequestError, match="outside the server's weights root"):
+                client.update_weights(outside, 1)
+        client = SGLangEngine(url, api_key="k3y")  # a failed update holds generation: a fresh client
+        client.update_weights(path, 1)
+        assert client.served_version() == 1
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -140,3 +140,26 @@ def test_default_root_is_shm_for_a_local_server_else_the_workdir(tmp_path):
                                                                                   ["http://127.0.0.1:1"])
     # one remote server among local ones: the files must be where it can read them
     assert weight_sync.default_root(work, ["http://127.0.0.1:1", "http://10.255.1.2:2"]) == os.path.join(work, "weights")
+
+
+def test_shared_memory_dirs_are_created_0700_and_refused_when_not_ours(tmp_path, monkeypatch):
+    """Issue 33: /dev/shm is world-writable; a tau2jax-<uid> dir made first by someone else would
+    read or swap the weights the servers load."""
+    mine = weight_sync.private_dir(str(tmp_path / "tau2jax-me"))
+    assert os.stat(mine).st_mode & 0o777 == 0o700 and weight_sync.private_dir(mine) == mine
+    os.chmod(mine, 0o777)  # ours but opened up: closed again
+    assert weight_sync.private_dir(mine) and os.stat(mine).st_mode & 0o777 == 0o700
+    os.symlink(mine, str(tmp_path / "link"))
+    with pytest.raises(weight_sync.SharedDirError, match="is not a directory of this user's"):
+        weight_sync.private_dir(str(tmp_path / "link"))
+    uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: uid + 1)  # now the dir is another user's
+    with pytest.raises(weight_sync.SharedDirError) as e:
+        weight_sync.private_dir(mine)
+    assert str(e.value) == (f"{mine} is owned by uid {uid}, not this user (uid {uid + 1}): refusing to publish "
+                            "weights there; remove it, or set rl.sync.weights_dir")
+    # publish checks this user's /dev/shm dir the same way before writing anything under it
+    monkeypatch.setattr(weight_sync, "shm_base", lambda: mine)
+    with pytest.raises(weight_sync.SharedDirError):
+        publish(_params(1), CFG, os.path.join(mine, "run", "weights"), 1)
+    assert os.listdir(mine) == []

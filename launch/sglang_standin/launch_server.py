@@ -17,7 +17,9 @@ model's generation_config.json over OpenAI's 1.0, 1.0, -1, 0 (`--sampling-defaul
 Not SGLang flags (they would be refused): SGLANG_STANDIN_MAX_TOKENS, if set, caps a chat request
 that names no max_tokens (unset: to the context, as SGLang; launch/rehearse.sh sets it, as a random
 tiny user model never stops); SGLANG_STANDIN_VERSION is the version reported and modelled (default
-0.5.3; any other gets 0.5.23's rules); SGLANG_STANDIN_LOG_DIR, if set, gets
+0.5.3; any other gets 0.5.23's rules); SGLANG_STANDIN_WEIGHTS_ROOT, if set (dirs joined by ':'),
+the only dirs update_weights_from_disk loads from (our server's rule, as are versions that only
+move forward; SGLang has neither); SGLANG_STANDIN_LOG_DIR, if set, gets
 `<served-model-name>-requests.jsonl`: a line per result ("endpoint" /generate or
 /v1/chat/completions; weight version, digests of the prompt and output ids, token counts, requests
 in flight; chat: "sampling", the parameters SGLang would sample with), what launch/rehearsal.py's
@@ -61,9 +63,13 @@ def parse(argv):
     p.add_argument("--tool-call-parser", default=None, choices=["qwen25"])
     p.add_argument("--enable-deterministic-inference", action="store_true")
     p.add_argument("--attention-backend", default=None)
+    p.add_argument("--api-key", default=None)  # SGLang's: every endpoint but /health needs "Bearer KEY"
     if not _is_0_5_3(version):  # 0.5.2x arg_groups/fields/serving.py; 0.5.3 has no such flag
         p.add_argument("--sampling-defaults", default="model", choices=["openai", "model"])
     args = p.parse_args(argv)
+    if not 1 <= args.port <= 65535:  # uvicorn would log the port and listen on another
+        print(f"error: --port {args.port} is outside 1..65535", file=sys.stderr)
+        raise SystemExit(2)
     args.sampling_defaults = getattr(args, "sampling_defaults", None)
     if args.enable_deterministic_inference and _is_0_5_3(version) \
             and args.attention_backend not in DETERMINISTIC_BACKENDS:
@@ -104,6 +110,13 @@ class ReplicaSet:
 def _request_log(name: str) -> str | None:
     log_dir = os.environ.get("SGLANG_STANDIN_LOG_DIR")
     return os.path.join(log_dir, f"{name or 'model'}-requests.jsonl") if log_dir else None
+
+
+def weights_roots() -> list[str] | None:
+    """SGLANG_STANDIN_WEIGHTS_ROOT (dirs joined by ':'): the only dirs update_weights_from_disk loads
+    from; unset: any path, as SGLang (which has no such check)."""
+    roots = [r for r in os.environ.get("SGLANG_STANDIN_WEIGHTS_ROOT", "").split(os.pathsep) if r]
+    return roots or None
 
 
 def generation_config(model_path: str) -> dict:
@@ -161,7 +174,7 @@ def main(argv=None) -> int:
                     default_max_tokens=int(max_tokens) if max_tokens else None,
                     chat_template=template, chat_defaults=chat_defaults,
                     request_log=_request_log(args.served_model_name), flush_lag_s=FLUSH_LAG_S,
-                    die_on_engine_failure=True)
+                    die_on_engine_failure=True, weights_roots=weights_roots(), api_key=args.api_key or "")
     print(f"sglang stand-in: dp_size={args.dp_size} replicas={len(engine.replicas)} (round-robin)", flush=True)
     print(f"sglang stand-in: chat sampling defaults {json.dumps(chat_defaults, sort_keys=True)}", flush=True)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")

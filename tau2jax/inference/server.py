@@ -2,7 +2,7 @@
 
     python -m tau2jax.inference.server --checkpoint /ckpt/qwen3_4b [--host 127.0.0.1] [--port 30000] \\
         [--tokenizer HF_DIR] [--max-batch 32] [--batch-window-ms 5] [--max-seq-len 8192] \\
-        [--dtype float32|bfloat16] [--max-tokens 1024]
+        [--dtype float32|bfloat16] [--max-tokens 1024] [--weights-root DIR ...] [--api-key KEY]
 
 The CLI serves the built-in `JaxEngine`; in Python any Engine can be served (tests use
 `ScriptedEngine`): `RunningServer(create_app(Server(engine, tokenizer)))` runs it on a thread.
@@ -27,7 +27,11 @@ talk to this server and to SGLang alike; POST bodies must be `Content-Type: appl
   {"success", "message"}: as SGLang, waits for the requests in flight to finish on the old weights
   (they report the old version), holds back new ones, loads the safetensors by tensor name, swaps
   them in and empties the engine's prefix cache; without "weight_version" the version stays what it
-  was. `sglang_rules.py` has this and the other SGLang rules with their sources.
+  was. `sglang_rules.py` has this and the other SGLang rules with their sources. Our rules on top
+  (SGLang has neither): "model_path" must lie under a --weights-root (else a 400 that says nothing
+  of whether the path exists), and a publish dir's versions only move forward (the same one reloads).
+  Files that cannot be loaded are a 400; the old weights keep serving.
+- --api-key (SGLang's): every endpoint but /health needs "Authorization: Bearer KEY" (401 without).
 - `GET /health` (200 at once, or SGLang's one-token generation under `SGLangRules.health_generates`),
   `GET /get_model_info`, `GET /v1/models` (id: the served model name, the model path after an
   update, as SGLang; `max_model_len` is the context length).
@@ -58,8 +62,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
+import secrets
 import socket
 import sys
 import threading
@@ -74,9 +80,9 @@ from fastapi.responses import JSONResponse
 from tau2jax.data.chat import ChatFormat
 from tau2jax.inference.chat_template import sglang_messages
 from tau2jax.inference.engine import UNKNOWN_VERSION, GenerateResult, SamplingParams
-from tau2jax.inference.sglang_rules import (HEALTH_CHECK_TIMEOUT_S, INPUT_MARGIN, ModelUpdateLock, SGLangRules,
+from tau2jax.inference.sglang_rules import (API_KEY_ENV, HEALTH_CHECK_TIMEOUT_S, INPUT_MARGIN, ModelUpdateLock, SGLangRules,
                                             template_tools)
-from tau2jax.inference.weight_sync import load_hf_params
+from tau2jax.inference.weight_sync import load_hf_params, shm_base
 
 log = logging.getLogger(__name__)
 
@@ -177,15 +183,63 @@ class Batcher:
 # -- request parsing ----------------------------------------------------------------------------------
 
 
-def _number(d: dict, key: str, default, kind, lo=None, hi=None):
+def _number(d: dict, key: str, default, kind):
+    """d[key] as `kind` (default when absent or null); a bool, a string, a fraction or a non-finite
+    integer is a 400 (a NaN or infinite float goes on to `verify_sampling`, which refuses it in SGLang's words)."""
     value = d.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise RequestError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise RequestError(f"{key}={value} is out of range [{lo}, {hi}]")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (kind is int and (not math.isfinite(value) or value != int(value))):
+        raise RequestError(f"{key} must be a finite {'integer' if kind is int else 'number'}, got {value!r}")
     return kind(value)
+
+
+def verify_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int,
+                    min_p: float | None = None, repetition_penalty: float | None = None) -> None:
+    """SGLang's `SamplingParams.verify` (sglang/srt/sampling/sampling_params.py; 0.5.23's wording,
+    whose temperature check also refuses NaN and infinities), on the values as sent (top_k -1 = off).
+    Each failure is a 400 naming the parameter, its range and the value."""
+    if not math.isfinite(temperature) or temperature < 0.0:
+        raise RequestError(f"temperature must be a non-negative finite number, got {temperature}.")
+    if not 0.0 < top_p <= 1.0:
+        raise RequestError(f"top_p must be in (0, 1], got {top_p}.")
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise RequestError(f"min_p must be in [0, 1], got {min_p}.")
+    if top_k != -1 and top_k < 1:
+        raise RequestError(f"top_k must be -1 (disable) or at least 1, got {top_k}.")
+    if repetition_penalty is not None and not 0.0 < repetition_penalty <= 2.0:
+        raise RequestError(f"repetition_penalty must be in (0, 2] (1.0 = no penalty), got {repetition_penalty}.")
+    if max_new_tokens < 0:
+        raise RequestError(f"max_new_tokens must be at least 0, got {max_new_tokens}.")
+
+
+def verify_tools(tools) -> list | None:
+    """The request's "tools" as SGLang's pydantic `ChatCompletionRequest.tools: List[Tool]` takes
+    them (sglang/srt/entrypoints/openai/protocol.py: Tool {type: str = "function", function:
+    Function {name: str, description: str | None, parameters: object | None, strict: bool}}), with
+    OpenAI's one type, "function": anything else is a 400 naming the tool. None/[]: no tools."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise RequestError(f"tools must be a list of {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} "
+                           f"objects, got {type(tools).__name__} {tools!r:.80}")
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict):
+            raise RequestError(f"tools[{i}] must be an object, got {t!r:.80}")
+        if t.get("type", "function") != "function":
+            raise RequestError(f"tools[{i}].type must be \"function\", got {t.get('type')!r:.80}")
+        fn = t.get("function")
+        if not isinstance(fn, dict):
+            raise RequestError(f"tools[{i}].function must be an object with a name, got {fn!r:.80}")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise RequestError(f"tools[{i}].function.name must be a non-empty string, got {name!r:.80}")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise RequestError(f"tools[{i}].function.description must be a string, got {fn['description']!r:.80}")
+        if fn.get("strict") is not None and not isinstance(fn["strict"], bool):
+            raise RequestError(f"tools[{i}].function.strict must be a boolean, got {fn['strict']!r:.80}")
+    return tools or None
 
 
 def _strings(value, key: str) -> tuple[str, ...]:
@@ -221,7 +275,8 @@ class Server:
                  batch_window_s: float = 0.005, default_max_tokens: int | None = 1024,
                  context_length: int | None = None, rules: SGLangRules | None = None,
                  served_model_name: str = "", request_log: str | None = None, flush_lag_s: float = 0.0,
-                 die_on_engine_failure: bool = False, chat_template=None, chat_defaults: dict | None = None):
+                 die_on_engine_failure: bool = False, chat_template=None, chat_defaults: dict | None = None,
+                 weights_roots=None, api_key: str = ""):
         self.engine = engine
         self.rules = rules or SGLangRules()
         self.update_lock = ModelUpdateLock()
@@ -253,6 +308,11 @@ class Server:
         self.vocab_size = cfg.vocab_size if cfg is not None else tokenizer.vocab_size
         # SGLang's context length (`max_model_len` in /v1/models); None = unlimited (ScriptedEngine)
         self.context_length = context_length or getattr(engine, "max_seq_len", None)
+        # update_weights_from_disk loads only under these dirs (None: anywhere; the CLI's --weights-root)
+        self.weights_roots = None if weights_roots is None else [os.path.abspath(r) for r in weights_roots]
+        # every endpoint but /health needs "Authorization: Bearer <api_key>" ("": none), as SGLang's --api-key
+        self.api_key = api_key
+        self.loaded_versions: dict[str, int] = {}  # publish dir -> the last weight_version loaded from it
 
     def validate(self, ids: list[int], params: SamplingParams) -> None:
         """SGLang's per-request length checks (its tokenizer manager's and its scheduler's, same
@@ -290,12 +350,13 @@ class Server:
         seed = sp.get("sampling_seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise RequestError(f"sampling_seed must be an integer, got {seed!r}")
+        temperature, top_p = _number(sp, "temperature", 1.0, float), _number(sp, "top_p", 1.0, float)
+        top_k, max_new_tokens = _number(sp, "top_k", -1, int), _number(sp, "max_new_tokens", 128, int)  # SGLang's defaults
+        verify_sampling(temperature, top_p, top_k, max_new_tokens)
         return SamplingParams(
-            temperature=_number(sp, "temperature", 1.0, float, 0.0),
-            top_p=_number(sp, "top_p", 1.0, float, 1e-6, 1.0),
-            # SGLang: top_k -1 = off; ours: 0 = off
-            top_k=max(0, _number(sp, "top_k", 0, int, -1)),
-            max_new_tokens=_number(sp, "max_new_tokens", 128, int, 0),  # SGLang's default
+            temperature=temperature, top_p=top_p,
+            top_k=max(0, top_k),  # SGLang: top_k -1 = off; ours: 0 = off
+            max_new_tokens=max_new_tokens,
             stop_token_ids=stop_ids,
             stop_strings=_strings(sp.get("stop"), "stop"),
             seed=self.rules.seed(seed),
@@ -414,7 +475,7 @@ class Server:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError("messages must be a non-empty list")
-        tools = body.get("tools") or None
+        tools = verify_tools(body.get("tools"))
         tool_choice = body.get("tool_choice") or "auto"
         if tool_choice not in ("auto", "none"):
             raise RequestError(f"tool_choice {tool_choice!r} is not supported (use auto or none)")
@@ -449,6 +510,9 @@ class Server:
                 sampling[key] = value
                 if key in ("temperature", "top_p", "top_k"):  # the engine has no min_p, repetition_penalty
                     sp[key] = value
+        # what the engine does not sample with is still checked as SGLang checks it (the rest: parse_sampling)
+        extra = {k: _number(sampling, k, None, float) for k in ("min_p", "repetition_penalty")}
+        verify_sampling(1.0, 1.0, -1, 0, **extra)
         # 0.5.3's chat never passes the request's seed on (its sampling_seed stays 42)
         if body.get("seed") is not None and not (self.chat_template is not None and self.rules.is_0_5_3):
             sp["sampling_seed"] = body["seed"]
@@ -483,12 +547,43 @@ class Server:
 
     # /update_weights_from_disk
 
+    def check_weights_path(self, model_path: str) -> None:
+        """A 400 unless `model_path` lies under one of `weights_roots` (None: anywhere), both as
+        written (.. resolved) and with its symlinks resolved. The refusal is the same words whether
+        the path exists or not: it tells a caller nothing about the filesystem outside the roots."""
+        if self.weights_roots is None:
+            return
+
+        def under(path, root):
+            return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+        lexical, real = os.path.abspath(model_path), os.path.realpath(model_path)
+        if not any(under(lexical, os.path.abspath(r)) and under(real, os.path.realpath(r)) for r in self.weights_roots):
+            raise RequestError(f"model_path {model_path!r} is outside the server's weights root "
+                               f"({', '.join(self.weights_roots)}; --weights-root): refused")
+
     def update_weights_from_disk(self, model_path: str, version: int) -> str:
-        params, cfg = load_hf_params(model_path)
+        # a finished request still in the running batch when the update arrives (SGLang's scheduler
+        # takes the update on its next iteration, then loads, then fails the flush): judged on
+        # arrival, not after the load, which on a loaded CPU can outlast the window
+        racing = self.flush_lag_s > 0 and self.running > 0
+        # Our rule (SGLang takes any order): the versions of one publish dir only move forward, so a
+        # stale or replayed push cannot put old weights back; the same version reloads (SGLangEngine
+        # .reload, a re-push after a failed one). Another dir starts its own sequence: the pipeline's
+        # evals publish steps 0, 2, 5, 7 under {workdir}/served, then GRPO its 0, 1, ... elsewhere.
+        pub = os.path.dirname(os.path.realpath(model_path))
+        last = self.loaded_versions.get(pub)
+        if last is not None and version < last:
+            raise RequestError(f"weight_version {version} is older than weight_version {last}, the last loaded from "
+                               f"{pub}: a publish dir's versions only move forward (the same version reloads)")
+        try:
+            params, cfg = load_hf_params(model_path)
+        except Exception as e:  # noqa: BLE001  missing dir, bad config, truncated safetensors (safetensors'
+            # own error is neither an OSError nor a ValueError): the files' fault, a 400, nothing swapped
+            raise RequestError(f"cannot load {model_path}: {type(e).__name__}: {e}") from None
         engine_cfg = getattr(self.engine, "cfg", None)
         if engine_cfg is not None and cfg != engine_cfg:
             raise RequestError(f"{model_path}: model config {cfg} differs from the served model's {engine_cfg}")
-        racing = self.flush_lag_s > 0 and self.running > 0  # a finished request still in the running batch
         if racing and self.rules.is_0_5_3:  # scheduler_update_weights_mixin.update_weights_from_disk
             logging.getLogger(__name__).error("AssertionError: Cache flush failed after updating weights "
                                               "(sglang 0.5.3's scheduler dies; stand-in: the server exits)")
@@ -497,6 +592,8 @@ class Server:
             # 0.5.2x (weight_updater.flush_cache_after_weight_update): swapped, then refused, no version bump
             self.engine.update_weights(params, self.engine.policy_version if racing else version)
         self.model_path = self.served_model_name = model_path  # as SGLang (tokenizer_manager.py)
+        if not racing:
+            self.loaded_versions[pub] = version
         if racing:
             raise FlushRefused("Weights were updated, but the cache was not flushed because requests are still "
                                "running or queued. Retract or finish them, then call /flush_cache.")
@@ -558,6 +655,19 @@ def create_app(server: Server) -> fastapi.FastAPI:
         server.batcher.close()
 
     app = fastapi.FastAPI(title="tau2jax engine server", lifespan=lifespan)
+
+    if server.api_key:
+        @app.middleware("http")
+        async def authentication(request: fastapi.Request, call_next):
+            # SGLang's --api-key (0.5.3 utils/common.py add_api_key_middleware, 0.5.23 utils/auth.py
+            # decide_request_auth): OPTIONS and /health*, /metrics pass; everything else needs the key
+            path = request.url.path
+            if request.method == "OPTIONS" or path.startswith(("/health", "/metrics")):
+                return await call_next(request)
+            scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), server.api_key.encode()):
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)
+            return await call_next(request)
 
     @app.exception_handler(RequestError)
     async def bad_request(_req, e: RequestError):
@@ -649,16 +759,20 @@ def create_app(server: Server) -> fastapi.FastAPI:
         if not isinstance(path, str) or not path:
             raise RequestError("model_path (a HF model directory) is required")
         version = body.get("weight_version")
-        try:  # as SGLang: no weight_version keeps the current one
-            version = server.engine.policy_version if version is None else int(version)
-        except ValueError:
-            raise RequestError(f"weight_version must be an integer policy version, got {version!r}") from None
-        try:  # as SGLang: drains the requests in flight, holds new ones back, loads, swaps
+        try:
+            server.check_weights_path(path)
+            try:  # as SGLang: no weight_version keeps the current one ("default" included)
+                version = server.engine.policy_version if version is None else int(version)
+            except (TypeError, ValueError):
+                raise RequestError(f"weight_version must be an integer policy version, got {version!r}") from None
+            if body.get("weight_version") is not None and version < 0:
+                raise RequestError(f"weight_version must be a policy version >= 0, got {version}")
+            # as SGLang: drains the requests in flight, holds new ones back, loads, swaps
             async with server.update_lock.exclusive():
                 message = await asyncio.to_thread(server.update_weights_from_disk, path, version)
-        except FlushRefused as e:
+        except (FlushRefused, RequestError) as e:  # refused (root, version order, files): nothing swapped
             return JSONResponse({"success": False, "message": str(e)}, status_code=400)
-        except (OSError, ValueError) as e:  # missing dir, bad safetensors, wrong shapes
+        except (OSError, ValueError) as e:  # the engine refused the weights (shapes)
             return JSONResponse({"success": False, "message": f"{type(e).__name__}: {e}"}, status_code=400)
         return {"success": True, "message": message, "num_paused_requests": 0}
 
@@ -713,6 +827,16 @@ def wait_healthy(url: str, timeout_s: float, interval_s: float = 0.05) -> None:
     raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f} s (last error: {last})")
 
 
+def port_error(port: int) -> str | None:
+    """Why `port` cannot be listened on (None: it can): uvicorn would log it and bind another."""
+    return None if 1 <= port <= 65535 else f"--port {port} is outside 1..65535"
+
+
+def default_weights_root() -> str:
+    """Where a trainer on this host publishes by default (`weight_sync.default_root`'s /dev/shm dir)."""
+    return shm_base()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tau2jax.inference.server", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -728,7 +852,16 @@ def main(argv=None) -> int:
                    help="weights and compute dtype (bfloat16 on GPUs)")
     p.add_argument("--max-tokens", type=int, default=1024, help="chat completions' default max_tokens")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--weights-root", action="append", default=None,
+                   help="update_weights_from_disk loads only under this dir (repeatable; default: "
+                        f"{default_weights_root()}, where a trainer on this host publishes)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV, ""),
+                   help=f"require 'Authorization: Bearer KEY' on every endpoint but /health, as SGLang's "
+                        f"--api-key (default: ${API_KEY_ENV}; empty: no key)")
     args = p.parse_args(argv)
+    if (bad := port_error(args.port)) is not None:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn
@@ -745,7 +878,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     server = Server(engine, tokenizer, model_path=args.checkpoint, max_batch=args.max_batch,
-                    batch_window_s=args.batch_window_ms / 1000, default_max_tokens=args.max_tokens)
+                    batch_window_s=args.batch_window_ms / 1000, default_max_tokens=args.max_tokens,
+                    weights_roots=args.weights_root or [default_weights_root()], api_key=args.api_key)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

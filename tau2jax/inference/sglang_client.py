@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 import time
 
 import httpx
 
 from tau2jax.inference.engine import UNKNOWN_VERSION, ContextLengthError, GenerateResult, SamplingParams, per_prompt
-from tau2jax.inference.sglang_rules import INPUT_MARGIN
+from tau2jax.inference.sglang_rules import API_KEY_ENV, INPUT_MARGIN
 from tau2jax.inference.weight_sync import ServedFromDisk
 
 
@@ -121,7 +122,7 @@ class SGLangEngine(ServedFromDisk):
 
     def __init__(self, url: str, *, concurrency: int = 8, timeout_s: float = 300.0, max_retries: int = 3,
                  backoff_s: float = 0.5, max_backoff_s: float = 10.0, policy_version: int = 0,
-                 publication=None):
+                 publication=None, api_key: str | None = None):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.url = self.location = url.rstrip("/")
@@ -139,11 +140,14 @@ class SGLangEngine(ServedFromDisk):
         self._idle_endpoint: str | None = None  # which load endpoint this server has ("" = none)
         self._sem = threading.BoundedSemaphore(concurrency)
         timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
-        self._client = httpx.Client(base_url=self.url, timeout=timeout, limits=httpx.Limits(
+        # the server's --api-key (SGLang: "Authorization: Bearer <key>"); None: $TAU2JAX_API_KEY; "": none
+        api_key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(base_url=self.url, timeout=timeout, headers=headers, limits=httpx.Limits(
             max_connections=concurrency, max_keepalive_connections=concurrency))
         # Control calls (weight loads, version queries, health) on their own connections, outside the
         # semaphore: they never queue behind the episodes' /generate calls.
-        self._control = httpx.Client(base_url=self.url, timeout=timeout, limits=httpx.Limits(
+        self._control = httpx.Client(base_url=self.url, timeout=timeout, headers=headers, limits=httpx.Limits(
             max_connections=CONTROL_CONNECTIONS, max_keepalive_connections=CONTROL_CONNECTIONS))
 
     def generate(self, input_ids: list[list[int]],
@@ -309,6 +313,7 @@ class SGLangEngine(ServedFromDisk):
             if time.monotonic() > deadline:
                 raise EngineUnavailableError(f"{self.url}/health not ready after {timeout_s:.0f} s")
             time.sleep(interval_s)
+        self.model_info()  # /health needs no key: a wrong or missing one fails here, in one line (401)
 
     def model_info(self) -> dict:
         return self._request("GET", "/get_model_info", control=True)
@@ -350,6 +355,9 @@ class SGLangEngine(ServedFromDisk):
                 continue
             if r.status_code < 400:
                 return r.json()
+            if r.status_code == 401:  # SGLang's --api-key middleware (our server's too)
+                raise EngineRequestError(f"{self.url}{path}: 401 Unauthorized: the server was started with --api-key; "
+                                         f"give this client the same key (engine.api_key or ${API_KEY_ENV})")
             if r.status_code < 500:
                 # SGLang (and our server) answer an over-long prompt with a 400 (_CONTEXT_ERRORS).
                 if any(e in r.text.lower() for e in _CONTEXT_ERRORS):

@@ -27,6 +27,10 @@ _BLOCK = re.compile(re.escape(_BOT) + "(.*?)" + re.escape(_EOT), re.DOTALL)
 
 SEED_POLICIES = ("honoured", "deterministic", "ignored")
 
+# The key a trainer and its servers share when none is configured (`engine.api_key` ""): our
+# server's and the stand-in's --api-key default; launch/gpu_node.sh passes it to SGLang as --api-key.
+API_KEY_ENV = "TAU2JAX_API_KEY"
+
 
 @dataclass(frozen=True)
 class SGLangRules:

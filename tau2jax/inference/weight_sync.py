@@ -32,12 +32,14 @@ import os
 import re
 import shutil
 import socket
+import stat
 import threading
 import time
 import urllib.parse
 
 import jax
 
+from tau2jax.config import ConfigError
 from tau2jax.weights import hf_read, hf_write
 from tau2jax.weights.hf_write import fsync
 
@@ -97,6 +99,8 @@ def publish_tensors(tensors, cfg, root: str, version: int, *, keep: int = KEEP, 
     root = os.path.abspath(root)
     writer = jax.process_index() == 0
     if writer:
+        if root.startswith(shm_base() + os.sep):
+            private_dir(shm_base())  # made by default_root, checked again: owned by this uid, 0700
         os.makedirs(root, exist_ok=True)
         os.chmod(root, 0o755)
         _remove_stale_temps(root)
@@ -138,8 +142,38 @@ def default_root(workdir: str, server_urls=(), configured: str = "") -> str:
     hosts = {urllib.parse.urlparse(u).hostname for u in server_urls}
     if hosts and hosts <= _local_hosts() and os.path.isdir(SHM) and os.access(SHM, os.W_OK):
         run = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:12]
-        return os.path.join(SHM, f"tau2jax-{os.getuid()}", run, "weights")
+        return os.path.join(private_dir(shm_base()), run, "weights")
     return os.path.join(os.path.abspath(workdir), "weights")
+
+
+def shm_base() -> str:
+    """This user's dir under /dev/shm (every run's publish dir there; our server's default
+    --weights-root)."""
+    return os.path.join(SHM, f"tau2jax-{os.getuid()}")
+
+
+class SharedDirError(ConfigError):
+    """A /dev/shm dir this user would publish into is not its own."""
+
+
+def private_dir(path: str) -> str:
+    """`path`, created 0700 if missing; refused (SharedDirError, one line) when it is a symlink,
+    not a dir, or owned by another uid: /dev/shm is world-writable, so anyone could have made it
+    first and would then read or replace the weights the servers load."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise SharedDirError(f"{path} is not a directory of this user's (a symlink or a file): remove it, "
+                             "or set rl.sync.weights_dir")
+    if st.st_uid != os.getuid():
+        raise SharedDirError(f"{path} is owned by uid {st.st_uid}, not this user (uid {os.getuid()}): "
+                             "refusing to publish weights there; remove it, or set rl.sync.weights_dir")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
 
 
 def _local_hosts() -> set[str]:

@@ -134,7 +134,7 @@ def sglang_engine(config, *, per_process: bool = False):
     if per_process:
         urls = process_urls(urls, jax.process_index(), jax.process_count())
     clients = [SGLangEngine(url, concurrency=request_concurrency(config), timeout_s=e.timeout_s,
-                            max_retries=e.max_retries)
+                            max_retries=e.max_retries, api_key=e.api_key or None)
                for url in urls]
     engine = clients[0] if len(clients) == 1 else ServerPool(clients)
     engine.wait_ready(e.timeout_s)

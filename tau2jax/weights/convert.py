@@ -45,6 +45,7 @@ def convert(hf_dir: str, out: str, dtype: str = "float32") -> dict:
             os.makedirs(os.path.join(tmp, HF_EXTRA_DIR))
             for name in extras:
                 shutil.copy2(os.path.join(hf_dir, name), os.path.join(tmp, HF_EXTRA_DIR, name))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700; the files inside are 0644: as every other export (hf_write)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
