@@ -155,7 +155,7 @@ def default_config() -> ml_collections.ConfigDict:
     # tau2's action check ignores extra and wrong calls (env/rewards.py): without these, partial
     # credit in an all-fail group favours the episode that sprayed the most calls. Presets keep
     # the published, precision-blind credit.
-    c.reward.action_precision = True  # action term × hits / (hits + wrong calls)
+    c.reward.action_precision = True  # action term = one-to-one recall × hits / (hits + wrong + extra reads)
     c.reward.wrong_call_penalty = 0.05  # per wrong call, on the partial score's [0, 1] scale
 
     # Rejection-sampling fine-tuning (stage rft): sample train tasks, keep successes as SFT data.

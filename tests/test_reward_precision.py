@@ -59,8 +59,13 @@ def _extras(task, domain, pool, env):
     if reads:
         out["repeat_read"] = [reads[0]]
         out["missing_id"] = [_act(reads[0].name, **{k: "no_such_id_0" for k in reads[0].arguments})]
-    other = next((a for a in pool if not any(e.compare_with_tool_call(
-        ToolCall(id="x", name=a.name, arguments=a.arguments)) for e in expected)), None)
+    elif expected:  # telecom expects no agent reads: repeat what it does expect (a write: wrong)
+        out["repeat_call"] = [expected[0]]
+    if domain == "telecom":  # a real customer of the DB; and one that is not there
+        pool = [_act("get_customer_by_id", customer_id=env.tools.db.customers[0].customer_id)]
+        out["missing_id"] = [_act("get_customer_by_id", customer_id="no_such_id_0")]
+    other = next((a for a in pool if not any(rewards.takes_action(e, ToolCall(
+        id="x", name=a.name, arguments=a.arguments)) for e in expected)), None)
     if other is not None:
         out["other_real_id"] = [other]
     if env.tools.has_tool("calculate"):
@@ -69,12 +74,14 @@ def _extras(task, domain, pool, env):
 
 
 def _domain_sample(domain):
-    """The first train tasks with an expected read, and a pool of other tasks' reads (real ids)."""
+    """The first train tasks with an expected agent action (a read where there are any), and a
+    pool of other tasks' reads (real ids)."""
     env = tau2_env.make_environment(domain)
-    tasks = tau2_env.load_tasks(domain, "train")
-    with_reads = [t for t in tasks if any(_kind(env, a) == ToolType.READ for a in t.evaluation_criteria.actions or [])]
-    sample = with_reads[:TASKS_PER_DOMAIN]
-    pool = [a for t in with_reads[TASKS_PER_DOMAIN:] for a in t.evaluation_criteria.actions or []
+    tasks = [t for t in tau2_env.load_tasks(domain, "train")
+             if any(a.requestor == "assistant" for a in t.evaluation_criteria.actions or [])]
+    with_reads = [t for t in tasks if any(_kind(env, a) == ToolType.READ for a in t.evaluation_criteria.actions)]
+    sample = (with_reads or tasks)[:TASKS_PER_DOMAIN]
+    pool = [a for t in with_reads[TASKS_PER_DOMAIN:] for a in t.evaluation_criteria.actions
             if _kind(env, a) == ToolType.READ]
     return env, sample, pool
 
@@ -103,11 +110,13 @@ def test_calls_the_task_does_not_expect_never_raise_partial_credit(domain):
             if base_name == "gold":
                 assert info.reward == 1.0 and p0 == pytest.approx(1.0), (task.id, audit)
             for label, extra in extras.items():
+                if label == "repeat_call" and base_name != "gold":
+                    continue  # not a repeat there: the expected write itself (it earns credit)
                 # before the closing message; after the gold's writes, a read sees the new state
                 info2, audit2 = _play(task, domain, base_actions + extra, text)
                 p, s = _scores(info2, audit2, domain)
                 where = (domain, task.id, base_name, label, audit, audit2)
-                assert info2.reward == info.reward, where
+                assert info2.reward <= info.reward, where  # equal but for a repeated write
                 assert p <= p0 + 1e-9 and s <= s0 + 1e-9, where
                 if label == "calculate":
                     assert p == pytest.approx(p0), where  # a generic tool is not a wrong call
@@ -115,7 +124,7 @@ def test_calls_the_task_does_not_expect_never_raise_partial_credit(domain):
                     assert p < p0, where  # an unexpected read costs precision when there is credit
                 for name in ("cookbook", "recipe_code"):  # the published credit is precision-blind
                     cfg = PRESETS[name]
-                    if label in ("repeat_read", "calculate", "other_real_id"):
+                    if label in ("repeat_read", "calculate", "other_real_id"):  # succeed, take nothing
                         assert partial_reward(info2, cfg, domain, audit2) == pytest.approx(
                             partial_reward(info, cfg, domain, audit)), (where, name)
 
