@@ -32,3 +32,20 @@ def test_eval_every_must_be_a_multiple_of_the_sync_interval():
     c.rl.sync.every, c.rl.max_staleness, c.rl.eval_every = 2, 1, 3
     with pytest.raises(ConfigError, match="rl.eval_every"):
         validate(c)
+
+
+def test_heldout_tasks_are_taken_round_robin_over_domains():
+    from tau2jax.env.environments import TaskRef
+    from tau2jax.rl.heldout import interleave_domains
+
+    refs = [TaskRef("airline", "a0"), TaskRef("airline", "a1"), TaskRef("retail", "r0"), TaskRef("telecom", "t0"),
+            TaskRef("telecom", "t1"), TaskRef("telecom", "t2")]
+    assert [r.task_id for r in interleave_domains(refs)] == ["a0", "r0", "t0", "a1", "t1", "t2"]
+
+
+def test_the_4b_grpo_config_evaluates_held_out_tasks():
+    from configs import qwen3_4b_grpo
+
+    c = qwen3_4b_grpo.get_config()
+    validate(c)
+    assert c.rl.eval_every > 0

@@ -21,7 +21,8 @@ from tau2jax.rl import collector
 
 
 def environment(config):
-    """The held-out environment and its task refs (the first `rl.heldout_tasks`, 0 = all)."""
+    """The held-out environment and its task refs (the first `rl.heldout_tasks` taken round-robin
+    over the domains; 0 = all)."""
     from tau2jax.stages import builders
 
     if config.rl.env == "toy":
@@ -33,9 +34,21 @@ def environment(config):
     else:
         from tau2jax.data.chat import ChatFormat
 
-        env = builders.tau2_environment(config, ChatFormat(builders.tokenizer(config)), split="test")
-    refs = env.tasks()
+        test = config.copy_and_resolve_references()
+        test.tau2.task_ids = ""  # the training task list names train ids: the whole test split here
+        env = builders.tau2_environment(test, ChatFormat(builders.tokenizer(config)), split="test")
+    refs = interleave_domains(env.tasks())
     return env, refs[: config.rl.heldout_tasks] if config.rl.heldout_tasks else refs
+
+
+def interleave_domains(refs: list) -> list:
+    """Refs round-robin over their domains (each domain's order kept), so the first N held-out
+    tasks span every domain."""
+    by_domain: dict[str, list] = {}
+    for r in refs:
+        by_domain.setdefault(r.domain, []).append(r)
+    queues = list(by_domain.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
 def evaluate(env, refs, *, engine, sampling: SamplingParams, seed: int, step: int, concurrency: int,
