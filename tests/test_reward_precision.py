@@ -130,8 +130,8 @@ def test_calls_the_task_does_not_expect_never_raise_partial_credit(domain):
 
 
 def test_a_failed_call_without_arguments_earns_none_of_tau2s_matches():
-    """tau2's check matches a call with no arguments against every expected call of that name
-    (compare_args None compares only the call's own keys); the rule's recall counts hits only."""
+    """tau2's check matches a failing call with no arguments against every expected call of that
+    name (compare_args None compares only the call's own keys); the rule's recall counts hits only."""
     info = RewardInfo(reward=0.0, action_checks=[
         ActionCheck(action=Action(action_id=f"a{i}", name="get_order_details", arguments={"order_id": f"#W{i}"}),
                     action_match=True, action_reward=1.0) for i in range(3)])
@@ -152,5 +152,7 @@ def test_max_matching_never_loses_a_hit_to_call_order():
     assert len(rewards._max_matching([wide, wide], [a, b])) == 2
     assert len(rewards._max_matching([narrow, narrow], [a, b])) == 1
     bare = ToolCall(id="3", name="f", arguments={})  # tau2's check matches it against both
-    assert b.compare_with_tool_call(bare) and not rewards.takes_action(b, bare)
-    assert len(rewards._max_matching([bare, bare], [a, b])) == 0
+    assert b.compare_with_tool_call(bare) and not rewards.takes_action(b, bare, failed=True)
+    assert len(rewards._max_matching([bare, bare], [a, b], frozenset({"3"}))) == 0
+    # the same call succeeding ran with its defaults: one expected action, one-to-one
+    assert rewards.takes_action(b, bare) and len(rewards._max_matching([bare], [a, b])) == 1

@@ -14,9 +14,9 @@ The precision rule (`action_precision`, GRPO's default): `audit_calls` matches t
 successful calls one-to-one against the task's expected assistant actions (a maximum matching, so
 adding a call never loses a hit) and sorts the rest by tau2's own tool types
 (`tau2.environment.toolkit.ToolType`):
-  hits         calls matched to an expected action (`takes_action`: tau2's comparison, with every
-               compared argument given; a call the gold itself makes fail still counts, e.g. retail
-               task 2 expects a lookup of a product that does not exist);
+  hits         calls matched to an expected action (`takes_action`: tau2's comparison; a call that
+               failed must also give every compared argument; a failing call the gold itself makes
+               still counts, e.g. retail task 2 expects a lookup of a product that does not exist);
   wrong        other calls that failed in the environment (unknown tool, bad arguments, missing
                id), and WRITE calls taking no expected action (a repeat of one already taken included);
   extra_reads  successful READ calls taking no expected action (a repeat included);
@@ -25,8 +25,8 @@ adding a call never loses a hit) and sorts the rest by tau2's own tool types
                the task reward and the credit of every action not yet taken, so it needs no penalty).
 The action term is then recall × precision, with
   recall    = (hits + user actions tau2 found met) / expected actions   (one-to-one; never above
-              tau2's fraction: a call with no arguments, which tau2's check matches against every
-              expected call of that name, earns nothing)
+              tau2's fraction: a failing call with no arguments, which tau2's check matches
+              against every expected call of that name, earns nothing)
   precision = hits / (hits + wrong + extra_reads)
 and `wrong_call_penalty` is subtracted per wrong call (extra reads are not penalised: a read the
 gold does not list may still be how an agent finds an id; with no hits they cost nothing). So
@@ -144,18 +144,23 @@ class CallAudit:
         return self.hits / n if n else 1.0
 
 
-def takes_action(action, call) -> bool:
-    """`call` takes the expected `action`: tau2's `Action.compare_with_tool_call`, and the call gives
-    every argument that check compares (tau2 compares only the call's own keys when the action
-    has no `compare_args`, so a call with no arguments would match every expected call of its name)."""
+def takes_action(action, call, failed: bool = False) -> bool:
+    """`call` takes the expected `action`: tau2's `Action.compare_with_tool_call`; a call that
+    `failed` in the environment must also give every argument that check compares (tau2 compares
+    only the call's own keys when the action has no `compare_args`, so a failing call with no
+    arguments would match every expected call of its name). A successful call that leaves out an
+    optional argument ran with its default: tau2's comparison, and its DB check, judge it."""
+    if not action.compare_with_tool_call(call):
+        return False
     keys = action.arguments.keys() if action.compare_args is None else action.compare_args
-    return action.compare_with_tool_call(call) and all(k in call.arguments for k in keys)
+    return not failed or all(k in call.arguments for k in keys)
 
 
-def _max_matching(calls: list, expected: list) -> set[int]:
-    """Indices of `calls` in a maximum one-to-one matching to `expected` (`takes_action`)."""
+def _max_matching(calls: list, expected: list, failed: frozenset = frozenset()) -> set[int]:
+    """Indices of `calls` in a maximum one-to-one matching to `expected` (`takes_action`; `failed`:
+    the ids of the calls that failed)."""
     owner: dict[int, int] = {}  # expected index -> call index
-    edges = [[j for j, a in enumerate(expected) if takes_action(a, c)] for c in calls]
+    edges = [[j for j, a in enumerate(expected) if takes_action(a, c, c.id in failed)] for c in calls]
 
     def augment(i, seen):
         for j in edges[i]:
@@ -181,7 +186,7 @@ def audit_calls(task, messages: list, tools) -> CallAudit:
     expected = [a for a in (criteria.actions or []) if a.requestor == "assistant"] if criteria else []
     failed = {m.id for m in messages if isinstance(m, ToolMessage) and m.error}
     calls = [c for m in messages if isinstance(m, AssistantMessage) and m.is_tool_call() for c in m.tool_calls]
-    matched = _max_matching(calls, expected)
+    matched = _max_matching(calls, expected, frozenset(failed))
     hits = len(matched)
     wrong = extra_reads = 0
     for i, call in enumerate(calls):
