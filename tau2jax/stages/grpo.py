@@ -19,6 +19,10 @@ turns carry the version that sampled them. Every episode gets a ledger line
 in `{workdir}/rollouts/step_N.jsonl`. Metrics per step: rollout tokens/s and episodes/s, learner
 busy fraction, queue depth, staleness histogram (`staleness/<k>`), on push steps `weight_sync_wait_s` (the
 learner's wait) and the previous push's `weight_sync_publish_s` / `weight_sync_pause_s` / `weight_sync_version`.
+With `rl.eval_every` > 0, every eval_every steps the pushed weights play the held-out tasks (never
+trained on: the toy test split, tau2's test split) greedy and sampled (`rl.heldout`): metrics
+`heldout_greedy_pass1` / `heldout_sampled_pass1`; the best greedy pass@1's weights are exported to
+`{workdir}/heldout_best/params`, the last to `{workdir}/params` as always.
 
 Faults: an episode failing on infrastructure (engine down, user simulator timeout / 5xx) is retried
 with its seed, then its group is re-queued whole; after such a failure, if the engine no longer
