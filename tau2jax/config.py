@@ -158,7 +158,7 @@ def default_config() -> ml_collections.ConfigDict:
     # tau2's action check ignores extra and wrong calls (env/rewards.py): without these, partial
     # credit in an all-fail group favours the episode that sprayed the most calls. Presets keep
     # the published, precision-blind credit.
-    c.reward.action_precision = True  # action term × hits / (hits + wrong calls)
+    c.reward.action_precision = True  # action term = one-to-one recall × hits / (hits + wrong + extra reads)
     c.reward.wrong_call_penalty = 0.05  # per wrong call, on the partial score's [0, 1] scale
 
     # Rejection-sampling fine-tuning (stage rft): sample train tasks, keep successes as SFT data.
@@ -192,6 +192,12 @@ def default_config() -> ml_collections.ConfigDict:
     # version >= s - max_staleness, so rollouts overlap the learner; 0 = synchronous.
     c.rl.max_staleness = 0
     c.rl.stale_policy = "drop"  # over the bound: drop (ledger "stale") | correct (token TIS, rl.loss.tis_cap or 2.0)
+    # Held-out evaluation (rl/heldout.py): every eval_every steps (0 = off; a multiple of
+    # rl.sync.every), greedy and sampled pass@1 on tasks never trained on (toy: its test split; tau2:
+    # the test split), metrics heldout_greedy_pass1 / heldout_sampled_pass1; the best greedy pass@1's
+    # weights are exported to {workdir}/heldout_best/params as well as the last to {workdir}/params.
+    c.rl.eval_every = 0
+    c.rl.heldout_tasks = 0  # the first N held-out tasks (0 = all; toy: the number of test tasks, 0 = rl.toy.tasks)
 
     c.rl.rollout = ml_collections.ConfigDict()  # how episodes are sampled
     c.rl.rollout.temperature = 0.7  # recipe: T 0.7, top_p 1, no top_k
@@ -395,6 +401,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
              f"must be >= rl.sync.every - 1 ({c.rl.sync.every - 1}): between syncs the engine serves a version "
              "that many steps old, and groups may only start within the staleness bound")
     _require(c.rl.stale_policy in ("drop", "correct"), "rl.stale_policy", "must be 'drop' or 'correct'")
+    _require(c.rl.eval_every >= 0 and c.rl.heldout_tasks >= 0, "rl.eval_every", "eval_every and heldout_tasks must be >= 0")
+    _require(c.rl.eval_every % c.rl.sync.every == 0, "rl.eval_every",
+             f"must be a multiple of rl.sync.every ({c.rl.sync.every}): held-out episodes run on the weights just pushed")
     _require(c.rl.loss.tis_cap == -1 or c.rl.loss.tis_cap >= 0, "rl.loss.tis_cap", f"must be -1 (by engine) or >= 0, got {c.rl.loss.tis_cap}")
     _require(c.rl.toy.turn_latency_s >= 0, "rl.toy.turn_latency_s", "must be >= 0")
     _require(c.rl.loss.agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"), "rl.loss.agg_mode",

@@ -139,7 +139,8 @@ def test_tis_by_engine(engine, cap, want):
 
 def test_assemble_drops_stale_samples_out_of_their_group():
     """A sample over the bound is dropped ("stale", counted) and leaves its group's statistics: the
-    others get the advantages of the group without it. With "correct" it is trained."""
+    others get the advantages of the group without it. With "correct" it is trained, and still
+    counted as over the bound."""
     rl = config_lib.default_config().rl
     rl.max_staleness = 1
     g = collector.Group("a", TaskRef("toy", "a"), [_traj([4], 1.0), _traj([2, 4], 1.0), _traj([3], 0.0)])
@@ -151,7 +152,9 @@ def test_assemble_drops_stale_samples_out_of_their_group():
         ("dropped", "stale", 2), ("trained", "", 0), ("trained", "", 1)]
     rl.stale_policy = "correct"
     items, _, counts, _ = loop.assemble([g], rl, None, step=5, learner_version=4)
-    assert len(items) == 3 and counts["samples_stale"] == 0
+    assert len(items) == 3 and counts["samples_stale"] == 1  # over the bound, kept and corrected
+    rl.max_staleness = 2
+    assert loop.assemble([g], rl, None, step=5, learner_version=4)[2]["samples_stale"] == 0
 
 
 def test_config_rejects_a_staleness_bound_below_the_sync_interval():

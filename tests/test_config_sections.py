@@ -25,7 +25,8 @@ def test_every_moved_key_exists_where_it_moved_and_not_where_it_was():
         assert old.split(".", 1)[1] not in c.rl, old
     assert set(c.rl.keys()) - {"rollout", "sync", "loss", "batch", "toy"} == {
         "env", "steps", "tasks_per_step", "samples_per_task", "std_normalize", "dynamic_sampling",
-        "max_refill_rounds", "max_empty_rounds", "curriculum", "repeat_penalty", "max_staleness", "stale_policy"}
+        "max_refill_rounds", "max_empty_rounds", "curriculum", "repeat_penalty", "max_staleness", "stale_policy",
+        "eval_every", "heldout_tasks"}
 
 
 def test_an_old_override_key_fails_naming_its_new_key():

@@ -156,13 +156,13 @@ def test_wrong_calls_lower_partial_credit_that_tau2s_action_check_ignores(chat):
     call = prompts.tool_call_text
     clean = _play(chat, "create_task_1", [call("create_task", CREATE), "Created it.<|im_end|>"])
     noisy = _play(chat, "create_task_1", [
-        call("get_users", {}),  # a read: neutral
+        call("get_users", {}),  # a read the task does not expect: lowers precision, no penalty
         call("delete_all_tasks", {}),  # unknown tool: fails
         call("create_task", {"user": "user_1"}),  # bad arguments: fails
         call("create_task", CREATE), "Created it.<|im_end|>"])
     assert clean.reward == noisy.reward == 1.0
-    assert clean.call_audit == {"calls": 1, "hits": 1, "wrong": 0}
-    assert noisy.call_audit == {"calls": 4, "hits": 1, "wrong": 2}
+    assert clean.call_audit == {"calls": 1, "hits": 1, "wrong": 0, "extra_reads": 0}
+    assert noisy.call_audit == {"calls": 4, "hits": 1, "wrong": 2, "extra_reads": 1}
     assert partial_components(noisy.reward_info) == partial_components(clean.reward_info)
     assert noisy.partial_reward < clean.partial_reward and noisy.shaped_reward < clean.shaped_reward
     for name in ("cookbook", "recipe_code"):
@@ -175,7 +175,7 @@ def test_spraying_writes_in_a_failing_episode_earns_less_than_tau2s_fraction(cha
     call = prompts.tool_call_text
     spray = _play(chat, "create_task_1", [call("create_task", CREATE), call("create_task", CREATE),
                                           call("create_task", {**CREATE, "title": "Meeting"}), "Done.<|im_end|>"])
-    assert spray.reward == 0.0 and spray.call_audit == {"calls": 3, "hits": 1, "wrong": 2}
+    assert spray.reward == 0.0 and spray.call_audit == {"calls": 3, "hits": 1, "wrong": 2, "extra_reads": 0}
     assert partial_components(spray.reward_info)["action"] == 1.0
     default = RewardConfig.from_config(default_config().reward)
     assert _partial(spray, default) < _partial(spray, PRESETS["cookbook"])
@@ -196,4 +196,4 @@ def test_the_audit_counts_the_policys_calls_not_the_tasks_history(chat):
     assert any(m.is_tool_call() for m in tau2_env.initial_messages(task) if m.role == "assistant")
     traj = _play(chat, task.id, [prompts.tool_call_text("update_task_status", {"task_id": "task_2", "status": "completed"}),
                                  "Marked it completed.<|im_end|>"])
-    assert traj.reward == 1.0 and traj.call_audit == {"calls": 1, "hits": 1, "wrong": 0}
+    assert traj.reward == 1.0 and traj.call_audit == {"calls": 1, "hits": 1, "wrong": 0, "extra_reads": 0}

@@ -252,10 +252,30 @@ def test_diagnostics_hand_numbers():
     np.testing.assert_allclose(d["ratio_max"], 2.0, rtol=1e-6)
     np.testing.assert_allclose(d["mismatch_abs"], 0.7 / 4, rtol=1e-6)
     np.testing.assert_allclose(d["mismatch_abs_max"], 0.4, rtol=1e-6)
-    np.testing.assert_allclose(d["entropy"], 3.0)
+    np.testing.assert_allclose(d["entropy_token_mean"], 3.0)
     # exp(mean(0, .1, −.2, .4)) = exp(.075) = 1.078 > 1.05: masked; exp(−.2) = .819 < .85: vetoed.
     assert d["geo_masked_frac"] == 1.0 and d["veto_masked_frac"] == 1.0
-    assert "kl" not in d
+    assert "kl_token_mean" not in d and "kl" not in d and "entropy" not in d
+
+
+@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_logged_kl_and_entropy_aggregate_as_the_loss_does(agg_mode):
+    """Two segments of 1 and 3 trained tokens: token-mean and seq-mean differ. The logged kl and
+    entropy (policy_loss's) follow agg_mode; diagnostics keeps the token means beside them."""
+    logp = jnp.log(jnp.full((1, 4), 0.5))
+    ref = logp - jnp.array([[0.4, 0.0, 0.0, 0.0]])  # k3 KL nonzero on the first token only
+    ent = jnp.array([[4.0, 1.0, 1.0, 1.0]])
+    mask, seg = jnp.ones((1, 4)), jnp.array([[1, 2, 2, 2]], jnp.int32)
+    cfg = PolicyLossConfig(agg_mode=agg_mode, kl_coef=0.01, entropy_coef=0.001, norm_len=4)
+    args = (cfg, logp, logp, jnp.zeros((1, 4)), mask, seg)
+    _, count, m = policy_loss(*args, ref_logp=ref, entropy=ent)
+    d = losses.metric_values(diagnostics(*args, ref_logp=ref, entropy=ent))
+    v = losses.metric_values(m)
+    k = float(losses.KL_ESTIMATORS[cfg.kl_type](logp, ref)[0, 0])
+    want = {"token-mean": (k / 4, 7.0 / 4), "seq-mean-token-mean": (k / 2, (4.0 + 1.0) / 2),
+            "seq-mean-token-sum-norm": ((k / 4) / 2, (4.0 / 4 + 3.0 / 4) / 2)}[agg_mode]
+    np.testing.assert_allclose([v["kl"], v["entropy"]], want, rtol=1e-5)
+    np.testing.assert_allclose([d["kl_token_mean"], d["entropy_token_mean"]], [k / 4, 7.0 / 4], rtol=1e-5)
 
 
 def test_metric_merge_and_values():

@@ -1,18 +1,39 @@
 """Scoring: tau2's own evaluator gives the task reward; a partial score shapes it for RL.
 
-    partial = (w_action·action_frac·precision + w_env·env_assertion_frac + w_comm·communicate_frac + w_db·db) / Σw
+    partial = (w_action·action + w_env·env_assertion_frac + w_comm·communicate_frac + w_db·db) / Σw
               - wrong_call_penalty·wrong_calls
+    action  = tau2's action_frac (presets), or recall·precision (the precision rule, below)
     shaped  = reward + alpha(domain)·partial
 
 tau2's action check passes an expected call if a matching call appears anywhere, so extra or wrong
 calls never lower `action_frac`: in a group where every episode fails, the one that called the most
-tools would get the largest advantage. `audit_calls` matches the policy's calls one-to-one against
-the expected actions: `precision` = hits / (hits + wrong calls), where a call is wrong when it
-failed in the environment or acted (any tool but a read) without taking an expected action (a
-repeat of one already taken is wrong too). Successful read calls are neutral: looking things up
-is how agents find ids, and tau2 rarely lists reads among the expected actions. With
-`action_precision` a wrong call lowers the action term whenever it has credit; a
-`wrong_call_penalty` > 0 lowers the score for every wrong call, credit or not.
+tools would get the largest advantage. Worse, reads are most of the expected actions (airline 91 of
+148, retail 357 of 553), so an agent that looks up everything in reach collects their credit too.
+
+The precision rule (`action_precision`, GRPO's default): `audit_calls` matches the policy's
+successful calls one-to-one against the task's expected assistant actions (a maximum matching, so
+adding a call never loses a hit) and sorts the rest by tau2's own tool types
+(`tau2.environment.toolkit.ToolType`):
+  hits         calls matched to an expected action (`takes_action`: tau2's comparison; a call that
+               failed must also give every compared argument; a failing call the gold itself makes
+               still counts, e.g. retail task 2 expects a lookup of a product that does not exist);
+  wrong        other calls that failed in the environment (unknown tool, bad arguments, missing
+               id), and WRITE calls taking no expected action (a repeat of one already taken included);
+  extra_reads  successful READ calls taking no expected action (a repeat included);
+  neutral      GENERIC / THINK calls taking no expected action: `calculate`, `transfer_to_human_agents`
+               (tau2 types both generic; an unwarranted transfer ends the conversation, which costs
+               the task reward and the credit of every action not yet taken, so it needs no penalty).
+The action term is then recall × precision, with
+  recall    = (hits + user actions tau2 found met) / expected actions   (one-to-one; never above
+              tau2's fraction: a failing call with no arguments, which tau2's check matches
+              against every expected call of that name, earns nothing)
+  precision = hits / (hits + wrong + extra_reads)
+and `wrong_call_penalty` is subtracted per wrong call (extra reads are not penalised: a read the
+gold does not list may still be how an agent finds an id; with no hits they cost nothing). So
+adding any call the task does not expect (an unexpected or repeated read, a calculate, a failed
+call, a wrong write) never raises partial credit, and lowers it whenever the action term has
+credit; only taking an expected action raises it (tests/test_rewards.py checks this on real
+airline, retail and telecom tasks through tau2's evaluator).
 
 Presets (`reward.preset`): "cookbook" (the cookbook's text) and "recipe_code" (what its public code
 runs: other weights, alpha 0.25 scaled per domain, telecom's own weights); see PRESETS. Both keep
@@ -43,7 +64,7 @@ class RewardConfig:
     w_env_assertion: float = 0.2
     w_communicate: float = 0.1
     w_db: float = 0.0
-    action_precision: bool = False  # scale the action term by the precision of the policy's calls
+    action_precision: bool = False  # the precision rule: action term = one-to-one recall × precision
     wrong_call_penalty: float = 0.0  # subtracted from partial per wrong call
     # Per-domain overrides: alpha multipliers, and weights {component: weight} replacing the above.
     domain_alpha: tuple[tuple[str, float], ...] = ()
@@ -115,12 +136,46 @@ class CallAudit:
     """The policy's tool calls against the task's expected actions (see the module docstring)."""
 
     calls: int = 0  # the policy's tool calls
-    hits: int = 0  # calls that took an expected action not taken before (one-to-one)
-    wrong: int = 0  # calls that failed in the environment, or acted without taking an expected action
+    hits: int = 0  # successful calls matched one-to-one to an expected assistant action
+    wrong: int = 0  # calls that failed in the environment, or wrote without taking an expected action
+    extra_reads: int = 0  # successful reads taking no expected action (repeats included)
 
     @property
     def precision(self) -> float:
-        return self.hits / (self.hits + self.wrong) if self.hits + self.wrong else 1.0
+        n = self.hits + self.wrong + self.extra_reads
+        return self.hits / n if n else 1.0
+
+
+def takes_action(action, call, failed: bool = False) -> bool:
+    """`call` takes the expected `action`: tau2's `Action.compare_with_tool_call`; a call that
+    `failed` in the environment must also give every argument that check compares (tau2 compares
+    only the call's own keys when the action has no `compare_args`, so a failing call with no
+    arguments would match every expected call of its name). A successful call that leaves out an
+    optional argument ran with its default: tau2's comparison, and its DB check, judge it."""
+    if not action.compare_with_tool_call(call):
+        return False
+    keys = action.arguments.keys() if action.compare_args is None else action.compare_args
+    return not failed or all(k in call.arguments for k in keys)
+
+
+def _max_matching(calls: list, expected: list, failed: frozenset = frozenset()) -> set[int]:
+    """Indices of `calls` in a maximum one-to-one matching to `expected` (`takes_action`; `failed`:
+    the ids of the calls that failed)."""
+    owner: dict[int, int] = {}  # expected index -> call index
+    edges = [[j for j, a in enumerate(expected) if takes_action(a, c, c.id in failed)] for c in calls]
+
+    def augment(i, seen):
+        for j in edges[i]:
+            if j not in seen:
+                seen.add(j)
+                if j not in owner or augment(owner[j], seen):
+                    owner[j] = i
+                    return True
+        return False
+
+    for i in range(len(calls)):
+        augment(i, set())
+    return set(owner.values())
 
 
 def audit_calls(task, messages: list, tools) -> CallAudit:
@@ -133,28 +188,33 @@ def audit_calls(task, messages: list, tools) -> CallAudit:
     expected = [a for a in (criteria.actions or []) if a.requestor == "assistant"] if criteria else []
     failed = {m.id for m in messages if isinstance(m, ToolMessage) and m.error}
     calls = [c for m in messages if isinstance(m, AssistantMessage) and m.is_tool_call() for c in m.tool_calls]
-    hits = wrong = 0
-    for call in calls:
-        if call.id in failed:
+    matched = _max_matching(calls, expected, frozenset(failed))
+    hits = len(matched)
+    wrong = extra_reads = 0
+    for i, call in enumerate(calls):
+        if i in matched:
+            continue
+        if call.id in failed or not tools.has_tool(call.name):
             wrong += 1
             continue
-        match = next((a for a in expected if a.compare_with_tool_call(call)), None)
-        if match is not None:
-            expected.remove(match)
-            hits += 1
-        elif not (tools.has_tool(call.name) and tools.tool_type(call.name) == ToolType.READ):
+        kind = tools.tool_type(call.name)
+        if kind == ToolType.READ:
+            extra_reads += 1
+        elif kind not in (ToolType.GENERIC, ToolType.THINK):
             wrong += 1
-    return CallAudit(calls=len(calls), hits=hits, wrong=wrong)
+    return CallAudit(calls=len(calls), hits=hits, wrong=wrong, extra_reads=extra_reads)
 
 
 def partial_reward(reward_info, cfg: RewardConfig = RewardConfig(), domain: str | None = None,
                    calls: CallAudit | None = None) -> float:
-    """The partial score of one episode; `calls` (its CallAudit) is what the precision factor and
+    """The partial score of one episode; `calls` (its CallAudit) is what the precision rule and
     the wrong-call penalty read (without it, tau2's fractions alone)."""
     weights = cfg.weights(domain)
     comps = partial_components(reward_info)
     if calls is not None and cfg.action_precision and "action" in comps:
-        comps["action"] *= calls.precision
+        checks = _as_reward_info(reward_info).action_checks
+        user_met = sum(c.action_match for c in checks if c.action.requestor != "assistant")
+        comps["action"] = min(1.0, (calls.hits + user_met) / len(checks)) * calls.precision
     total = sum(weights[k] for k in comps)
     score = sum(weights[k] * v for k, v in comps.items()) / total if total > 0 else 0.0
     return score - cfg.wrong_call_penalty * calls.wrong if calls is not None else score

@@ -57,7 +57,8 @@ def assemble(groups, rl, tracker, *, step: int, learner_version: int):
     """Complete groups -> (batch items, ledger records, counters, staleness per scored trajectory).
     Incomplete groups are re-queued; samples over the staleness bound are dropped (`rl.stale_policy`
     "drop") and leave their group's statistics; with dynamic sampling, zero-variance groups are
-    dropped. Every drop is counted and has a ledger reason."""
+    dropped. Every drop is counted and has a ledger reason. `samples_stale` counts the samples over
+    the bound under either policy (dropped under "drop", trained under "correct")."""
     ledger, items = [], []
     counts = {"groups_requeued": 0, "groups_zero_variance": 0, "groups_trained": 0, "samples_stale": 0,
               "samples_unknown_version": 0}
@@ -79,6 +80,8 @@ def assemble(groups, rl, tracker, *, step: int, learner_version: int):
         age, fresh = staleness.check(g.trajectories, learner_version, rl.max_staleness, rl.stale_policy)
         ages += age
         for t, a, ok in zip(g.trajectories, age, fresh):
+            if ok and a > rl.max_staleness:  # "correct": over the bound but kept (token TIS)
+                counts["samples_stale"] += 1
             if not ok:
                 reason = "unknown_version" if staleness.unknown(t) else "stale"
                 counts[f"samples_{reason}"] += 1

@@ -52,6 +52,7 @@ def _policy_loss_fn(model_cfg, loss_cfg: losses.PolicyLossConfig, forward_kw: di
         args = (loss_cfg, logp, micro["behaviour_logprobs"], micro["advantages"],
                 micro["loss_mask"].astype(jnp.float32), micro["segment_ids"])
         loss_sum, count, metrics = losses.policy_loss(*args, ref_logp=ref_logp, entropy=entropy)
+        # "kl" / "entropy" stay the loss's own (agg_mode); diagnostics adds their token means
         metrics |= losses.diagnostics(*args, ref_logp=ref_logp, entropy=entropy)
         return (loss_sum, count), metrics
 

@@ -257,7 +257,9 @@ def diagnostics(cfg: PolicyLossConfig, logp, behaviour_logp, advantages, mask, s
     Mean(sum, count) or Max: clip fractions (low: A < 0 and r < 1−eps_low; high: A > 0 and
     r > 1+eps_high; dual: A < 0 and r > c, i.e. where the gradient is zero), max ratio, mean / max
     |log π_proximal − log π_behaviour| (train/rollout mismatch), fraction of segments dropped by
-    the geometric mask and by the veto, mean KL (cfg.kl_type) and entropy when given."""
+    the geometric mask and by the veto, and the token means of KL (cfg.kl_type) and entropy when
+    given ("kl_token_mean", "entropy_token_mean"; the logged "kl" and "entropy" are policy_loss's,
+    aggregated by cfg.agg_mode over the segments the loss keeps, as the loss itself)."""
     sg = jax.lax.stop_gradient
     logp, proximal_logp = sg(logp), None if proximal_logp is None else sg(proximal_logp)
     mask = mask.astype(jnp.float32) * (segment_ids > 0)
@@ -286,9 +288,9 @@ def diagnostics(cfg: PolicyLossConfig, logp, behaviour_logp, advantages, mask, s
     if cfg.dual_clip:
         out["clip_frac_dual"] = frac((advantages < 0) & (p.ratio > cfg.dual_clip))
     if ref_logp is not None:
-        out["kl"] = Mean((mask * KL_ESTIMATORS[cfg.kl_type](logp, ref_logp)).sum(), n_tok)
+        out["kl_token_mean"] = Mean((mask * KL_ESTIMATORS[cfg.kl_type](logp, ref_logp)).sum(), n_tok)
     if entropy is not None:
-        out["entropy"] = Mean((mask * sg(entropy)).sum(), n_tok)
+        out["entropy_token_mean"] = Mean((mask * sg(entropy)).sum(), n_tok)
     return out
 
 

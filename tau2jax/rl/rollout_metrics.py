@@ -78,6 +78,7 @@ def episode_metrics(trajs: list[Trajectory], null_solvable: set[str] | None = No
     audited = [t.call_audit for t in trajs if t.call_audit]
     if audited:
         out["wrong_tool_calls_per_episode"] = float(np.mean([a["wrong"] for a in audited]))
+        out["extra_reads_per_episode"] = float(np.mean([a.get("extra_reads", 0) for a in audited]))
     out |= partial_credit_signal(trajs)
     by_domain = defaultdict(list)
     for t in trajs:

@@ -19,6 +19,10 @@ turns carry the version that sampled them. Every episode gets a ledger line
 in `{workdir}/rollouts/step_N.jsonl`. Metrics per step: rollout tokens/s and episodes/s, learner
 busy fraction, queue depth, staleness histogram (`staleness/<k>`), on push steps `weight_sync_wait_s` (the
 learner's wait) and the previous push's `weight_sync_publish_s` / `weight_sync_pause_s` / `weight_sync_version`.
+With `rl.eval_every` > 0, every eval_every steps the pushed weights play the held-out tasks (never
+trained on: the toy test split, tau2's test split) greedy and sampled (`rl.heldout`): metrics
+`heldout_greedy_pass1` / `heldout_sampled_pass1`; the best greedy pass@1's weights are exported to
+`{workdir}/heldout_best/params`, the last to `{workdir}/params` as always.
 
 Faults: an episode failing on infrastructure (engine down, user simulator timeout / 5xx) is retried
 with its seed, then its group is re-queued whole; after such a failure, if the engine no longer
@@ -60,7 +64,7 @@ from tau2jax.models import qwen3
 from tau2jax.parallel import distributed, host_gather, sharding
 from tau2jax.rl import advantages as adv_lib
 from tau2jax.rl import groups as group_lib
-from tau2jax.rl import rollout_metrics, staleness
+from tau2jax.rl import heldout, rollout_metrics, staleness
 from tau2jax.rl.batch import BatchConfig, build_batch
 from tau2jax.rl.grpo_step import jit_grpo_step, make_grpo_step, micro_batched_grpo_step
 from tau2jax.rl.losses import PolicyLossConfig
@@ -71,6 +75,7 @@ from tau2jax.stages import builders
 from tau2jax.weights.orbax_params import restore_params
 
 SUMMARY_WINDOW = 3  # first_reward / final_reward: mean over this many steps at each end
+HELDOUT_BEST = "heldout_best"  # {workdir}/heldout_best/params: the best held-out greedy pass@1 (rl.eval_every)
 
 
 def null_solvable_tasks(config, env) -> set[str] | None:
@@ -284,6 +289,7 @@ def run(config) -> dict:
     share = ProcessShare(workers)
     sync.start(state.params, start)  # a server that starts from other weights gets ours
     log, writer = RolloutLog(config.workdir, start, is_main), MetricWriter(config.workdir)
+    hold = heldout.environment(config) if rl.eval_every else None  # (env, task refs) never trained on
     bar = tqdm(total=rl.steps, initial=start, desc="grpo", disable=not is_main, dynamic_ncols=True)
     planned, max_seen, busy = start, 0, []
     t_prev = t_first = time.perf_counter()
@@ -318,6 +324,8 @@ def run(config) -> dict:
                         m["engines_behind"] = sum(host_gather.allgather(
                             f"served_{step}", sync.engines_behind(pushed["version"])))
                 m["engine_resyncs"] = sync.resyncs
+                if hold is not None and (step + 1) % rl.eval_every == 0:
+                    m |= heldout_step(config, hold, engine, sync, sampling, state, model_cfg, meta, step)
 
                 # --- records and checkpoint
                 meta["rewards"].append(m["reward_mean"])
@@ -344,6 +352,23 @@ def run(config) -> dict:
                    learner_compiles(), t_start, int(jax.device_get(state.step)))
 
 
+def heldout_step(config, hold, engine, sync, sampling, state, model_cfg, meta, step: int) -> dict:
+    """Held-out pass@1 on the weights of step + 1 (rl/heldout.py); a new best greedy pass@1 (ties:
+    the earlier step) exports them to {workdir}/heldout_best/params, noted in meta["heldout_best"]."""
+    sync.wait()  # the push of this step's weights has landed: the engine serves version step + 1
+    ro = config.rl.rollout
+    out = heldout.evaluate(*hold, engine=engine, sampling=sampling, seed=config.seed, step=step + 1,
+                           concurrency=ro.concurrency, max_infra_retries=ro.max_infra_retries,
+                           process=jax.process_index(), processes=jax.process_count())
+    best = meta.get("heldout_best")
+    if best is None or out["heldout_greedy_pass1"] > best["heldout_greedy_pass1"]:
+        export_params(os.path.join(config.workdir, HELDOUT_BEST), state.params, model_cfg, step + 1,
+                      builders.hf_extra_dir(config))
+        meta["heldout_best"] = {"step": step + 1, "heldout_greedy_pass1": out["heldout_greedy_pass1"],
+                                "heldout_sampled_pass1": out["heldout_sampled_pass1"]}
+    return out
+
+
 def summary(config, meta, start, params_dir, max_seen, busy, steady, sync, last_push, compiles, t_start,
             updates) -> dict:
     rl, hist = config.rl, meta["rewards"]
@@ -360,5 +385,8 @@ def summary(config, meta, start, params_dir, max_seen, busy, steady, sync, last_
         # learner executables compiled this run: one per power-of-two row bucket met, or with
         # rl.batch.micro_batch_rows at most three (first micro-batch, the others, the update)
         "learner_compiles": compiles,
+        # rl.eval_every > 0: the best held-out greedy pass@1 {step, ..., params} (None when off)
+        "heldout_best": ({**meta["heldout_best"], "params": os.path.join(os.path.abspath(config.workdir), HELDOUT_BEST,
+                                                                        "params")} if meta.get("heldout_best") else None),
         "wall_s": round(time.perf_counter() - t_start, 1),
     }  # fmt: skip

@@ -1,0 +1,72 @@
+"""Held-out evaluation inside the GRPO loop (`rl.eval_every` > 0).
+
+Every `rl.eval_every` steps, right after that step's weights are served, the engine plays each
+held-out task twice: once greedy (temperature 0) and once sampled at the rollout settings (seed
+from the run seed, the step and the task). The held-out tasks are a split never trained on: the
+toy game's "test" tasks (`ToyEnvironment(split="test")`, ids `test_i`), tau2's test split. Pass@1
+is the share of tasks whose episode succeeded (tau2: reward >= 1); infrastructure failures count
+as failures, as in the eval stage. Several processes: process r plays tasks r, r + N, ...; the
+counts are summed over processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from tau2jax.env.episode import derive_seed
+from tau2jax.inference.engine import SamplingParams
+from tau2jax.parallel import host_gather
+from tau2jax.rl import collector
+
+
+def environment(config):
+    """The held-out environment and its task refs (the first `rl.heldout_tasks` taken round-robin
+    over the domains; 0 = all)."""
+    from tau2jax.stages import builders
+
+    if config.rl.env == "toy":
+        from tau2jax.env.toy import ToyEnvironment
+
+        toy = config.rl.toy
+        env = ToyEnvironment(num_tasks=config.rl.heldout_tasks or toy.tasks, seed=config.seed, split="test",
+                             shared_table=toy.shared_table, turn_latency_s=toy.turn_latency_s)
+    else:
+        from tau2jax.data.chat import ChatFormat
+
+        test = config.copy_and_resolve_references()
+        test.tau2.task_ids = ""  # the training task list names train ids: the whole test split here
+        env = builders.tau2_environment(test, ChatFormat(builders.tokenizer(config)), split="test")
+    refs = interleave_domains(env.tasks())
+    return env, refs[: config.rl.heldout_tasks] if config.rl.heldout_tasks else refs
+
+
+def interleave_domains(refs: list) -> list:
+    """Refs round-robin over their domains (each domain's order kept), so the first N held-out
+    tasks span every domain."""
+    by_domain: dict[str, list] = {}
+    for r in refs:
+        by_domain.setdefault(r.domain, []).append(r)
+    queues = list(by_domain.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
+def evaluate(env, refs, *, engine, sampling: SamplingParams, seed: int, step: int, concurrency: int,
+             max_infra_retries: int, process: int = 0, processes: int = 1) -> dict:
+    """-> {"heldout_greedy_pass1", "heldout_sampled_pass1", "heldout_tasks", "heldout_s"} at `step`."""
+    t0 = time.perf_counter()
+    greedy = dataclasses.replace(sampling, temperature=0.0, seed=derive_seed(seed, f"heldout{step}", "greedy"))
+    mine = refs[process::processes]
+    episodes = []
+    for ref in mine:
+        episodes.append(collector.Episode(ref, 0, greedy, engine))
+        s = dataclasses.replace(sampling, seed=derive_seed(seed, f"heldout{step}:{ref.key}", 0))
+        episodes.append(collector.Episode(ref, 1, s, engine))
+    wins = [0, 0]
+    for ep, traj, _ in collector.play(env, episodes, concurrency=concurrency, max_infra_retries=max_infra_retries):
+        wins[ep.sample_index] += bool(traj.infra_error is None and traj.success)
+    if processes > 1:
+        wins = [sum(x) for x in zip(*host_gather.allgather(f"heldout_{step}", wins))]
+    n = max(len(refs), 1)
+    return {"heldout_greedy_pass1": wins[0] / n, "heldout_sampled_pass1": wins[1] / n,
+            "heldout_tasks": len(refs), "heldout_s": time.perf_counter() - t0}
