@@ -51,6 +51,7 @@ from tau2jax.env.environments import TaskRef, Tau2Environment
 from tau2jax.env.episode import derive_seed
 from tau2jax.eval import floor as floor_lib
 from tau2jax.eval import report
+from tau2jax.eval import tau2_results
 from tau2jax.inference.engine import SamplingParams
 from tau2jax.rl import collector
 from tau2jax.stages import builders
@@ -175,6 +176,8 @@ def run(config) -> dict:
                                   sampling=dataclasses.replace(sampling, seed=derive_seed(config.seed, d, t.id, s)))
                 for d, t, s in pending]  # seeds stable across resumes  # fmt: skip
 
+    results_writer = tau2_results.eval_writer(config, out_dir, tasks, {k for k in finished if k in planned_keys},
+                                              out_dir / TRAJECTORIES)  # fmt: skip
     new: dict[tuple, dict] = {}
     with (
         open(out_dir / TRAJECTORIES, "a", encoding="utf-8") as traj_file,
@@ -192,6 +195,8 @@ def run(config) -> dict:
                                              "infra_error": t.infra_error}) + "\n")  # fmt: skip
             retry_file.flush()
             new[_key(rec)] = _light(rec)
+            results_writer.add(rec)
+    results_writer.close()  # tau2 Results files, one per domain: <out_dir>/trajectories/<domain>.json
 
     records = [r for key, r in {**finished, **new}.items() if key in planned_keys]
     floor = (
@@ -205,6 +210,7 @@ def run(config) -> dict:
         run_info={"wall_s": round(time.time() - t_start, 2), "episodes_run": len(pending),
                   "episodes_resumed": len(planned) - len(pending)},
     )  # fmt: skip
+    tau2_results.eval_submission(config, out_dir, results_writer, records, config.tau2.split)
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     write_atomic(out_dir / "summary.md", report.render_markdown(summary))
     report.plot_pass_at_k(summary, out_dir / "pass_at_k.png")
