@@ -97,9 +97,10 @@ def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t).isoformat()
 
 
-def simulation(rec: dict, end: float | None = None) -> dict | None:
+def simulation(rec: dict, end: float | None = None, seed: int | None = None) -> dict | None:
     """One `SimulationRun` dict from a Trajectory dict; None for an episode tau2 never scored
-    (infrastructure failure). `end`: wall-clock end of the episode (default now)."""
+    (infrastructure failure). `end`: wall-clock end of the episode (default now); `seed`: the
+    episode's sampling seed (default: its first engine call's)."""
     if rec.get("infra_error") or rec.get("reward_info") is None:
         return None
     end = time.time() if end is None else end
@@ -107,7 +108,8 @@ def simulation(rec: dict, end: float | None = None) -> dict | None:
     msgs = [dict(m) for m in rec["tau2_messages"]]
     for i, m in enumerate(msgs):
         m["turn_idx"] = i  # as tau2's orchestrator numbers them (our evaluator call did the same)
-    seed = next((t.get("seed") for t in rec.get("turns", []) if t.get("seed") is not None), None)
+    if seed is None:
+        seed = next((t.get("seed") for t in rec.get("turns", []) if t.get("seed") is not None), None)
     sid = f"{rec['domain']}/{rec['task_id']}/{int(rec.get('sample_index', 0))}"
     return {"id": sid, "task_id": str(rec["task_id"]), "timestamp": _iso(end), "start_time": _iso(end - duration),
             "end_time": _iso(end), "duration": duration, "termination_reason": rec["termination_reason"],
@@ -133,10 +135,13 @@ class ResultsWriter:
 
     infos: {domain: Info dict}; tasks: {domain: [tau2 Task]} (the file's `tasks`, in order).
     `add(rec)` takes a Trajectory dict; files are rewritten atomically at most every
-    `flush_every_s` seconds (0 = after every episode) and on `close()`.
+    `flush_every_s` seconds (0 = after every episode) and on `close()`. seed_for(rec): the
+    episode's seed (default: its first engine call's).
     """
 
-    def __init__(self, out_dir, infos: dict[str, dict], tasks: dict[str, list], flush_every_s: float = 10.0):
+    def __init__(self, out_dir, infos: dict[str, dict], tasks: dict[str, list], flush_every_s: float = 10.0,
+                 seed_for=None):
+        self.seed_for = seed_for or (lambda rec: None)
         self.dir = Path(out_dir)
         self.infos = infos
         self.tasks = {d: [t.model_dump(mode="json") for t in ts] for d, ts in tasks.items()}
@@ -163,7 +168,7 @@ class ResultsWriter:
         domain = rec["domain"]
         if domain not in self.sims:
             return
-        sim = simulation(rec)
+        sim = simulation(rec, seed=self.seed_for(rec))
         if sim is None:
             return
         key = _sim_key(sim)
@@ -328,7 +333,10 @@ def eval_writer(config, out_dir, tasks: list[tuple[str, object]], kept_keys, tra
     domains = list(dict.fromkeys(d for d, _ in tasks))
     by_domain = {d: [t for dd, t in tasks if dd == d] for d in domains}
     infos = {d: info_from_config(config, d, config.eval.num_samples) for d in domains}
-    w = ResultsWriter(Path(out_dir) / DIR_NAME, infos, by_domain)
+    from tau2jax.env.episode import derive_seed
+
+    w = ResultsWriter(Path(out_dir) / DIR_NAME, infos, by_domain,  # the eval's episode seeds (stages/eval.py)
+                      seed_for=lambda r: derive_seed(config.seed, r["domain"], r["task_id"], int(r["sample_index"])))
     if kept_keys and Path(trajectories_path).exists():
         with open(trajectories_path, encoding="utf-8") as f:
             for line in f:
