@@ -20,8 +20,9 @@ trained with); the user simulator the recipe reports is gpt-4.1-mini:
 --config.user.sglang_params=False (OpenAI refuses SGLang's top_k/min_p/repetition_penalty fields).
 
 CPU smoke run (gold engine replays each task's reference actions, scripted user): tau2's
-leaderboard run, the whole `base` split of the three domains (50 + 114 + 114 tasks) × 4 trials,
-about 9 minutes on 2 cores (plus ~2 minutes for the floor's first run); every task passes. It writes
+leaderboard task set, the whole `base` split of the three domains (50 + 114 + 114 tasks), one
+trial, about 2 minutes on 2 idle cores (plus ~2 minutes for the floor's first run); every task
+passes. It writes
 tau2's own files beside ours: eval/trajectories/<domain>.json (tau2 Results) and
 eval/submission.json, which `tau2 submit validate runs/eval_gold/eval` accepts:
 
@@ -66,7 +67,7 @@ def get_config(arg: str = ""):
         c.engine.kind = "gold"
         c.user.kind = "scripted"
         c.tau2.split = "base"  # what tau2's leaderboard scores (`tau2 submit verify-trajs` wants every task)
-        c.eval.num_samples = 4  # pass^1..4
+        c.eval.num_samples = 1  # gold replays are deterministic: more trials would repeat the first
         c.eval.concurrency = 2  # 2 CPU cores
     elif arg:
         raise ValueError(f"configs/eval.py: unknown arg {arg!r}; use '' or 'gold' (alias 'tiny')")
