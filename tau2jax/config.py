@@ -148,6 +148,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.model_name = ""  # the files' agent llm and the submission's model_name; "" = from the weights' path
     c.eval.organization = ""  # submission.json's organization ("" = "unspecified")
     c.eval.contact_email = ""  # submission.json's contact_info.email
+    c.eval.from_tau2_results = ""  # tau2 Results files (comma-separated, globs): report on them, play nothing
 
     # Shaped reward: shaped = reward + alpha * partial.
     c.reward = ml_collections.ConfigDict()

@@ -191,3 +191,74 @@ def test_bad_results_files_name_file_and_field(tmp_path, chat):
     torn.write_text(path.read_text()[:200])
     with pytest.raises(tau2_results.Tau2ResultsError, match=r"torn\.json"):
         tau2_results.load_results(torn)
+
+
+def _mock_results_file(tmp_path, chat, n=4):
+    """A tau2 Results file of the mock domain: n gold successes and one do-nothing failure."""
+    style = prompts.get_style("native")
+    tasks = tau2_env.load_tasks("mock")[:n]
+    trajs = [run_episode(t, "mock", engine=GoldEngine(t, style, chat), user=ScriptedUser(t), chat=chat, style=style,
+                         sampling=SamplingParams(temperature=0.0)) for t in tasks]  # fmt: skip
+    trajs.append(run_episode(tasks[0], "mock", engine=NullEngine(tasks[0], style, chat), user=ScriptedUser(tasks[0]),
+                             chat=chat, style=style, sampling=SamplingParams(temperature=0.0), sample_index=1))
+    infos = {"mock": _info("mock", 2)}
+    (path,) = tau2_results.write_results(tmp_path, [t.to_dict() for t in trajs], infos, {"mock": tasks})
+    return path, trajs
+
+
+def test_tau2_results_file_is_sft_data(tmp_path, chat):
+    from tau2jax.data.sft_data import load_conversations, render_conversation
+
+    path, trajs = _mock_results_file(tmp_path, chat)
+    ok = [t for t in trajs if t.success]
+    convs = load_conversations([str(path)])
+    assert len(convs) == len(ok) == 4  # the failed simulation is not a demonstration
+    for conv, traj in zip(convs, ok):
+        # the same conversation as the policy saw it in our own episode: same tokens, same targets
+        assert conv.tools == traj.tools
+        ids, mask = render_conversation(chat, conv)
+        want_ids, want_mask = render_conversation(chat, load_conversations_from(traj, tmp_path))
+        assert ids.tolist() == want_ids.tolist() and mask.tolist() == want_mask.tolist()
+
+
+def load_conversations_from(traj, tmp_path):
+    from tau2jax.data.sft_data import load_conversations
+
+    p = tmp_path / "one.jsonl"
+    p.write_text(json.dumps(traj.sft_record()) + "\n")
+    return load_conversations([str(p)])[0]
+
+
+def test_sft_on_a_tau2_results_file_lowers_the_loss(tmp_path, chat):
+    import importlib
+
+    from tau2jax.stages import sft
+
+    path, _ = _mock_results_file(tmp_path, chat)
+    c = importlib.import_module("configs.tiny_sft").get_config()
+    c.workdir = str(tmp_path / "sft")
+    c.data.train_files = str(path)
+    c.data.max_len = 1024
+    c.train.steps = 12
+    c.train.checkpoint_every = 100
+    config_lib.validate(c)
+    out = sft.run(c)
+    assert out["final_loss"] < 0.7 * out["first_loss"], out
+
+
+def test_eval_report_from_tau2_files_alone(tmp_path, chat):
+    import importlib
+
+    from tau2jax.stages import eval as eval_lib
+
+    path, _ = _mock_results_file(tmp_path, chat)
+    out = tmp_path / "report"
+    c = importlib.import_module("configs.eval").get_config()  # the real eval config: SGLang, LLM user, never used
+    c.workdir, c.eval.from_tau2_results, c.eval.floor = str(out), str(path), False
+    config_lib.validate(c)
+    head = eval_lib.run(c)
+    assert head["episodes"] == 5 and head["k"] == 2
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    m = summary["metrics"]["mock"]
+    assert m["num_tasks"] == 4 and m["pass^k"]["1"] == pytest.approx(3.5 / 4)  # task 0: 1 of 2 trials
+    assert (out / "eval" / "summary.md").exists() and (out / "eval" / "pass_at_k.png").exists()

@@ -370,3 +370,122 @@ def eval_submission(config, out_dir, writer: ResultsWriter, records: list[dict],
     path = Path(out_dir) / SUBMISSION
     write_atomic_json(path, sub)
     return path
+
+
+# ----------------------------------------------------------------------------- tau2 runs as SFT data
+
+
+def sft_records(path, style: str = "native") -> list[dict]:
+    """The successful simulations (reward 1) of a Results file as SFT conversations in our chat
+    format: {"messages", "tools"} with the domain's system prompt and tool schema in `style`, as
+    our episodes present them to the policy (the user's own tool calls and their results, which
+    the agent never sees, are left out). A run of another agent (`tau2 run` with a larger model)
+    thus becomes distillation data."""
+    from tau2jax.env import prompts, tau2_env
+
+    res = load_results(path)
+    domain = res.info.environment_info.domain_name
+    st = prompts.get_style(style)
+    try:
+        spec = tau2_env.domain_spec(domain)
+    except Exception as e:  # noqa: BLE001 - an unknown domain name
+        raise Tau2ResultsError(f"{path}: info.environment_info.domain_name: {domain!r} is not a tau2 domain here ({e})")
+    tasks = {t.id: t for t in res.tasks}
+    out = []
+    for i, sim in enumerate(res.simulations):
+        if sim.reward_info is None or sim.reward_info.reward < 1.0 - 1e-6:
+            continue
+        # the conversation's opening (tau2's greeting, a task's message history) was not the agent's
+        # doing: kept as context, never a target ("weight": 0, as our own episodes record it)
+        task = tasks.get(sim.task_id)
+        n_given = len(tau2_env.initial_messages(task)) if task is not None else 0
+        msgs = [{"role": "system", "content": st.system_prompt(spec)}]
+        calls: dict[str, prompts.AgentAction] = {}
+        for j, m in enumerate(sim.messages):
+            if m.role == "assistant":
+                tcs = m.tool_calls or []
+                if not tcs:
+                    msgs.append(st.assistant_message(prompts.AgentAction("message", m.content or ""), m.content or "", ""))
+                    if j < n_given:
+                        msgs[-1]["weight"] = 0
+                    continue
+                if len(tcs) > 1 and st.name != "native":
+                    raise Tau2ResultsError(f"{path}: simulations[{i}]: an assistant message with {len(tcs)} tool "
+                                           f"calls has no form in prompt style {style!r} (use native)")  # fmt: skip
+                acts = [prompts.AgentAction("tool_call", m.content or "", tc.name, dict(tc.arguments)) for tc in tcs]
+                calls.update({tc.id: a for tc, a in zip(tcs, acts)})
+                rec = st.assistant_message(acts[0], st.action_text(acts[0]), tcs[0].id)
+                if len(tcs) > 1:
+                    rec["tool_calls"] = [{"id": tc.id, "type": "function",
+                                          "function": {"name": tc.name, "arguments": dict(tc.arguments)}} for tc in tcs]
+                if j < n_given:
+                    rec["weight"] = 0
+                msgs.append(rec)
+            elif m.role == "user" and not m.tool_calls:
+                msgs.append({"role": "user", "content": m.content or ""})
+            elif m.role == "tool" and m.requestor == "assistant":
+                act = calls.get(m.id) or prompts.AgentAction("tool_call", "", "unknown", {})
+                msgs.append(st.tool_result_message(act, m.id, m.content or ""))
+            elif m.role == "tool" and getattr(m, "tool_messages", None):  # MultiToolMessage
+                for tm in m.tool_messages:
+                    if tm.requestor == "assistant":
+                        act = calls.get(tm.id) or prompts.AgentAction("tool_call", "", "unknown", {})
+                        msgs.append(st.tool_result_message(act, tm.id, tm.content or ""))
+        while msgs and msgs[-1]["role"] != "assistant":  # the user's closing (###STOP###): nothing to learn after it
+            msgs.pop()
+        out.append({"messages": msgs, "tools": st.template_tools(spec), "source": f"{path}:simulations[{i}]",
+                    "reward": float(sim.reward_info.reward)})  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------- a report from tau2 files
+
+
+def report_from_files(config, out_dir) -> dict:
+    """The eval's report (summary.json / .md, the plot, the do-nothing floor) on tau2 Results files
+    alone (`config.eval.from_tau2_results`: comma-separated paths or globs, one file per domain),
+    e.g. another agent's `tau2 run`: Pass@k and pass^k over its simulations, no episode played."""
+    from tau2jax import config as config_lib
+    from tau2jax.data.chat import ChatFormat
+    from tau2jax.data.sft_data import DataError, expand_files
+    from tau2jax.env import prompts
+    from tau2jax.eval import floor as floor_lib
+    from tau2jax.eval import report
+    from tau2jax.stages import builders
+    from tau2jax.stages.resume import write_atomic
+
+    t_start = time.time()
+    try:
+        paths = expand_files(config_lib.csv(config.eval.from_tau2_results))
+    except DataError as e:
+        raise config_lib.ConfigError(f"config.eval.from_tau2_results: {e}") from None
+    records, tasks, domains, k, seen = [], [], [], 0, {}
+    for p in paths:
+        domain, dtasks, recs = records_from_results(p)
+        if domain in seen:
+            raise config_lib.ConfigError(f"config.eval.from_tau2_results: {p} and {seen[domain]} are both {domain} runs")
+        seen[domain] = p
+        domains.append(domain)
+        tasks += [(domain, t) for t in dtasks]
+        records += recs
+        per_task = {}
+        for r in recs:
+            per_task[r["task_id"]] = per_task.get(r["task_id"], 0) + 1
+        k = max(k, max(per_task.values(), default=0))
+    floor = None
+    if config.eval.floor:
+        chat = ChatFormat(builders.tokenizer(config))
+        floor = floor_lib.outcomes(tasks, chat=chat, style=prompts.get_style(config.tau2.prompt_style),
+                                   cache_dir=config.eval.floor_cache_dir)  # fmt: skip
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = report.build_summary(
+        records, tasks, k=k, domains=domains, split="(from tau2 Results files)", config=config_lib.redacted(config),
+        floor=floor, infra_retries=None,
+        run_info={"wall_s": round(time.time() - t_start, 2), "episodes_run": 0, "episodes_resumed": 0,
+                  "tau2_results": [str(p) for p in paths]},
+    )  # fmt: skip
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    write_atomic(out_dir / "summary.md", report.render_markdown(summary))
+    report.plot_pass_at_k(summary, out_dir / "pass_at_k.png")
+    return report.headline(summary, out_dir)

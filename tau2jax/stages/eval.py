@@ -147,6 +147,8 @@ def run(config) -> dict:
 
     t_start = time.time()
     data_root = tau2_env.init_tau2(config.tau2.data_dir)
+    if config.eval.from_tau2_results:  # someone else's tau2 run: the report from its files, no episodes
+        return tau2_results.report_from_files(config, Path(config.workdir) / "eval")
     out_dir = Path(config.workdir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     earlier = load_settings(out_dir)
