@@ -262,3 +262,31 @@ def test_eval_report_from_tau2_files_alone(tmp_path, chat):
     m = summary["metrics"]["mock"]
     assert m["num_tasks"] == 4 and m["pass^k"]["1"] == pytest.approx(3.5 / 4)  # task 0: 1 of 2 trials
     assert (out / "eval" / "summary.md").exists() and (out / "eval" / "pass_at_k.png").exists()
+
+
+def test_demos_and_grpo_steps_write_tau2_files(tmp_path, chat):
+    import types
+
+    from tau2.data_model.simulation import Results
+
+    from tau2jax.env.trajectory import Trajectory
+    from tau2jax.stages import demos
+    from tau2jax.stages.grpo import RolloutLog
+
+    c = config_lib.default_config()
+    c.stage, c.workdir, c.tau2.split, c.tau2.domains = "demos", str(tmp_path / "demos"), "train", "telecom"
+    c.tau2.task_ids = tau2_env.load_tasks("telecom", "train")[0].id
+    config_lib.validate(c)
+    demos.run(c)
+    res = Results.load(tmp_path / "demos" / "trajectories" / "telecom.json")
+    assert [s.reward_info.reward for s in res.simulations] == [1.0] and res.info.agent_info.llm == "gold"
+
+    # a GRPO step: rollouts/step_N/<domain>.json beside rollouts/step_N.jsonl, K trials per task
+    path, trajs = _mock_results_file(tmp_path, chat, n=1)
+    group = types.SimpleNamespace(trajectories=trajs, failed_attempts=[])
+    c.rl.samples_per_task = 2
+    RolloutLog(str(tmp_path / "grpo"), 0, True, c).write(3, [], [group])
+    step = Results.load(tmp_path / "grpo" / "rollouts" / "step_3" / "mock.json")
+    assert step.info.num_trials == 2 and [s.trial for s in step.simulations] == [0, 1]
+    assert [s.reward_info.reward for s in step.simulations] == [t.reward for t in trajs]
+    assert len([Trajectory.from_json(x) for x in open(tmp_path / "grpo" / "rollouts" / "step_3.jsonl")]) == 2

@@ -489,3 +489,29 @@ def report_from_files(config, out_dir) -> dict:
     write_atomic(out_dir / "summary.md", report.render_markdown(summary))
     report.plot_pass_at_k(summary, out_dir / "pass_at_k.png")
     return report.headline(summary, out_dir)
+
+
+# ----------------------------------------------------------------------------- demos and GRPO steps
+
+
+def tasks_by_id(domain: str, ids) -> list:
+    """The tau2 Tasks with these ids (base split; the mock domain has no splits), in id order given."""
+    from tau2jax.env import tau2_env
+
+    return tau2_env.load_tasks(domain, "base", list(dict.fromkeys(ids)))
+
+
+def write_records(out_dir, records: list[dict], *, config, num_trials: int, agent: dict | None = None,
+                  user: dict | None = None, temperature: float | None = None) -> list[Path]:
+    """One Results file per domain of `records` (Trajectory dicts) under out_dir: a gold-demos run,
+    a GRPO rollout step (num_trials = samples per task). agent/user default from the config;
+    `temperature`: the sampling temperature of these episodes (the config's eval one otherwise)."""
+    a, u = agent_and_user_info(config)
+    agent, user = agent or a, user or u
+    if temperature is not None and agent.get("llm_args"):
+        agent = {**agent, "llm_args": {**agent["llm_args"], "temperature": temperature}}
+    domains = list(dict.fromkeys(r["domain"] for r in records))
+    infos = {d: make_info(d, agent=agent, user=user, num_trials=num_trials, max_steps=config.tau2.max_steps,
+                          max_errors=config.tau2.max_errors, seed=config.seed) for d in domains}  # fmt: skip
+    tasks = {d: tasks_by_id(d, [str(r["task_id"]) for r in records if r["domain"] == d]) for d in domains}
+    return write_results(out_dir, records, infos, tasks)
