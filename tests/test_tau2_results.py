@@ -230,19 +230,12 @@ def load_conversations_from(traj, tmp_path):
 
 
 def test_sft_on_a_tau2_results_file_lowers_the_loss(tmp_path, chat):
-    import importlib
-
-    from tau2jax.stages import sft
+    from cli_runs import train  # tests/ is on sys.path under pytest
 
     path, _ = _mock_results_file(tmp_path, chat)
-    c = importlib.import_module("configs.tiny_sft").get_config()
-    c.workdir = str(tmp_path / "sft")
-    c.data.train_files = str(path)
-    c.data.max_len = 1024
-    c.train.steps = 12
-    c.train.checkpoint_every = 100
-    config_lib.validate(c)
-    out = sft.run(c)
+    out = train("--config", "configs/tiny_sft.py", f"--config.workdir={tmp_path / 'sft'}",
+                f"--config.data.train_files={path}", "--config.data.max_len=1024", "--config.train.steps=12",
+                "--config.train.checkpoint_every=100")  # fmt: skip
     assert out["final_loss"] < 0.7 * out["first_loss"], out
 
 
