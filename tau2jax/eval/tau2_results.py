@@ -462,9 +462,11 @@ def report_from_files(config, out_dir) -> dict:
         paths = expand_files(config_lib.csv(config.eval.from_tau2_results))
     except DataError as e:
         raise config_lib.ConfigError(f"config.eval.from_tau2_results: {e}") from None
-    records, tasks, domains, k, seen = [], [], [], 0, {}
+    records, tasks, domains, k, seen, agents = [], [], [], 0, {}, {}
     for p in paths:
         domain, dtasks, recs = records_from_results(p)
+        info = load_results(p).info
+        agents[domain] = (info.agent_info.model_dump(), info.user_info.model_dump())
         if domain in seen:
             raise config_lib.ConfigError(f"config.eval.from_tau2_results: {p} and {seen[domain]} are both {domain} runs")
         seen[domain] = p
@@ -489,7 +491,12 @@ def report_from_files(config, out_dir) -> dict:
                   "tau2_results": [str(p) for p in paths]},
     )  # fmt: skip
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
-    write_atomic(out_dir / "summary.md", report.render_markdown(summary))
+    md = report.render_markdown(summary).split("\n", 1)
+    about = "; ".join(f"{d}: agent {a['llm'] or a['implementation']}, user {u['llm'] or u['implementation']}"
+                      for d, (a, u) in agents.items())  # fmt: skip
+    md.insert(1, f"\nFrom tau2 Results files alone ({about}): {', '.join(str(p) for p in paths)}. No episode was "
+                 "played; the settings line below is this command's config, not the files' run.\n")
+    write_atomic(out_dir / "summary.md", "\n".join(md))
     report.plot_pass_at_k(summary, out_dir / "pass_at_k.png")
     return report.headline(summary, out_dir)
 
