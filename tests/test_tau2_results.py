@@ -179,6 +179,10 @@ def test_bad_results_files_name_file_and_field(tmp_path, chat):
     bad.write_text(json.dumps(data))
     with pytest.raises(tau2_results.Tau2ResultsError, match=r"missing\.json.*simulations\.0\.termination_reason"):
         tau2_results.load_results(bad)
+    from tau2jax.data.sft_data import DataError, load_conversations
+
+    with pytest.raises(DataError, match=r"missing\.json.*simulations\.0\.termination_reason"):  # as SFT data too
+        load_conversations([str(bad)])
 
     data = json.loads(path.read_text())
     data["info"]["environment_info"] = {"domain": "mock"}  # another version's layout

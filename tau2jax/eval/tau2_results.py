@@ -239,19 +239,6 @@ def load_results(path):
         ) from None
 
 
-def is_results_file(path) -> bool:
-    """Cheap check whether a .json file looks like a tau2 Results (has info/tasks/simulations)."""
-    path = Path(path)
-    if path.suffix != ".json":
-        return False
-    try:
-        with open(path, encoding="utf-8") as f:
-            head = f.read(4096)
-    except OSError:
-        return False
-    return head.lstrip().startswith("{") and '"simulations"' in head or '"info"' in head[:200]
-
-
 def records_from_results(path) -> tuple[str, list, list[dict]]:
     """(domain, tau2 tasks, light records) of a Results file: the records have the fields our
     report needs (`tau2jax.eval.report.build_summary`): domain, task_id, sample_index (= trial),
