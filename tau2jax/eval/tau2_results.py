@@ -27,6 +27,7 @@ imported by stages that may never write a tau2 file.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import subprocess
@@ -46,6 +47,7 @@ class Tau2ResultsError(ValueError):
 # ----------------------------------------------------------------------------- writing
 
 
+@functools.lru_cache(maxsize=None)
 def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -79,12 +81,17 @@ def agent_and_user_info(config) -> tuple[dict, dict]:
 def make_info(domain: str, *, agent: dict, user: dict, num_trials: int, max_steps: int, max_errors: int,
               seed: int | None) -> dict:
     """tau2's `Info` for one domain's file (environment info as tau2's own env reports it)."""
-    from tau2jax.env import tau2_env
-
-    env = tau2_env.make_environment(domain)
     return {"git_commit": _git_commit(), "num_trials": int(num_trials), "max_steps": int(max_steps),
             "max_errors": int(max_errors), "user_info": user, "agent_info": agent,
-            "environment_info": env.get_info().model_dump(mode="json"), "seed": seed}  # fmt: skip
+            "environment_info": _environment_info(domain), "seed": seed}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=None)
+def _environment_info(domain: str) -> dict:
+    """tau2's EnvironmentInfo of a domain (building its env loads the DB: once per process)."""
+    from tau2jax.env import tau2_env
+
+    return tau2_env.make_environment(domain).get_info().model_dump(mode="json")
 
 
 def info_from_config(config, domain: str, num_trials: int) -> dict:
