@@ -19,10 +19,17 @@ trained with); the user simulator the recipe reports is gpt-4.1-mini:
 --config.user.model=gpt-4.1-mini --config.user.base_url=https://api.openai.com/v1 --config.user.api_key=$KEY
 --config.user.sglang_params=False (OpenAI refuses SGLang's top_k/min_p/repetition_penalty fields).
 
-CPU smoke run (gold engine replays each task's reference actions, scripted user; 2 tasks per
-domain × 2 samples, about a minute on 2 cores; every task passes):
+CPU smoke run (gold engine replays each task's reference actions, scripted user): tau2's
+leaderboard task set, the whole `base` split of the three domains (50 + 114 + 114 tasks), one
+trial, about 2 minutes on 2 idle cores (plus ~2 minutes for the floor's first run); every task
+passes. It writes
+tau2's own files beside ours: eval/trajectories/<domain>.json (tau2 Results) and
+eval/submission.json, which `tau2 submit validate runs/eval_gold/eval` accepts:
 
     python -m tau2jax.train --config configs/eval.py:gold
+
+(--config.tau2.split=test --config.eval.max_tasks_per_domain=2 --config.eval.num_samples=2: a
+15-second run.)
 """
 
 from tau2jax.config import default_config
@@ -59,8 +66,8 @@ def get_config(arg: str = ""):
         c.workdir = "runs/eval_gold"
         c.engine.kind = "gold"
         c.user.kind = "scripted"
-        c.eval.max_tasks_per_domain = 2
-        c.eval.num_samples = 2
+        c.tau2.split = "base"  # what tau2's leaderboard scores (`tau2 submit verify-trajs` wants every task)
+        c.eval.num_samples = 1  # gold replays are deterministic: more trials would repeat the first
         c.eval.concurrency = 2  # 2 CPU cores
     elif arg:
         raise ValueError(f"configs/eval.py: unknown arg {arg!r}; use '' or 'gold' (alias 'tiny')")

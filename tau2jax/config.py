@@ -147,6 +147,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.max_tasks_per_domain = 0  # first N tasks of each domain split (smoke runs); 0 = all
     c.eval.floor = True  # report the do-nothing floor (tau2jax/eval/floor.py) beside Pass@k
     c.eval.floor_cache_dir = ""  # floor outcomes per task; "" = $XDG_CACHE_HOME/tau2jax/floor
+    # tau2 Results files and the leaderboard submission.json (tau2jax/eval/tau2_results.py)
+    c.eval.model_name = ""  # the files' agent llm and the submission's model_name; "" = from the weights' path
+    c.eval.organization = ""  # submission.json's organization ("" = "unspecified")
+    c.eval.contact_email = ""  # submission.json's contact_info.email
+    c.eval.from_tau2_results = ""  # tau2 Results files (comma-separated, globs): report on them, play nothing
 
     # Shaped reward: shaped = reward + alpha * partial.
     c.reward = ml_collections.ConfigDict()

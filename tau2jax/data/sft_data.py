@@ -1,4 +1,6 @@
-"""SFT records from JSONL, one per line, of two kinds (a file may mix them).
+"""SFT records from JSONL, one per line, of two kinds (a file may mix them); and tau2 Results
+files (`*.json`, from `tau2 run` or our eval), whose successful simulations become conversations
+(`tau2jax.eval.tau2_results.sft_records`: the domain's system prompt and tool schema).
 
 A conversation, in OpenAI chat format (as public tau2 SFT sets are published), rendered here with
 the chat template:
@@ -155,6 +157,8 @@ def validate_record(obj, where: str, vocab_size: int | None = None) -> Conversat
 def read_jsonl(path: str, vocab_size: int | None = None) -> list[Conversation | TokenRecord]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: SFT data file not found")
+    if path.endswith(".json"):  # a tau2 Results file (`tau2 run`, our eval): its successful simulations
+        return _read_tau2_results(path)
     out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -167,6 +171,16 @@ def read_jsonl(path: str, vocab_size: int | None = None) -> list[Conversation | 
                 raise DataError(f"{where}: invalid JSON ({e})") from e
             out.append(validate_record(obj, where, vocab_size))
     return out
+
+
+def _read_tau2_results(path: str) -> list[Conversation]:
+    from tau2jax.eval import tau2_results  # imports tau2 (seconds), which plain JSONL data never needs
+
+    try:
+        recs = tau2_results.sft_records(path)
+    except tau2_results.Tau2ResultsError as e:
+        raise DataError(str(e)) from None
+    return [validate_conversation(r, r["source"]) for r in recs]
 
 
 def expand_files(files: str | Sequence[str]) -> list[str]:

@@ -6,7 +6,8 @@ GoldEngine, `eval.concurrency` at a time (`rl.collector.play`). Every conversati
 {"messages": [...], "tools": [...]} in the configured prompt style, with the real tool outputs.
 Test-split tasks are refused: demonstrations of them would leak the benchmark into training.
 
-Returns {domain: {"replayed", "reward_1", "file"}}; the CLI prints it as the last line.
+tau2's Results files of every replay go to `{workdir}/trajectories/<domain>.json`
+(`tau2jax.eval.tau2_results`). Returns {domain: {"replayed", "reward_1", "file"}}; the CLI prints it as the last line.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tau2jax.env import prompts, tau2_env
 from tau2jax.env.environments import TaskRef, Tau2Environment
 from tau2jax.env.gold import GoldEngine
 from tau2jax.env.scripted_user import ScriptedUser
+from tau2jax.eval import tau2_results
 from tau2jax.inference import engine as engine_lib
 from tau2jax.rl import collector
 from tau2jax.stages import builders
@@ -70,6 +72,10 @@ def run(config) -> dict:
         if not traj.success:
             why = traj.infra_error or json.dumps(traj.reward_info)[:500]
             tqdm.write(f"{ep.ref.key}: reward {traj.reward} ({traj.termination_reason}): {why}", file=sys.stderr)
+    # tau2's own files beside ours: {workdir}/trajectories/<domain>.json (every replay, failures too)
+    tau2_results.write_records(os.path.join(config.workdir, tau2_results.DIR_NAME), [t.to_dict() for t in done.values()],
+                               config=config, num_trials=1, agent={"implementation": "tau2jax.gold", "llm": "gold"},
+                               user={"implementation": "tau2jax.scripted_user"})  # fmt: skip
     summary = {}
     for domain, tasks in per_domain.items():  # files in split order, whatever order episodes finished in
         path = os.path.join(config.workdir, f"{domain}.jsonl")

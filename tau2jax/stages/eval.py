@@ -51,6 +51,7 @@ from tau2jax.env.environments import TaskRef, Tau2Environment
 from tau2jax.env.episode import derive_seed
 from tau2jax.eval import floor as floor_lib
 from tau2jax.eval import report
+from tau2jax.eval import tau2_results
 from tau2jax.inference.engine import SamplingParams
 from tau2jax.rl import collector
 from tau2jax.stages import builders
@@ -146,6 +147,8 @@ def run(config) -> dict:
 
     t_start = time.time()
     data_root = tau2_env.init_tau2(config.tau2.data_dir)
+    if config.eval.from_tau2_results:  # someone else's tau2 run: the report from its files, no episodes
+        return tau2_results.report_from_files(config, Path(config.workdir) / "eval")
     out_dir = Path(config.workdir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     earlier = load_settings(out_dir)
@@ -175,6 +178,8 @@ def run(config) -> dict:
                                   sampling=dataclasses.replace(sampling, seed=derive_seed(config.seed, d, t.id, s)))
                 for d, t, s in pending]  # seeds stable across resumes  # fmt: skip
 
+    results_writer = tau2_results.eval_writer(config, out_dir, tasks, {k for k in finished if k in planned_keys},
+                                              out_dir / TRAJECTORIES)  # fmt: skip
     new: dict[tuple, dict] = {}
     with (
         open(out_dir / TRAJECTORIES, "a", encoding="utf-8") as traj_file,
@@ -192,6 +197,8 @@ def run(config) -> dict:
                                              "infra_error": t.infra_error}) + "\n")  # fmt: skip
             retry_file.flush()
             new[_key(rec)] = _light(rec)
+            results_writer.add(rec)
+    results_writer.close()  # tau2 Results files, one per domain: <out_dir>/trajectories/<domain>.json
 
     records = [r for key, r in {**finished, **new}.items() if key in planned_keys]
     floor = (
@@ -205,6 +212,7 @@ def run(config) -> dict:
         run_info={"wall_s": round(time.time() - t_start, 2), "episodes_run": len(pending),
                   "episodes_resumed": len(planned) - len(pending)},
     )  # fmt: skip
+    tau2_results.eval_submission(config, out_dir, results_writer, records, config.tau2.split)
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     write_atomic(out_dir / "summary.md", report.render_markdown(summary))
     report.plot_pass_at_k(summary, out_dir / "pass_at_k.png")

@@ -238,8 +238,8 @@ class RolloutLog:
     """Process 0's record of every episode: `rollouts/ledger.jsonl` (trained, dropped with a reason,
     or re-queued) and `rollouts/step_N.jsonl` (full trajectories, failed attempts included)."""
 
-    def __init__(self, workdir: str, start: int, is_main: bool):
-        self.dir, self.is_main = os.path.join(workdir, "rollouts"), is_main
+    def __init__(self, workdir: str, start: int, is_main: bool, config=None):
+        self.dir, self.is_main, self.config = os.path.join(workdir, "rollouts"), is_main, config
         os.makedirs(self.dir, exist_ok=True)
         self.ledger = os.path.join(self.dir, "ledger.jsonl")
         if is_main:  # lines of steps past the checkpoint go: their groups are replayed
@@ -252,6 +252,14 @@ class RolloutLog:
             f.writelines(json.dumps(r) + "\n" for r in ledger)
         with open(os.path.join(self.dir, f"step_{step}.jsonl"), "w") as f:
             f.writelines(t.to_json() + "\n" for g in groups for t in [*g.trajectories, *g.failed_attempts])
+        if self.config is not None:  # tau2's own files of the step: rollouts/step_N/<domain>.json
+            from tau2jax.eval import tau2_results  # imports tau2 (seconds): the toy env's runs never write these
+
+            recs = [t.to_dict() for g in groups for t in g.trajectories if t.domain != "toy"]
+            if recs:
+                tau2_results.write_records(os.path.join(self.dir, f"step_{step}"), recs, config=self.config,
+                                           num_trials=self.config.rl.samples_per_task,
+                                           temperature=self.config.rl.rollout.temperature)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -288,7 +296,7 @@ def run(config) -> dict:
     sync.listen(workers)
     share = ProcessShare(workers)
     sync.start(state.params, start)  # a server that starts from other weights gets ours
-    log, writer = RolloutLog(config.workdir, start, is_main), MetricWriter(config.workdir)
+    log, writer = RolloutLog(config.workdir, start, is_main, config), MetricWriter(config.workdir)
     hold = heldout.environment(config) if rl.eval_every else None  # (env, task refs) never trained on
     bar = tqdm(total=rl.steps, initial=start, desc="grpo", disable=not is_main, dynamic_ncols=True)
     planned, max_seen, busy = start, 0, []

@@ -37,7 +37,8 @@ def check(config) -> None:
     learners = _learner_configs(config)
     for c in learners:
         check_learner(c)
-    if config.stage in ENDPOINT_STAGES:
+    plays = not (config.stage == "eval" and config.eval.from_tau2_results)  # a report on tau2 files plays nothing
+    if config.stage in ENDPOINT_STAGES and plays:
         if builders.policy_servers(config):
             check_policy_server(config)
         if config.user.kind == "llm":
