@@ -31,10 +31,11 @@ def main(argv=None) -> int:
                    help="stored dtype (float32: master weights for training)")
     args = p.parse_args(argv)
     jax.config.update("jax_platforms", "cpu")  # host-side conversion: keep accelerators free
+    print(f"converting {args.hf_dir} -> {args.out} ({args.dtype}) ...", file=sys.stderr, flush=True)
     try:
         stats = convert(args.hf_dir, args.out, args.dtype)
     except (ConversionError, orbax_params.CheckpointFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     print(f"wrote {stats['out']} ({stats['param_mb']} MiB {stats['dtype']}, "
           f"{stats['num_params']} stacked arrays) in {stats['seconds']} s; "

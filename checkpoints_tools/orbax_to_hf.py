@@ -38,9 +38,11 @@ def main(argv=None) -> int:
     try:
         parse_size(args.max_shard_size)
         params, cfg = orbax_params.restore_params(args.orbax_dir, dtype=args.dtype)
+        orbax_params.check_finite(params, args.orbax_dir)
     except (ValueError, orbax_params.CheckpointFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
+    print(f"exporting {args.orbax_dir} -> {out} ...", file=sys.stderr, flush=True)
     export_hf(params, cfg, out, max_shard_size=args.max_shard_size,
               extra_dir=os.path.join(os.path.abspath(args.orbax_dir), HF_EXTRA_DIR))
     files = sorted(os.listdir(out))

@@ -7,10 +7,15 @@ and ml_collections rejects a value of the wrong type on assignment.
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
 
 import ml_collections
 
+from tau2jax.models.configs import known_sizes
+
+RANDOM_INIT_SIZES = ("tiny", "toy")  # model.name values SFT / GRPO may start from random weights
 STAGES = ("sft", "demos", "eval", "rft", "grpo", "pipeline")
 PROMPT_STYLES = ("recipe", "native")
 DOMAINS = ("mock", "airline", "retail", "telecom")
@@ -30,7 +35,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "tiny"
     c.model.hf_dir = ""  # HF checkpoint dir: config.json (size) and tokenizer
-    c.model.init_from = ""  # "" = random init; else an Orbax dir from checkpoints_tools.hf_to_orbax
+    c.model.init_from = ""  # an Orbax dir from checkpoints_tools.hf_to_orbax; "" = random init (see random_init)
+    # SFT / GRPO without init_from start from random weights only for the CPU sizes (RANDOM_INIT_SIZES)
+    # or when this says so: a larger model (model.hf_dir, a named Qwen3 size) is refused otherwise.
+    c.model.random_init = False
     c.model.param_dtype = "float32"  # master weights
     c.model.compute_dtype = "float32"  # bfloat16 on GPU
     c.model.remat = "none"  # none | full | dots | attn (what to save in the backward pass; see qwen3._REMAT)
@@ -293,14 +301,55 @@ def moved_key(key: str) -> str | None:
     return None
 
 
-def check_override_keys(argv) -> None:
-    """Raises ConfigError for a `--config.<key>=` override naming a key that moved."""
+def check_override_keys(argv, config: ml_collections.ConfigDict | None = None) -> None:
+    """Raises ConfigError for a `--config.<key>=` override naming a key that moved, or (given the
+    loaded `config`) a key it does not have, suggesting the nearest existing key."""
+    keys = flat_keys(config) if config is not None else None
     for arg in argv:
         if arg.startswith("--config."):
             key = arg[len("--config."):].split("=", 1)[0]
             if (new := moved_key(key)) is not None:
                 raise ConfigError(f"config.{key}: this key moved to config.{new} (the rl section is split by "
                                   f"concern: rl.rollout, rl.sync, rl.loss, rl.batch, rl.toy); use --config.{new}")
+            if keys is not None and key not in keys:
+                near = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+                raise ConfigError(f"config.{key}: no such config key; "
+                                  + (f"did you mean --config.{near[0]}?" if near else
+                                     "see tau2jax/config.py default_config() for the keys"))
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted key of `config`, sections included (`optim`, `optim.lr`, ...)."""
+    out = []
+    for k, v in config.items():
+        out.append(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict):
+            out += flat_keys(v, f"{prefix}{k}.")
+    return out
+
+
+def config_file_arg(argv) -> str | None:
+    """The value of `--config FILE[:arg]` / `--config=FILE[:arg]` in argv, or None."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg[len("--config="):]
+    return None
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`FILE[:arg]` -> `FILE.get_config([arg])`, as ml_collections' config flag loads it; a missing
+    file or one without get_config is a ConfigError naming the path."""
+    path, *arg = spec.split(":", 1)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such config file; give a path such as configs/tiny_sft.py")
+    module_spec = importlib.util.spec_from_file_location("_tau2jax_cli_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"--config {path}: the file defines no get_config(); see configs/tiny_sft.py")
+    return module.get_config(*arg)
 
 
 def redacted(c: ml_collections.ConfigDict) -> dict:
@@ -337,6 +386,16 @@ def _require(cond: bool, field: str, msg: str) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
     """Reject values that are well-typed but cannot work, naming the field."""
     _require(c.stage in STAGES, "stage", f"{c.stage!r} is not one of {STAGES}")
+    _require(bool(c.model.hf_dir or c.model.init_from) or c.model.name in known_sizes(), "model.name",
+             f"unknown model size {c.model.name!r}; use one of {known_sizes()}, or model.hf_dir / model.init_from")
+    if c.stage in ("sft", "grpo") and not c.model.init_from and not c.model.random_init:
+        model = f"model.hf_dir's model ({c.model.hf_dir})" if c.model.hf_dir else f"model.name={c.model.name!r}"
+        _require(not c.model.hf_dir and c.model.name in RANDOM_INIT_SIZES, "model.init_from",
+                 f"not set, so {model} would train from random weights; convert the weights "
+                 "(python -m checkpoints_tools.hf_to_orbax --hf-dir HF --out DIR) and pass "
+                 "--config.model.init_from=DIR, or --config.model.random_init=True to mean it")
+    _require(c.train.steps >= 0, "train.steps", f"{c.train.steps} is negative; use >= 1, or 0 to derive it "
+             "from data.num_epochs")
     _require(c.model.remat in ("none", "full", "dots", "attn"), "model.remat", f"unknown policy {c.model.remat!r}")
     _require(c.model.attn_impl in ("xla", "flash", "cudnn"), "model.attn_impl", "must be 'xla', 'flash' or 'cudnn'")
     _require(c.model.attn_max_segments >= 1, "model.attn_max_segments", "must be >= 1")

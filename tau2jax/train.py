@@ -19,6 +19,7 @@ from tau2jax import config as config_lib
 from tau2jax.data.sft_data import DataError
 from tau2jax.parallel import distributed
 from tau2jax.stages import run_stage
+from tau2jax.weights.orbax_params import CheckpointFormatError
 
 _CONFIG = None  # the --config flag, defined only when this module is the program
 
@@ -33,18 +34,35 @@ def main(argv):
     try:
         distributed.initialize()  # multi-process runs join here, before anything touches devices
         summary = run_stage(_CONFIG.value)
-    except (config_lib.ConfigError, DataError, distributed.DistributedConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except EXPECTED as e:
+        fail(e)
     print(json.dumps(summary, sort_keys=True), flush=True)
 
 
+# Bad input, not bugs: one line `error: <setting or path>: <problem>; <fix>` and exit 2. Anything
+# else is a bug and keeps its traceback.
+EXPECTED = (config_lib.ConfigError, DataError, distributed.DistributedConfigError, CheckpointFormatError)
+
+
+def fail(e: Exception) -> None:
+    print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def precheck(argv) -> None:
+    """Before the flags parse (ml_collections ends a missing file or an unknown key in a traceback):
+    the config file exists and every `--config.<key>=` override names one of its keys."""
+    config_lib.check_override_keys(argv)  # moved keys, named even without a config file
+    spec = config_lib.config_file_arg(argv)
+    if spec is not None:
+        config_lib.check_override_keys(argv, config_lib.load_config_file(spec))
+
+
 if __name__ == "__main__":
-    try:  # before the flags parse: an old key would end there in ml_collections' AttributeError
-        config_lib.check_override_keys(sys.argv[1:])
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    try:
+        precheck(sys.argv[1:])
+    except EXPECTED as e:
+        fail(e)
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file returning a ConfigDict.",
                                               lock_config=True)
     app.run(main)

@@ -28,6 +28,63 @@ def test_bad_config_is_rejected_by_name(override, expected, tmp_path):
     assert "Traceback" not in proc.stderr or expected in proc.stderr.splitlines()[-1]
 
 
+def _one_line_error(proc) -> str:
+    """The CLI's answer to bad input: exit 2, one stderr line `error: ...`, no traceback."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.train.lr_typo=1"], "error: config.train.lr_typo: no such config key; did you mean --config."),
+    (["--config.optim.lrr=0.1"], "error: config.optim.lrr: no such config key; did you mean --config.optim.lr?"),
+    (["--config.model.name=qwen3_9b"], "error: config.model.name: unknown model size 'qwen3_9b'"),
+    (["--config.train.steps=-5"], "error: config.train.steps: -5 is negative"),
+    (["--config.model.name=qwen3_0_6b"], "error: config.model.init_from: not set, so model.name='qwen3_0_6b' "
+                                         "would train from random weights"),
+])
+def test_config_mistakes_get_one_line_and_write_nothing(args, expected, tmp_path):
+    workdir = tmp_path / "run"
+    proc = run_train("--config", "configs/tiny_sft.py", f"--config.workdir={workdir}", *args, check=False, timeout=300)
+    assert _one_line_error(proc).startswith(expected)
+    assert not workdir.exists()
+
+
+def test_a_missing_config_file_gets_one_line(tmp_path):
+    proc = run_train("--config", str(tmp_path / "nope.py"), check=False, timeout=120)
+    assert _one_line_error(proc).startswith(f"error: --config {tmp_path / 'nope.py'}: no such config file")
+
+
+def test_model_hf_dir_without_init_from_is_not_a_silent_random_init(tmp_path):
+    """The 4B SFT config given only model.hf_dir trained from random weights (first loss 11.94)."""
+    hf, workdir = tmp_path / "hf", tmp_path / "run"
+    hf.mkdir()
+    proc = run_train("--config", "configs/qwen3_4b_sft.py", f"--config.model.hf_dir={hf}",
+                     f"--config.workdir={workdir}", check=False, timeout=300)
+    line = _one_line_error(proc)
+    assert line.startswith("error: config.model.init_from: not set, so model.hf_dir's model") and "random_init=True" in line
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("domain", ["mock", "airline"])
+def test_an_unknown_split_is_refused_for_every_domain(domain, tmp_path):
+    workdir = tmp_path / "run"
+    proc = run_train("--config", "configs/eval.py", f"--config.tau2.domains={domain}", "--config.tau2.split=tset",
+                     f"--config.workdir={workdir}", check=False, timeout=300)
+    assert _one_line_error(proc).startswith(f"error: config.tau2.split: {domain} has no split 'tset'; use one of [")
+    assert not workdir.exists()
+
+
+def test_an_empty_data_file_is_named_as_empty(tmp_path):
+    empty, workdir = tmp_path / "empty.jsonl", tmp_path / "run"
+    empty.write_text("")
+    proc = run_train("--config", "configs/tiny_sft.py", f"--config.data.train_files={empty}",
+                     f"--config.workdir={workdir}", check=False, timeout=300)
+    assert _one_line_error(proc).startswith(f"error: {empty}: the SFT data file is empty")
+    assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
+
+
 def _losses(workdir) -> dict[int, float]:
     """Last logged loss per step (a resumed run re-logs the steps after its checkpoint)."""
     out = {}
@@ -96,6 +153,7 @@ def test_continued_run_exports_its_new_final_step(tmp_path, short_sft_jsonl):
     first wave kept the first export), records the step, and leaves one export directory."""
     common = ["--config", "configs/tiny_sft.py", f"--config.data.train_files={short_sft_jsonl}",
               "--config.data.max_len=64", "--config.data.batch_size=2", "--config.optim.lr=1e-3",
+              "--config.optim.schedule=constant",  # a cosine run may not change its length on resume
               f"--config.workdir={tmp_path}"]
     first = train(*common, "--config.train.steps=3")
     assert first["params_step"] == 3

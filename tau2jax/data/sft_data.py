@@ -170,6 +170,9 @@ def read_jsonl(path: str, vocab_size: int | None = None) -> list[Conversation | 
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e})") from e
             out.append(validate_record(obj, where, vocab_size))
+    if not out:
+        raise DataError(f"{path}: the SFT data file is empty (no records); write one JSON conversation per line, "
+                        "or leave the file out of data.train_files")
     return out
 
 

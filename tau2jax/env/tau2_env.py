@@ -128,6 +128,16 @@ def task_splits(domain: str) -> dict[str, list[str]] | None:
         return _state["splits"][domain]
 
 
+# A domain without named splits (mock) serves all its tasks under each of these names.
+UNSPLIT_NAMES = ("base", "train", "test")
+
+
+def split_names(domain: str) -> list[str]:
+    """The split names `load_tasks` accepts for the domain (mock: UNSPLIT_NAMES, all its tasks)."""
+    splits = task_splits(domain)
+    return sorted(splits) if splits is not None else list(UNSPLIT_NAMES)
+
+
 def _all_tasks(domain: str) -> dict:
     """All tasks of the domain's default task set, by id (cached: telecom's file takes ~1 s)."""
     from tau2.registry import registry
@@ -149,6 +159,8 @@ def load_tasks(domain: str, split: str = "base", task_ids: list[str] | None = No
     by_id = _all_tasks(domain)
     splits = task_splits(domain)
     if splits is None:
+        if split not in UNSPLIT_NAMES:
+            raise ValueError(f"{domain} has no split {split!r}; splits: {sorted(UNSPLIT_NAMES)} (all its tasks)")
         ids = list(by_id)
     elif split in splits:
         ids = list(splits[split])

@@ -28,11 +28,27 @@ from tau2jax.models import configs as model_configs
 from tau2jax.models import qwen3
 from tau2jax.parallel import sharding
 from tau2jax.weights.hf_read import HF_EXTRA_DIR
-from tau2jax.weights.orbax_params import restore_params
+from tau2jax.weights.orbax_params import check_finite, restore_params
 
 
 def process_index() -> int:
     return jax.process_index()
+
+
+# ----------------------------------------------------------------------------- progress
+
+pipeline_step = ""  # the pipeline step running now (stages/pipeline.py sets it): progress bars name it
+
+
+def progress_name(config, what: str) -> str:
+    """A progress bar's description: `what`, prefixed by the pipeline step running it ("eval_sft: eval")."""
+    return f"{pipeline_step}: {what}" if pipeline_step else what
+
+
+def say(line: str) -> None:
+    """One status line on stderr (process 0): what a long silent phase is doing, where a run resumed."""
+    if process_index() == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- model
@@ -76,7 +92,9 @@ def initial_params(config, model_cfg, mesh, param_shardings):
     """Random init directly into the sharded layout, or the converted checkpoint restored onto the mesh."""
     dtype = jnp.dtype(config.model.param_dtype)
     if config.model.init_from:
-        params, _ = restore_params(config.model.init_from, mesh=mesh)
+        say(f"loading model.init_from {config.model.init_from} ...")
+        params, _ = restore_params(config.model.init_from, mesh=mesh)  # names, shapes vs its model config
+        check_finite(params, f"config.model.init_from {config.model.init_from}")
         return jax.tree.map(lambda x: x.astype(dtype), params)
     init = jax.jit(lambda key: qwen3.init_params(model_cfg, key, dtype=dtype), out_shardings=param_shardings)
     return init(jax.random.key(config.seed))

@@ -67,7 +67,7 @@ def run(config) -> dict:
 
     done = {}
     for ep, traj, _ in collector.play(env, episodes, concurrency=config.eval.concurrency, max_infra_retries=0,
-                                      progress={"desc": "gold demos", "unit": "task"}):
+                                      progress={"desc": builders.progress_name(config, "gold demos"), "unit": "task"}):
         done[ep.ref.key] = traj
         if not traj.success:
             why = traj.infra_error or json.dumps(traj.reward_info)[:500]

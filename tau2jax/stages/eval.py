@@ -187,7 +187,7 @@ def run(config) -> dict:
     ):
         for _, traj, retried in collector.play(
                 env, episodes, concurrency=config.eval.concurrency, max_infra_retries=config.eval.max_infra_retries,
-                progress={"desc": "eval", "total": len(planned), "initial": len(planned) - len(pending)}):
+                progress={"desc": builders.progress_name(config, "eval"), "total": len(planned), "initial": len(planned) - len(pending)}):
             rec = traj.to_dict()
             traj_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
             traj_file.flush()

@@ -71,7 +71,7 @@ from tau2jax.rl.losses import PolicyLossConfig
 from tau2jax.rl.policy_sync import PolicySync
 from tau2jax.rl.process_share import ProcessShare
 from tau2jax.rl.rollout_workers import RolloutWorkers
-from tau2jax.stages import builders
+from tau2jax.stages import builders, resume
 from tau2jax.weights.orbax_params import restore_params
 
 SUMMARY_WINDOW = 3  # first_reward / final_reward: mean over this many steps at each end
@@ -162,15 +162,22 @@ class Learner:
 
 def restore_or_init(config, learner: Learner, ckpt: Checkpointer, model_cfg, mesh):
     """-> (start step, train state, loop state, KL reference params or None)."""
-    start = ckpt.latest_step() or 0
     init_params = builders.initial_params(config, model_cfg, mesh, learner.p_shard)
+    abstract = jax.eval_shape(lambda p: create_state(p, learner.tx, learner.shardings, config.seed),
+                              learner.abstract_params)
+    settings = resume.train_settings(config, config.rl.steps)
+    if (listed := resume.latest_listed_step(ckpt.directory)) is not None:  # before a restore sets a step aside
+        resume.check_train_resume(config.workdir, config, settings, listed)
+    start, state, meta = ckpt.restore_latest(abstract_like(abstract, learner.shardings), meta=True)
+    start = start or 0
     if start:
-        abstract = jax.eval_shape(lambda p: create_state(p, learner.tx, learner.shardings, config.seed),
-                                  learner.abstract_params)
-        state, meta = ckpt.restore(start, abstract_like(abstract, learner.shardings)), ckpt.restore_meta(start)
+        for note in resume.check_train_resume(config.workdir, config, settings, start):
+            builders.say(f"note: {note}")
+        builders.say(f"resuming from step {start} of {config.rl.steps} ({ckpt.step_dir(start)})")
     else:
         state = create_state(init_params, learner.tx, learner.shardings, config.seed)
         meta = {"cursor": 0, "requeue": [], "tracker": None, "rewards": [], "episodes": 0}
+    resume.record_train_settings(config.workdir, settings)
     ref = None
     if config.rl.loss.kl_coef:  # rl.loss.reference, else the initial weights (model.init_from or the seeded init), frozen
         ref = restore_params(config.rl.loss.reference, mesh=mesh)[0] if config.rl.loss.reference else init_params
@@ -298,7 +305,8 @@ def run(config) -> dict:
     sync.start(state.params, start)  # a server that starts from other weights gets ours
     log, writer = RolloutLog(config.workdir, start, is_main, config), MetricWriter(config.workdir)
     hold = heldout.environment(config) if rl.eval_every else None  # (env, task refs) never trained on
-    bar = tqdm(total=rl.steps, initial=start, desc="grpo", disable=not is_main, dynamic_ncols=True)
+    bar = tqdm(total=rl.steps, initial=start, desc=builders.progress_name(config, "grpo"), disable=not is_main,
+               dynamic_ncols=True)
     planned, max_seen, busy = start, 0, []
     t_prev = t_first = time.perf_counter()
 

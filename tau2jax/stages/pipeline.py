@@ -190,10 +190,14 @@ def run(config, run_stage=None) -> dict:
             if stage in ("eval", "rft") and builders.policy_servers(c) and c.engine.checkpoint != served:
                 serve(c, c.engine.checkpoint, version=served_version(c.engine.checkpoint, inputs))
                 served = c.engine.checkpoint
-            if stage in MAIN_ONLY:
-                result = from_main(f"pipeline/{step}/result", lambda: run_stage(c))
-            else:
-                result = run_stage(c)
+            builders.pipeline_step = step  # the step's progress bars name it
+            try:
+                if stage in MAIN_ONLY:
+                    result = from_main(f"pipeline/{step}/result", lambda: run_stage(c))
+                else:
+                    result = run_stage(c)
+            finally:
+                builders.pipeline_step = ""
             timings[step] = round(time.time() - t, 1)
             result.setdefault("wall_s", timings[step])
             if is_main:

@@ -29,11 +29,14 @@ from tau2jax.stages import builders, pipeline_steps
 
 LEARNER_STAGES = ("sft", "grpo")
 ENDPOINT_STAGES = ("eval", "rft", "grpo", "pipeline")
+SPLIT_STAGES = ("eval", "pipeline")  # read tau2.split (demos, rft and grpo use "train" and say so)
 MEMORY_HEADROOM = 0.9  # XLA needs some of a device for itself
 
 
 def check(config) -> None:
     """Raises ConfigError on the first problem found."""
+    if config.stage in SPLIT_STAGES:
+        check_split(config)
     learners = _learner_configs(config)
     for c in learners:
         check_learner(c)
@@ -44,6 +47,18 @@ def check(config) -> None:
         if config.user.kind == "llm":
             check_user_server(config)
     check_workdir(config, learners)
+
+
+def check_split(config) -> None:
+    """tau2.split names a split of every domain in tau2.domains (mock included: base, train, test)."""
+    from tau2jax.env import tau2_env
+
+    tau2_env.init_tau2(config.tau2.data_dir)
+    for domain in config_lib.csv(config.tau2.domains):
+        names = tau2_env.split_names(domain)
+        if config.tau2.split not in names:
+            raise config_lib.ConfigError(f"config.tau2.split: {domain} has no split {config.tau2.split!r}; "
+                                         f"use one of {names}")
 
 
 def _learner_configs(config) -> list:

@@ -98,3 +98,81 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- learner stages (sft, grpo)
+
+TRAIN_SETTINGS = "train_settings.json"  # in the workdir, beside checkpoints/
+# What a resumed SFT / GRPO run must share with the run that saved its checkpoints: the model and
+# its first weights, the data (SFT) or the tasks and the loss (GRPO), the optimizer and its
+# schedule; `steps` (train.steps resolved, or rl.steps) is checked on its own (`check_train_resume`).
+MODEL_FIELDS = ("seed", "model.name", "model.hf_dir", "model.init_from", "model.param_dtype", "tokenizer.path")
+SFT_FIELDS = ("data.train_files", "data.max_len", "data.batch_size", "data.overlong", "data.shuffle",
+              "data.num_epochs")
+GRPO_FIELDS = ("rl.env", "tau2.domains", "tau2.task_ids", "rl.tasks_per_step", "rl.samples_per_task",
+               "rl.std_normalize", "rl.dynamic_sampling", "rl.curriculum", "rl.toy.tasks", "rl.toy.shared_table",
+               "rl.rollout.temperature", "rl.rollout.top_p", "rl.rollout.top_k", "rl.batch.max_len")
+
+
+def train_settings(config, steps: int) -> dict:
+    """The settings a resumed SFT / GRPO run must keep (`steps`: the run's total optimizer steps)."""
+    fields = MODEL_FIELDS + (SFT_FIELDS if config.stage == "sft" else GRPO_FIELDS)
+    fields += tuple(f"optim.{k}" for k in config.optim)
+    if config.stage == "grpo":
+        fields += tuple(f"rl.loss.{k}" for k in config.rl.loss) + tuple(f"reward.{k}" for k in config.reward)
+    return {f: _cfg_get(config, f) for f in fields} | {"steps": steps}
+
+
+def _warmup(config, steps: int) -> int:
+    return int(round(config.optim.warmup_frac * steps))  # as learn/optimizer.make_schedule
+
+
+def check_train_resume(workdir: str, config, current: dict, start: int) -> list[str]:
+    """Refuses (ConfigError naming each field and both values) to resume at `start` a run recorded in
+    `workdir` with other settings. `steps` may change only where the schedule from `start` on stays
+    the same: a constant schedule whose warmup has ended under both step counts. A cosine schedule's
+    decay spans the whole run, so another step count changes every learning rate after `start`:
+    refused (continue in a new workdir from the exported params instead). -> notes on what changed."""
+    path = Path(workdir) / TRAIN_SETTINGS
+    if not path.exists():
+        return []  # a run from before this record: nothing to compare
+    earlier = json.loads(path.read_text())
+    diff = {f: (earlier.get(f), v) for f, v in current.items() if earlier.get(f) != v}
+    notes = []
+    if "steps" in diff:
+        old, new = diff["steps"]
+        if (config.optim.schedule == "constant" and isinstance(old, int)
+                and max(_warmup(config, old), _warmup(config, new)) <= start):
+            diff.pop("steps")
+            notes.append(f"steps {old} -> {new}: the constant learning rate after step {start} is unchanged")
+        else:
+            field = "train.steps" if config.stage == "sft" else "rl.steps"
+            why = ("a cosine schedule decays over the whole run, so another step count changes the learning rate "
+                   "of every step after the checkpoint" if config.optim.schedule == "cosine" else
+                   f"the warmup ({config.optim.warmup_frac} of the steps) would move past step {start}")
+            raise config_lib.ConfigError(
+                f"config.{field}: workdir {workdir!r} holds a {config.stage} run of {old} steps at step {start}, "
+                f"this one asks for {new}; {why}: use {old}, or a new config.workdir with "
+                "model.init_from set to the run's params")
+    if diff:
+        lines = ", ".join(f"{f}: {a!r} -> {b!r}" for f, (a, b) in diff.items())
+        raise config_lib.ConfigError(
+            f"config: workdir {workdir!r} holds a {config.stage} run with other settings ({lines}); "
+            "use a new config.workdir, or the earlier values to resume")
+    return notes
+
+
+def record_train_settings(workdir: str, settings: dict) -> None:
+    if builders.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        write_atomic(Path(workdir) / TRAIN_SETTINGS, json.dumps(settings, indent=2, sort_keys=True))
+
+
+def latest_listed_step(directory: str) -> int | None:
+    """The newest step directory (Orbax names them by step) under `directory`, read or not."""
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+    return max(steps, default=None)
+
+
+def has_checkpoints(directory: str) -> bool:
+    return latest_listed_step(directory) is not None

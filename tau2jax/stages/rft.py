@@ -83,7 +83,7 @@ def play_pending(env, pending: list, engine_for, config, out_dir: Path) -> None:
     # Episodes start in task order, so groups finish (and are written) about one by one.
     for group in collector.groups(env, [(ref.key, ref) for ref in pending], engine_for=lambda ref: engine_for(ref.task),
                                   sampling=sampling, samples=r.samples, seed=config.seed, concurrency=r.concurrency,
-                                  max_infra_retries=r.max_infra_retries, progress={"desc": "rft"}):
+                                  max_infra_retries=r.max_infra_retries, progress={"desc": builders.progress_name(config, "rft")}):
         records, kept = group_records(group, r.min_partial)
         _append(out_dir / KEPT_TRAJECTORIES, [t.to_dict() for t in kept])
         _append(out_dir / LEDGER, records)

@@ -29,7 +29,7 @@ from tau2jax.learn.train_state import abstract_params as make_abstract_params
 from tau2jax.learn.train_state import create_state, state_shardings
 from tau2jax.models import qwen3
 from tau2jax.parallel import sharding
-from tau2jax.stages import builders
+from tau2jax.stages import builders, resume
 
 
 def _dataset(config, tokenizer):
@@ -66,16 +66,27 @@ def run(config) -> dict:
     shardings = state_shardings(tx, abstract_params, param_shardings, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
 
-    ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"), save_every=config.train.checkpoint_every,
+    ckpt_dir = os.path.join(config.workdir, "checkpoints")
+    settings = resume.train_settings(config, total_steps)
+    state = None
+    if not resume.has_checkpoints(ckpt_dir):  # first weights checked before anything is written
+        state = create_state(builders.initial_params(config, model_cfg, mesh, param_shardings), tx, shardings,
+                             config.seed)
+    ckpt = Checkpointer(ckpt_dir, save_every=config.train.checkpoint_every,
                         keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint)
-    start = ckpt.latest_step()
-    if start is None:
-        params = builders.initial_params(config, model_cfg, mesh, param_shardings)
-        state = create_state(params, tx, shardings, config.seed)
-        start = 0
-    else:
+    start = 0
+    if state is None:  # refuse other settings before a restore can set an unreadable step aside
+        resume.check_train_resume(config.workdir, config, settings, resume.latest_listed_step(ckpt_dir))
         abstract_state = jax.eval_shape(lambda p: create_state(p, tx, shardings, config.seed), abstract_params)
-        state = ckpt.restore(start, abstract_like(abstract_state, shardings))
+        start, state, _ = ckpt.restore_latest(abstract_like(abstract_state, shardings))
+        if start is None:
+            start, state = 0, create_state(builders.initial_params(config, model_cfg, mesh, param_shardings), tx,
+                                           shardings, config.seed)
+    if start:
+        for note in resume.check_train_resume(config.workdir, config, settings, start):
+            builders.say(f"note: {note}")
+        builders.say(f"resuming from step {start} of {total_steps} ({ckpt.step_dir(start)})")
+    resume.record_train_settings(config.workdir, settings)
     # Global batch `start` is the same under any process count: no per-process iterator state.
     data_iter = dataset.iterator(start)
 
@@ -89,7 +100,7 @@ def run(config) -> dict:
     writer = MetricWriter(config.workdir)
     is_main = jax.process_index() == 0
     losses = []
-    bar = tqdm(total=total_steps, initial=start, desc="sft", disable=not is_main, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start, desc=builders.progress_name(config, "sft"), disable=not is_main, dynamic_ncols=True)
     t_start = time.perf_counter()
     input_tokens = 0
     with jax.set_mesh(mesh):  # activates the model's activation-sharding hints
@@ -108,6 +119,9 @@ def run(config) -> dict:
                     raise config_lib.ConfigError(f"config.{e}") from None
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
                      for k, v in local.items()}
+            if step == start:
+                builders.say(f"compiling the sft step ({model_cfg.num_layers} layers, {config.data.batch_size} rows "
+                             f"x {config.data.max_len} tokens); the first step waits for it ...")
             t0 = time.perf_counter()
             state, metrics = step_fn(state, batch)
             metrics = jax.device_get(metrics)

@@ -20,6 +20,8 @@ from tau2jax.models.qwen3 import param_shardings
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "model_config.json"
+COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last: a save without it never finished
+METADATA_FILE = "_METADATA"  # the tree's names, shapes and dtypes
 
 
 class CheckpointFormatError(ValueError):
@@ -68,7 +70,16 @@ def restore_params(orbax_dir: str, mesh: jax.sharding.Mesh | None = None, *, dty
             primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"local_restore_{me}"))
     else:
         ckptr = ocp.StandardCheckpointer()
-    stored = ckptr.metadata(path).item_metadata.tree
+    check_orbax_dir(path)
+    try:
+        meta = ckptr.metadata(path).item_metadata
+    except Exception as e:  # noqa: BLE001 - any failure to read a file on disk is the file's fault
+        raise CheckpointFormatError(f"{os.path.join(path, METADATA_FILE)}: Orbax cannot read it ({_short(e)}); "
+                                    "re-convert the weights or use another checkpoint") from None
+    if meta is None or getattr(meta, "tree", None) is None:
+        raise CheckpointFormatError(f"{os.path.join(path, METADATA_FILE)}: holds no parameter tree; "
+                                    "re-convert the weights or use another checkpoint")
+    stored = meta.tree
     _check_structure(jax.tree.map(lambda m: tuple(m.shape), stored, is_leaf=_is_array_meta),
                      cfg, what=path)
     if mesh is not None:
@@ -79,7 +90,48 @@ def restore_params(orbax_dir: str, mesh: jax.sharding.Mesh | None = None, *, dty
     target = jax.tree.map(
         lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), jnp.dtype(dtype or m.dtype), sharding=s),
         stored, shardings, is_leaf=_is_array_meta)
-    return ckptr.restore(path, target), cfg
+    try:
+        params = ckptr.restore(path, target)
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt array files
+        raise CheckpointFormatError(f"{path}: reading the weights failed ({_short(e)}); the checkpoint is corrupt "
+                                    "or truncated: re-convert the weights or use another checkpoint") from None
+    return params, cfg
+
+
+def check_orbax_dir(path: str, what: str = "the checkpoint") -> None:
+    """An Orbax item directory whose save committed and whose metadata parses, else a
+    CheckpointFormatError naming the file."""
+    marker = os.path.join(path, COMMIT_MARKER)
+    if not os.path.isfile(marker):
+        raise CheckpointFormatError(f"{marker}: missing, so the save of {what} never committed (interrupted, or "
+                                    "copied in part); re-create it or use another checkpoint")
+    for item in (path, os.path.join(path, "state")):  # a params dir, or a train-state step's item
+        meta = os.path.join(item, METADATA_FILE)
+        if os.path.isfile(meta):
+            try:
+                with open(meta, "rb") as f:
+                    json.loads(f.read())
+            except (OSError, ValueError) as e:
+                raise CheckpointFormatError(f"{meta}: unreadable ({_short(e)}); the checkpoint is corrupt: "
+                                            "re-create it or use another checkpoint") from None
+            return
+    raise CheckpointFormatError(f"{meta}: missing; the checkpoint is incomplete: re-create it or use another checkpoint")
+
+
+def check_finite(params, what: str) -> None:
+    """Every parameter finite, else a CheckpointFormatError naming the first bad leaf."""
+    flags = jax.device_get(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params))
+    for key, ok in jax.tree_util.tree_flatten_with_path(flags)[0]:
+        if not bool(ok):
+            name = jax.tree_util.keystr(key, simple=True, separator="/")
+            raise CheckpointFormatError(f"{what}: parameter {name} holds NaN or inf; the weights are corrupt: "
+                                        "re-convert them or use another checkpoint")
+
+
+def _short(e: BaseException) -> str:
+    """An exception as one short line (Orbax's and TensorStore's errors run to many)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" + ("..." if len(text) > 300 else "")
 
 
 def write_json_atomic(path: str, obj) -> None:
