@@ -355,8 +355,7 @@ def eval_submission(config, out_dir, writer: ResultsWriter, records: list[dict],
     k = config.eval.num_samples
     per_domain = {d: pass_hat_ks([r for r in records if r["domain"] == d], [t["id"] for t in writer.tasks[d]])
                   for d in LEADERBOARD_DOMAINS}  # fmt: skip
-    notes = [f"tau2jax eval: split {split!r}, {k} trial(s) per task, prompt style {config.tau2.prompt_style!r}, "
-             f"engine {config.engine.kind!r}"]
+    notes = [f"tau2jax eval: split {split!r}, {k} trial(s) per task, prompt style {config.tau2.prompt_style!r}"]
     if split != "base" or k < 4:
         notes.append("not a leaderboard run (it wants the base split and 4 trials)")
     agent, user = agent_and_user_info(config)
@@ -433,66 +432,6 @@ def sft_records(path, style: str = "native") -> list[dict]:
         out.append({"messages": msgs, "tools": st.template_tools(spec), "source": f"{path}:simulations[{i}]",
                     "reward": float(sim.reward_info.reward)})  # fmt: skip
     return out
-
-
-# ----------------------------------------------------------------------------- a report from tau2 files
-
-
-def report_from_files(config, out_dir) -> dict:
-    """The eval's report (summary.json / .md, the plot, the do-nothing floor) on tau2 Results files
-    alone (`config.eval.from_tau2_results`: comma-separated paths or globs, one file per domain),
-    e.g. another agent's `tau2 run`: Pass@k and pass^k over its simulations, no episode played."""
-    from tau2jax import config as config_lib
-    from tau2jax.data.chat import ChatFormat
-    from tau2jax.data.sft_data import DataError, expand_files
-    from tau2jax.env import prompts
-    from tau2jax.eval import floor as floor_lib
-    from tau2jax.eval import report
-    from tau2jax.stages import builders
-    from tau2jax.stages.resume import write_atomic
-
-    t_start = time.time()
-    try:
-        paths = expand_files(config_lib.csv(config.eval.from_tau2_results))
-    except DataError as e:
-        raise config_lib.ConfigError(f"config.eval.from_tau2_results: {e}") from None
-    records, tasks, domains, k, seen, agents = [], [], [], 0, {}, {}
-    for p in paths:
-        domain, dtasks, recs = records_from_results(p)
-        info = load_results(p).info
-        agents[domain] = (info.agent_info.model_dump(), info.user_info.model_dump())
-        if domain in seen:
-            raise config_lib.ConfigError(f"config.eval.from_tau2_results: {p} and {seen[domain]} are both {domain} runs")
-        seen[domain] = p
-        domains.append(domain)
-        tasks += [(domain, t) for t in dtasks]
-        records += recs
-        per_task = {}
-        for r in recs:
-            per_task[r["task_id"]] = per_task.get(r["task_id"], 0) + 1
-        k = max(k, max(per_task.values(), default=0))
-    floor = None
-    if config.eval.floor:
-        chat = ChatFormat(builders.tokenizer(config))
-        floor = floor_lib.outcomes(tasks, chat=chat, style=prompts.get_style(config.tau2.prompt_style),
-                                   cache_dir=config.eval.floor_cache_dir)  # fmt: skip
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = report.build_summary(
-        records, tasks, k=k, domains=domains, split="(from tau2 Results files)", config=config_lib.redacted(config),
-        floor=floor, infra_retries=None,
-        run_info={"wall_s": round(time.time() - t_start, 2), "episodes_run": 0, "episodes_resumed": 0,
-                  "tau2_results": [str(p) for p in paths]},
-    )  # fmt: skip
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
-    md = report.render_markdown(summary).split("\n", 1)
-    about = "; ".join(f"{d}: agent {a['llm'] or a['implementation']}, user {u['llm'] or u['implementation']}"
-                      for d, (a, u) in agents.items())  # fmt: skip
-    md.insert(1, f"\nFrom tau2 Results files alone ({about}): {', '.join(str(p) for p in paths)}. No episode was "
-                 "played; the settings line below is this command's config, not the files' run.\n")
-    write_atomic(out_dir / "summary.md", "\n".join(md))
-    report.plot_pass_at_k(summary, out_dir / "pass_at_k.png")
-    return report.headline(summary, out_dir)
 
 
 # ----------------------------------------------------------------------------- demos and GRPO steps

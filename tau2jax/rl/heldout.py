@@ -20,27 +20,6 @@ from tau2jax.parallel import host_gather
 from tau2jax.rl import collector
 
 
-def environment(config):
-    """The held-out environment and its task refs (the first `rl.heldout_tasks` taken round-robin
-    over the domains; 0 = all)."""
-    from tau2jax.stages import builders
-
-    if config.rl.env == "toy":
-        from tau2jax.env.toy import ToyEnvironment
-
-        toy = config.rl.toy
-        env = ToyEnvironment(num_tasks=config.rl.heldout_tasks or toy.tasks, seed=config.seed, split="test",
-                             shared_table=toy.shared_table, turn_latency_s=toy.turn_latency_s)
-    else:
-        from tau2jax.data.chat import ChatFormat
-
-        test = config.copy_and_resolve_references()
-        test.tau2.task_ids = ""  # the training task list names train ids: the whole test split here
-        env = builders.tau2_environment(test, ChatFormat(builders.tokenizer(config)), split="test")
-    refs = interleave_domains(env.tasks())
-    return env, refs[: config.rl.heldout_tasks] if config.rl.heldout_tasks else refs
-
-
 def interleave_domains(refs: list) -> list:
     """Refs round-robin over their domains (each domain's order kept), so the first N held-out
     tasks span every domain."""

@@ -27,6 +27,7 @@ from tau2jax.inference.sglang_client import SGLangEngine
 from tau2jax.models import configs as model_configs
 from tau2jax.models import qwen3
 from tau2jax.parallel import sharding
+from tau2jax.rl import heldout
 from tau2jax.weights.hf_read import HF_EXTRA_DIR
 from tau2jax.weights.orbax_params import check_finite, restore_params
 
@@ -291,6 +292,21 @@ def tau2_environment(config, chat, *, split: str | None = None):
                            user_for=user_factory(config), reward_config=reward_config(config),
                            max_steps=config.tau2.max_steps, max_errors=config.tau2.max_errors,
                            max_repairs=config.tau2.max_repairs)
+
+
+def heldout_environment(config):
+    """The held-out environment and its task refs (the first `rl.heldout_tasks` taken round-robin
+    over the domains; 0 = all)."""
+    if config.rl.env == "toy":
+        toy = config.rl.toy
+        env = ToyEnvironment(num_tasks=config.rl.heldout_tasks or toy.tasks, seed=config.seed, split="test",
+                             shared_table=toy.shared_table, turn_latency_s=toy.turn_latency_s)
+    else:
+        test = config.copy_and_resolve_references()
+        test.tau2.task_ids = ""  # the training task list names train ids: the whole test split here
+        env = tau2_environment(test, ChatFormat(tokenizer(config)), split="test")
+    refs = heldout.interleave_domains(env.tasks())
+    return env, refs[: config.rl.heldout_tasks] if config.rl.heldout_tasks else refs
 
 
 def rl_environment(config):

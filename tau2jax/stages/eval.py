@@ -46,6 +46,7 @@ from pathlib import Path
 
 from tau2jax import config as config_lib
 from tau2jax.data.chat import ChatFormat
+from tau2jax.data.sft_data import DataError, expand_files
 from tau2jax.env import prompts, tau2_env
 from tau2jax.env.environments import TaskRef, Tau2Environment
 from tau2jax.env.episode import derive_seed
@@ -148,7 +149,7 @@ def run(config) -> dict:
     t_start = time.time()
     data_root = tau2_env.init_tau2(config.tau2.data_dir)
     if config.eval.from_tau2_results:  # someone else's tau2 run: the report from its files, no episodes
-        return tau2_results.report_from_files(config, Path(config.workdir) / "eval")
+        return report_from_files(config, Path(config.workdir) / "eval")
     out_dir = Path(config.workdir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     earlier = load_settings(out_dir)
@@ -215,6 +216,54 @@ def run(config) -> dict:
     tau2_results.eval_submission(config, out_dir, results_writer, records, config.tau2.split)
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     write_atomic(out_dir / "summary.md", report.render_markdown(summary))
+    report.plot_pass_at_k(summary, out_dir / "pass_at_k.png")
+    return report.headline(summary, out_dir)
+
+
+def report_from_files(config, out_dir) -> dict:
+    """The eval's report (summary.json / .md, the plot, the do-nothing floor) on tau2 Results files
+    alone (`config.eval.from_tau2_results`: comma-separated paths or globs, one file per domain),
+    e.g. another agent's `tau2 run`: Pass@k and pass^k over its simulations, no episode played."""
+    t_start = time.time()
+    try:
+        paths = expand_files(config_lib.csv(config.eval.from_tau2_results))
+    except DataError as e:
+        raise config_lib.ConfigError(f"config.eval.from_tau2_results: {e}") from None
+    records, tasks, domains, k, seen, agents = [], [], [], 0, {}, {}
+    for p in paths:
+        domain, dtasks, recs = tau2_results.records_from_results(p)
+        info = tau2_results.load_results(p).info
+        agents[domain] = (info.agent_info.model_dump(), info.user_info.model_dump())
+        if domain in seen:
+            raise config_lib.ConfigError(f"config.eval.from_tau2_results: {p} and {seen[domain]} are both {domain} runs")
+        seen[domain] = p
+        domains.append(domain)
+        tasks += [(domain, t) for t in dtasks]
+        records += recs
+        per_task = {}
+        for r in recs:
+            per_task[r["task_id"]] = per_task.get(r["task_id"], 0) + 1
+        k = max(k, max(per_task.values(), default=0))
+    floor = None
+    if config.eval.floor:
+        chat = ChatFormat(builders.tokenizer(config))
+        floor = floor_lib.outcomes(tasks, chat=chat, style=prompts.get_style(config.tau2.prompt_style),
+                                   cache_dir=config.eval.floor_cache_dir)  # fmt: skip
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = report.build_summary(
+        records, tasks, k=k, domains=domains, split="(from tau2 Results files)", config=config_lib.redacted(config),
+        floor=floor, infra_retries=None,
+        run_info={"wall_s": round(time.time() - t_start, 2), "episodes_run": 0, "episodes_resumed": 0,
+                  "tau2_results": [str(p) for p in paths]},
+    )  # fmt: skip
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    md = report.render_markdown(summary).split("\n", 1)
+    about = "; ".join(f"{d}: agent {a['llm'] or a['implementation']}, user {u['llm'] or u['implementation']}"
+                      for d, (a, u) in agents.items())  # fmt: skip
+    md.insert(1, f"\nFrom tau2 Results files alone ({about}): {', '.join(str(p) for p in paths)}. No episode was "
+                 "played; the settings line below is this command's config, not the files' run.\n")
+    write_atomic(out_dir / "summary.md", "\n".join(md))
     report.plot_pass_at_k(summary, out_dir / "pass_at_k.png")
     return report.headline(summary, out_dir)
 

@@ -304,7 +304,7 @@ def run(config) -> dict:
     share = ProcessShare(workers)
     sync.start(state.params, start)  # a server that starts from other weights gets ours
     log, writer = RolloutLog(config.workdir, start, is_main, config), MetricWriter(config.workdir)
-    hold = heldout.environment(config) if rl.eval_every else None  # (env, task refs) never trained on
+    hold = builders.heldout_environment(config) if rl.eval_every else None  # (env, task refs) never trained on
     bar = tqdm(total=rl.steps, initial=start, desc=builders.progress_name(config, "grpo"), disable=not is_main,
                dynamic_ncols=True)
     planned, max_seen, busy = start, 0, []
