@@ -9,6 +9,24 @@ Serving model
     thread. Requests queued while a batch runs go into the next one. `close()` lets the requests
     queued before it finish; later ones fail with a RuntimeError.
 
+Continuous batching (`scheduler="continuous"`; the default is "static", above)
+    One running batch of `max_batch` slots on one cache length S. Between decode chunks the
+    worker reads the chunk the device just ran (the next one already dispatched), retires the rows
+    that finished (their KV to the prefix cache, their futures resolved: the slot is free) and
+    admits queued requests into the free slots: they are prefilled as a sub-batch (bucketed like a
+    static batch, prefix blocks copied in, at the running S) and scattered into their slots by
+    `_insert`; the next chunk decodes them with the rest. So a request waits for at most one chunk
+    and a free slot, not for the longest row. A request needing more than S grows the running cache
+    a bucket at a time (`_grow`, a zero pad); the cache goes back to the need of the next requests
+    only when the batch drains. Free slots are done rows (masked, nothing written). Every row keeps
+    the weights it began with: after a swap no request is admitted until the running batch has
+    drained, so its rows finish on the old params and report the old version, and new requests
+    start on the new ones. The device's stop-id table has MIN_STOP_ID_SLOTS columns (a request
+    with more has the others checked on the host: no new shape). Shapes: decode and prefix-block
+    copies at (max_batch, S), prefill at (sub-batch bucket, S), inserts (sub-batch bucket, S), the
+    growths S -> next S; `warmup()` compiles them all. `batches_run` counts admissions.
+    `batches_itself` is True: the server's `Batcher` hands each request straight to `submit`.
+
 Shapes are a fixed set, so nothing compiles in steady state: the batch is padded to a bucket (1, 2,
 4, ..., max_batch) and the KV cache to the batch's need, the next power of two >= max(prompt +
 max_new) over its rows (>= 256, at most `max_seq_len` rounded up to a prefix block). Every jitted
@@ -730,7 +748,7 @@ class JaxEngine:
         drains first. -> the running batch."""
         with self._lock:
             params, version = self._params, self.policy_version
-            if run is not None and run.version != version:
+            if run is not None and run.params is not params:  # swapped: drain the running batch first
                 return run
             free = [i for i, h in enumerate(slots) if h is None]
             take = [pending.popleft() for _ in range(min(len(free), len(pending)))]

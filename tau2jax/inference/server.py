@@ -746,6 +746,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="how long the first queued prompt waits for others to join its batch")
     p.add_argument("--max-seq-len", type=int, default=8192, help="KV cache length (prompt + generated tokens)")
+    p.add_argument("--scheduler", default="static", choices=["static", "continuous"],
+                   help="the engine's batching: static batches, or rows joining and leaving the running batch")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and compute dtype (bfloat16 on GPUs)")
     p.add_argument("--max-tokens", type=int, default=1024, help="chat completions' default max_tokens")
@@ -762,7 +764,7 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
         engine = JaxEngine.from_checkpoint(args.checkpoint, dtype=args.dtype, compute_dtype=args.dtype,
                                            tokenizer=tokenizer, max_seq_len=args.max_seq_len,
-                                           max_batch=args.max_batch)
+                                           max_batch=args.max_batch, scheduler=args.scheduler)
     except (OSError, ValueError) as e:  # missing/invalid checkpoint or tokenizer: say which
         print(f"error: {e}", file=sys.stderr)
         return 2
