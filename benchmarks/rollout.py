@@ -54,7 +54,10 @@ MAX_NEW_TOKENS = 32
 # --compare-batching: episodes played back to back by CONCURRENCY threads, turn budgets per (episode, turn)
 CONCURRENCY = 16
 COMPARE_SIZES = {"full": dict(episodes=64, repairs=3, rounds=3), "quick": dict(episodes=32, repairs=2, rounds=1)}
-TURN_BUDGETS = (4, 8, 8, 12, 16, 16, 24, 32, 48, 96)
+TURN_BUDGETS = (4, 6, 8, 8, 12, 16, 16, 24, 32, 64)
+# Decode steps a dispatch, both schedulers: a request joins the running batch at a chunk's end, so
+# short chunks keep admission quick (a static batch exits its chunk once every row is done).
+DECODE_CHUNK = 4
 PREFIX_CACHE_TOKENS = default_config().engine.prefix_cache_tokens  # what a run gets by default
 
 
@@ -218,6 +221,10 @@ def run_pool(tasks, engine, chat, repairs: int, episodes: int, temperature: floa
     return time.perf_counter() - t0, trajs
 
 
+def _progress(what: str, t0: list = [time.perf_counter()]) -> None:
+    print(f"[{time.perf_counter() - t0[0]:7.1f}s] {what}", file=sys.stderr, flush=True)
+
+
 def run_compare(size: str, threads: int) -> dict:
     import jax
 
@@ -239,7 +246,7 @@ def run_compare(size: str, threads: int) -> dict:
 
     def engine(scheduler):
         return _Serving(JaxEngine(params, cfg, tokenizer=tok, max_seq_len=max_seq_len, max_batch=CONCURRENCY,
-                                  prefix_cache_tokens=PREFIX_CACHE_TOKENS, seed=0, scheduler=scheduler))
+                                  decode_chunk=DECODE_CHUNK, prefix_cache_tokens=PREFIX_CACHE_TOKENS, seed=0, scheduler=scheduler))
 
     modes = ("static", "continuous")
     _count_compiles()
@@ -249,10 +256,11 @@ def run_compare(size: str, threads: int) -> dict:
         eng = engine(name)
         buckets = eng.engine.warmup()
         eng.close()
+        _progress(f"warmed up {name}")
     warmup_s, warmup_compiles = time.perf_counter() - t0, _compiles()
     for name in modes:
         eng = engine(name)
-        run_pool(tasks, eng, chat, repairs, n, 1.0)
+        _progress(f"untimed round {name}: {run_pool(tasks, eng, chat, repairs, n, 1.0)[0]:.1f}s")
         eng.close()
     compiles = _compiles()
     secs, trajs, stats = {name: [] for name in modes}, {}, {}
@@ -261,6 +269,7 @@ def run_compare(size: str, threads: int) -> dict:
             eng = engine(name)
             sec, trajs[name] = run_pool(tasks, eng, chat, repairs, n, 1.0)
             secs[name].append(sec)
+            _progress(f"timed round {name}: {sec:.1f}s")
             stats[name] = eng.engine.stats()
             eng.close()
     timed_compiles = _compiles() - compiles
@@ -269,6 +278,7 @@ def run_compare(size: str, threads: int) -> dict:
         eng = engine(name)
         greedy[name] = run_pool(tasks, eng, chat, repairs, n, 0.0)[1]
         eng.close()
+        _progress(f"greedy round {name}")
     rows = {}
     for name in modes:
         errors = [t.infra_error for t in trajs[name] + greedy[name] if t.infra_error]
@@ -296,6 +306,7 @@ def run_compare(size: str, threads: int) -> dict:
                    "episodes": n, "concurrency": CONCURRENCY, "max_repairs": repairs, "timed_rounds": rounds,
                    "prompt_style": "recipe", "domain": "mock", "turn_budgets": list(TURN_BUDGETS),
                    "temperature": 1.0, "max_seq_len": max_seq_len, "max_batch": CONCURRENCY,
+                   "decode_chunk": DECODE_CHUNK,
                    "prefix_cache_tokens": PREFIX_CACHE_TOKENS, "serving_path": "server.Batcher (defaults)",
                    "size": size, "jax_backend": jax.default_backend(), "cpu_threads": threads,
                    "load_average_1m": round(os.getloadavg()[0], 2)},
