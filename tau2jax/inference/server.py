@@ -128,7 +128,7 @@ class Batcher:
         self.window_s = window_s
         self.lock = threading.Lock()
         self.last_output_t = 0.0  # time.monotonic() of the last batch answered (SGLang's health check)
-        self.direct = bool(getattr(engine, "batches_itself", False))
+        self.direct = getattr(engine, "batches_itself", False) is True  # (a Mock engine: False)
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="engine-batcher", daemon=True)
         if not self.direct:
