@@ -131,6 +131,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.engine.checkpoint = ""  # builtin: converted weights (hf_to_orbax output or an SFT run's params/)
     c.engine.max_seq_len = 32768  # builtin: context (prompt + generated); the largest KV-cache bucket
     c.engine.max_batch = 16  # builtin: sequences decoded together
+    # builtin: static = each batch runs until its longest row ends; continuous = requests join and
+    # leave the running batch between decode chunks (tau2jax/inference/jax_engine.py)
+    c.engine.scheduler = "static"
     c.engine.dtype = "auto"  # builtin: weights, compute and KV cache; auto = bfloat16 on GPU, else float32
     # builtin: KV slots kept for prefix reuse across turns (0 = off); Qwen3-4B bf16: 144 KiB a slot,
     # so 64K slots = 9 GiB, enough for 8 concurrent episodes of 8K tokens.
@@ -439,6 +442,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.user.max_tokens >= 1, "user.max_tokens", "must be >= 1")
     _require(c.engine.kind in ("builtin", "sglang", "gold"), "engine.kind", "must be builtin, sglang or gold")
     _require(c.engine.dtype in ("auto", "float32", "bfloat16"), "engine.dtype", "must be auto, float32 or bfloat16")
+    _require(c.engine.scheduler in ("static", "continuous"), "engine.scheduler", "must be static or continuous")
     _require(c.engine.max_seq_len >= 2 and c.engine.max_batch >= 1, "engine",
              "max_seq_len must be >= 2 and max_batch >= 1")
     _require(c.engine.prefix_cache_tokens >= 0, "engine.prefix_cache_tokens", "must be >= 0 (0 = off)")

@@ -9,6 +9,24 @@ Serving model
     thread. Requests queued while a batch runs go into the next one. `close()` lets the requests
     queued before it finish; later ones fail with a RuntimeError.
 
+Continuous batching (`scheduler="continuous"`; the default is "static", above)
+    One running batch of `max_batch` slots on one cache length S. Between decode chunks the
+    worker reads the chunk the device just ran (the next one already dispatched), retires the rows
+    that finished (their KV to the prefix cache, their futures resolved: the slot is free) and
+    admits queued requests into the free slots: they are prefilled as a sub-batch (bucketed like a
+    static batch, prefix blocks copied in, at the running S) and scattered into their slots by
+    `_insert`; the next chunk decodes them with the rest. So a request waits for at most one chunk
+    and a free slot, not for the longest row. A request needing more than S grows the running cache
+    a bucket at a time (`_grow`, a zero pad); the cache goes back to the need of the next requests
+    only when the batch drains. Free slots are done rows (masked, nothing written). Every row keeps
+    the weights it began with: after a swap no request is admitted until the running batch has
+    drained, so its rows finish on the old params and report the old version, and new requests
+    start on the new ones. The device's stop-id table has MIN_STOP_ID_SLOTS columns (a request
+    with more has the others checked on the host: no new shape). Shapes: decode and prefix-block
+    copies at (max_batch, S), prefill at (sub-batch bucket, S), inserts (sub-batch bucket, S), the
+    growths S -> next S; `warmup()` compiles them all. `batches_run` counts admissions.
+    `batches_itself` is True: the server's `Batcher` hands each request straight to `submit`.
+
 Shapes are a fixed set, so nothing compiles in steady state: the batch is padded to a bucket (1, 2,
 4, ..., max_batch) and the KV cache to the batch's need, the next power of two >= max(prompt +
 max_new) over its rows (>= 256, at most `max_seq_len` rounded up to a prefix block). Every jitted
@@ -76,6 +94,7 @@ from tau2jax.weights.hf_read import load_hf_params
 from tau2jax.weights.orbax_params import restore_params
 
 MIN_CACHE_BUCKET = 256
+SCHEDULERS = ("static", "continuous")
 MIN_STOP_ID_SLOTS = 8  # stop-id table width; more stop ids round up to a power of two (a new shape)
 # Attention-score elements of one prefill slice (B x heads x slice x cache): 2 GiB in fp32. Qwen3-4B
 # (32 heads), batch 16, cache 32K -> 32-token slices; short caches keep `prefill_chunk`.
@@ -216,6 +235,49 @@ def _decode(params, rows, state, ended, *, spec: _Spec):
     return state, out
 
 
+# Continuous batching: a running batch of B slots (state and rows as above, on device), idle
+# slots done; a sub-batch prefilled by `_device_batch` is scattered into free slots by `_insert`;
+# the cache grows one bucket at a time by `_grow`.
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "batch", "length", "ns"))
+def _idle_state(*, spec: _Spec, batch: int, length: int, ns: int):
+    """A running batch with every slot free (done): (state, rows) as prefill makes them."""
+    _TRACES["idle", spec] += 1
+    state = dict(cache=_empty_cache(spec=spec, batch=batch, length=length), lengths=jnp.ones(batch, jnp.int32),
+                 last=jnp.zeros(batch, jnp.int32), done=jnp.ones(batch, bool), n_gen=jnp.zeros(batch, jnp.int32))
+    rows = dict(temperature=jnp.zeros(batch, jnp.float32), top_k=jnp.zeros(batch, jnp.int32),
+                top_p=jnp.ones(batch, jnp.float32), seed=jnp.zeros(batch, jnp.uint32),
+                max_new=jnp.ones(batch, jnp.int32), prompt_len=jnp.ones(batch, jnp.int32),
+                stop_ids=jnp.full((batch, ns), -1, jnp.int32))
+    return state, rows
+
+
+@functools.partial(jax.jit, static_argnames="spec", donate_argnames=("state", "rows"))
+def _insert(state, rows, sub_state, sub_rows, slots, *, spec: _Spec):
+    """Scatters a prefilled sub-batch (sub_state, sub_rows: b rows, the running cache length)
+    into the running batch's slots `slots` [b] (= B for a padding row: dropped)."""
+    _TRACES["insert", spec] += 1
+
+    def put(a, b, axis=0):
+        idx = (slice(None),) * axis + (slots,)
+        return a.at[idx].set(b.astype(a.dtype), mode="drop")
+
+    cache = {n: put(state["cache"][n], sub_state["cache"][n], axis=1) for n in state["cache"]}
+    state = {**{k: put(state[k], sub_state[k]) for k in state if k != "cache"}, "cache": cache}
+    return state, {k: put(rows[k], sub_rows[k]) for k in rows}
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "length"))  # a new shape: nothing to donate
+def _grow(state, *, spec: _Spec, length: int):
+    """The running cache padded to `length` slots (the new slots are garbage-free zeros)."""
+    _TRACES["grow", spec] += 1
+    S = state["cache"]["k"].shape[2]
+    cache = {n: constrain(jnp.pad(a, ((0, 0), (0, 0), (0, length - S), (0, 0), (0, 0))), ax)
+             for (n, a), ax in zip(state["cache"].items(), qwen3.cache_axes().values())}
+    return {**state, "cache": cache}
+
+
 # --------------------------------------------------------------------------- prefix cache
 
 
@@ -302,6 +364,7 @@ class _Row:
         self.stop_reason: str | int | None = None
         self.stops = set(req.params.stop_token_ids)
         self.stop_strings = tuple(req.params.stop_strings)
+        self.shared: list = []  # continuous: the prefix entry's blocks this row's cache shares
         # A string of n characters spans at most 4n byte-level tokens (a token holds >= 1 byte).
         self.window = 4 * max(map(len, self.stop_strings), default=0) + 4
 
@@ -324,10 +387,14 @@ class _Row:
         return GenerateResult(self.ids, self.logprobs, self.finish, policy_version, self.stop_reason, self.sampled)
 
 
-def _pack(batch: list[_Request], prompts: list[np.ndarray], cached: list[int], B: int, P: int):
+def _pack(batch: list[_Request], prompts: list[np.ndarray], cached: list[int], B: int, P: int,
+          ns: int | None = None):
     """Host arrays of a batch padded to B rows: tokens [B, P] (each prompt after its `cached`
-    prefix), start [B] (= cached) and the per-row constants `rows` of the jitted functions."""
-    ns = _bucket(max((len(r.params.stop_token_ids) for r in batch), default=0), MIN_STOP_ID_SLOTS)
+    prefix), start [B] (= cached) and the per-row constants `rows` of the jitted functions. `ns`:
+    the stop-id table's width (default: wide enough for every row's); a row with more stop ids
+    keeps its first `ns` on device (the host still stops at the others)."""
+    if ns is None:
+        ns = _bucket(max((len(r.params.stop_token_ids) for r in batch), default=0), MIN_STOP_ID_SLOTS)
     tokens, start = np.zeros((B, P), np.int32), np.zeros(B, np.int32)
     rows = dict(temperature=np.zeros(B, np.float32), top_k=np.zeros(B, np.int32),
                 top_p=np.ones(B, np.float32), seed=np.zeros(B, np.uint32), max_new=np.ones(B, np.int32),
@@ -338,8 +405,20 @@ def _pack(batch: list[_Request], prompts: list[np.ndarray], cached: list[int], B
         tokens[i, :len(prompt) - n], start[i] = prompt[n:], n
         rows["temperature"][i], rows["top_k"][i], rows["top_p"][i] = p.temperature, p.top_k, p.top_p
         rows["seed"][i], rows["max_new"][i], rows["prompt_len"][i] = r.seed, r.max_new, len(prompt)
-        rows["stop_ids"][i, :len(p.stop_token_ids)] = p.stop_token_ids
+        stops = tuple(p.stop_token_ids)[:ns]
+        rows["stop_ids"][i, :len(stops)] = stops
     return tokens, start, rows
+
+
+@dataclasses.dataclass
+class _Running:
+    """The continuous scheduler's running batch: the weights its rows started on, its device
+    state and per-slot constants, its cache length."""
+    params: object
+    version: int
+    state: dict
+    rows: dict
+    S: int
 
 
 class JaxEngine:
@@ -360,7 +439,10 @@ class JaxEngine:
     def __init__(self, params, cfg: ModelConfig, *, tokenizer=None, max_seq_len: int = 4096,
                  max_batch: int = 16, decode_chunk: int = 16, prefill_chunk: int = 512,
                  compute_dtype=jnp.float32, cache_dtype=None, mesh: jax.sharding.Mesh | None = None,
-                 batch_wait_s: float = 0.0, prefix_cache_tokens: int = 0, policy_version: int = 0, seed: int = 0):
+                 batch_wait_s: float = 0.0, prefix_cache_tokens: int = 0, policy_version: int = 0, seed: int = 0,
+                 scheduler: str = "static"):
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"JaxEngine: scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
         if max_seq_len < 2 or max_batch < 1 or decode_chunk < 1 or prefix_cache_tokens < 0:
             raise ValueError("JaxEngine: max_seq_len must be >= 2, max_batch and decode_chunk >= 1, "
                              "prefix_cache_tokens >= 0")
@@ -370,6 +452,7 @@ class JaxEngine:
         self._spec = _Spec(cfg, prefill_chunk, decode_chunk, compute_dtype, jnp.dtype(cache_dtype or compute_dtype))
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
         self.max_seq_len, self.max_batch, self.batch_wait_s = max_seq_len, max_batch, batch_wait_s
+        self.scheduler = scheduler
         # Prefix-cache block (slots per device copy) and the largest cache: every cache length is
         # a multiple of the block, so a block never straddles a row's end.
         self._block = min(MIN_CACHE_BUCKET, _bucket(max_seq_len))
@@ -387,7 +470,9 @@ class JaxEngine:
         self._rng = np.random.default_rng(seed)
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
-        self._worker = threading.Thread(target=self._serve, name="JaxEngine", daemon=True)
+        self._pending_n = 0  # continuous: requests taken off the queue, not yet in a slot
+        serve = self._serve if scheduler == "static" else self._serve_continuous
+        self._worker = threading.Thread(target=serve, name="JaxEngine", daemon=True)
         self._worker.start()
 
     # ------------------------------------------------------------------ constructors
@@ -481,7 +566,18 @@ class JaxEngine:
     def compile_counts(self) -> dict[str, int]:
         """Times prefill / decode were traced (= compiled) for this engine's static config;
         engines with the same config share compiled code and these counts."""
-        return {name: _TRACES[name, self._spec] for name in ("prefill", "decode")}
+        names = ("prefill", "decode") + (("idle", "insert", "grow") if self.scheduler == "continuous" else ())
+        return {name: _TRACES[name, self._spec] for name in names}
+
+    @property
+    def batches_itself(self) -> bool:
+        """Whether requests should be submitted one by one as they come (`submit`), not gathered
+        into batches first: the continuous scheduler admits each into the running batch."""
+        return self.scheduler == "continuous"
+
+    def pending(self) -> int:
+        """Requests queued and not yet running (continuous: not yet in a slot)."""
+        return self._queue.qsize() + self._pending_n
 
     def stats(self) -> dict[str, int]:
         """Counters since construction: requests, prompt_tokens, prefill_tokens (prompt tokens
@@ -586,6 +682,129 @@ class JaxEngine:
                 for r, res in zip(batch, results):
                     r.future.set_result(res)
 
+    def _serve_continuous(self) -> None:
+        """The continuous scheduler's worker; see the module docstring."""
+        B = self.max_batch
+        pending: collections.deque[_Request] = collections.deque()
+        slots: list[_Row | None] = [None] * B  # the request in each slot of the running batch
+        run: _Running | None = None
+        outs: collections.deque = collections.deque()  # (out, the host row of each column), dispatched, unread
+        closing = False
+        mesh_ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        while True:
+            # Take what is queued; wait for it only when nothing runs.
+            while not closing:
+                idle = run is None and not pending
+                try:
+                    group = self._queue.get() if idle else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if group is None:
+                    closing = True
+                else:
+                    pending.extend(group)
+            self._pending_n = len(pending)
+            if run is None and not pending:
+                if closing:
+                    return
+                continue
+            with mesh_ctx:
+                try:
+                    if run is not None:
+                        nxt = None
+                        if any(h is not None and h.finish is None for h in slots):
+                            ended = np.array([h is None or h.finish is not None for h in slots])
+                            run.state, out = _decode(run.params, run.rows, run.state, ended, spec=self._spec)
+                            nxt = (out, list(slots))
+                        while outs:  # the device runs `nxt` meanwhile
+                            self._consume_cols(*outs.popleft())
+                        if nxt is not None:
+                            outs.append(nxt)
+                        self._retire(run, slots)
+                except BaseException as e:  # the running rows see it; the worker keeps serving
+                    for i, h in enumerate(slots):
+                        if h is not None:
+                            h.req.future.set_exception(e)
+                            slots[i] = None
+                    run, outs = None, collections.deque()
+                if run is not None and not outs and all(h is None for h in slots):
+                    run = None  # drained: the next batch starts on the current weights, at its own length
+                if pending:
+                    run = self._admit(run, pending, slots, outs)
+            self._pending_n = len(pending)
+
+    def _retire(self, run: "_Running", slots: list) -> None:
+        """Frees the slots of finished rows: their KV to the prefix cache, their results out."""
+        for i, h in enumerate(slots):
+            if h is not None and h.finish is not None:
+                slots[i] = None
+                self._remember([h], run.state["cache"], run.version, [h.shared], rows=[i])
+                h.req.future.set_result(h.result(run.version))
+
+    def _admit(self, run, pending: collections.deque, slots: list, outs: collections.deque):
+        """Prefills as many pending requests as there are free slots (a sub-batch, prefix blocks
+        included) and inserts them into the running batch (started here if none runs; grown to
+        their cache need). None are admitted while the running batch is on older weights: it
+        drains first. -> the running batch."""
+        with self._lock:
+            params, version = self._params, self.policy_version
+            if run is not None and run.params is not params:  # swapped: drain the running batch first
+                return run
+            free = [i for i, h in enumerate(slots) if h is None]
+            take = [pending.popleft() for _ in range(min(len(free), len(pending)))]
+            prompts = [np.asarray(r.prompt, np.int32) for r in take]
+            hits = [self._prefix.match(p) for p in prompts]
+        if not take:
+            return run
+        try:
+            S = self._cache_len(max(len(r.prompt) + r.max_new for r in take))
+            if run is None:
+                state, rows = _idle_state(spec=self._spec, batch=self.max_batch, length=S, ns=MIN_STOP_ID_SLOTS)
+                run = _Running(params, version, state, rows, S)
+            lens = self._cache_lens(self.max_seq_len)
+            while run.S < S:  # one bucket at a time: the shapes warmup() made
+                run.S = next(n for n in lens if n > run.S)
+                run.state = _grow(run.state, spec=self._spec, length=run.S)
+            b = min(_bucket(len(take)), self.max_batch)
+            tokens, start, rows = _pack(take, prompts, [n for _, n in hits], b,
+                                        _prefill_width(self._spec, b, run.S), ns=MIN_STOP_ID_SLOTS)
+            puts = [(i, e.kv[:-(-n // self._block)]) for i, (e, n) in enumerate(hits) if e is not None]
+            rows = jax.device_put(rows)
+            sub_state, out = self._device_batch(params, rows, tokens, start, puts, b, run.S)
+            dest = np.full(b, self.max_batch, np.int32)
+            dest[:len(take)] = free[:len(take)]
+            run.state, run.rows = _insert(run.state, run.rows, sub_state, rows, dest, spec=self._spec)
+        except BaseException as e:  # these requests see it; the running rows go on
+            for r in take:
+                r.future.set_exception(e)
+            return run
+        hosts = []
+        for i, (r, (e, n)) in enumerate(zip(take, hits)):
+            h = _Row(r, self.tokenizer)
+            h.shared = e.kv[:n // self._block] if e is not None else []
+            slots[free[i]] = h
+            hosts.append(h)
+        outs.append((out, hosts))
+        with self._lock:
+            self.batches_run += 1
+            self._counts.update(requests=len(take), prompt_tokens=sum(map(len, prompts)),
+                                prefill_tokens=sum(len(p) - n for p, (_, n) in zip(prompts, hits)),
+                                prefix_hits=sum(n > 0 for _, n in hits), prefix_tokens_saved=sum(n for _, n in hits))
+        return run
+
+    @staticmethod
+    def _consume_cols(out, cols: list) -> None:
+        """Appends a chunk's tokens to the unfinished rows of its columns (None: a free slot)."""
+        out = jax.device_get(out)
+        toks, lps, slps = out["tokens"], out["logprobs"], out["sampled"]
+        for i, h in enumerate(cols):
+            if h is None:
+                continue
+            for t in range(toks.shape[0]):
+                if h.finish is not None or toks[t, i] < 0:
+                    break
+                h.add(int(toks[t, i]), float(lps[t, i]), float(slps[t, i]))
+
     def _cache_len(self, need: int) -> int:
         return min(self._max_cache, _bucket(need, MIN_CACHE_BUCKET))
 
@@ -626,7 +845,34 @@ class JaxEngine:
                     state, out = self._device_batch(params, rows, tokens, start, puts, B, S)
                     state, _ = _decode(params, rows, state, done, spec=self._spec)
                     jax.block_until_ready(state)
+            if self.scheduler == "continuous":
+                self._warmup_continuous(params, sizes, lens)
         return len(sizes) * len(lens)
+
+    def _warmup_continuous(self, params, sizes: list[int], lens: list[int]) -> None:
+        """The continuous scheduler's own shapes: for each cache length S, the idle running batch
+        (max_batch slots), an insert of each sub-batch size, a decode and a prefix block taken
+        from the running batch, and the growth to the next cache length."""
+        B = self.max_batch
+        for i, S in enumerate(lens):
+            state, rows = _idle_state(spec=self._spec, batch=B, length=S, ns=MIN_STOP_ID_SLOTS)
+            for b in sizes:
+                tokens, start, sub_rows = _pack([], [], [], b, _prefill_width(self._spec, b, S), ns=MIN_STOP_ID_SLOTS)
+                sub_rows = jax.device_put(sub_rows)
+                sub_state, _ = self._device_batch(params, sub_rows, tokens, start, [], b, S)
+                state, rows = _insert(state, rows, sub_state, sub_rows, np.full(b, B, np.int32), spec=self._spec)
+            state, _ = _decode(params, rows, state, np.ones(B, bool), spec=self._spec)
+            jax.block_until_ready(_take_block(state["cache"], 0, 0, size=self._block))
+            if i + 1 < len(lens):
+                state = _grow(state, spec=self._spec, length=lens[i + 1])
+                # a grown batch takes inserts and decodes like a fresh one: the same executables
+                tokens, start, sub_rows = _pack([], [], [], 1, _prefill_width(self._spec, 1, lens[i + 1]),
+                                                ns=MIN_STOP_ID_SLOTS)
+                sub_rows = jax.device_put(sub_rows)
+                sub_state, _ = self._device_batch(params, sub_rows, tokens, start, [], 1, lens[i + 1])
+                state, rows = _insert(state, rows, sub_state, sub_rows, np.full(1, B, np.int32), spec=self._spec)
+                state, _ = _decode(params, rows, state, np.ones(B, bool), spec=self._spec)
+            jax.block_until_ready(state)
 
     def _device_batch(self, params, rows, tokens, start, puts, B: int, S: int):
         """Empty cache, prefix blocks [(row, [block, ...])] copied in, prefill."""
@@ -679,19 +925,21 @@ class JaxEngine:
                                 prefix_hits=sum(n > 0 for _, n in hits), prefix_tokens_saved=sum(n for _, n in hits))
         return [h.result(version) for h in hosts]
 
-    def _remember(self, hosts: list[_Row], cache, version: int, shared: list[list]) -> None:
+    def _remember(self, hosts: list[_Row], cache, version: int, shared: list[list], rows=None) -> None:
         """Stores each finished row's KV in the prefix cache (as whole blocks; `shared[i]`: row i's
-        leading blocks, already on device), unless the weights changed meanwhile."""
+        leading blocks, already on device), unless the weights changed meanwhile. hosts[i] is
+        cache row rows[i] (default: i)."""
         if not self._prefix.capacity:
             return
-        for i, h in enumerate(hosts):
+        for j, h in enumerate(hosts):
+            i = j if rows is None else rows[j]
             ids = np.asarray(h.req.prompt + h.ids[:-1], np.int32)  # the last sampled token was never fed
             with self._lock:
                 if version != self.policy_version or self._prefix.covers(ids):
                     continue
             n_blocks = -(-len(ids) // self._block)
-            kv = shared[i] + [_take_block(cache, i, j * self._block, size=self._block)
-                              for j in range(len(shared[i]), n_blocks)]
+            kv = shared[j] + [_take_block(cache, i, k * self._block, size=self._block)
+                              for k in range(len(shared[j]), n_blocks)]
             with self._lock:
                 if version == self.policy_version:
                     self._prefix.add(ids, kv, n_blocks * self._block)

@@ -119,6 +119,11 @@ class Batcher:
 
     `lock` is held for every engine call; a weight swap takes it too, so it happens between two
     batches, never under a running generation.
+
+    An engine that batches itself (`engine.batches_itself`: JaxEngine's continuous scheduler) gets
+    each request straight away (`engine.submit`, under `lock`: never beside a swap); no thread,
+    no second queue. A swap then lands while rows run: they finish on the weights they began with
+    and report that version (the engine's guarantee).
     """
 
     def __init__(self, engine, max_batch: int = 32, window_s: float = 0.005):
@@ -129,20 +134,37 @@ class Batcher:
         self.window_s = window_s
         self.lock = threading.Lock()
         self.last_output_t = 0.0  # time.monotonic() of the last batch answered (SGLang's health check)
+        self.direct = getattr(engine, "batches_itself", False) is True  # (a Mock engine: False)
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="engine-batcher", daemon=True)
-        self._thread.start()
+        if not self.direct:
+            self._thread.start()
+
+    def _answered(self, future: concurrent.futures.Future) -> None:
+        if future.exception() is None:
+            self.last_output_t = time.monotonic()
 
     def submit(self, ids: list[int], params: SamplingParams) -> concurrent.futures.Future:
+        if self.direct:
+            try:
+                with self.lock:
+                    future = self.engine.submit(ids, params)
+            except Exception as e:
+                future = concurrent.futures.Future()
+                future.set_exception(e)
+            future.add_done_callback(self._answered)
+            return future
         item = _Item(ids, params)
         self._queue.put(item)
         return item.future
 
     def pending(self) -> int:
         """Prompts queued and not yet taken into a batch."""
-        return self._queue.qsize()
+        return self.engine.pending() if self.direct else self._queue.qsize()
 
     def close(self) -> None:
+        if self.direct:
+            return
         self._queue.put(None)
         self._thread.join()
 
@@ -848,6 +870,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="how long the first queued prompt waits for others to join its batch")
     p.add_argument("--max-seq-len", type=int, default=8192, help="KV cache length (prompt + generated tokens)")
+    p.add_argument("--scheduler", default="static", choices=["static", "continuous"],
+                   help="the engine's batching: static batches, or rows joining and leaving the running batch")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and compute dtype (bfloat16 on GPUs)")
     p.add_argument("--max-tokens", type=int, default=1024, help="chat completions' default max_tokens")
@@ -873,7 +897,7 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
         engine = JaxEngine.from_checkpoint(args.checkpoint, dtype=args.dtype, compute_dtype=args.dtype,
                                            tokenizer=tokenizer, max_seq_len=args.max_seq_len,
-                                           max_batch=args.max_batch)
+                                           max_batch=args.max_batch, scheduler=args.scheduler)
     except (OSError, ValueError) as e:  # missing/invalid checkpoint or tokenizer: say which
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -120,7 +120,7 @@ def builtin_engine(config):
     return JaxEngine.from_checkpoint(
         e.checkpoint, dtype=dtype, compute_dtype=dtype, mesh=mesh(config) if jax.device_count() > 1 and jax.process_count() == 1 else None,
         max_seq_len=e.max_seq_len, max_batch=e.max_batch, prefix_cache_tokens=e.prefix_cache_tokens,
-        tokenizer=tokenizer(config), seed=config.seed)
+        tokenizer=tokenizer(config), seed=config.seed, scheduler=e.scheduler)
 
 
 def process_urls(urls: list[str], rank: int, count: int) -> list[str]:
@@ -215,7 +215,7 @@ def rollout_engine(config, model_cfg, params, tok, version: int):
         return JaxEngine(jax.tree.map(lambda x: x.astype(dtype), params), model_cfg, tokenizer=tok,
                          max_seq_len=config.engine.max_seq_len, max_batch=config.engine.max_batch,
                          compute_dtype=dtype, prefix_cache_tokens=config.engine.prefix_cache_tokens,
-                         policy_version=version, seed=config.seed)
+                         policy_version=version, seed=config.seed, scheduler=config.engine.scheduler)
     if config.engine.kind == "sglang":
         engine = sglang_engine(config, per_process=True)
         engine.publication = weight_sync.Publication(model_cfg, publish_root(config), keep=config.rl.sync.keep)
