@@ -95,3 +95,27 @@ def test_every_listed_user_simulator_is_checked(tmp_path):
         c = default_config()
         c.user.kind, c.user.base_url = "llm", f"{a.base_url},{b.base_url}/"
         preflight.check_user_server(c)  # both answer /models
+
+
+def test_the_preflight_sends_the_servers_key(tmp_path, monkeypatch):
+    """Servers started with --api-key (gpu_node.sh with TAU2JAX_API_KEY) answer 401 without it: the
+    preflight asks with the key the clients use, and a wrong key is named as such."""
+    from tau2jax.data.tokenizer import load_tokenizer
+    from tau2jax.inference.engine import ScriptedEngine
+    from tau2jax.inference.server import RunningServer, Server, create_app
+    from tau2jax.stages import preflight
+
+    tok = load_tokenizer()
+    with RunningServer(create_app(Server(ScriptedEngine(tok, []), tok, api_key="s3cret"))) as running:
+        c = default_config()
+        c.engine.kind, c.engine.url, c.engine.api_key = "sglang", running.url, ""
+        c.user.kind, c.user.base_url = "llm", f"{running.url}/v1"
+        monkeypatch.setenv("TAU2JAX_API_KEY", "s3cret")
+        c.user.api_key = "s3cret"
+        preflight.check_policy_server(c)
+        preflight.check_user_server(c)
+        c.engine.api_key, c.user.api_key = "wrong", "wrong"
+        with pytest.raises(ConfigError, match=r"config.engine.api_key: .* refused the key \(401\)"):
+            preflight.check_policy_server(c)
+        with pytest.raises(ConfigError, match=r"config.user.api_key: .* refused the key \(401\)"):
+            preflight.check_user_server(c)

@@ -22,7 +22,7 @@ import jax
 import psutil
 
 from tau2jax import config as config_lib
-from tau2jax.inference.sglang_client import HEALTH_TIMEOUT_S
+from tau2jax.inference.sglang_client import API_KEY_ENV, HEALTH_TIMEOUT_S
 from tau2jax.learn.memory import learner_bytes
 from tau2jax.models.configs import num_params
 from tau2jax.stages import builders, pipeline_steps
@@ -112,16 +112,26 @@ def device_memory_bytes() -> int:
     return psutil.virtual_memory().total // jax.local_device_count()
 
 
+def _auth(key: str) -> dict:
+    """The servers' --api-key, as the clients send it (SGLang: "Authorization: Bearer <key>")."""
+    return {"Authorization": f"Bearer {key}"} if key and key != "EMPTY" else {}
+
+
 def check_policy_server(config) -> None:
+    key = config.engine.api_key or os.environ.get(API_KEY_ENV, "")  # as SGLangEngine takes it
     for url in config_lib.csv(config.engine.url):
-        _check_policy_url(url.rstrip("/"))
+        _check_policy_url(url.rstrip("/"), _auth(key))
 
 
-def _check_policy_url(url: str) -> None:
+def _check_policy_url(url: str, headers: dict) -> None:
     fix = "start it (launch/gpu_node.sh) or point config.engine.url at it"
     try:
         r = httpx.get(f"{url}/health", timeout=httpx.Timeout(HEALTH_TIMEOUT_S, connect=5.0))
-        info = httpx.get(f"{url}/get_model_info", timeout=10.0).json() if r.status_code == 200 else {}
+        info = httpx.get(f"{url}/get_model_info", timeout=10.0, headers=headers) if r.status_code == 200 else None
+        if info is not None and info.status_code == 401:
+            raise config_lib.ConfigError(f"config.engine.api_key: policy server {url} refused the key (401); give the "
+                                         f"trainer the servers' --api-key (engine.api_key or ${API_KEY_ENV})")
+        info = info.json() if info is not None and info.status_code == 200 else {}
     except httpx.HTTPError as e:
         raise config_lib.ConfigError(f"config.engine.url: policy server {url} unreachable{_from_here()} "
                                      f"({type(e).__name__}: {e}); {fix} (a server on another node must bind its "
@@ -156,15 +166,18 @@ def check_model_dir(path: str, what: str) -> None:
 def check_user_server(config) -> None:
     """Every endpoint `user.base_url` lists answers /models (an episode may land on any of them)."""
     for url in builders.user_servers(config):
-        _check_user_url(url.rstrip("/"))
+        _check_user_url(url.rstrip("/"), _auth(config.user.api_key))
 
 
-def _check_user_url(url: str) -> None:
+def _check_user_url(url: str, headers: dict) -> None:
     try:
-        r = httpx.get(f"{url}/models", timeout=httpx.Timeout(10.0, connect=5.0))
+        r = httpx.get(f"{url}/models", timeout=httpx.Timeout(10.0, connect=5.0), headers=headers)
     except httpx.HTTPError as e:
         raise config_lib.ConfigError(f"config.user.base_url: user simulator {url} unreachable{_from_here()} "
                                      f"({type(e).__name__}: {e}); start it (launch/gpu_node.sh) or point config.user.base_url at it") from None
+    if r.status_code == 401:
+        raise config_lib.ConfigError(f"config.user.api_key: user simulator {url} refused the key (401); give the "
+                                     "trainer the servers' --api-key (config.user.api_key)")
     if r.status_code != 200:
         raise config_lib.ConfigError(f"config.user.base_url: user simulator {url}/models answered {r.status_code}")
 
