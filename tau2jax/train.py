@@ -46,6 +46,9 @@ EXPECTED = (config_lib.ConfigError, DataError, distributed.DistributedConfigErro
 
 def fail(e: Exception) -> None:
     print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+    # A failed Orbax read leaves its other reads' coroutines unawaited; their "Exception ignored"
+    # reports at shutdown would bury the one line under tracebacks of the same failure.
+    sys.unraisablehook = lambda unraisable: None
     sys.exit(2)
 
 

@@ -28,13 +28,13 @@ def _one_line_error(proc) -> str:
 @pytest.fixture(scope="module")
 def orbax_dir(tmp_path_factory):
     """A converted tiny Qwen3 with the real tokenizer's vocabulary (what tiny_sft trains)."""
-    from checkpoints_tools import hf_to_orbax
-    from checkpoints_tools.tiny_hf import make_tiny_hf_dir
+    from tau2jax.weights.convert import convert
+    from tau2jax.models.tiny_hf import make_tiny_hf_dir
     from tau2jax.data.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("ckpt")
     make_tiny_hf_dir(str(root / "hf"), vocab_size=load_tokenizer().vocab_size, seed=0)
-    hf_to_orbax.convert(str(root / "hf"), str(root / "orbax"))
+    convert(str(root / "hf"), str(root / "orbax"))
     return root / "orbax"
 
 
