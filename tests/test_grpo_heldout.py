@@ -47,5 +47,6 @@ def test_the_4b_grpo_config_evaluates_held_out_tasks():
     from configs import qwen3_4b_grpo
 
     c = qwen3_4b_grpo.get_config()
+    c.model.init_from = "/ckpt/qwen3_4b_sft"  # the user's converted weights (a 4B never random-inits)
     validate(c)
     assert c.rl.eval_every > 0
