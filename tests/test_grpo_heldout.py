@@ -43,10 +43,10 @@ def test_heldout_tasks_are_taken_round_robin_over_domains():
     assert [r.task_id for r in interleave_domains(refs)] == ["a0", "r0", "t0", "a1", "t1", "t2"]
 
 
-def test_the_4b_grpo_config_evaluates_held_out_tasks():
+def test_the_4b_grpo_config_evaluates_held_out_tasks(tmp_path):
     from configs import qwen3_4b_grpo
 
     c = qwen3_4b_grpo.get_config()
-    c.model.init_from = "/ckpt/qwen3_4b_sft"  # the user's converted weights (a 4B never random-inits)
+    c.model.init_from = str(tmp_path)  # the user's converted weights (a 4B never random-inits)
     validate(c)
     assert c.rl.eval_every > 0
