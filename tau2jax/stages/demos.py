@@ -7,7 +7,7 @@ GoldEngine, `eval.concurrency` at a time (`rl.collector.play`). Every conversati
 Test-split tasks are refused: demonstrations of them would leak the benchmark into training.
 
 tau2's Results files of every replay go to `{workdir}/trajectories/<domain>.json`
-(`tau2jax.eval.tau2_results`). Returns {domain: {"replayed", "reward_1", "file"}}; the CLI prints it as the last line.
+(`tau2jax.eval.tau2_results`). Returns {domain: {"replayed", "reward_1", "file"}} ("file" None, and no file, for a domain without a demo); the CLI prints it as the last line.
 """
 
 from __future__ import annotations
@@ -80,7 +80,10 @@ def run(config) -> dict:
     for domain, tasks in per_domain.items():  # files in split order, whatever order episodes finished in
         path = os.path.join(config.workdir, f"{domain}.jsonl")
         ok = [done[f"{domain}/{t.id}"] for t in tasks if done[f"{domain}/{t.id}"].success]
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(traj.sft_record(), ensure_ascii=False) + "\n" for traj in ok)
-        summary[domain] = {"replayed": len(tasks), "reward_1": len(ok), "file": path}
+        if ok:  # no file without a demo: SFT refuses an empty data file
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(traj.sft_record(), ensure_ascii=False) + "\n" for traj in ok)
+        elif os.path.exists(path):
+            os.remove(path)  # a rerun's earlier file would claim demos this run did not make
+        summary[domain] = {"replayed": len(tasks), "reward_1": len(ok), "file": path if ok else None}
     return summary
