@@ -15,8 +15,8 @@ temperature 0.7, top_p 1, top_k -1, min_p 0; 0.5.23 `--sampling-defaults model` 
 model's generation_config.json over OpenAI's 1.0, 1.0, -1, 0 (`--sampling-defaults openai`: those).
 
 Not SGLang flags (they would be refused): SGLANG_STANDIN_MAX_TOKENS, if set, caps a chat request
-that names no max_tokens (unset: to the context, as SGLang; launch/rehearse.sh sets it, as a random
-tiny user model never stops); SGLANG_STANDIN_VERSION is the version reported and modelled (default
+that names no max_tokens (unset: to the context, as SGLang; nothing of ours sets it now: the user
+simulator names max_tokens, `config.user.max_tokens`); SGLANG_STANDIN_VERSION is the version reported and modelled (default
 0.5.3; any other gets 0.5.23's rules); SGLANG_STANDIN_WEIGHTS_ROOT, if set (dirs joined by ':'),
 the only dirs update_weights_from_disk loads from (our server's rule, as are versions that only
 move forward; SGLang has neither); SGLANG_STANDIN_LOG_DIR, if set, gets
