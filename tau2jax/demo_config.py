@@ -43,7 +43,7 @@ def tiny_pipeline_config() -> ml_collections.ConfigDict:
 
     # the built-in engine; the mock prompt is ~700 tokens (8 short turns fit in 2048), a mock tool
     # call ~30 tokens
-    c.engine.update(kind="builtin", max_seq_len=2048, max_batch=36, max_new_tokens=48)
+    c.engine.max_seq_len, c.engine.max_batch, c.engine.max_new_tokens = 2048, 36, 48  # kind: builtin, the default
 
     # Only ~5% of a mock conversation's tokens carry loss; length chunks without any skip the
     # 151k-vocabulary head, which is ~98% of this model's FLOPs.

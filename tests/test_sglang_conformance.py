@@ -265,6 +265,20 @@ def test_an_engine_failure_fails_its_batch_once(tok):
     assert len(engine.calls) == 1  # no prompt-by-prompt rerun
 
 
+def test_a_request_whose_caller_gave_up_does_not_stop_the_batcher(tok):
+    """A /health probe past its wait cancels its queued request; the worker that answers it must
+    go on serving (set_result on a cancelled future raised and killed the one batcher thread)."""
+    batcher = Batcher(Echo(), max_batch=2, window_s=10.0)  # the batch closes when 2 are queued
+    gone = batcher.submit([1], SamplingParams())
+    assert gone.cancel()
+    kept = batcher.submit([2], SamplingParams())
+    assert kept.result(timeout=30).output_ids == [2]
+    later = batcher.submit([3], SamplingParams())
+    batcher.submit([4], SamplingParams())
+    assert later.result(timeout=30).output_ids == [3]
+    batcher.close()
+
+
 # -- 7./8. log-probs, versions ----------------------------------------------------------------------------
 
 
@@ -435,7 +449,7 @@ def test_a_truncated_safetensors_is_a_400_and_the_old_weights_keep_serving(tok, 
         f.truncate(os.path.getsize(shard) // 2)
     engine = Updatable(policy_version=3)
     with RunningServer(create_app(Server(engine, tok, rules=SGLANG, weights_roots=[str(tmp_path)]))) as running:
-        r = _update(running.url, path, 4)
+        r = _update(running.url, path, 1)  # the version LATEST names
         served = httpx.get(f"{running.url}/get_model_info").json()["weight_version"]
     body = r.json()
     assert r.status_code == 400 and body["success"] is False, r.text  # was a bare 500
@@ -482,6 +496,34 @@ def test_weight_versions_only_move_forward_and_the_same_version_reloads(tok, mon
         "versions only move forward (the same version reloads)")}
     assert again.json()["success"] and ahead.json()["success"] and fresh.json()["success"]
     assert negative.status_code == 400 and "got -2" in negative.json()["message"]
+
+
+def test_in_a_publish_dir_only_the_version_latest_names_loads_so_a_resumed_run_rewinds(tok, monkeypatch, tmp_path):
+    """A resumed GRPO run republishes its checkpoint's step, older than its last push, into the same
+    dir and rewinds LATEST: a server that kept running must follow it (forward-only refused it and
+    the resumed run died as an engine outage), and still refuse a stale or replayed push."""
+    monkeypatch.setattr(server_mod, "load_hf_params", lambda path: ({}, None))
+    root = os.path.realpath(tmp_path / "grpo")
+    os.makedirs(root)
+
+    def latest(v):
+        with open(os.path.join(root, "LATEST"), "w") as f:
+            f.write(f"{v}\n")
+
+    engine = Updatable(policy_version=0)
+    with RunningServer(create_app(Server(engine, tok, rules=SGLANG))) as running:
+        latest(5)
+        assert _update(running.url, f"{root}/version_000005", 5).json()["success"]
+        stale = _update(running.url, f"{root}/version_000004", 4)  # a replayed push
+        wrong_dir = _update(running.url, f"{root}/version_000004", 5)  # the right number, old files
+        latest(3)  # the run resumed from step 3 and republished it
+        rewound = _update(running.url, f"{root}/version_000003", 3)
+        served = engine.policy_version
+    assert stale.status_code == 400 and stale.json()["message"] == (
+        f"weight_version 4 at {root}/version_000004 is not {root}/version_000005, the version {root}/LATEST "
+        "names: only a publish dir's newest version loads")
+    assert wrong_dir.status_code == 400
+    assert rewound.json()["success"] and served == 3
 
 
 def test_the_api_key_guards_every_endpoint_but_health(tok, monkeypatch):

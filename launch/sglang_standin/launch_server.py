@@ -14,12 +14,10 @@ chat request is a 400, as SGLang), a request without max_tokens runs to the cont
 temperature 0.7, top_p 1, top_k -1, min_p 0; 0.5.23 `--sampling-defaults model` (its default) the
 model's generation_config.json over OpenAI's 1.0, 1.0, -1, 0 (`--sampling-defaults openai`: those).
 
-Not SGLang flags (they would be refused): SGLANG_STANDIN_MAX_TOKENS, if set, caps a chat request
-that names no max_tokens (unset: to the context, as SGLang; nothing of ours sets it now: the user
-simulator names max_tokens, `config.user.max_tokens`); SGLANG_STANDIN_VERSION is the version reported and modelled (default
+Not SGLang flags (they would be refused): SGLANG_STANDIN_VERSION is the version reported and modelled (default
 0.5.3; any other gets 0.5.23's rules); SGLANG_STANDIN_WEIGHTS_ROOT, if set (dirs joined by ':'),
-the only dirs update_weights_from_disk loads from (our server's rule, as are versions that only
-move forward; SGLang has neither); SGLANG_STANDIN_LOG_DIR, if set, gets
+the only dirs update_weights_from_disk loads from (our server's rule, as is the version order of
+server.check_version_order; SGLang has neither); SGLANG_STANDIN_LOG_DIR, if set, gets
 `<served-model-name>-requests.jsonl`: a line per result ("endpoint" /generate or
 /v1/chat/completions; weight version, digests of the prompt and output ids, token counts, requests
 in flight; chat: "sampling", the parameters SGLang would sample with), what launch/rehearsal.py's
@@ -168,10 +166,9 @@ def main(argv=None) -> int:
     if unmodelled:
         logging.getLogger("sglang_standin").warning(
             "chat defaults %s: SGLang applies them, the stand-in's engine samples without them", unmodelled)
-    max_tokens = os.environ.get("SGLANG_STANDIN_MAX_TOKENS")
     server = Server(engine, tokenizer, model_path=args.model_path, context_length=context, rules=rules,
                     served_model_name=args.served_model_name,
-                    default_max_tokens=int(max_tokens) if max_tokens else None,
+                    default_max_tokens=None,  # to the context, as SGLang (the user simulator names max_tokens)
                     chat_template=template, chat_defaults=chat_defaults,
                     request_log=_request_log(args.served_model_name), flush_lag_s=FLUSH_LAG_S,
                     die_on_engine_failure=True, weights_roots=weights_roots(), api_key=args.api_key or "")

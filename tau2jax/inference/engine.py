@@ -11,6 +11,7 @@ stop token, inclusive), reports log-probs 0.0 and `policy_version` 0.
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence, runtime_checkable
 
@@ -136,6 +137,19 @@ class FixedEngine:
         return {"policy_version": self.policy_version}
 
     def close(self) -> None:
+        pass
+
+
+def settle(future: concurrent.futures.Future, result=None, error: BaseException | None = None) -> None:
+    """Completes a request's future from the worker that ran it, unless its caller gave up first (a
+    /health probe past its wait, a client gone): that answer is dropped, where `set_result` would
+    raise in the one worker thread that serves every other request."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
         pass
 
 

@@ -89,7 +89,7 @@ from tau2jax.models.configs import ModelConfig
 from tau2jax.parallel.host_gather import host_params
 from tau2jax.parallel.sharding import constrain
 from tau2jax.inference import sampling
-from tau2jax.inference.engine import ContextLengthError, GenerateResult, SamplingParams
+from tau2jax.inference.engine import ContextLengthError, GenerateResult, SamplingParams, settle
 from tau2jax.weights.hf_read import load_hf_params
 from tau2jax.weights.orbax_params import restore_params
 
@@ -677,10 +677,10 @@ class JaxEngine:
                 results = self._run_batch(batch)
             except BaseException as e:  # the callers see it; the worker keeps serving
                 for r in batch:
-                    r.future.set_exception(e)
+                    settle(r.future, error=e)
             else:
                 for r, res in zip(batch, results):
-                    r.future.set_result(res)
+                    settle(r.future, res)
 
     def _serve_continuous(self) -> None:
         """The continuous scheduler's worker; see the module docstring."""
@@ -724,7 +724,7 @@ class JaxEngine:
                 except BaseException as e:  # the running rows see it; the worker keeps serving
                     for i, h in enumerate(slots):
                         if h is not None:
-                            h.req.future.set_exception(e)
+                            settle(h.req.future, error=e)
                             slots[i] = None
                     run, outs = None, collections.deque()
                 if run is not None and not outs and all(h is None for h in slots):
@@ -739,7 +739,7 @@ class JaxEngine:
             if h is not None and h.finish is not None:
                 slots[i] = None
                 self._remember([h], run.state["cache"], run.version, [h.shared], rows=[i])
-                h.req.future.set_result(h.result(run.version))
+                settle(h.req.future, h.result(run.version))
 
     def _admit(self, run, pending: collections.deque, slots: list, outs: collections.deque):
         """Prefills as many pending requests as there are free slots (a sub-batch, prefix blocks
@@ -776,7 +776,7 @@ class JaxEngine:
             run.state, run.rows = _insert(run.state, run.rows, sub_state, rows, dest, spec=self._spec)
         except BaseException as e:  # these requests see it; the running rows go on
             for r in take:
-                r.future.set_exception(e)
+                settle(r.future, error=e)
             return run
         hosts = []
         for i, (r, (e, n)) in enumerate(zip(take, hits)):

@@ -79,10 +79,10 @@ from fastapi.responses import JSONResponse
 
 from tau2jax.data.chat import ChatFormat
 from tau2jax.inference.chat_template import sglang_messages
-from tau2jax.inference.engine import UNKNOWN_VERSION, GenerateResult, SamplingParams
+from tau2jax.inference.engine import UNKNOWN_VERSION, GenerateResult, SamplingParams, settle
 from tau2jax.inference.sglang_rules import (API_KEY_ENV, HEALTH_CHECK_TIMEOUT_S, INPUT_MARGIN, ModelUpdateLock, SGLangRules,
                                             template_tools)
-from tau2jax.inference.weight_sync import load_hf_params, shm_base
+from tau2jax.inference.weight_sync import LATEST, latest_version, load_hf_params, shm_base, version_dir
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +195,11 @@ class Batcher:
                 raise RuntimeError(f"engine returned {len(results)} results for {len(batch)} prompts")
         except Exception as e:
             for b in batch:
-                b.future.set_exception(e)
+                settle(b.future, error=e)
             return
         self.last_output_t = time.monotonic()
         for b, r in zip(batch, results):
-            b.future.set_result(r)
+            settle(b.future, r)
 
 
 # -- request parsing ----------------------------------------------------------------------------------
@@ -584,20 +584,36 @@ class Server:
             raise RequestError(f"model_path {model_path!r} is outside the server's weights root "
                                f"({', '.join(self.weights_roots)}; --weights-root): refused")
 
+    def check_version_order(self, model_path: str, version: int) -> str:
+        """Our rule (SGLang takes any order): a stale or replayed push cannot put old weights back.
+        In a publish dir (weight_sync: a `LATEST` file) only the version LATEST names loads, so a
+        resumed run, which republishes its checkpoint's older step and rewinds LATEST, is followed
+        by a server that kept running. Elsewhere a dir's versions only move forward. The same version
+        reloads (SGLangEngine.reload, a re-push after a failed one); another dir has its own sequence
+        (the pipeline's evals publish steps 0, 2, 5, 7 under {workdir}/served, GRPO its 0, 1, ...).
+        -> the publish dir."""
+        pub = os.path.dirname(os.path.realpath(model_path))
+        try:
+            newest = latest_version(pub)
+        except ValueError:
+            newest = None
+        if newest is not None:
+            if version != newest or os.path.realpath(model_path) != os.path.realpath(version_dir(pub, newest)):
+                raise RequestError(f"weight_version {version} at {model_path} is not {version_dir(pub, newest)}, "
+                                   f"the version {pub}/{LATEST} names: only a publish dir's newest version loads")
+            return pub
+        last = self.loaded_versions.get(pub)
+        if last is not None and version < last:
+            raise RequestError(f"weight_version {version} is older than weight_version {last}, the last loaded from "
+                               f"{pub}: a publish dir's versions only move forward (the same version reloads)")
+        return pub
+
     def update_weights_from_disk(self, model_path: str, version: int) -> str:
         # a finished request still in the running batch when the update arrives (SGLang's scheduler
         # takes the update on its next iteration, then loads, then fails the flush): judged on
         # arrival, not after the load, which on a loaded CPU can outlast the window
         racing = self.flush_lag_s > 0 and self.running > 0
-        # Our rule (SGLang takes any order): the versions of one publish dir only move forward, so a
-        # stale or replayed push cannot put old weights back; the same version reloads (SGLangEngine
-        # .reload, a re-push after a failed one). Another dir starts its own sequence: the pipeline's
-        # evals publish steps 0, 2, 5, 7 under {workdir}/served, then GRPO its 0, 1, ... elsewhere.
-        pub = os.path.dirname(os.path.realpath(model_path))
-        last = self.loaded_versions.get(pub)
-        if last is not None and version < last:
-            raise RequestError(f"weight_version {version} is older than weight_version {last}, the last loaded from "
-                               f"{pub}: a publish dir's versions only move forward (the same version reloads)")
+        pub = self.check_version_order(model_path, version)
         try:
             params, cfg = load_hf_params(model_path)
         except Exception as e:  # noqa: BLE001  missing dir, bad config, truncated safetensors (safetensors'
