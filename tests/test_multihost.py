@@ -161,6 +161,26 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path, devices):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), state, ref_state)
 
 
+def test_two_processes_fall_back_together_from_a_damaged_latest_checkpoint(runs, tmp_path):
+    """The newest step's largest file truncated: both processes agree it is bad (a damaged shard may
+    fail on one process only), it is set aside once under one name, and the run resumes from step 3
+    with the uninterrupted run's losses."""
+    for step in ("3", "6"):
+        shutil.copytree(runs["two_dir"] / "checkpoints" / step, tmp_path / "checkpoints" / step)
+    state6 = tmp_path / "checkpoints" / "6" / "state"
+    largest = max(_files_named(state6, lambda f: True), key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+    launch = ["bash", "launch/multihost.sh", *runs["common"], f"--config.workdir={tmp_path}"]
+    resumed = _check(_run(launch, runs["launch_env"] | {"PORT": str(_free_port()), "LOG_DIR": str(tmp_path / "logs")}),
+                     "launch/multihost.sh resuming past a damaged step")
+    assert resumed["resumed_from"] == 3 and resumed["steps"] == 6
+    assert len([n for n in os.listdir(tmp_path / "checkpoints") if n.startswith("6.bad-")]) == 1
+    ref, got = dict(_losses(runs["one_dir"])), _losses(tmp_path)
+    assert [s for s, _ in got] == [4, 5, 6]
+    np.testing.assert_allclose([l for _, l in got], [ref[s] for s, _ in got], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("env, expected", [
     ({"JAX_NUM_PROCESSES": "2"}, "JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID missing"),
     ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES missing"),

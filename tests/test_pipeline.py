@@ -135,6 +135,20 @@ def test_a_changed_setting_of_a_finished_step_is_refused_by_name(config):
         pipeline.run(config, run_stage=StandIns())
 
 
+def test_a_requeued_job_with_new_servers_and_keys_keeps_its_finished_steps_and_no_key_is_stored(config):
+    """slurm_rl.sbatch makes a fresh API key per job start and a requeue lands on other hosts: the
+    finished steps still count, and the DONE files never held the keys."""
+    config.user.api_key, config.engine.api_key = "job-1-user-key", "job-1-policy-key"
+    pipeline.run(config, run_stage=StandIns())
+    stored = [open(os.path.join(d, f)).read() for d, _, fs in os.walk(config.workdir) for f in fs if f == pipeline.DONE]
+    assert stored and not any("job-1" in text for text in stored)
+    config.user.api_key, config.engine.api_key = "job-2-user-key", "job-2-policy-key"
+    config.user.base_url, config.engine.url = "http://node7:30001/v1", "http://node7:30000"
+    served = StandIns()
+    pipeline.run(config, run_stage=served)
+    assert served.calls == []  # every step was finished
+
+
 def test_unknown_override_keys_and_wrong_types_are_refused_by_name(config):
     config.pipeline.sft = ml_collections.ConfigDict({"train": {"stepz": 3}})
     with pytest.raises(ConfigError, match=r"pipeline\.sft\.train\.stepz"):

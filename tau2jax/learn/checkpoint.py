@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from tau2jax import config as config_lib
+from tau2jax.parallel import host_gather
 from tau2jax.weights.orbax_params import CheckpointFormatError, _short, check_orbax_dir
 
 
@@ -81,11 +82,17 @@ class Checkpointer:
         one warning line naming it and the step used; none readable is a CheckpointFormatError."""
         bad = []
         for step in sorted(self.manager.all_steps(), reverse=True):
+            error = None
             try:
                 state = self.restore(step, abstract_state)
                 loop = self.restore_meta(step) if meta else None
             except CheckpointFormatError as e:
-                bad.append((step, e))
+                error = e
+            # Each process reads its own shards, so a damaged file may fail on some processes only:
+            # all agree that the step is bad, or they would go on from different steps and hang.
+            failed = [m for m in host_gather.allgather(f"checkpoint_step_{step}", error and str(error)) if m]
+            if failed:
+                bad.append((step, error or CheckpointFormatError(failed[0])))
                 continue
             if bad:
                 kept = self._set_aside([s for s, _ in bad])
@@ -100,14 +107,12 @@ class Checkpointer:
 
     def _set_aside(self, steps: list[int]) -> str:
         """Renames unreadable step dirs out of Orbax's way (a save of the same step would collide)."""
-        names = [f"{s}.bad-{int(time.time())}" for s in steps]
+        stamp = host_gather.allgather("checkpoint_set_aside", int(time.time()))[0]  # process 0's: one name
+        names = [f"{s}.bad-{stamp}" for s in steps]
         if jax.process_index() == 0:
             for s, name in zip(steps, names):
                 os.replace(self.step_dir(s), os.path.join(self.directory, name))
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("tau2jax_checkpoint_set_aside")
+        host_gather.allgather("checkpoint_set_aside_done", True)  # renamed before any process reloads
         self.manager.reload()
         return ", ".join(names)
 

@@ -82,9 +82,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# How the servers are reached, not what they compute: a requeued SLURM job gets other hosts, ports
+# and a fresh API key (slurm_rl.sbatch, rehearse.sh), and its finished steps still count.
+REACH_FIELDS = ("user.base_url", "user.api_key", "user.timeout_s", "user.max_retries", "user.retry_backoff_s",
+                "engine.url", "engine.api_key", "engine.timeout_s", "engine.max_retries")
+
+
 def _relevant(config_dict: dict, stage: str) -> dict:
-    """The dotted fields of the sections `stage` reads."""
-    return {k: v for k, v in _flatten(config_dict).items() if k.split(".")[0] in SECTIONS[stage]}
+    """The dotted fields of the sections `stage` reads, but how its servers are reached."""
+    return {k: v for k, v in _flatten(config_dict).items()
+            if k.split(".")[0] in SECTIONS[stage] and k not in REACH_FIELDS}
 
 
 def finished(step_dir: str, config) -> dict | None:
@@ -108,7 +115,7 @@ def finished(step_dir: str, config) -> dict | None:
 
 def _mark_finished(step_dir: str, config, result: dict) -> None:
     write_atomic(Path(step_dir) / DONE,
-                 json.dumps({"config": config.to_dict(), "result": result}, indent=2, sort_keys=True, default=str))
+                 json.dumps({"config": config_lib.redacted(config), "result": result}, indent=2, sort_keys=True, default=str))
 
 
 def serve(config, params_dir: str, version: int) -> None:
