@@ -221,6 +221,16 @@ def test_the_models_own_chat_template_renders_as_transformers_renders_it(tmp_pat
     assert template_tools("0.5.23", tools)[0] == {**tools[0], "defer_loading": None}
 
 
+@pytest.mark.parametrize("call", ["oops", 3, {"function": "f"}])
+def test_a_malformed_tool_call_in_the_history_is_the_clients_error(call):
+    """A non-object tool call raised AttributeError, which the server answered with a 500; the
+    TypeError it raises now is a 400 (`cannot render messages`)."""
+    from tau2jax.inference.chat_template import sglang_messages
+
+    with pytest.raises(TypeError, match="a tool call must be an object with a function object"):
+        sglang_messages([{"role": "assistant", "content": None, "tool_calls": [call]}])
+
+
 def _log(path):
     import json
     with open(path) as f:

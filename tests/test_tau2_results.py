@@ -91,7 +91,7 @@ def test_round_trip_through_tau2(domain, chat, tmp_path):
     assert [s.reward_info.reward for s in again.simulations] == [1.0, 0.0, 0.0]
 
     # and back: our report's records from the file
-    d, tasks, records = tau2_results.records_from_results(path)
+    d, tasks, records, _ = tau2_results.records_from_results(path)
     assert d == domain and [r["reward"] for r in records] == [1.0, 0.0, 0.0]
     assert [r["sample_index"] for r in records] == [0, 1, 2]
 
@@ -165,6 +165,11 @@ def test_pass_hat_k_is_taus():
     ks = tau2_results.pass_hat_ks(recs, ["a", "b"])
     assert ks[1] == pytest.approx((3 / 4 + 1 / 4) / 2)
     assert ks[2] == pytest.approx((3 / 6 + 0) / 2) and ks[4] == 0.0
+    # a trial lost to the infrastructure is no outcome: k = 4 is scored on task a alone
+    lost = [r if i != 7 else {"task_id": "b", "reward": None} for i, r in enumerate(recs)]
+    ks = tau2_results.pass_hat_ks(lost, ["a", "b"])
+    assert ks[1] == pytest.approx((3 / 4 + 0 / 3) / 2) and ks[4] == 0.0 and ks[3] == pytest.approx((1 / 4 + 0) / 2)
+    assert tau2_results.pass_hat_ks([{"task_id": "a", "reward": None}], ["a"]) == {}
 
 
 def test_bad_results_files_name_file_and_field(tmp_path, chat):
@@ -259,6 +264,11 @@ def test_eval_report_from_tau2_files_alone(tmp_path, chat):
     m = summary["metrics"]["mock"]
     assert m["num_tasks"] == 4 and m["pass^k"]["1"] == pytest.approx(3.5 / 4)  # task 0: 1 of 2 trials
     assert (out / "eval" / "summary.md").exists() and (out / "eval" / "pass_at_k.png").exists()
+    # a workdir that holds an eval which played episodes keeps its report
+    (out / "eval" / "settings.json").write_text("{}")
+    with pytest.raises(config_lib.ConfigError, match="holds an eval that played episodes"):
+        eval_lib.run(c)
+    assert json.loads((out / "eval" / "summary.json").read_text()) == summary
 
 
 def test_demos_and_grpo_steps_write_tau2_files(tmp_path, chat):
@@ -280,10 +290,15 @@ def test_demos_and_grpo_steps_write_tau2_files(tmp_path, chat):
 
     # a GRPO step: rollouts/step_N/<domain>.json beside rollouts/step_N.jsonl, K trials per task
     path, trajs = _mock_results_file(tmp_path, chat, n=1)
-    group = types.SimpleNamespace(trajectories=trajs, failed_attempts=[])
+    # two complete groups of one task (a refill round) and an incomplete one (re-queued: written when replayed)
+    groups = [types.SimpleNamespace(trajectories=trajs, failed_attempts=[], complete=True),
+              types.SimpleNamespace(trajectories=trajs[:1], failed_attempts=[], complete=False),
+              types.SimpleNamespace(trajectories=trajs, failed_attempts=[], complete=True)]
     c.rl.samples_per_task = 2
-    RolloutLog(str(tmp_path / "grpo"), 0, True, c).write(3, [], [group])
+    c.rl.rollout.top_p = 0.9
+    RolloutLog(str(tmp_path / "grpo"), 0, True, c).write(3, [], groups)
     step = Results.load(tmp_path / "grpo" / "rollouts" / "step_3" / "mock.json")
-    assert step.info.num_trials == 2 and [s.trial for s in step.simulations] == [0, 1]
-    assert [s.reward_info.reward for s in step.simulations] == [t.reward for t in trajs]
-    assert len([Trajectory.from_json(x) for x in open(tmp_path / "grpo" / "rollouts" / "step_3.jsonl")]) == 2
+    assert step.info.num_trials == 4 and [s.trial for s in step.simulations] == [0, 1, 2, 3]  # none overwritten
+    assert [s.reward_info.reward for s in step.simulations] == [t.reward for t in trajs] * 2
+    assert step.info.agent_info.llm_args["top_p"] == 0.9  # the rollout's sampling, not the eval's
+    assert len([Trajectory.from_json(x) for x in open(tmp_path / "grpo" / "rollouts" / "step_3.jsonl")]) == 5

@@ -154,11 +154,14 @@ def validate_record(obj, where: str, vocab_size: int | None = None) -> Conversat
     return validate_conversation(obj, where)
 
 
-def read_jsonl(path: str, vocab_size: int | None = None) -> list[Conversation | TokenRecord]:
+def read_jsonl(path: str, vocab_size: int | None = None,
+               prompt_style: str = "native") -> list[Conversation | TokenRecord]:
+    """A JSONL data file's records; a tau2 Results file's successful simulations in `prompt_style`
+    (tau2.prompt_style: the system prompt and tools as the policy is served them)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: SFT data file not found")
     if path.endswith(".json"):  # a tau2 Results file (`tau2 run`, our eval): its successful simulations
-        return _read_tau2_results(path)
+        return _read_tau2_results(path, prompt_style)
     out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -176,11 +179,11 @@ def read_jsonl(path: str, vocab_size: int | None = None) -> list[Conversation | 
     return out
 
 
-def _read_tau2_results(path: str) -> list[Conversation]:
+def _read_tau2_results(path: str, prompt_style: str) -> list[Conversation]:
     from tau2jax.eval import tau2_results  # imports tau2 (seconds), which plain JSONL data never needs
 
     try:
-        recs = tau2_results.sft_records(path)
+        recs = tau2_results.sft_records(path, prompt_style)
     except tau2_results.Tau2ResultsError as e:
         raise DataError(str(e)) from None
     return [validate_conversation(r, r["source"]) for r in recs]
@@ -202,13 +205,14 @@ def expand_files(files: str | Sequence[str]) -> list[str]:
     return out
 
 
-def load_conversations(files: str | Sequence[str], vocab_size: int | None = None) -> list[Conversation | TokenRecord]:
+def load_conversations(files: str | Sequence[str], vocab_size: int | None = None,
+                       prompt_style: str = "native") -> list[Conversation | TokenRecord]:
     """All records of `files` (globs allowed), in file then line order; token ids are checked
     against `vocab_size` when given."""
     paths = expand_files(files)
     if not paths:
         raise DataError("no SFT data files given")
-    return [rec for path in paths for rec in read_jsonl(path, vocab_size)]
+    return [rec for path in paths for rec in read_jsonl(path, vocab_size, prompt_style)]
 
 
 def render_conversation(chat: ChatFormat, conv: Conversation | TokenRecord) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ tools would get the largest advantage. Worse, reads are most of the expected act
 148, retail 357 of 553), so an agent that looks up everything in reach collects their credit too.
 
 The precision rule (`action_precision`, GRPO's default): `audit_calls` matches the policy's
-successful calls one-to-one against the task's expected assistant actions (a maximum matching, so
+calls one-to-one against the task's expected assistant actions (a maximum matching, so
 adding a call never loses a hit) and sorts the rest by tau2's own tool types
 (`tau2.environment.toolkit.ToolType`):
   hits         calls matched to an expected action (`takes_action`: tau2's comparison; a call that
@@ -24,9 +24,10 @@ adding a call never loses a hit) and sorts the rest by tau2's own tool types
                (tau2 types both generic; an unwarranted transfer ends the conversation, which costs
                the task reward and the credit of every action not yet taken, so it needs no penalty).
 The action term is then recall × precision, with
-  recall    = (hits + user actions tau2 found met) / expected actions   (one-to-one; never above
-              tau2's fraction: a failing call with no arguments, which tau2's check matches
-              against every expected call of that name, earns nothing)
+  recall    = (hits + user actions tau2 found met) / expected actions, capped at 1   (one-to-one,
+              so at most tau2's fraction where tau2 matches one call to one action; a failing call
+              with no arguments, which tau2's check matches against every expected call of that
+              name, earns nothing)
   precision = hits / (hits + wrong + extra_reads)
 and `wrong_call_penalty` is subtracted per wrong call (extra reads are not penalised: a read the
 gold does not list may still be how an agent finds an id; with no hits they cost nothing). So
@@ -136,7 +137,7 @@ class CallAudit:
     """The policy's tool calls against the task's expected actions (see the module docstring)."""
 
     calls: int = 0  # the policy's tool calls
-    hits: int = 0  # successful calls matched one-to-one to an expected assistant action
+    hits: int = 0  # calls matched one-to-one to an expected assistant action (a failed one must give every compared argument)
     wrong: int = 0  # calls that failed in the environment, or wrote without taking an expected action
     extra_reads: int = 0  # successful reads taking no expected action (repeats included)
 

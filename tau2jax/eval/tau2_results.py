@@ -246,8 +246,8 @@ def load_results(path):
         ) from None
 
 
-def records_from_results(path) -> tuple[str, list, list[dict]]:
-    """(domain, tau2 tasks, light records) of a Results file: the records have the fields our
+def records_from_results(path) -> tuple[str, list, list[dict], object]:
+    """(domain, tau2 tasks, light records, the file's tau2 `Info`) of a Results file: the records have the fields our
     report needs (`tau2jax.eval.report.build_summary`): domain, task_id, sample_index (= trial),
     reward, termination_reason, num_steps, timings."""
     res = load_results(path)
@@ -266,24 +266,28 @@ def records_from_results(path) -> tuple[str, list, list[dict]]:
             sum(getattr(m, "error", False) for m in sim.messages if m.role == "tool"), "num_format_errors": 0,
             "num_repairs": 0, "timings": {"total": float(sim.duration)}, "policy_versions": [0],
         })  # fmt: skip
-    return domain, list(res.tasks), records
+    return domain, list(res.tasks), records, res.info
 
 
 # ----------------------------------------------------------------------------- submission
 
 
 def pass_hat_ks(records: list[dict], tasks: list[str], max_k: int = 4) -> dict[int, float]:
-    """tau2's pass^k (mean over tasks of C(successes, k) / C(trials, k)), k = 1..min(max_k, trials)."""
+    """tau2's pass^k (mean over tasks of C(successes, k) / C(trials, k)), k = 1..min(max_k, trials).
+    A trial lost to an infrastructure failure (reward None) is no outcome: as eval/metrics.py, the
+    mean for a k is over the tasks with at least k scored trials."""
     from tau2.metrics.agent_metrics import is_successful, pass_hat_k
 
     by_task: dict[str, list[bool]] = {t: [] for t in tasks}
     for r in records:
         if r.get("reward") is not None and r["task_id"] in by_task:
             by_task[r["task_id"]].append(bool(is_successful(r["reward"])))
-    n = min((len(v) for v in by_task.values()), default=0)
     out = {}
-    for k in range(1, min(max_k, n) + 1):
-        out[k] = sum(pass_hat_k(len(v), sum(v), k) for v in by_task.values()) / len(by_task)
+    for k in range(1, max_k + 1):
+        scored = [v for v in by_task.values() if len(v) >= k]
+        if not scored:
+            break
+        out[k] = sum(pass_hat_k(len(v), sum(v), k) for v in scored) / len(scored)
     return out
 
 
@@ -306,17 +310,6 @@ def build_submission(per_domain: dict[str, dict[int, float]], *, model_name: str
            "methodology": {"evaluation_date": dt.date.today().isoformat(), "tau2_bench_version": tau2_version,
                            "user_simulator": user_simulator, "notes": notes or None}}  # fmt: skip
     return json.loads(Submission.model_validate(sub).model_dump_json())
-
-
-def submission_from_files(paths: list, *, model_name: str, organization: str, email: str, notes: str = "") -> dict:
-    """The submission for Results files (one per domain), pass^k recomputed from their simulations."""
-    per_domain, user = {}, None
-    for p in paths:
-        domain, tasks, records = records_from_results(p)
-        per_domain[domain] = pass_hat_ks(records, [t.id for t in tasks])
-        user = user or load_results(p).info.user_info.llm
-    return build_submission(per_domain, model_name=model_name, organization=organization, email=email,
-                            user_simulator=user, notes=notes)
 
 
 # ----------------------------------------------------------------------------- the eval's files
@@ -358,6 +351,9 @@ def eval_submission(config, out_dir, writer: ResultsWriter, records: list[dict],
     notes = [f"tau2jax eval: split {split!r}, {k} trial(s) per task, prompt style {config.tau2.prompt_style!r}"]
     if split != "base" or k < 4:
         notes.append("not a leaderboard run (it wants the base split and 4 trials)")
+    if lost := sum(r.get("reward") is None for r in records):
+        notes.append(f"{lost} trial(s) lost to infrastructure failures are not scored: pass^k averages the tasks "
+                     "with at least k scored trials")
     agent, user = agent_and_user_info(config)
     # user_simulator: exactly the files' user llm (None for the scripted user): `tau2 submit validate` compares them
     sub = build_submission(per_domain, model_name=agent["llm"], organization=config.eval.organization or "unspecified",
@@ -445,14 +441,15 @@ def tasks_by_id(domain: str, ids) -> list:
 
 
 def write_records(out_dir, records: list[dict], *, config, num_trials: int, agent: dict | None = None,
-                  user: dict | None = None, temperature: float | None = None) -> list[Path]:
+                  user: dict | None = None, sampling: dict | None = None) -> list[Path]:
     """One Results file per domain of `records` (Trajectory dicts) under out_dir: a gold-demos run,
     a GRPO rollout step (num_trials = samples per task). agent/user default from the config;
-    `temperature`: the sampling temperature of these episodes (the config's eval one otherwise)."""
+    `sampling`: how these episodes were sampled (temperature, top_p, top_k; the config's eval
+    settings otherwise)."""
     a, u = agent_and_user_info(config)
     agent, user = agent or a, user or u
-    if temperature is not None and agent.get("llm_args"):
-        agent = {**agent, "llm_args": {**agent["llm_args"], "temperature": temperature}}
+    if sampling and agent.get("llm_args"):
+        agent = {**agent, "llm_args": {**agent["llm_args"], **sampling}}
     domains = list(dict.fromkeys(r["domain"] for r in records))
     infos = {d: make_info(d, agent=agent, user=user, num_trials=num_trials, max_steps=config.tau2.max_steps,
                           max_errors=config.tau2.max_errors, seed=config.seed) for d in domains}  # fmt: skip

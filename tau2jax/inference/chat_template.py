@@ -152,6 +152,8 @@ def sglang_messages(messages: list) -> list[dict]:
         if m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list):
             calls = []
             for call in m["tool_calls"]:
+                if not isinstance(call, dict) or not isinstance(call.get("function") or {}, dict):
+                    raise TypeError(f"a tool call must be an object with a function object, got {call!r}")
                 fn = dict(call.get("function") or {})
                 if isinstance(fn.get("arguments"), str):
                     fn["arguments"] = json.loads(fn["arguments"])

@@ -225,17 +225,20 @@ def report_from_files(config, out_dir) -> dict:
     alone (`config.eval.from_tau2_results`: comma-separated paths or globs, one file per domain),
     e.g. another agent's `tau2 run`: Pass@k and pass^k over its simulations, no episode played."""
     t_start = time.time()
+    out_dir = Path(out_dir)
+    if load_settings(out_dir) is not None:  # a played eval's report is not ours to replace
+        raise config_lib.ConfigError(f"config.workdir: {out_dir} holds an eval that played episodes; use another "
+                                     "config.workdir for a report from tau2 Results files")
     try:
         paths = expand_files(config_lib.csv(config.eval.from_tau2_results))
     except DataError as e:
         raise config_lib.ConfigError(f"config.eval.from_tau2_results: {e}") from None
     records, tasks, domains, k, seen, agents = [], [], [], 0, {}, {}
     for p in paths:
-        domain, dtasks, recs = tau2_results.records_from_results(p)
-        info = tau2_results.load_results(p).info
+        domain, dtasks, recs, info = tau2_results.records_from_results(p)
         agents[domain] = (info.agent_info.model_dump(), info.user_info.model_dump())
         if domain in seen:
-            raise config_lib.ConfigError(f"config.eval.from_tau2_results: {p} and {seen[domain]} are both {domain} runs")
+            raise config_lib.ConfigError(f"config.eval.from_tau2_results: {p} and {seen[domain]} are both {domain} runs; give one Results file per domain")
         seen[domain] = p
         domains.append(domain)
         tasks += [(domain, t) for t in dtasks]
@@ -249,7 +252,6 @@ def report_from_files(config, out_dir) -> dict:
         chat = ChatFormat(builders.tokenizer(config))
         floor = floor_lib.outcomes(tasks, chat=chat, style=prompts.get_style(config.tau2.prompt_style),
                                    cache_dir=config.eval.floor_cache_dir)  # fmt: skip
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = report.build_summary(
         records, tasks, k=k, domains=domains, split="(from tau2 Results files)", config=config_lib.redacted(config),

@@ -41,6 +41,7 @@ divides rl.tasks_per_step. See docs/CONTRACTS.md "RL loop".
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -52,7 +53,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tau2jax import config as config_lib
-from tau2jax.eval import floor
+from tau2jax.eval import floor, tau2_results
 from tau2jax.inference.engine import SamplingParams
 from tau2jax.learn.checkpoint import Checkpointer, abstract_like
 from tau2jax.learn.export import export_params
@@ -260,13 +261,17 @@ class RolloutLog:
         with open(os.path.join(self.dir, f"step_{step}.jsonl"), "w") as f:
             f.writelines(t.to_json() + "\n" for g in groups for t in [*g.trajectories, *g.failed_attempts])
         if self.config is not None:  # tau2's own files of the step: rollouts/step_N/<domain>.json
-            from tau2jax.eval import tau2_results  # imports tau2 (seconds): the toy env's runs never write these
-
-            recs = [t.to_dict() for g in groups for t in g.trajectories if t.domain != "toy"]
+            # complete groups only (an incomplete one is re-queued and written when it is replayed);
+            # a task played by several groups (refill rounds) gets trials 0..n-1, never one overwritten
+            recs, trials = [], collections.Counter()
+            for t in (t for g in groups if g.complete for t in g.trajectories if t.domain != "toy"):
+                recs.append(t.to_dict() | {"sample_index": trials[t.domain, t.task_id]})
+                trials[t.domain, t.task_id] += 1
             if recs:
+                r = self.config.rl.rollout
                 tau2_results.write_records(os.path.join(self.dir, f"step_{step}"), recs, config=self.config,
-                                           num_trials=self.config.rl.samples_per_task,
-                                           temperature=self.config.rl.rollout.temperature)  # fmt: skip
+                                           num_trials=max(trials.values()),
+                                           sampling={"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k})
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -51,8 +51,6 @@ def check(config) -> None:
 
 def check_split(config) -> None:
     """tau2.split names a split of every domain in tau2.domains (mock included: base, train, test)."""
-    from tau2jax.env import tau2_env
-
     tau2_env.init_tau2(config.tau2.data_dir)
     for domain in config_lib.csv(config.tau2.domains):
         names = tau2_env.split_names(domain)

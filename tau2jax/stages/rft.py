@@ -100,8 +100,11 @@ def run(config) -> dict:
     t_start = time.time()
     tokenizer = builders.tokenizer(config)
     mix_files = expand_files(config_lib.csv(config.rft.mix_files))
+    if results := [f for f in mix_files if f.endswith(".json")]:  # its lines are not records to copy
+        raise config_lib.ConfigError(f"config.rft.mix_files: {results[0]} is a tau2 Results file, which kept.jsonl "
+                                     "cannot hold line by line; list it in the next SFT's data.train_files instead")
     if mix_files:  # bad data fails now, not after hours of sampling
-        load_conversations(mix_files, tokenizer.vocab_size)
+        load_conversations(mix_files, tokenizer.vocab_size, config.tau2.prompt_style)
     chat = ChatFormat(tokenizer)
     env = builders.tau2_environment(config, chat, split="train")
     refs = env.tasks()

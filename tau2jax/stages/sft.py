@@ -39,7 +39,8 @@ def _dataset(config, tokenizer):
     return make_sft_dataset(
         files, tokenizer, max_len=config.data.max_len, batch_size=config.data.batch_size,
         seed=config.seed, num_epochs=config.data.num_epochs, overlong=config.data.overlong,
-        shuffle=config.data.shuffle, process_index=jax.process_index(), process_count=jax.process_count())
+        shuffle=config.data.shuffle, process_index=jax.process_index(), process_count=jax.process_count(),
+        prompt_style=config.tau2.prompt_style)
 
 
 def run(config) -> dict:
