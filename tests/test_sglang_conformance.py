@@ -422,7 +422,7 @@ def test_a_port_outside_1_65535_is_one_line_and_exit_2(cmd, port):
     proc = subprocess.run([sys.executable, *cmd, "--port", port], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip() == f"error: --port {port} is outside 1..65535" and proc.stdout == ""
+    assert proc.stderr.strip() == f"error: --port {port} is outside 1..65535; pick a free port in that range" and proc.stdout == ""
 
 
 def _published(tmp_path, name="pub", version=1):

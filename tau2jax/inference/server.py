@@ -867,7 +867,7 @@ def wait_healthy(url: str, timeout_s: float, interval_s: float = 0.05) -> None:
 
 def port_error(port: int) -> str | None:
     """Why `port` cannot be listened on (None: it can): uvicorn would log it and bind another."""
-    return None if 1 <= port <= 65535 else f"--port {port} is outside 1..65535"
+    return None if 1 <= port <= 65535 else f"--port {port} is outside 1..65535; pick a free port in that range"
 
 
 def default_weights_root() -> str:

@@ -287,10 +287,12 @@ def tau2_tasks(config, split: str | None = None) -> list:
     return tasks
 
 
-def tau2_environment(config, chat, *, split: str | None = None):
-    """The tau2 tasks of the config, played with its prompt style, user simulator, limits and rewards."""
-    return environments.Tau2Environment(tau2_tasks(config, split), chat, style=prompts.get_style(config.tau2.prompt_style),
-                           user_for=user_factory(config), reward_config=reward_config(config),
+def tau2_environment(config, chat, *, split: str | None = None, tasks: list | None = None, user_for=None):
+    """The tau2 tasks of the config (or `tasks`: [] for a stage that names each episode's task),
+    played with its prompt style, user simulator (or `user_for`), limits and rewards."""
+    return environments.Tau2Environment(tau2_tasks(config, split) if tasks is None else tasks, chat,
+                           style=prompts.get_style(config.tau2.prompt_style),
+                           user_for=user_for or user_factory(config), reward_config=reward_config(config),
                            max_steps=config.tau2.max_steps, max_errors=config.tau2.max_errors,
                            max_repairs=config.tau2.max_repairs)
 

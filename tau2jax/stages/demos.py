@@ -21,7 +21,7 @@ from tqdm import tqdm
 from tau2jax.config import ConfigError, csv
 from tau2jax.data.chat import ChatFormat
 from tau2jax.env import prompts, tau2_env
-from tau2jax.env.environments import TaskRef, Tau2Environment
+from tau2jax.env.environments import TaskRef
 from tau2jax.env.gold import GoldEngine
 from tau2jax.env.scripted_user import ScriptedUser
 from tau2jax.eval import tau2_results
@@ -57,9 +57,7 @@ def run(config) -> dict:
 
     chat = ChatFormat(builders.tokenizer(config))
     style = prompts.get_style(config.tau2.prompt_style)
-    env = Tau2Environment([], chat, style=style, user_for=lambda task, domain: ScriptedUser(task),
-                          reward_config=builders.reward_config(config), max_steps=config.tau2.max_steps,
-                          max_errors=config.tau2.max_errors, max_repairs=config.tau2.max_repairs)
+    env = builders.tau2_environment(config, chat, tasks=[], user_for=lambda task, domain: ScriptedUser(task))
     sampling = engine_lib.SamplingParams(temperature=0.0, max_new_tokens=config.engine.max_new_tokens)
     episodes = [collector.Episode(TaskRef(d, t.id, t), 0, sampling, GoldEngine(t, style, chat))
                 for d, tasks in per_domain.items() for t in tasks]

@@ -48,7 +48,7 @@ from tau2jax import config as config_lib
 from tau2jax.data.chat import ChatFormat
 from tau2jax.data.sft_data import DataError, expand_files
 from tau2jax.env import prompts, tau2_env
-from tau2jax.env.environments import TaskRef, Tau2Environment
+from tau2jax.env.environments import TaskRef
 from tau2jax.env.episode import derive_seed
 from tau2jax.eval import floor as floor_lib
 from tau2jax.eval import report
@@ -170,9 +170,7 @@ def run(config) -> dict:
     identity = engine_for(pending[0][1]).identity() if engine_for is not None else None
     settings = record_settings(out_dir, earlier, settings, identity)
     check_records(out_dir, finished, settings.get("policy_version"))
-    env = Tau2Environment([], chat, style=style, user_for=builders.user_factory(config),
-                          reward_config=builders.reward_config(config), max_steps=config.tau2.max_steps,
-                          max_errors=config.tau2.max_errors, max_repairs=config.tau2.max_repairs)
+    env = builders.tau2_environment(config, chat, tasks=[])
     sampling = SamplingParams(temperature=config.eval.temperature, top_p=config.eval.top_p, top_k=config.eval.top_k,
                               max_new_tokens=config.engine.max_new_tokens)
     episodes = [collector.Episode(TaskRef(d, t.id, t), s, engine=engine_for(t),
