@@ -65,8 +65,8 @@ def parse(argv):
     if not _is_0_5_3(version):  # 0.5.2x arg_groups/fields/serving.py; 0.5.3 has no such flag
         p.add_argument("--sampling-defaults", default="model", choices=["openai", "model"])
     args = p.parse_args(argv)
-    if not 1 <= args.port <= 65535:  # uvicorn would log the port and listen on another
-        print(f"error: --port {args.port} is outside 1..65535", file=sys.stderr)
+    if not 1 <= args.port <= 65535:  # uvicorn would log the port and listen on another (server.port_error's words)
+        print(f"error: --port {args.port} is outside 1..65535; pick a free port in that range", file=sys.stderr)
         raise SystemExit(2)
     args.sampling_defaults = getattr(args, "sampling_defaults", None)
     if args.enable_deterministic_inference and _is_0_5_3(version) \
