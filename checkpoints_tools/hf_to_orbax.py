@@ -17,6 +17,7 @@ import sys
 
 import jax
 
+from tau2jax import cli
 from tau2jax.weights import orbax_params
 from tau2jax.weights.convert import convert
 from tau2jax.weights.hf_read import ConversionError
@@ -35,8 +36,7 @@ def main(argv=None) -> int:
     try:
         stats = convert(args.hf_dir, args.out, args.dtype)
     except (ConversionError, orbax_params.CheckpointFormatError) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
+        return cli.bad_input(e)
     print(f"wrote {stats['out']} ({stats['param_mb']} MiB {stats['dtype']}, "
           f"{stats['num_params']} stacked arrays) in {stats['seconds']} s; "
           f"peak RSS {stats['peak_rss_mb']} MiB (before loading: {stats['rss_before_mb']} MiB)")

@@ -16,6 +16,7 @@ import sys
 
 import jax
 
+from tau2jax import cli
 from tau2jax.weights import orbax_params
 from tau2jax.weights.hf_read import HF_EXTRA_DIR
 from tau2jax.weights.hf_write import export_hf, parse_size
@@ -40,8 +41,7 @@ def main(argv=None) -> int:
         params, cfg = orbax_params.restore_params(args.orbax_dir, dtype=args.dtype)
         orbax_params.check_finite(params, args.orbax_dir)
     except (ValueError, orbax_params.CheckpointFormatError) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
+        return cli.bad_input(e)
     print(f"exporting {args.orbax_dir} -> {out} ...", file=sys.stderr, flush=True)
     export_hf(params, cfg, out, max_shard_size=args.max_shard_size,
               extra_dir=os.path.join(os.path.abspath(args.orbax_dir), HF_EXTRA_DIR))

@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 
+from tau2jax import cli
 from tau2jax.models.tiny_hf import make_tiny_hf_dir
 from tau2jax.weights import hf_read, orbax_params
 from tau2jax.weights.parity import compare
@@ -79,8 +80,7 @@ def main(argv=None) -> int:
                              seed=args.seed)
             result["source"] = os.path.abspath(args.hf_dir)
     except (hf_read.ConversionError, orbax_params.CheckpointFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.bad_input(e)
     failed = failures(result, max_diff, min_greedy)
     result.update(ok=not failed, max_diff_tolerance=max_diff, min_greedy_match_tolerance=min_greedy)
     if failed:

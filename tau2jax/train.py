@@ -15,6 +15,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm fetches
 from absl import app, logging
 from ml_collections import config_flags
 
+from tau2jax import cli
 from tau2jax import config as config_lib
 from tau2jax.data.sft_data import DataError
 from tau2jax.parallel import distributed
@@ -45,11 +46,7 @@ EXPECTED = (config_lib.ConfigError, DataError, distributed.DistributedConfigErro
 
 
 def fail(e: Exception) -> None:
-    print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
-    # A failed Orbax read leaves its other reads' coroutines unawaited; their "Exception ignored"
-    # reports at shutdown would bury the one line under tracebacks of the same failure.
-    sys.unraisablehook = lambda unraisable: None
-    sys.exit(2)
+    sys.exit(cli.bad_input(e))
 
 
 def precheck(argv) -> None:

@@ -299,3 +299,37 @@ def test_param_shapes_match_model(hf_dirs):
     cfg = hf_read.read_config(hf_dirs["untied_sharded"])
     shapes = jax.eval_shape(lambda: qwen3.init_params(cfg, jax.random.key(0), dtype=jnp.float32))
     assert jax.tree.map(lambda s: tuple(s.shape), shapes) == mapping.param_shapes(cfg)
+
+
+def _truncate_largest(directory):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs]
+    big = max(files, key=os.path.getsize)
+    os.truncate(big, os.path.getsize(big) // 2)
+    return big
+
+
+def _cli(module, *args):
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]
+
+
+def test_conversion_clis_answer_damaged_weights_in_one_line_and_write_nothing(hf_dirs, tied_orbax, tmp_path):
+    """A truncated safetensors file was a 20-line safetensors traceback (rc 1); a truncated Orbax
+    array a TensorStore spec dump. Each is one `error:` line naming the file, exit 2, no output."""
+    hf_bad, orbax_bad = tmp_path / "hf_bad", tmp_path / "orbax_bad"
+    shutil.copytree(hf_dirs["tied"], hf_bad)
+    shutil.copytree(tied_orbax, orbax_bad)
+    shard = _truncate_largest(hf_bad)
+    line = _cli("checkpoints_tools.hf_to_orbax", "--hf-dir", str(hf_bad), "--out", str(tmp_path / "o"))
+    assert line.startswith(f"error: {shard}: not a readable safetensors file (") and line.endswith("export it again")
+    _truncate_largest(orbax_bad / "params")
+    for module, args in (("checkpoints_tools.orbax_to_hf", ["--orbax-dir", str(orbax_bad), "--out", str(tmp_path / "h")]),
+                         ("checkpoints_tools.parity", ["--hf-dir", hf_dirs["tied"], "--orbax-dir", str(orbax_bad)])):
+        line = _cli(module, *args)
+        assert line.startswith(f"error: {orbax_bad / 'params'}: reading the weights failed (") and "TensorStore({" not in line
+        assert line.endswith("re-convert the weights or use another checkpoint")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "h").exists()

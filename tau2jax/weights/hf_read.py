@@ -9,11 +9,12 @@ sync's reading side.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from tau2jax.models.configs import from_hf_config
 from tau2jax.weights import mapping
@@ -79,13 +80,24 @@ def find_safetensors(hf_dir: str) -> list[str]:
     return [os.path.join(hf_dir, n) for n in names]
 
 
+@contextlib.contextmanager
+def open_safetensors(file: str):
+    """safe_open, its errors (a truncated or foreign file) a ConversionError naming the file."""
+    try:
+        handle = safe_open(file, framework="np")
+    except (SafetensorError, OSError) as e:
+        raise ConversionError(f"{file}: not a readable safetensors file ({e}); copy or export it again") from None
+    with handle as f:
+        yield f
+
+
 def inventory(files: list[str], cfg) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Reads headers only; checks nothing is unknown, missing, duplicated, mis-shaped or non-float.
     Returns name -> (file, shape)."""
     expected = mapping.hf_tensors(cfg)
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file in files:
-        with safe_open(file, framework="np") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 if name in found:
                     raise ConversionError(f"tensor {name} is stored twice: {found[name][0]} and {file}")
@@ -122,7 +134,7 @@ def fill(files: list[str], cfg, target: np.dtype):
         mapping.set_path(params, row.ours, np.empty(mapping.param_shape(row, cfg), target))
     tied_head_file = None
     for file in files:
-        with safe_open(file, framework="np") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 if name not in expected:  # inventory() allowed only a tied lm_head here
                     tied_head_file = file
@@ -139,9 +151,9 @@ def fill(files: list[str], cfg, target: np.dtype):
 
 def _check_tied_head(found, head_file: str) -> None:
     embed_file = found["model.embed_tokens.weight"][0]
-    with safe_open(embed_file, framework="np") as f:
+    with open_safetensors(embed_file) as f:
         embed = f.get_tensor("model.embed_tokens.weight")
-    with safe_open(head_file, framework="np") as f:
+    with open_safetensors(head_file) as f:
         head = f.get_tensor(mapping.TIED_LM_HEAD)
     if not np.array_equal(embed, head):
         raise ConversionError(

@@ -130,7 +130,7 @@ def check_finite(params, what: str) -> None:
 
 def _short(e: BaseException) -> str:
     """An exception as one short line (Orbax's and TensorStore's errors run to many)."""
-    text = " ".join(str(e).split())
+    text = " ".join(str(e).split()).split(" See full TensorStore details")[0]  # a spec dump, not a reason
     return f"{type(e).__name__}: {text[:300]}" + ("..." if len(text) > 300 else "")
 
 
