@@ -50,7 +50,7 @@ ATTENTION_BACKEND=${ATTENTION_BACKEND:-fa3}  # with DETERMINISTIC=1: flashinfer 
 
 check_sglang_version() {  # fails, saying what to do, unless $SGLANG_PYTHON has sglang >= SGLANG_MIN_VERSION
   local have
-  if ! have=$("$SGLANG_PYTHON" -c 'import sglang; print(sglang.__version__)'); then
+  if ! have=$("$SGLANG_PYTHON" -c 'import sglang; print(sglang.__version__)' 2>/dev/null); then
     echo "error: '$SGLANG_PYTHON' cannot import sglang; install it in its own venv" \
       "(pip install 'sglang[all]>=$SGLANG_MIN_VERSION') and point SGLANG_PYTHON at that python" >&2
     return 1

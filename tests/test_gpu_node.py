@@ -107,3 +107,15 @@ def test_the_api_key_reaches_both_servers(tmp_path):
                 assert argv[argv.index("--api-key") + 1] == key, argv
             else:
                 assert "--api-key" not in argv, argv
+
+
+def test_a_python_without_sglang_is_one_error_line_and_no_traceback(tmp_path):
+    """The version probe's ImportError traceback came before the launcher's own line."""
+    proc = subprocess.run(["bash", os.path.join(REPO, "launch", "gpu_node.sh")], cwd=tmp_path, timeout=60,
+                          capture_output=True, text=True,
+                          env=os.environ | {"SGLANG_PYTHON": sys.executable, "POLICY_MODEL": str(tmp_path),
+                                            "USER_MODEL": str(tmp_path), "LOG_DIR": str(tmp_path / "logs")})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: '{sys.executable}' cannot import sglang; install it in its own venv (pip install "
+        "'sglang[all]>=0.5.3') and point SGLANG_PYTHON at that python"]

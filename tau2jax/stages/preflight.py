@@ -22,6 +22,7 @@ import jax
 import psutil
 
 from tau2jax import config as config_lib
+from tau2jax.env import tau2_env
 from tau2jax.inference.sglang_client import API_KEY_ENV, HEALTH_TIMEOUT_S
 from tau2jax.learn.memory import learner_bytes
 from tau2jax.models.configs import num_params
