@@ -330,6 +330,9 @@ def run(config) -> dict:
                     resync=lambda: sync.resync(state.params, int(state.step)))
                 m = {"rollout_wait_s": time.perf_counter() - t0} | m
                 max_seen = max([max_seen, *ages])
+                if step == start:
+                    builders.say(f"compiling the grpo step ({model_cfg.num_layers} layers, rows of "
+                                 f"{rl.batch.max_len} tokens); the first update waits for it ...")
                 t1 = time.perf_counter()
                 state, learned, learner_tokens = learner_step(config, step_fn, state, batch, ref_params, step, ckpt)
                 m |= learned | {"learner_s": time.perf_counter() - t1}
