@@ -47,6 +47,8 @@ class Checkpointer:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state))).state
+        except (MemoryError, jax.errors.JaxRuntimeError):
+            raise  # out of host or device memory: the machine's problem, not the files' (no set-aside)
         except Exception as e:  # noqa: BLE001 - truncated or corrupt array files
             raise CheckpointFormatError(f"{self.step_dir(step)}: reading the train state failed ({_short(e)})") from None
 
