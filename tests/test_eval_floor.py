@@ -174,3 +174,21 @@ def test_floor_matches_taus_evaluator_on_the_real_splits(chat, tmp_path):
         if (domain, split) == ("airline", "test"):
             assert sorted(t for (_, t), ok in passes.items() if ok) == ["13", "26", "31", "45", "48", "6"]
     assert got == expected
+
+
+def test_a_base_split_floor_also_reports_each_split_inside_it():
+    """An eval of airline's whole `base` split (tau2's leaderboard set) still says the `test`
+    split's floor, the split the recipe's numbers are on; a split only partly evaluated is left out."""
+    from tau2jax.env import tau2_env
+    from tau2jax.eval import floor as floor_lib
+
+    tau2_env.init_tau2()
+    splits = tau2_env.task_splits("airline")
+    test = set(splits["test"])
+    passes = {("airline", t): t in sorted(test)[:6] for t in splits["base"]}
+    summary = floor_lib.summarize(passes, ["airline"])
+    assert summary["airline"]["tasks"] == len(splits["base"])
+    assert summary["airline"]["by_split"]["test"] == {"pass_rate": 6 / len(test), "passed": 6, "tasks": len(test)}
+    assert "base" not in summary["airline"]["by_split"]  # not a proper part of itself
+    only_test = floor_lib.summarize({k: v for k, v in passes.items() if k[1] in test}, ["airline"])
+    assert "by_split" not in only_test["airline"]  # no split lies wholly inside the test split

@@ -27,6 +27,7 @@ import json
 import os
 from pathlib import Path
 
+from tau2jax.env import tau2_env
 from tau2jax.env.environments import TaskRef, Tau2Environment
 from tau2jax.env.gold import NullEngine
 from tau2jax.eval.metrics import is_success
@@ -109,12 +110,20 @@ def outcomes(tasks: list[tuple[str, object]], *, chat, style, cache_dir: str | P
 
 
 def summarize(passes: dict[tuple, bool], domains: list[str]) -> dict:
-    """{"overall" | domain: {"pass_rate", "passed", "tasks"}} from `outcomes`."""
+    """{"overall" | domain: {"pass_rate", "passed", "tasks"}} from `outcomes`. A domain's entry adds
+    "by_split": the same for each tau2 split wholly inside the evaluated tasks (an eval of the
+    leaderboard's `base` split thus also gives the `test` split's floor, the split the recipe reports)."""
 
     def group(values):
         values = list(values)
         return {"pass_rate": sum(values) / len(values) if values else None, "passed": sum(values), "tasks": len(values)}
 
-    return {"overall": group(passes.values())} | {
-        d: group(v for (dd, _), v in passes.items() if dd == d) for d in domains
-    }
+    out = {"overall": group(passes.values())}
+    for d in domains:
+        mine = {t: v for (dd, t), v in passes.items() if dd == d}
+        out[d] = group(mine.values())
+        splits = tau2_env.task_splits(d) if d != "mock" else None
+        inside = {name: ids for name, ids in (splits or {}).items() if set(ids) < set(mine)}
+        if inside:
+            out[d]["by_split"] = {name: group(mine[t] for t in ids) for name, ids in sorted(inside.items())}
+    return out

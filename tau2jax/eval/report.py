@@ -162,6 +162,8 @@ def _floor_lines(summary: dict) -> list[str]:
         "",
         "Do-nothing floor: the tasks tau2 passes for an agent that only says \"I'm sorry, I can't help with "
         "that.\" (scripted user, tau2's evaluator). Learning shows on the tasks it fails.",
+        *[f"{d.capitalize()}'s {split} split inside these tasks: floor {f['passed']}/{f['tasks']}."
+          for d in summary["domains"] for split, f in fl.get(d, {}).get("by_split", {}).items()],
         "",
     ]
 
