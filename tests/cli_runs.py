@@ -33,6 +33,22 @@ def train(*args, timeout=900) -> dict:
     return summary(run_train(*args, timeout=timeout))
 
 
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The CLI's answer to bad input: exit 2, one stderr line `error: ...`, no traceback."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+def short_sft(workdir, data, *extra, check=True) -> subprocess.CompletedProcess:
+    """configs/tiny_sft.py on a short data file, a checkpoint every 2 steps, saved synchronously."""
+    return run_train("--config", "configs/tiny_sft.py", f"--config.data.train_files={data}",
+                     "--config.data.max_len=64", "--config.data.batch_size=2", "--config.train.checkpoint_every=2",
+                     "--config.train.async_checkpoint=False", f"--config.workdir={workdir}", *extra, check=check,
+                     timeout=600)
+
+
 def start_train(*args) -> subprocess.Popen:
     """A run in the background, output discarded (the SIGKILL-resume tests kill it)."""
     return subprocess.Popen(train_cmd(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cli_runs import run_train, summary
+from cli_runs import run_train, short_sft, summary
 from tau2jax.config import ConfigError
 from tau2jax.learn.checkpoint import Checkpointer
 from tau2jax.weights.orbax_params import CheckpointFormatError, check_finite, restore_params, save_params
@@ -110,10 +110,7 @@ def test_sft_from_broken_init_weights_fails_before_step_1_in_one_line(orbax_dir,
 
 
 def _sft(workdir, data, *extra, check=True):
-    return run_train("--config", "configs/tiny_sft.py", f"--config.data.train_files={data}",
-                     "--config.data.max_len=64", "--config.data.batch_size=2", "--config.train.steps=4",
-                     "--config.train.checkpoint_every=2", "--config.train.async_checkpoint=False",
-                     f"--config.workdir={workdir}", *extra, check=check, timeout=600)
+    return short_sft(workdir, data, "--config.train.steps=4", *extra, check=check)
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, short_sft_jsonl):

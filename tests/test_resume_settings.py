@@ -5,7 +5,7 @@ workdir moves; an extension of a constant schedule is allowed and said."""
 import hashlib
 import os
 
-from cli_runs import run_train, summary
+from cli_runs import one_line_error, run_train, short_sft, summary
 
 
 def _tree_digest(workdir) -> str:
@@ -21,18 +21,8 @@ def _tree_digest(workdir) -> str:
     return h.hexdigest()
 
 
-def _one_line_error(proc) -> str:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
-    return lines[0]
-
-
 def _sft(workdir, data, *extra, check=True):
-    return run_train("--config", "configs/tiny_sft.py", f"--config.data.train_files={data}",
-                     "--config.data.max_len=64", "--config.data.batch_size=2", "--config.optim.lr=1e-3",
-                     "--config.train.checkpoint_every=2", "--config.train.async_checkpoint=False",
-                     f"--config.workdir={workdir}", *extra, check=check, timeout=600)
+    return short_sft(workdir, data, "--config.optim.lr=1e-3", *extra, check=check)
 
 
 def test_sft_resume_refuses_changed_settings_by_name_and_moves_nothing(tmp_path, short_sft_jsonl):
@@ -40,14 +30,14 @@ def test_sft_resume_refuses_changed_settings_by_name_and_moves_nothing(tmp_path,
     _sft(workdir, short_sft_jsonl, "--config.train.steps=2")
     before = _tree_digest(workdir)
 
-    line = _one_line_error(_sft(workdir, short_sft_jsonl, "--config.train.steps=2", "--config.optim.lr=0.5",
+    line = one_line_error(_sft(workdir, short_sft_jsonl, "--config.train.steps=2", "--config.optim.lr=0.5",
                                 "--config.data.max_len=96", check=False))
     assert line.startswith(f"error: config: workdir '{workdir}' holds a sft run with other settings (")
     assert "optim.lr: 0.001 -> 0.5" in line and "data.max_len: 64 -> 96" in line
     assert "use a new config.workdir, or the earlier values to resume" in line
 
     # cosine (tiny_sft's schedule) decays over the whole run: another length changes every later lr
-    line = _one_line_error(_sft(workdir, short_sft_jsonl, "--config.train.steps=4", check=False))
+    line = one_line_error(_sft(workdir, short_sft_jsonl, "--config.train.steps=4", check=False))
     assert line.startswith(f"error: config.train.steps: workdir '{workdir}' holds a sft run of 2 steps at step 2, "
                            "this one asks for 4; a cosine schedule decays")
     assert _tree_digest(workdir) == before
@@ -65,7 +55,7 @@ def test_grpo_resume_refuses_a_changed_loss_and_allows_a_constant_schedule_exten
     assert first["steps"] == 1
     before = _tree_digest(workdir)
 
-    line = _one_line_error(_toy_grpo(workdir, "--config.rl.steps=1", "--config.rl.loss.eps_high=0.4",
+    line = one_line_error(_toy_grpo(workdir, "--config.rl.steps=1", "--config.rl.loss.eps_high=0.4",
                                      "--config.rl.samples_per_task=8", check=False))
     assert line.startswith(f"error: config: workdir '{workdir}' holds a grpo run with other settings (")
     assert "rl.samples_per_task: 4 -> 8" in line and "rl.loss.eps_high: 0.28 -> 0.4" in line

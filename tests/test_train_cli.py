@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cli_runs import run_train, start_train, train
+from cli_runs import one_line_error, run_train, start_train, train
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -28,14 +28,6 @@ def test_bad_config_is_rejected_by_name(override, expected, tmp_path):
     assert "Traceback" not in proc.stderr or expected in proc.stderr.splitlines()[-1]
 
 
-def _one_line_error(proc) -> str:
-    """The CLI's answer to bad input: exit 2, one stderr line `error: ...`, no traceback."""
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
-    return lines[0]
-
-
 @pytest.mark.parametrize("args, expected", [
     (["--config.train.lr_typo=1"], "error: config.train.lr_typo: no such config key; did you mean --config."),
     (["--config.optim.lrr=0.1"], "error: config.optim.lrr: no such config key; did you mean --config.optim.lr?"),
@@ -47,13 +39,13 @@ def _one_line_error(proc) -> str:
 def test_config_mistakes_get_one_line_and_write_nothing(args, expected, tmp_path):
     workdir = tmp_path / "run"
     proc = run_train("--config", "configs/tiny_sft.py", f"--config.workdir={workdir}", *args, check=False, timeout=300)
-    assert _one_line_error(proc).startswith(expected)
+    assert one_line_error(proc).startswith(expected)
     assert not workdir.exists()
 
 
 def test_a_missing_config_file_gets_one_line(tmp_path):
     proc = run_train("--config", str(tmp_path / "nope.py"), check=False, timeout=120)
-    assert _one_line_error(proc).startswith(f"error: --config {tmp_path / 'nope.py'}: no such config file")
+    assert one_line_error(proc).startswith(f"error: --config {tmp_path / 'nope.py'}: no such config file")
 
 
 def test_model_hf_dir_without_init_from_is_not_a_silent_random_init(tmp_path):
@@ -62,7 +54,7 @@ def test_model_hf_dir_without_init_from_is_not_a_silent_random_init(tmp_path):
     hf.mkdir()
     proc = run_train("--config", "configs/qwen3_4b_sft.py", f"--config.model.hf_dir={hf}",
                      f"--config.workdir={workdir}", check=False, timeout=300)
-    line = _one_line_error(proc)
+    line = one_line_error(proc)
     assert line.startswith("error: config.model.init_from: not set, so model.hf_dir's model") and "random_init=True" in line
     assert not workdir.exists()
 
@@ -72,7 +64,7 @@ def test_an_unknown_split_is_refused_for_every_domain(domain, tmp_path):
     workdir = tmp_path / "run"
     proc = run_train("--config", "configs/eval.py", f"--config.tau2.domains={domain}", "--config.tau2.split=tset",
                      f"--config.workdir={workdir}", check=False, timeout=300)
-    assert _one_line_error(proc).startswith(f"error: config.tau2.split: {domain} has no split 'tset'; use one of [")
+    assert one_line_error(proc).startswith(f"error: config.tau2.split: {domain} has no split 'tset'; use one of [")
     assert not workdir.exists()
 
 
@@ -81,7 +73,7 @@ def test_an_empty_data_file_is_named_as_empty(tmp_path):
     empty.write_text("")
     proc = run_train("--config", "configs/tiny_sft.py", f"--config.data.train_files={empty}",
                      f"--config.workdir={workdir}", check=False, timeout=300)
-    assert _one_line_error(proc).startswith(f"error: {empty}: the SFT data file is empty")
+    assert one_line_error(proc).startswith(f"error: {empty}: the SFT data file is empty")
     assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
 
 
