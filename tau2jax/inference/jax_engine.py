@@ -37,8 +37,9 @@ more than MIN_STOP_ID_SLOTS stop ids, which widens the stop table). `warmup()` c
 every pair up front (or those up to a given cache length / batch sizes); `compile_counts` says how
 many times prefill and decode were traced. Prefill runs the prompt through the cache in slices
 small enough that one slice's attention scores (batch x heads x slice x cache length) stay under
-`PREFILL_SCORES` elements (at most `prefill_chunk` tokens and a quarter of the cache length, which
-is also the least a prefill computes per row), and computes logits only for each row's last prompt token. Decoding runs
+`PREFILL_SCORES` elements (at most `prefill_chunk` tokens and a quarter of the cache length), the
+last partial slice in slices of PREFILL_TAIL_SLICE (64) tokens, so a prefix hit with a few new
+tokens computes 64 of them, and computes logits only for each row's last prompt token. Decoding runs
 `decode_chunk` steps per dispatch in a `lax.while_loop` (which exits as soon as every row is
 done); stop token ids and max_new_tokens are checked on device, stop strings on the host, and
 the host reads chunk i while the device runs chunk i+1.
@@ -99,6 +100,9 @@ MIN_STOP_ID_SLOTS = 8  # stop-id table width; more stop ids round up to a power 
 # Attention-score elements of one prefill slice (B x heads x slice x cache): 2 GiB in fp32. Qwen3-4B
 # (32 heads), batch 16, cache 32K -> 32-token slices; short caches keep `prefill_chunk`.
 PREFILL_SCORES = 2 ** 29
+# A prefill's last, partial slice is cut in slices of this many tokens (or the slice length when
+# smaller): the new part of a prefix hit is often a few dozen tokens.
+PREFILL_TAIL_SLICE = 64
 
 
 class _Spec(NamedTuple):
@@ -120,8 +124,7 @@ def _bucket(n: int, minimum: int = 1) -> int:
 
 def _slice_len(spec: _Spec, B: int, S: int) -> int:
     """Prefill slice for batch B and cache length S: a power of two, at most prefill_chunk and S / 4,
-    scores under PREFILL_SCORES. A prefill computes at least one slice a row; a quarter of the cache
-    keeps that floor small for the short caches short prompts get (long caches keep prefill_chunk)."""
+    scores under PREFILL_SCORES (a quarter of the cache: short caches get short slices)."""
     fits = max(1, PREFILL_SCORES // (B * spec.cfg.num_heads * S))
     return min(spec.prefill_chunk, max(1, _bucket(S) // 4), 1 << (fits.bit_length() - 1))
 
@@ -179,24 +182,31 @@ def _prefill(params, rows, cache, tokens, start, *, spec: _Spec):
     cfg = spec.cfg
     B, W = tokens.shape
     c = _slice_len(spec, B, cache["k"].shape[2])
+    tail = min(c, PREFILL_TAIL_SLICE)
     n_new = rows["prompt_len"] - start
 
-    def chunk(i, carry):
+    def run_slice(off, width, carry):
         cache, last_hidden = carry
-        off = i * c
-        pos = off + jnp.arange(c)
+        pos = off + jnp.arange(width)
         hidden, cache = qwen3.forward_cached(
-            params, cfg, jax.lax.dynamic_slice_in_dim(tokens, off, c, axis=1), cache,
+            params, cfg, jax.lax.dynamic_slice_in_dim(tokens, off, width, axis=1), cache,
             start + jnp.minimum(off, n_new), pos[None] < n_new[:, None],
             compute_dtype=spec.compute_dtype, return_hidden=True)
         idx = n_new - 1 - off  # each row's last prompt token, if in this slice
-        here = hidden[jnp.arange(B), jnp.clip(idx, 0, c - 1)]
-        last_hidden = jnp.where(((idx >= 0) & (idx < c))[:, None], here, last_hidden)
+        here = hidden[jnp.arange(B), jnp.clip(idx, 0, width - 1)]
+        last_hidden = jnp.where(((idx >= 0) & (idx < width))[:, None], here, last_hidden)
         return cache, last_hidden
 
-    init = (cache, jnp.zeros((B, cfg.hidden_size), spec.compute_dtype))
-    n_slices = (jnp.max(n_new) + c - 1) // c
-    cache, last_hidden = jax.lax.fori_loop(0, n_slices, chunk, init)
+    # Whole slices of c, then the rest in slices of `tail`: a prefix hit with a few new tokens
+    # costs a tail slice's attention over the cache, not a full slice's (W - n_full * c >= c when
+    # a tail is left, so the tail slices stay inside the token array).
+    need = jnp.max(n_new)
+    n_full = need // c
+    n_tail = (need - n_full * c + tail - 1) // tail
+    carry = (cache, jnp.zeros((B, cfg.hidden_size), spec.compute_dtype))
+    carry = jax.lax.fori_loop(0, n_full, lambda i, cr: run_slice(i * c, c, cr), carry)
+    carry = jax.lax.fori_loop(0, n_tail, lambda j, cr: run_slice(n_full * c + j * tail, tail, cr), carry)
+    cache, last_hidden = carry
     logits = qwen3.logits_from_hidden(params, cfg, last_hidden)
     n_gen = jnp.zeros(B, jnp.int32)
     tok, lp, slp = _sample_next(logits, rows, n_gen)
