@@ -219,6 +219,10 @@ def _prefill(params, rows, cache, tokens, start, *, spec: _Spec):
 def _decode(params, rows, state, ended, *, spec: _Spec):
     """Up to decode_chunk steps; `ended` [B] marks rows the host finished (stop strings)."""
     _TRACES["decode", spec] += 1
+    return _decode_steps(params, rows, state, ended, spec)
+
+
+def _decode_steps(params, rows, state, ended, spec: _Spec):
     k, B = spec.decode_chunk, state["last"].shape[0]
     state = {**state, "done": state["done"] | ended}
     out = dict(tokens=jnp.full((k, B), -1, jnp.int32), logprobs=jnp.zeros((k, B), jnp.float32),
@@ -276,6 +280,35 @@ def _insert(state, rows, sub_state, sub_rows, slots, *, spec: _Spec):
     cache = {n: put(state["cache"][n], sub_state["cache"][n], axis=1) for n in state["cache"]}
     state = {**{k: put(state[k], sub_state[k]) for k in state if k != "cache"}, "cache": cache}
     return state, {k: put(rows[k], sub_rows[k]) for k in rows}
+
+
+def _lead(tree: dict, b: int) -> dict:
+    """The first b slots of a running batch's state or rows (the cache's batch axis is 1)."""
+    return {n: {m: c[:, :b] for m, c in a.items()} if n == "cache" else a[:b] for n, a in tree.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "b"), donate_argnames="state")
+def _decode_lead(params, rows, state, ended, *, spec: _Spec, b: int):
+    """`_decode` on the first b slots of the running batch (the occupied ones: see `_compact`),
+    written back in place; ended [b]. A step's cost is its rows' (the vocabulary head and
+    sampling), so a half-empty batch decodes at half the cost."""
+    _TRACES["decode_lead", spec] += 1
+    sub, out = _decode_steps(params, _lead(rows, b), _lead(state, b), ended, spec)
+    put = lambda a, x, axis=0: jax.lax.dynamic_update_slice_in_dim(a, x, 0, axis)
+    cache = {n: put(state["cache"][n], sub["cache"][n], 1) for n in state["cache"]}
+    return {**{k: put(state[k], sub[k]) for k in state if k != "cache"}, "cache": cache}, out
+
+
+@functools.partial(jax.jit, static_argnames="spec", donate_argnames=("state", "rows"))
+def _move(state, rows, src, dst, *, spec: _Spec):
+    """Copies slot src of the running batch (its KV, state and constants) to slot dst."""
+    _TRACES["move", spec] += 1
+
+    def mv(a, axis=0):
+        return jax.lax.dynamic_update_index_in_dim(a, jax.lax.dynamic_index_in_dim(a, src, axis), dst, axis)
+
+    cache = {n: mv(a, 1) for n, a in state["cache"].items()}
+    return {**{k: mv(state[k]) for k in state if k != "cache"}, "cache": cache}, {k: mv(v) for k, v in rows.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "length"))  # a new shape: nothing to donate
@@ -576,7 +609,8 @@ class JaxEngine:
     def compile_counts(self) -> dict[str, int]:
         """Times prefill / decode were traced (= compiled) for this engine's static config;
         engines with the same config share compiled code and these counts."""
-        names = ("prefill", "decode") + (("idle", "insert", "grow") if self.scheduler == "continuous" else ())
+        continuous = ("idle", "insert", "grow", "decode_lead", "move")
+        names = ("prefill", "decode") + (continuous if self.scheduler == "continuous" else ())
         return {name: _TRACES[name, self._spec] for name in names}
 
     @property
@@ -723,14 +757,22 @@ class JaxEngine:
                     if run is not None:
                         nxt = None
                         if any(h is not None and h.finish is None for h in slots):
-                            ended = np.array([h is None or h.finish is not None for h in slots])
-                            run.state, out = _decode(run.params, run.rows, run.state, ended, spec=self._spec)
-                            nxt = (out, list(slots))
+                            # The occupied slots lead (`_compact`): decode their bucket only.
+                            b = min(_bucket(sum(h is not None for h in slots)), B)
+                            cols = slots[:b]
+                            ended = np.array([h is None or h.finish is not None for h in cols])
+                            if b == B:
+                                run.state, out = _decode(run.params, run.rows, run.state, ended, spec=self._spec)
+                            else:
+                                run.state, out = _decode_lead(run.params, run.rows, run.state, ended,
+                                                              spec=self._spec, b=b)
+                            nxt = (out, cols)
                         while outs:  # the device runs `nxt` meanwhile
                             self._consume_cols(*outs.popleft())
                         if nxt is not None:
                             outs.append(nxt)
                         self._retire(run, slots)
+                        self._compact(run, slots)
                 except BaseException as e:  # the running rows see it; the worker keeps serving
                     for i, h in enumerate(slots):
                         if h is not None:
@@ -750,6 +792,18 @@ class JaxEngine:
                 slots[i] = None
                 self._remember([h], run.state["cache"], run.version, [h.shared], rows=[i])
                 h.req.future.set_result(h.result(run.version))
+
+    def _compact(self, run: "_Running", slots: list) -> None:
+        """Moves the last occupied slot into the first free one below it until the occupied
+        slots lead: decode then runs on their bucket, and admissions fill the slots after them."""
+        while True:
+            occupied = [i for i, h in enumerate(slots) if h is not None]
+            free = [i for i, h in enumerate(slots) if h is None]
+            if not occupied or not free or free[0] > occupied[-1]:
+                return
+            src, dst = occupied[-1], free[0]
+            run.state, run.rows = _move(run.state, run.rows, np.int32(src), np.int32(dst), spec=self._spec)
+            slots[dst], slots[src] = slots[src], None
 
     def _admit(self, run, pending: collections.deque, slots: list, outs: collections.deque):
         """Prefills as many pending requests as there are free slots (a sub-batch, prefix blocks
@@ -861,8 +915,9 @@ class JaxEngine:
 
     def _warmup_continuous(self, params, sizes: list[int], lens: list[int]) -> None:
         """The continuous scheduler's own shapes: for each cache length S, the idle running batch
-        (max_batch slots), an insert of each sub-batch size, a decode and a prefix block taken
-        from the running batch, and the growth to the next cache length."""
+        (max_batch slots), an insert of each sub-batch size, a decode of every leading bucket, a
+        slot move, a prefix block taken from the running batch, and the growth to the next cache
+        length."""
         B = self.max_batch
         for i, S in enumerate(lens):
             state, rows = _idle_state(spec=self._spec, batch=B, length=S, ns=MIN_STOP_ID_SLOTS)
@@ -872,6 +927,10 @@ class JaxEngine:
                 sub_state, _ = self._device_batch(params, sub_rows, tokens, start, [], b, S)
                 state, rows = _insert(state, rows, sub_state, sub_rows, np.full(b, B, np.int32), spec=self._spec)
             state, _ = _decode(params, rows, state, np.ones(B, bool), spec=self._spec)
+            for b in sizes:
+                if b < B:
+                    state, _ = _decode_lead(params, rows, state, np.ones(b, bool), spec=self._spec, b=b)
+            state, rows = _move(state, rows, np.int32(0), np.int32(0), spec=self._spec)
             jax.block_until_ready(_take_block(state["cache"], 0, 0, size=self._block))
             if i + 1 < len(lens):
                 state = _grow(state, spec=self._spec, length=lens[i + 1])
