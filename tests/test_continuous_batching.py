@@ -109,6 +109,26 @@ def test_retired_slots_compacted_and_decode_follows_the_occupied_rows(engines, m
     eng.close()
 
 
+def test_admitted_row_shares_a_running_rows_prompt(engines, monkeypatch):
+    # Nothing has finished (the prefix cache is empty), but a running row's prompt KV is in the
+    # running cache: a request sharing its first 30 tokens prefills only the rest.
+    eng = JaxEngine(engines["params"], CFG, scheduler="continuous", **KW)
+    slow_chunks(eng, monkeypatch)
+    first = prompt(50, 36)
+    second = first[:30] + prompt(51, 5)
+    first_f = eng.submit(first, SamplingParams(temperature=0.0, max_new_tokens=24))
+    wait_admitted(eng, 1)
+    got = eng.submit(second, SamplingParams(temperature=0.0, max_new_tokens=3)).result(timeout=60)
+    assert not first_f.done()
+    st = eng.stats()
+    assert (st["prefix_hits"], st["prefix_tokens_saved"]) == (1, 30)
+    want = engines["static"].generate([second], SamplingParams(temperature=0.0, max_new_tokens=3))[0]
+    assert got.output_ids == want.output_ids
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    first_f.result(timeout=60)
+    eng.close()
+
+
 def test_swap_while_rows_run(engines, monkeypatch):
     params = engines["params"]
     rng = np.random.default_rng(3)

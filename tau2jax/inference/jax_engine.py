@@ -805,6 +805,23 @@ class JaxEngine:
             run.state, run.rows = _move(run.state, run.rows, np.int32(src), np.int32(dst), spec=self._spec)
             slots[dst], slots[src] = slots[src], None
 
+    def _running_match(self, run: "_Running", slots: list, prompt: np.ndarray, hit: tuple) -> tuple:
+        """The prefix cache's `hit` (entry, n), or, where a running row's prompt shares more with
+        `prompt`, that row's leading blocks as an entry (its prompt's KV is in the running cache
+        from its prefill on; the batch runs the current weights): episodes that start together
+        share their system prompt before any of them has finished."""
+        n, best = hit[1], None
+        for i, h in enumerate(slots):
+            if h is not None:
+                m = min(_common_prefix(prompt, np.asarray(h.req.prompt, np.int32)), len(prompt) - 1)
+                if m > n:
+                    n, best = m, i
+        if best is None:
+            return hit
+        kv = [_take_block(run.state["cache"], best, k * self._block, size=self._block)
+              for k in range(-(-n // self._block))]
+        return _Entry(prompt[:n], kv, 0), n
+
     def _admit(self, run, pending: collections.deque, slots: list, outs: collections.deque):
         """Prefills as many pending requests as there are free slots (a sub-batch, prefix blocks
         included) and inserts them into the running batch (started here if none runs; grown to
@@ -821,6 +838,8 @@ class JaxEngine:
         if not take:
             return run
         try:
+            if run is not None:
+                hits = [self._running_match(run, slots, p, hit) for p, hit in zip(prompts, hits)]
             S = self._cache_len(max(len(r.prompt) + r.max_new for r in take))
             if run is None:
                 state, rows = _idle_state(spec=self._spec, batch=self.max_batch, length=S, ns=MIN_STOP_ID_SLOTS)
