@@ -18,13 +18,19 @@ Continuous batching (`scheduler="continuous"`; the default is "static", above)
     `_insert`; the next chunk decodes them with the rest. So a request waits for at most one chunk
     and a free slot, not for the longest row. A request needing more than S grows the running cache
     a bucket at a time (`_grow`, a zero pad); the cache goes back to the need of the next requests
-    only when the batch drains. Free slots are done rows (masked, nothing written). Every row keeps
+    only when the batch drains. Free slots are done rows (masked, nothing written); a retired
+    row's slot takes the last occupied row (`_compact`, one slot copied), so the occupied slots
+    lead and a chunk decodes only their batch bucket (`_decode_lead`: a step costs what its rows
+    cost, the vocabulary head and sampling most). When a row reaches max_new_tokens within the
+    chunks in flight, the worker reads them before dispatching the next, so its slot is refilled
+    a chunk sooner. An admitted request shares a running row's prompt KV where that beats the
+    prefix cache (rows that start together prefill a shared system prompt once). Every row keeps
     the weights it began with: after a swap no request is admitted until the running batch has
     drained, so its rows finish on the old params and report the old version, and new requests
     start on the new ones. The device's stop-id table has MIN_STOP_ID_SLOTS columns (a request
-    with more has the others checked on the host: no new shape). Shapes: decode and prefix-block
-    copies at (max_batch, S), prefill at (sub-batch bucket, S), inserts (sub-batch bucket, S), the
-    growths S -> next S; `warmup()` compiles them all. `batches_run` counts admissions.
+    with more has the others checked on the host: no new shape). Shapes: decode of each leading
+    bucket, slot moves and prefix-block copies at (max_batch, S), prefill at (sub-batch bucket,
+    S), inserts (sub-batch bucket, S), the growths S -> next S; `warmup()` compiles them all. `batches_run` counts admissions.
     `batches_itself` is True: the server's `Batcher` hands each request straight to `submit`.
 
 Shapes are a fixed set, so nothing compiles in steady state: the batch is padded to a bucket (1, 2,
@@ -754,6 +760,18 @@ class JaxEngine:
                 continue
             with mesh_ctx:
                 try:
+                    if run is not None and outs and self._length_ends_unread(outs):
+                        # A row reaches max_new_tokens in the chunks in flight: read them before
+                        # the next dispatch, so that its slot is refilled a chunk sooner instead
+                        # of riding along done (rows ending on a stop token are not foreseen).
+                        while outs:
+                            self._consume_cols(*outs.popleft())
+                        self._retire(run, slots)
+                        self._compact(run, slots)
+                        if all(h is None for h in slots):
+                            run = None
+                        if pending:
+                            run = self._admit(run, pending, slots, outs)
                     if run is not None:
                         nxt = None
                         if any(h is not None and h.finish is None for h in slots):
@@ -792,6 +810,16 @@ class JaxEngine:
                 slots[i] = None
                 self._remember([h], run.state["cache"], run.version, [h.shared], rows=[i])
                 h.req.future.set_result(h.result(run.version))
+
+    @staticmethod
+    def _length_ends_unread(outs: collections.deque) -> bool:
+        """Whether a row reaches its max_new_tokens within the chunks dispatched and not yet read."""
+        ahead: collections.Counter = collections.Counter()
+        for out, cols in outs:
+            for h in cols:
+                if h is not None:
+                    ahead[h] += out["tokens"].shape[0]
+        return any(h.finish is None and len(h.ids) + n >= h.req.max_new for h, n in ahead.items())
 
     def _compact(self, run: "_Running", slots: list) -> None:
         """Moves the last occupied slot into the first free one below it until the occupied
