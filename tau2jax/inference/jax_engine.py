@@ -30,7 +30,8 @@ Continuous batching (`scheduler="continuous"`; the default is "static", above)
     start on the new ones. The device's stop-id table has MIN_STOP_ID_SLOTS columns (a request
     with more has the others checked on the host: no new shape). Shapes: decode of each leading
     bucket, slot moves and prefix-block copies at (max_batch, S), prefill at (sub-batch bucket,
-    S), inserts (sub-batch bucket, S), the growths S -> next S; `warmup()` compiles them all. `batches_run` counts admissions.
+    S), inserts (sub-batch bucket, S), the growths S -> next S; `warmup()` compiles them all.
+    `batches_run` counts admissions.
     `batches_itself` is True: the server's `Batcher` hands each request straight to `submit`.
 
 Shapes are a fixed set, so nothing compiles in steady state: the batch is padded to a bucket (1, 2,
