@@ -852,8 +852,8 @@ class JaxEngine:
         return _Entry(prompt[:n], kv, 0), n
 
     def _admit(self, run, pending: collections.deque, slots: list, outs: collections.deque):
-        """Prefills as many pending requests as there are free slots (a sub-batch, prefix blocks
-        included) and inserts them into the running batch (started here if none runs; grown to
+        """Prefills as many pending requests as there are free slots (sub-batches of a power of two
+        rows, prefix blocks included) and inserts them into the running batch (started here if none runs; grown to
         their cache need). None are admitted while the running batch is on older weights: it
         drains first. -> the running batch."""
         with self._lock:
@@ -861,7 +861,10 @@ class JaxEngine:
             if run is not None and run.params is not params:  # swapped: drain the running batch first
                 return run
             free = [i for i, h in enumerate(slots) if h is None]
-            take = [pending.popleft() for _ in range(min(len(free), len(pending)))]
+            # A power of two at a time: a sub-batch is padded to one, and its rows cost the same
+            # prefill computed or padding (3 requests: 2 + 1 rows, not 4).
+            m = min(len(free), len(pending))
+            take = [pending.popleft() for _ in range(1 << (m.bit_length() - 1) if m else 0)]
             prompts = [np.asarray(r.prompt, np.int32) for r in take]
             hits = [self._prefix.match(p) for p in prompts]
         if not take:
@@ -902,7 +905,7 @@ class JaxEngine:
             self._counts.update(requests=len(take), prompt_tokens=sum(map(len, prompts)),
                                 prefill_tokens=sum(len(p) - n for p, (_, n) in zip(prompts, hits)),
                                 prefix_hits=sum(n > 0 for _, n in hits), prefix_tokens_saved=sum(n for _, n in hits))
-        return run
+        return self._admit(run, pending, slots, outs) if pending and None in slots else run
 
     @staticmethod
     def _consume_cols(out, cols: list) -> None:
