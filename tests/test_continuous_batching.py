@@ -13,6 +13,7 @@ import pytest
 
 from tau2jax.data.tokenizer import load_tokenizer
 from tau2jax.inference.engine import ContextLengthError, SamplingParams
+from tau2jax.inference import jax_engine
 from tau2jax.inference.jax_engine import JaxEngine
 from tau2jax.inference.server import Batcher
 from tau2jax.models import qwen3
@@ -86,6 +87,46 @@ def test_request_admitted_mid_batch_finishes_first_and_matches_static(engines, m
     sps = [SamplingParams(temperature=0.0, max_new_tokens=2 + 7 * (i % 3)) for i in range(7)]
     got = [f.result() for f in [cont.submit(p, sp) for p, sp in zip(prompts, sps)]]
     assert [r.output_ids for r in got] == [r.output_ids for r in static.generate(prompts, sps)]
+
+
+def test_retired_slots_compacted_and_decode_follows_the_occupied_rows(engines, monkeypatch):
+    # Rows 0 and 2 of four finish first: the last row moves down into slot 0, and the two left
+    # decode as a batch of 2 (the leading slots), with the static scheduler's tokens and log-probs.
+    eng = JaxEngine(engines["params"], CFG, scheduler="continuous", **KW)
+    moves, widths = [], []
+    move, lead = jax_engine._move, jax_engine._decode_lead
+    monkeypatch.setattr(jax_engine, "_move", lambda st, rows, src, dst, spec: (
+        moves.append((int(src), int(dst))), move(st, rows, src, dst, spec=spec))[1])
+    monkeypatch.setattr(jax_engine, "_decode_lead", lambda *a, b, spec: (widths.append(b), lead(*a, spec=spec, b=b))[1])
+    ps = [prompt(40 + i, 4 + 3 * i) for i in range(4)]
+    sps = [SamplingParams(temperature=0.0, max_new_tokens=m) for m in (3, 40, 3, 30)]
+    got = eng.generate(ps, sps)
+    want = engines["static"].generate(ps, sps)
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
+    assert moves[0] == (3, 0) and 2 in widths
+    eng.close()
+
+
+def test_admitted_row_shares_a_running_rows_prompt(engines, monkeypatch):
+    # Nothing has finished (the prefix cache is empty), but a running row's prompt KV is in the
+    # running cache: a request sharing its first 30 tokens prefills only the rest.
+    eng = JaxEngine(engines["params"], CFG, scheduler="continuous", **KW)
+    slow_chunks(eng, monkeypatch)
+    first = prompt(50, 36)
+    second = first[:30] + prompt(51, 5)
+    first_f = eng.submit(first, SamplingParams(temperature=0.0, max_new_tokens=24))
+    wait_admitted(eng, 1)
+    got = eng.submit(second, SamplingParams(temperature=0.0, max_new_tokens=3)).result(timeout=60)
+    assert not first_f.done()
+    st = eng.stats()
+    assert (st["prefix_hits"], st["prefix_tokens_saved"]) == (1, 30)
+    want = engines["static"].generate([second], SamplingParams(temperature=0.0, max_new_tokens=3))[0]
+    assert got.output_ids == want.output_ids
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    first_f.result(timeout=60)
+    eng.close()
 
 
 def test_swap_while_rows_run(engines, monkeypatch):
@@ -167,7 +208,7 @@ def test_seed_gives_same_tokens_in_any_batch_and_scheduler(engines):
 def test_no_compiles_after_warmup_for_a_mixed_workload(engines):
     cont, static, tok = engines["cont"], engines["static"], engines["tok"]
     counts = cont.compile_counts
-    assert set(counts) == {"prefill", "decode", "idle", "insert", "grow"}
+    assert set(counts) == {"prefill", "decode", "idle", "insert", "grow", "decode_lead", "move"}
     base = [prompt(20 + i, 2 + 6 * i) for i in range(6)]
     sps = [SamplingParams(temperature=0.7 * (i % 3), top_p=0.9, top_k=i, max_new_tokens=3 + 5 * i, seed=i,
                           stop_token_ids=tuple(range(500, 500 + 2 * i + 1))) for i in range(6)]  # up to 11 ids

@@ -155,6 +155,26 @@ def test_sampling_frequencies_match_filtered_softmax(t, k, p):
     assert np.array_equal(toks, again)  # same keys, same draws
 
 
+def test_draw_spans_vocabulary_blocks():
+    # The inverse-CDF draw picks a block of the vocabulary, then a token in it: mass in every block,
+    # the last one partial, a filtered (-inf) stretch never drawn, first-maximum greedy ties.
+    V, n = 2 * sampling._DRAW_BLOCK + 100, 40_000
+    logits = np.full(V, -np.inf, np.float32)
+    hot = {3: 1.0, 600: 0.5, 1100: 0.0, V - 1: 0.2}  # blocks 0, 1, 2 (partial)
+    for i, v in hot.items():
+        logits[i] = v
+    logits[700:900] = -4.0  # many small tokens in block 1: their sum is what counts
+    keys = jax.random.split(jax.random.key(5), n)
+    toks = np.asarray(jax.jit(sampling._draw)(keys, np.broadcast_to(logits, (n, V))))
+    want = np.exp(logits.astype(np.float64) - logits.max())
+    want /= want.sum()
+    freq = np.bincount(toks, minlength=V) / n
+    assert np.all(freq[want == 0] == 0)
+    for idx in list(hot) + [slice(700, 900)]:
+        np.testing.assert_allclose(freq[idx].sum(), want[idx].sum(), atol=0.012)
+    assert int(sampling._argmax(np.array([[0.0, 2.0, 2.0, 1.0]], np.float32))[0]) == 1
+
+
 def test_sampling_greedy_and_top_k_1():
     logits = np.random.RandomState(0).randn(6, 50).astype(np.float32)
     keys = jax.random.split(jax.random.key(1), 6)

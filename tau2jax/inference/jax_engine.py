@@ -18,13 +18,20 @@ Continuous batching (`scheduler="continuous"`; the default is "static", above)
     `_insert`; the next chunk decodes them with the rest. So a request waits for at most one chunk
     and a free slot, not for the longest row. A request needing more than S grows the running cache
     a bucket at a time (`_grow`, a zero pad); the cache goes back to the need of the next requests
-    only when the batch drains. Free slots are done rows (masked, nothing written). Every row keeps
+    only when the batch drains. Free slots are done rows (masked, nothing written); a retired
+    row's slot takes the last occupied row (`_compact`, one slot copied), so the occupied slots
+    lead and a chunk decodes only their batch bucket (`_decode_lead`: a step costs what its rows
+    cost, the vocabulary head and sampling most). When a row reaches max_new_tokens within the
+    chunks in flight, the worker reads them before dispatching the next, so its slot is refilled
+    a chunk sooner. An admitted request shares a running row's prompt KV where that beats the
+    prefix cache (rows that start together prefill a shared system prompt once). Every row keeps
     the weights it began with: after a swap no request is admitted until the running batch has
     drained, so its rows finish on the old params and report the old version, and new requests
     start on the new ones. The device's stop-id table has MIN_STOP_ID_SLOTS columns (a request
-    with more has the others checked on the host: no new shape). Shapes: decode and prefix-block
-    copies at (max_batch, S), prefill at (sub-batch bucket, S), inserts (sub-batch bucket, S), the
-    growths S -> next S; `warmup()` compiles them all. `batches_run` counts admissions.
+    with more has the others checked on the host: no new shape). Shapes: decode of each leading
+    bucket, slot moves and prefix-block copies at (max_batch, S), prefill at (sub-batch bucket,
+    S), inserts (sub-batch bucket, S), the growths S -> next S; `warmup()` compiles them all.
+    `batches_run` counts admissions.
     `batches_itself` is True: the server's `Batcher` hands each request straight to `submit`.
 
 Shapes are a fixed set, so nothing compiles in steady state: the batch is padded to a bucket (1, 2,
@@ -37,8 +44,9 @@ more than MIN_STOP_ID_SLOTS stop ids, which widens the stop table). `warmup()` c
 every pair up front (or those up to a given cache length / batch sizes); `compile_counts` says how
 many times prefill and decode were traced. Prefill runs the prompt through the cache in slices
 small enough that one slice's attention scores (batch x heads x slice x cache length) stay under
-`PREFILL_SCORES` elements (at most `prefill_chunk` tokens and a quarter of the cache length, which
-is also the least a prefill computes per row), and computes logits only for each row's last prompt token. Decoding runs
+`PREFILL_SCORES` elements (at most `prefill_chunk` tokens and a quarter of the cache length), the
+last partial slice in slices of PREFILL_TAIL_SLICE (64) tokens, so a prefix hit with a few new
+tokens computes 64 of them, and computes logits only for each row's last prompt token. Decoding runs
 `decode_chunk` steps per dispatch in a `lax.while_loop` (which exits as soon as every row is
 done); stop token ids and max_new_tokens are checked on device, stop strings on the host, and
 the host reads chunk i while the device runs chunk i+1.
@@ -99,6 +107,9 @@ MIN_STOP_ID_SLOTS = 8  # stop-id table width; more stop ids round up to a power 
 # Attention-score elements of one prefill slice (B x heads x slice x cache): 2 GiB in fp32. Qwen3-4B
 # (32 heads), batch 16, cache 32K -> 32-token slices; short caches keep `prefill_chunk`.
 PREFILL_SCORES = 2 ** 29
+# A prefill's last, partial slice is cut in slices of this many tokens (or the slice length when
+# smaller): the new part of a prefix hit is often a few dozen tokens.
+PREFILL_TAIL_SLICE = 64
 
 
 class _Spec(NamedTuple):
@@ -120,8 +131,7 @@ def _bucket(n: int, minimum: int = 1) -> int:
 
 def _slice_len(spec: _Spec, B: int, S: int) -> int:
     """Prefill slice for batch B and cache length S: a power of two, at most prefill_chunk and S / 4,
-    scores under PREFILL_SCORES. A prefill computes at least one slice a row; a quarter of the cache
-    keeps that floor small for the short caches short prompts get (long caches keep prefill_chunk)."""
+    scores under PREFILL_SCORES (a quarter of the cache: short caches get short slices)."""
     fits = max(1, PREFILL_SCORES // (B * spec.cfg.num_heads * S))
     return min(spec.prefill_chunk, max(1, _bucket(S) // 4), 1 << (fits.bit_length() - 1))
 
@@ -179,24 +189,31 @@ def _prefill(params, rows, cache, tokens, start, *, spec: _Spec):
     cfg = spec.cfg
     B, W = tokens.shape
     c = _slice_len(spec, B, cache["k"].shape[2])
+    tail = min(c, PREFILL_TAIL_SLICE)
     n_new = rows["prompt_len"] - start
 
-    def chunk(i, carry):
+    def run_slice(off, width, carry):
         cache, last_hidden = carry
-        off = i * c
-        pos = off + jnp.arange(c)
+        pos = off + jnp.arange(width)
         hidden, cache = qwen3.forward_cached(
-            params, cfg, jax.lax.dynamic_slice_in_dim(tokens, off, c, axis=1), cache,
+            params, cfg, jax.lax.dynamic_slice_in_dim(tokens, off, width, axis=1), cache,
             start + jnp.minimum(off, n_new), pos[None] < n_new[:, None],
             compute_dtype=spec.compute_dtype, return_hidden=True)
         idx = n_new - 1 - off  # each row's last prompt token, if in this slice
-        here = hidden[jnp.arange(B), jnp.clip(idx, 0, c - 1)]
-        last_hidden = jnp.where(((idx >= 0) & (idx < c))[:, None], here, last_hidden)
+        here = hidden[jnp.arange(B), jnp.clip(idx, 0, width - 1)]
+        last_hidden = jnp.where(((idx >= 0) & (idx < width))[:, None], here, last_hidden)
         return cache, last_hidden
 
-    init = (cache, jnp.zeros((B, cfg.hidden_size), spec.compute_dtype))
-    n_slices = (jnp.max(n_new) + c - 1) // c
-    cache, last_hidden = jax.lax.fori_loop(0, n_slices, chunk, init)
+    # Whole slices of c, then the rest in slices of `tail`: a prefix hit with a few new tokens
+    # costs a tail slice's attention over the cache, not a full slice's (W - n_full * c >= c when
+    # a tail is left, so the tail slices stay inside the token array).
+    need = jnp.max(n_new)
+    n_full = need // c
+    n_tail = (need - n_full * c + tail - 1) // tail
+    carry = (cache, jnp.zeros((B, cfg.hidden_size), spec.compute_dtype))
+    carry = jax.lax.fori_loop(0, n_full, lambda i, cr: run_slice(i * c, c, cr), carry)
+    carry = jax.lax.fori_loop(0, n_tail, lambda j, cr: run_slice(n_full * c + j * tail, tail, cr), carry)
+    cache, last_hidden = carry
     logits = qwen3.logits_from_hidden(params, cfg, last_hidden)
     n_gen = jnp.zeros(B, jnp.int32)
     tok, lp, slp = _sample_next(logits, rows, n_gen)
@@ -209,6 +226,10 @@ def _prefill(params, rows, cache, tokens, start, *, spec: _Spec):
 def _decode(params, rows, state, ended, *, spec: _Spec):
     """Up to decode_chunk steps; `ended` [B] marks rows the host finished (stop strings)."""
     _TRACES["decode", spec] += 1
+    return _decode_steps(params, rows, state, ended, spec)
+
+
+def _decode_steps(params, rows, state, ended, spec: _Spec):
     k, B = spec.decode_chunk, state["last"].shape[0]
     state = {**state, "done": state["done"] | ended}
     out = dict(tokens=jnp.full((k, B), -1, jnp.int32), logprobs=jnp.zeros((k, B), jnp.float32),
@@ -266,6 +287,35 @@ def _insert(state, rows, sub_state, sub_rows, slots, *, spec: _Spec):
     cache = {n: put(state["cache"][n], sub_state["cache"][n], axis=1) for n in state["cache"]}
     state = {**{k: put(state[k], sub_state[k]) for k in state if k != "cache"}, "cache": cache}
     return state, {k: put(rows[k], sub_rows[k]) for k in rows}
+
+
+def _lead(tree: dict, b: int) -> dict:
+    """The first b slots of a running batch's state or rows (the cache's batch axis is 1)."""
+    return {n: {m: c[:, :b] for m, c in a.items()} if n == "cache" else a[:b] for n, a in tree.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "b"), donate_argnames="state")
+def _decode_lead(params, rows, state, ended, *, spec: _Spec, b: int):
+    """`_decode` on the first b slots of the running batch (the occupied ones: see `_compact`),
+    written back in place; ended [b]. A step's cost is its rows' (the vocabulary head and
+    sampling), so a half-empty batch decodes at half the cost."""
+    _TRACES["decode_lead", spec] += 1
+    sub, out = _decode_steps(params, _lead(rows, b), _lead(state, b), ended, spec)
+    put = lambda a, x, axis=0: jax.lax.dynamic_update_slice_in_dim(a, x, 0, axis)
+    cache = {n: put(state["cache"][n], sub["cache"][n], 1) for n in state["cache"]}
+    return {**{k: put(state[k], sub[k]) for k in state if k != "cache"}, "cache": cache}, out
+
+
+@functools.partial(jax.jit, static_argnames="spec", donate_argnames=("state", "rows"))
+def _move(state, rows, src, dst, *, spec: _Spec):
+    """Copies slot src of the running batch (its KV, state and constants) to slot dst."""
+    _TRACES["move", spec] += 1
+
+    def mv(a, axis=0):
+        return jax.lax.dynamic_update_index_in_dim(a, jax.lax.dynamic_index_in_dim(a, src, axis), dst, axis)
+
+    cache = {n: mv(a, 1) for n, a in state["cache"].items()}
+    return {**{k: mv(state[k]) for k in state if k != "cache"}, "cache": cache}, {k: mv(v) for k, v in rows.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "length"))  # a new shape: nothing to donate
@@ -566,7 +616,8 @@ class JaxEngine:
     def compile_counts(self) -> dict[str, int]:
         """Times prefill / decode were traced (= compiled) for this engine's static config;
         engines with the same config share compiled code and these counts."""
-        names = ("prefill", "decode") + (("idle", "insert", "grow") if self.scheduler == "continuous" else ())
+        continuous = ("idle", "insert", "grow", "decode_lead", "move")
+        names = ("prefill", "decode") + (continuous if self.scheduler == "continuous" else ())
         return {name: _TRACES[name, self._spec] for name in names}
 
     @property
@@ -710,17 +761,37 @@ class JaxEngine:
                 continue
             with mesh_ctx:
                 try:
+                    if run is not None and outs and self._length_ends_unread(outs):
+                        # A row reaches max_new_tokens in the chunks in flight: read them before
+                        # the next dispatch, so that its slot is refilled a chunk sooner instead
+                        # of riding along done (rows ending on a stop token are not foreseen).
+                        while outs:
+                            self._consume_cols(*outs.popleft())
+                        self._retire(run, slots)
+                        self._compact(run, slots)
+                        if all(h is None for h in slots):
+                            run = None
+                        if pending:
+                            run = self._admit(run, pending, slots, outs)
                     if run is not None:
                         nxt = None
                         if any(h is not None and h.finish is None for h in slots):
-                            ended = np.array([h is None or h.finish is not None for h in slots])
-                            run.state, out = _decode(run.params, run.rows, run.state, ended, spec=self._spec)
-                            nxt = (out, list(slots))
+                            # The occupied slots lead (`_compact`): decode their bucket only.
+                            b = min(_bucket(sum(h is not None for h in slots)), B)
+                            cols = slots[:b]
+                            ended = np.array([h is None or h.finish is not None for h in cols])
+                            if b == B:
+                                run.state, out = _decode(run.params, run.rows, run.state, ended, spec=self._spec)
+                            else:
+                                run.state, out = _decode_lead(run.params, run.rows, run.state, ended,
+                                                              spec=self._spec, b=b)
+                            nxt = (out, cols)
                         while outs:  # the device runs `nxt` meanwhile
                             self._consume_cols(*outs.popleft())
                         if nxt is not None:
                             outs.append(nxt)
                         self._retire(run, slots)
+                        self._compact(run, slots)
                 except BaseException as e:  # the running rows see it; the worker keeps serving
                     for i, h in enumerate(slots):
                         if h is not None:
@@ -741,9 +812,48 @@ class JaxEngine:
                 self._remember([h], run.state["cache"], run.version, [h.shared], rows=[i])
                 settle(h.req.future, h.result(run.version))
 
+    @staticmethod
+    def _length_ends_unread(outs: collections.deque) -> bool:
+        """Whether a row reaches its max_new_tokens within the chunks dispatched and not yet read."""
+        ahead: collections.Counter = collections.Counter()
+        for out, cols in outs:
+            for h in cols:
+                if h is not None:
+                    ahead[h] += out["tokens"].shape[0]
+        return any(h.finish is None and len(h.ids) + n >= h.req.max_new for h, n in ahead.items())
+
+    def _compact(self, run: "_Running", slots: list) -> None:
+        """Moves the last occupied slot into the first free one below it until the occupied
+        slots lead: decode then runs on their bucket, and admissions fill the slots after them."""
+        while True:
+            occupied = [i for i, h in enumerate(slots) if h is not None]
+            free = [i for i, h in enumerate(slots) if h is None]
+            if not occupied or not free or free[0] > occupied[-1]:
+                return
+            src, dst = occupied[-1], free[0]
+            run.state, run.rows = _move(run.state, run.rows, np.int32(src), np.int32(dst), spec=self._spec)
+            slots[dst], slots[src] = slots[src], None
+
+    def _running_match(self, run: "_Running", slots: list, prompt: np.ndarray, hit: tuple) -> tuple:
+        """The prefix cache's `hit` (entry, n), or, where a running row's prompt shares more with
+        `prompt`, that row's leading blocks as an entry (its prompt's KV is in the running cache
+        from its prefill on; the batch runs the current weights): episodes that start together
+        share their system prompt before any of them has finished."""
+        n, best = hit[1], None
+        for i, h in enumerate(slots):
+            if h is not None:
+                m = min(_common_prefix(prompt, np.asarray(h.req.prompt, np.int32)), len(prompt) - 1)
+                if m > n:
+                    n, best = m, i
+        if best is None:
+            return hit
+        kv = [_take_block(run.state["cache"], best, k * self._block, size=self._block)
+              for k in range(-(-n // self._block))]
+        return _Entry(prompt[:n], kv, 0), n
+
     def _admit(self, run, pending: collections.deque, slots: list, outs: collections.deque):
-        """Prefills as many pending requests as there are free slots (a sub-batch, prefix blocks
-        included) and inserts them into the running batch (started here if none runs; grown to
+        """Prefills as many pending requests as there are free slots (sub-batches of a power of two
+        rows, prefix blocks included) and inserts them into the running batch (started here if none runs; grown to
         their cache need). None are admitted while the running batch is on older weights: it
         drains first. -> the running batch."""
         with self._lock:
@@ -751,12 +861,17 @@ class JaxEngine:
             if run is not None and run.params is not params:  # swapped: drain the running batch first
                 return run
             free = [i for i, h in enumerate(slots) if h is None]
-            take = [pending.popleft() for _ in range(min(len(free), len(pending)))]
+            # A power of two at a time: a sub-batch is padded to one, and its rows cost the same
+            # prefill computed or padding (3 requests: 2 + 1 rows, not 4).
+            m = min(len(free), len(pending))
+            take = [pending.popleft() for _ in range(1 << (m.bit_length() - 1) if m else 0)]
             prompts = [np.asarray(r.prompt, np.int32) for r in take]
             hits = [self._prefix.match(p) for p in prompts]
         if not take:
             return run
         try:
+            if run is not None:
+                hits = [self._running_match(run, slots, p, hit) for p, hit in zip(prompts, hits)]
             S = self._cache_len(max(len(r.prompt) + r.max_new for r in take))
             if run is None:
                 state, rows = _idle_state(spec=self._spec, batch=self.max_batch, length=S, ns=MIN_STOP_ID_SLOTS)
@@ -790,7 +905,7 @@ class JaxEngine:
             self._counts.update(requests=len(take), prompt_tokens=sum(map(len, prompts)),
                                 prefill_tokens=sum(len(p) - n for p, (_, n) in zip(prompts, hits)),
                                 prefix_hits=sum(n > 0 for _, n in hits), prefix_tokens_saved=sum(n for _, n in hits))
-        return run
+        return self._admit(run, pending, slots, outs) if pending and None in slots else run
 
     @staticmethod
     def _consume_cols(out, cols: list) -> None:
@@ -851,8 +966,9 @@ class JaxEngine:
 
     def _warmup_continuous(self, params, sizes: list[int], lens: list[int]) -> None:
         """The continuous scheduler's own shapes: for each cache length S, the idle running batch
-        (max_batch slots), an insert of each sub-batch size, a decode and a prefix block taken
-        from the running batch, and the growth to the next cache length."""
+        (max_batch slots), an insert of each sub-batch size, a decode of every leading bucket, a
+        slot move, a prefix block taken from the running batch, and the growth to the next cache
+        length."""
         B = self.max_batch
         for i, S in enumerate(lens):
             state, rows = _idle_state(spec=self._spec, batch=B, length=S, ns=MIN_STOP_ID_SLOTS)
@@ -862,6 +978,10 @@ class JaxEngine:
                 sub_state, _ = self._device_batch(params, sub_rows, tokens, start, [], b, S)
                 state, rows = _insert(state, rows, sub_state, sub_rows, np.full(b, B, np.int32), spec=self._spec)
             state, _ = _decode(params, rows, state, np.ones(B, bool), spec=self._spec)
+            for b in sizes:
+                if b < B:
+                    state, _ = _decode_lead(params, rows, state, np.ones(b, bool), spec=self._spec, b=b)
+            state, rows = _move(state, rows, np.int32(0), np.int32(0), spec=self._spec)
             jax.block_until_ready(_take_block(state["cache"], 0, 0, size=self._block))
             if i + 1 < len(lens):
                 state = _grow(state, spec=self._spec, length=lens[i + 1])

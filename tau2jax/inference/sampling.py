@@ -29,6 +29,9 @@ import jax.numpy as jnp
 # Top-k alone with every k at most this uses lax.top_k instead of sorting the whole vocabulary
 # (the common eval setting top_k=20 on a 152K vocabulary).
 _TOPK_FAST = 64
+# Vocabulary block of the two-level inverse-CDF draw (`_draw`): ~sqrt(152K), so that both levels'
+# sums stay short and the mass of a block is summed in float32 without losing small tokens.
+_DRAW_BLOCK = 512
 
 
 def _per_row(x, shape, dtype) -> jax.Array:
@@ -102,16 +105,49 @@ def sampled_logprobs(logits: jax.Array, tokens: jax.Array, temperature, top_k=0,
     return jnp.where(t > 0, _logprob_at(filtered, tokens), _logprob_at(logits.astype(jnp.float32), tokens))
 
 
+def _first_reaching(cum: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row, the first index i with cum[i] > target (cum nondecreasing [..., n], target [...]);
+    where rounding leaves none, the first index reaching cum's total: the last one with mass."""
+    above = jnp.sum(cum <= target[..., None], axis=-1)
+    last = jnp.argmax(cum >= cum[..., -1:], axis=-1)
+    return jnp.minimum(above, last)
+
+
+def _argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first maximum), as a max and a masked min: XLA:CPU's
+    variadic argmax reduction costs 4x as much on [16, 152K] (13 ms vs 3 ms)."""
+    V = x.shape[-1]
+    first = jnp.min(jnp.where(x == jnp.max(x, axis=-1, keepdims=True), jnp.arange(V), V), axis=-1)
+    return jnp.minimum(first, V - 1)  # NaN rows match nothing: a valid id, as garbage as argmax's
+
+
+def _draw(keys: jax.Array, x: jax.Array) -> jax.Array:
+    """One token per row from softmax(x) (x [B, V] float32, -inf = never), by inverse CDF in two
+    levels: a block of _DRAW_BLOCK tokens by its mass, then a token within it by its own. Exactly
+    the categorical distribution, from two uniforms a row: the Gumbel-max draw needs a random
+    number per vocabulary entry, most of a small model's decode step on a 152K vocabulary."""
+    B, V = x.shape
+    blk = min(_DRAW_BLOCK, V)
+    nb = -(-V // blk)
+    p = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+    p = jnp.pad(p, ((0, 0), (0, nb * blk - V))).reshape(B, nb, blk)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (2,)))(keys)
+    block_cum = jnp.cumsum(p.sum(-1), axis=-1)
+    j = _first_reaching(block_cum, u[:, 0] * block_cum[:, -1])
+    within = jnp.cumsum(jnp.take_along_axis(p, j[:, None, None], axis=1)[:, 0], axis=-1)
+    i = _first_reaching(within, u[:, 1] * within[:, -1])
+    return j * blk + i
+
+
 def sample(keys: jax.Array, logits: jax.Array, temperature, top_k, top_p):
     """One token per row. keys: typed PRNG keys [B]; logits [B, V]; params scalars or [B].
     Returns (tokens [B] int32, logprobs [B] = `temperature_logprobs`, sampled [B] =
     `sampled_logprobs`)."""
     filtered = filter_logits(logits, temperature, top_k, top_p)
     t = _per_row(temperature, logits.shape[:-1], jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1)
-    # All-greedy batches skip drawing [B, V] Gumbel noise (a large part of a small model's step).
-    drawn = jax.lax.cond(jnp.any(t > 0), lambda: jax.vmap(jax.random.categorical)(keys, filtered),
-                         lambda: greedy)
+    greedy = _argmax(logits)
+    # All-greedy batches skip the draw's pass over [B, V].
+    drawn = jax.lax.cond(jnp.any(t > 0), lambda: _draw(keys, filtered), lambda: greedy)
     tokens = jnp.where(t > 0, drawn, greedy).astype(jnp.int32)
     behaviour = temperature_logprobs(logits, tokens, temperature)
     # With no top-k / top-p on any row the filtered distribution is the tempered one: its
