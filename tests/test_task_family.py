@@ -37,7 +37,7 @@ def test_split_holds_out_combinations_of_trained_slot_values():
     s = task_family.split()
     assert s["test"] and not set(s["train"]) & set(s["test"])
     assert sorted(s["base"]) == sorted(s["train"] + s["test"])
-    slots = lambda ids: {tuple(i.split("_")[2:]) for i in ids}  # noqa: E731  (K, status)
+    slots = lambda ids: {tuple(i.split("_")[1::2]) for i in ids}  # noqa: E731  (title, user)
     train, test = slots(s["train"]), slots(s["test"])
     assert {k for k, _ in test} <= {k for k, _ in train} and {v for _, v in test} <= {v for _, v in train}
 
@@ -53,7 +53,7 @@ def test_tasks_load_through_tau2_by_split(family):
     for name in ("train", "test"):
         assert [t.id for t in tau2_env.load_tasks("mock", name)] == split[name]
     task = tau2_env.load_tasks("mock", "test")[0]
-    assert "task_1" in task.user_scenario.instructions  # the scripted user states the slots
+    assert '"apple"' in task.user_scenario.instructions and '"ava"' in task.user_scenario.instructions
 
 
 def test_gold_replays_score_one_and_doing_nothing_scores_zero(family):

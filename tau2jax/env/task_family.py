@@ -3,20 +3,18 @@
 
     python -m tau2jax.env.task_family OUT_DIR      # writes OUT_DIR/tau2/domains/mock/
 
-Every task is one call, `update_task_status(task_id="task_K", status=S)`, K in 1..NUM_TASKS (the
-digit is one Qwen3 token), S in STATUSES (one token each); the task starts from the other status
-(`initial_state.initialization_data`), so a do-nothing agent fails every task, and tau2's default
-reward basis (DB + communicate, no communicate_info) scores the call. The scripted user states
-both slots in its opening ("Request that task_3 be marked as completed.").
+Every task is one call, `create_task(user_id=U, title=T)`, U in USERS, T in TITLES: words that are
+one Qwen3 token both in the user's text (quoted) and in the call's JSON, and that appear nowhere
+in the mock policy or tool schemas, so an agent finds each slot by what it is, not where it is (a
+first try with `update_task_status(task_K, status)` failed: digits and statuses also sit in the
+system prompt, and the `tiny` model's SFT answered one constant call for every task). tau2's
+default reward basis (DB + communicate, no communicate_info) scores the call: a do-nothing agent
+fails every task. The scripted user states both slots in its opening.
 
-The split holds out combinations: test = (K, S) for K in 1..NUM_HELD_OUT with S the status K's
-parity picks, train = every other pair. So every digit and every status is trained, each held-out
-pair only in the other combination (K = 1..NUM_HELD_OUT are trained with one status, the rest with
-both). `split_tasks.json`: "train", "test", "base" (all). The db holds task_1..task_NUM_TASKS
-and user_1; policy files are the wheel's mock ones.
+The split holds out combinations: test = (USERS[i], TITLES[i]) (a diagonal), train = every other
+pair, so every user and every title is trained, each held-out pair never. `split_tasks.json`:
+"train", "test", "base" (all). The db holds the users and no tasks; policy files are the wheel's.
 """
-
-from __future__ import annotations
 
 import json
 import shutil
@@ -29,46 +27,39 @@ import tau2
 WHEEL_MOCK = Path(tau2.__file__).parent / "data" / "tau2" / "domains" / "mock"
 
 DOMAIN = "mock"
-NUM_TASKS = 9  # task_1 .. task_9: single-digit ids
-NUM_HELD_OUT = 6
-STATUSES = ("pending", "completed")
+USERS = ("ava", "ben", "dan", "eve", "tom")
+TITLES = ("apple", "bread", "cake", "rice", "soup")
 
 
-def task_id(k: int, status: str) -> str:
-    return f"set_task_{k}_{status}"
+def task_id(user: str, title: str) -> str:
+    return f"create_{title}_for_{user}"
 
 
-def held_out(k: int, status: str) -> bool:
-    return k <= NUM_HELD_OUT and status == STATUSES[k % 2]
+def held_out(user: str, title: str) -> bool:
+    return USERS.index(user) == TITLES.index(title)
 
 
 def split() -> dict[str, list[str]]:
     """{"train", "test", "base"} -> task ids (disjoint train / test, asserted)."""
-    pairs = [(k, s) for k in range(1, NUM_TASKS + 1) for s in STATUSES]
-    test = [task_id(k, s) for k, s in pairs if held_out(k, s)]
-    train = [task_id(k, s) for k, s in pairs if not held_out(k, s)]
+    pairs = [(u, t) for u in USERS for t in TITLES]
+    test = [task_id(u, t) for u, t in pairs if held_out(u, t)]
+    train = [task_id(u, t) for u, t in pairs if not held_out(u, t)]
     assert test and not set(train) & set(test)
     return {"train": train, "test": test, "base": train + test}
 
 
-def _db_task(k: int, status: str) -> dict:
-    return {"task_id": f"task_{k}", "title": f"Task {k}", "description": f"Generated task {k}", "status": status}
-
-
-def make_task(k: int, status: str) -> dict:
+def make_task(user: str, title: str) -> dict:
     """One tau2 task (tasks.json entry)."""
-    other = STATUSES[1 - STATUSES.index(status)]
     return {
-        "id": task_id(k, status),
-        "description": {"purpose": "Held-out RL: update_task_status with generated slot values",
-                        "notes": f"split {'test' if held_out(k, status) else 'train'}"},
+        "id": task_id(user, title),
+        "description": {"purpose": "Held-out RL: create_task with generated slot values",
+                        "notes": f"split {'test' if held_out(user, title) else 'train'}"},
         "user_scenario": {"persona": "Direct and brief",
-                          "instructions": f"Request that task_{k} be marked as {status}."},
-        "ticket": f"User needs to update the status of task_{k} to {status}.",
-        "initial_state": {"initialization_data": {"agent_data": {"tasks": {f"task_{k}": _db_task(k, other)}}}},
+                          "instructions": f'Create a task titled "{title}" for user "{user}".'},
+        "ticket": f'User needs a new task titled "{title}" for user "{user}".',
         "evaluation_criteria": {
-            "actions": [{"action_id": "update_1", "name": "update_task_status",
-                         "arguments": {"task_id": f"task_{k}", "status": status}, "info": "Update the task status"}],
+            "actions": [{"action_id": "create_1", "name": "create_task",
+                         "arguments": {"user_id": user, "title": title}, "info": "Create the task"}],
         },
     }
 
@@ -81,10 +72,8 @@ def write_data_dir(out: str | Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     for name in ("policy.md", "policy_solo.md"):
         shutil.copyfile(WHEEL_MOCK / name, d / name)
-    db = {"tasks": {f"task_{k}": _db_task(k, "pending") for k in range(1, NUM_TASKS + 1)},
-          "users": {"user_1": {"user_id": "user_1", "name": "Test User",
-                               "tasks": [f"task_{k}" for k in range(1, NUM_TASKS + 1)]}}}
-    tasks = [make_task(k, s) for k in range(1, NUM_TASKS + 1) for s in STATUSES]
+    db = {"tasks": {}, "users": {u: {"user_id": u, "name": u.capitalize(), "tasks": []} for u in USERS}}
+    tasks = [make_task(u, t) for u in USERS for t in TITLES]
     for name, obj in (("db.json", db), ("tasks.json", tasks), ("split_tasks.json", split())):
         (d / name).write_text(json.dumps(obj, indent=1) + "\n")
     return root
