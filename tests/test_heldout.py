@@ -10,6 +10,7 @@ import pytest
 from configs import tiny_sft_toy
 from tau2jax.data.sft_data import DataError
 from tau2jax.env import toy
+from tau2jax.eval import pipeline_report
 from tau2jax.inference.engine import SamplingParams, ScriptedEngine
 from tau2jax.rl import heldout
 from tau2jax.stages import run_stage
@@ -57,3 +58,15 @@ def test_heldout_quick_benchmark_writes_its_result(tmp_path):
     t = last["toy"]
     assert t["tables_shared"] == 0 and t["test_tasks"] > 0
     assert t["grpo_test"] >= t["sft_test"] + 0.1  # the acceptance bar
+
+
+def test_heldout_curve_keeps_the_last_record_of_each_step_and_plots(tmp_path):
+    rows = [{"step": 1, "loss": 0.5}, {"step": 5, "heldout_greedy_pass1": 0.2, "heldout_sampled_pass1": 0.1},
+            {"step": 10, "heldout_greedy_pass1": 0.4, "heldout_sampled_pass1": 0.3},
+            {"step": 10, "heldout_greedy_pass1": 0.5, "heldout_sampled_pass1": 0.35}]  # a resumed run's rewrite
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curve = pipeline_report.heldout_curve(str(tmp_path / "metrics.jsonl"))
+    assert curve == [{"step": 5, "greedy": 0.2, "sampled": 0.1}, {"step": 10, "greedy": 0.5, "sampled": 0.35}]
+    assert pipeline_report.heldout_curve(str(tmp_path / "none.jsonl")) == []
+    pipeline_report.plot_heldout({"GRPO": curve}, str(tmp_path / "h.png"))
+    assert (tmp_path / "h.png").stat().st_size > 0
