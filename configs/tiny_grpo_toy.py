@@ -11,6 +11,13 @@ One key -> value table for every task (`rl.toy.shared_table`): the answer can be
 or read from the lookup tool. With a table per task (`--config.rl.toy.shared_table=False`) the
 value is only in the tool result and the model must learn to copy it: harder, and not learnt
 reliably in a CI-sized run.
+
+    python -m tau2jax.train --config configs/tiny_grpo_toy.py:heldout --config.model.init_from=SFT/params
+
+`:heldout`: a table per task, 64 train tables, GRPO from a short gold SFT (configs/tiny_sft_toy.py)
+with held-out pass@1 on 64 test tables every 10 steps (benchmarks/heldout.py). A lower learning
+rate than from random: at 3e-3 the noisy policy gradient walks an SFT start off its lookups
+(held-out pass@1 fell to 0 within 100 steps, seed 0); 1e-3 sharpens it.
 """
 
 from tau2jax.config import default_config
@@ -52,6 +59,14 @@ def get_config(arg: str = ""):
     c.optim.warmup_frac = 0.0
     c.optim.weight_decay = 0.0
     c.train.checkpoint_every = 10
-    if arg:
-        raise ValueError(f"configs/tiny_grpo_toy.py takes no arg, got {arg!r}")
+    if arg == "heldout":
+        c.workdir = "runs/tiny_grpo_toy_heldout"
+        c.rl.toy.shared_table = False
+        c.rl.toy.tasks = 64
+        c.rl.steps = 150
+        c.rl.eval_every = 10
+        c.rl.heldout_tasks = 64
+        c.optim.lr = 1e-3
+    elif arg:
+        raise ValueError(f"configs/tiny_grpo_toy.py takes '' or 'heldout', got {arg!r}")
     return c

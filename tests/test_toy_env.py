@@ -129,17 +129,27 @@ def test_splits_are_reproducible_and_disjoint():
     train = tasks(seed=3)
     assert train == tasks(seed=3) and train != tasks(seed=4)
     test = tasks(seed=3, split="test")
-    assert not set(train) & set(test)
+    assert not {t.table for t in train} & {t.table for t in test}  # held-out tables, not only tasks
     for t in train + test:
         assert len(set(t.table)) == toy.NUM_KEYS  # distinct values: a wrong lookup misleads
     assert len({t.table for t in train}) > 30  # a table per task
     shared = toy.ToyEnvironment(num_tasks=10, seed=3).tasks()
     assert len({r.task.table for r in shared}) == 1
-    every = frozenset(toy.ToyTask(k, (0, 1, 2)) for k in range(toy.NUM_KEYS))  # nothing left to draw
-    with pytest.raises(ValueError, match="distinct from the train tasks"):
-        toy._draw_tasks(np.random.default_rng(0), 1, (0, 1, 2), exclude=every)
+    with pytest.raises(ValueError, match="unlike the train tables"):  # nothing left to draw
+        toy._draw_tasks(np.random.default_rng(0), 1, (0, 1, 2), exclude_tables=frozenset({(0, 1, 2)}))
     with pytest.raises(ValueError, match="split"):
         toy.ToyEnvironment(split="dev")
+
+
+def test_gold_record_is_the_gold_episode_as_played():
+    """toy.gold_record lays a task's gold episode out exactly as play_episode records it (ids and
+    mask), so gold SFT trains the very tokens GRPO later samples."""
+    env = toy.ToyEnvironment(num_tasks=6, seed=1, shared_table=False)
+    for ref in env.tasks():
+        traj, _ = play(env, ref, gold_action_ids(ref.task))
+        rec = toy.gold_record(ref)
+        assert traj.reward == 1.0
+        assert (rec["token_ids"], rec["loss_mask"]) == (traj.token_ids, traj.loss_mask) and rec["task"] == ref.key
 
 
 def test_toy_model_size_matches_the_vocabulary():

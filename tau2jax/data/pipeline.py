@@ -124,8 +124,10 @@ def _local_rows(batch, *, start: int, stop: int):
 def make_sft_dataset(files: str | Sequence[str], tokenizer, *, max_len: int, batch_size: int, seed: int,
                      num_epochs: int = 1, overlong: str = "truncate", shuffle: bool = True,
                      process_index: int | None = None, process_count: int | None = None,
-                     prompt_style: str = "native") -> SFTDataset:
+                     vocab_size: int | None = None, prompt_style: str = "native") -> SFTDataset:
     """Packed SFT batches; see the module docstring. `batch_size` is the global number of rows.
+    `tokenizer` None: token records only (a model without a text vocabulary, the toy game's),
+    ids checked against `vocab_size`.
 
     Deterministic for a seed; `seed` must be in [0, 2**32). The number of batches is
     ceil(packed rows / batch_size) and is the same on every process.
@@ -145,7 +147,8 @@ def make_sft_dataset(files: str | Sequence[str], tokenizer, *, max_len: int, bat
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
 
-    examples, stats = prepare_examples(load_conversations(files, tokenizer.vocab_size, prompt_style), ChatFormat(tokenizer),
+    records = load_conversations(files, tokenizer.vocab_size if tokenizer is not None else vocab_size, prompt_style)
+    examples, stats = prepare_examples(records, ChatFormat(tokenizer) if tokenizer is not None else None,
                                        max_len=max_len, overlong=overlong)
     if not examples:
         raise DataError(f"{files}: no conversation fits max_len={max_len} ({stats}); "

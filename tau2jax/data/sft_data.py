@@ -215,10 +215,13 @@ def load_conversations(files: str | Sequence[str], vocab_size: int | None = None
     return [rec for path in paths for rec in read_jsonl(path, vocab_size, prompt_style)]
 
 
-def render_conversation(chat: ChatFormat, conv: Conversation | TokenRecord) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int32 [n], loss_mask bool [n]) of one record: a conversation rendered, a token record as is."""
+def render_conversation(chat: ChatFormat | None, conv: Conversation | TokenRecord) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [n], loss_mask bool [n]) of one record: a conversation rendered, a token record as is.
+    `chat` None (no tokenizer): token records only."""
     if isinstance(conv, TokenRecord):
         return conv.token_ids, conv.loss_mask
+    if chat is None:
+        raise DataError(f"{conv.source}: a conversation, but this model has no tokenizer; give token records")
     try:
         ids, mask = chat.render(conv.messages, conv.tools)
     except (KeyError, TypeError, ValueError) as e:

@@ -11,11 +11,14 @@ module-level `Path` under the old root in the loaded `tau2.*` modules (`DATA_DIR
 for modules imported later).
 
 Splits: airline/retail/telecom have `train`/`test`/`base` (plus telecom `small`/`full`); mock has
-none, so every split name loads all 9 mock tasks.
+none (the wheel's `split_tasks.json` holds only `base`), so every split name loads all 9 mock tasks.
+A domain tau2 registers no split loader for (mock) whose data dir's `split_tasks.json` names more
+splits than `base` uses them: a generated family (`env/task_family.py`) brings its own train/test.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -124,8 +127,17 @@ def task_splits(domain: str) -> dict[str, list[str]] | None:
     with _lock:
         if domain not in _state["splits"]:
             loader = registry.get_task_splits_loader(domain)
-            _state["splits"][domain] = loader() if loader is not None else None
+            _state["splits"][domain] = loader() if loader is not None else _split_file(domain)
         return _state["splits"][domain]
+
+
+def _split_file(domain: str) -> dict[str, list[str]] | None:
+    """The data dir's split_tasks.json for a domain tau2 reads no splits of, if it names more than `base`."""
+    path = _state["data_root"] / "tau2" / "domains" / domain / "split_tasks.json"
+    if not path.exists():
+        return None
+    splits = json.loads(path.read_text())
+    return splits if set(splits) - {"base"} else None
 
 
 # A domain without named splits (mock) serves all its tasks under each of these names.

@@ -26,8 +26,10 @@ rewards (8 tasks x 8 samples a step, Adam 1e-3) lifts it to ~0.5 by step 28 and 
 the agent must call the right key and copy the result: the same loop learns the call (partial
 reward) but not the copy in 300 steps; a harder setting, not a CI one.
 
-Train and test tasks come from separate random streams of `seed`; with per-task tables a test
-task never equals a train task (with a shared table only NUM_KEYS distinct tasks exist).
+Train and test tasks come from separate random streams of `seed`; with per-task tables no test
+task's table is a train task's table (with a shared table only NUM_KEYS distinct tasks exist).
+`gold_record` writes a task's gold episode as SFT data (benchmarks/heldout.py: gold SFT on the
+train tables, then GRPO, scored on the test tables).
 Trajectories follow episode.py's record exactly (turns with sampling settings, seed
 `episode.turn_seed(seed, turn, 0)`, engine kind, finish reason, policy version; loss mask 1 only
 on sampled tokens; behaviour log-probs from the engine). Engine failures never raise: they come
@@ -75,16 +77,30 @@ class ToyTask:
         return [TASK, KEY0 + self.key, END]
 
 
-def _draw_tasks(rng: np.random.Generator, n: int, table: tuple[int, ...] | None, exclude=frozenset()) -> list[ToyTask]:
+def _draw_tasks(rng: np.random.Generator, n: int, table: tuple[int, ...] | None,
+                exclude_tables=frozenset()) -> list[ToyTask]:
     out: list[ToyTask] = []
     for _ in range(100 * n):
         if len(out) == n:
             return out
         t = ToyTask(int(rng.integers(NUM_KEYS)),
                     table or tuple(int(v) for v in rng.permutation(NUM_VALUES)[:NUM_KEYS]))
-        if t not in exclude:
+        if t.table not in exclude_tables:
             out.append(t)
-    raise ValueError(f"ToyEnvironment: cannot draw {n} test tasks distinct from the train tasks; ask for fewer")
+    raise ValueError(f"ToyEnvironment: cannot draw {n} test tasks with tables unlike the train tables; ask for fewer")
+
+
+def gold_record(ref: TaskRef) -> dict:
+    """The gold episode of a toy task (look the key up, copy the value) as an SFT token record
+    (`data.sft_data`), laid out exactly as `play_episode` records it: mask 1 on the two actions."""
+    task = ref.task
+    turns = [([AGENT], 0), ([KEY0 + task.key], 1), ([END, RESULT, VALUE0 + task.value, END, AGENT], 0),
+             ([VALUE0 + task.value], 1), ([END], 0)]
+    ids, mask = list(task.prompt_ids()), [0] * len(task.prompt_ids())
+    for part, trained in turns:
+        ids += part
+        mask += [trained] * len(part)
+    return {"token_ids": ids, "loss_mask": mask, "source": "toy_gold", "task": ref.key}
 
 
 class ToyEnvironment:
@@ -106,8 +122,10 @@ class ToyEnvironment:
         table_rng, train_rng, test_rng = (np.random.default_rng([seed, i]) for i in range(3))
         table = tuple(int(v) for v in table_rng.permutation(NUM_VALUES)[:NUM_KEYS]) if shared_table else None
         tasks = _draw_tasks(train_rng, num_tasks, table)
-        if split == "test":  # excluding train tasks is possible only with per-task tables
-            tasks = _draw_tasks(test_rng, num_tasks, table, exclude=frozenset() if shared_table else frozenset(tasks))
+        if split == "test":  # held out from train tables is possible only with per-task tables
+            train_tables = frozenset() if shared_table else frozenset(t.table for t in tasks)
+            tasks = _draw_tasks(test_rng, num_tasks, table, exclude_tables=train_tables)
+            assert not train_tables & {t.table for t in tasks}, "a toy test table is a train table"
         self._tasks = [TaskRef(DOMAIN, f"{split}_{i}", t) for i, t in enumerate(tasks)]
 
     def tasks(self) -> list[TaskRef]:

@@ -1,10 +1,51 @@
 """The pipeline's report: Pass@1, Pass@k and pass^k per domain per policy (base, SFT, RFT, GRPO),
 beside the do-nothing floor, over all tasks and over the tasks the do-nothing agent fails; as data
 (`report_data`), markdown (`render_report`) and a bar plot (`plot_report`). `stages/pipeline.py`
-gathers the eval summaries and writes `{workdir}/report.{json,md,png}`.
+gathers the eval summaries and writes `{workdir}/report.{json,md,png}`; with GRPO's in-loop
+held-out evaluation on (`rl.eval_every`), also held-out pass@1 against step (`heldout_curve`,
+`plot_heldout`: `report_heldout.png`).
 """
 
 from __future__ import annotations
+
+import json
+import os
+
+
+def heldout_curve(metrics_path: str) -> list[dict]:
+    """[{"step", "greedy", "sampled"}] of a GRPO run's metrics.jsonl held-out records (a resumed run's
+    later record of a step wins); [] without any."""
+    by_step = {}
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            for line in f:
+                m = json.loads(line)
+                if "heldout_sampled_pass1" in m:
+                    by_step[m["step"]] = {"step": m["step"], "greedy": m["heldout_greedy_pass1"],
+                                          "sampled": m["heldout_sampled_pass1"]}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_heldout(curves: dict, path: str) -> None:
+    """Held-out greedy (solid) and sampled (dashed) pass@1 against GRPO step, one colour per curve
+    of `curves` ({label: heldout_curve(...)})."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (label, curve) in enumerate(curves.items()):
+        steps = [r["step"] for r in curve]
+        ax.plot(steps, [r["greedy"] for r in curve], color=f"C{i}", marker="o", ms=3, label=f"{label} greedy")
+        ax.plot(steps, [r["sampled"] for r in curve], color=f"C{i}", ls="--", label=f"{label} sampled")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("held-out pass@1")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def _group_row(summary: dict, group: str, key: str) -> dict:
@@ -16,16 +57,18 @@ def _group_row(summary: dict, group: str, key: str) -> dict:
             "pass^k": m.get("pass^k", {}).get(str(k))}
 
 
-def report_data(summaries: dict, trained_on: dict) -> dict:
+def report_data(summaries: dict, trained_on: dict, heldout: list | None = None) -> dict:
     """summaries: {policy: its eval summary.json} in pipeline order; trained_on: per domain, what the
-    policy learnt from (`stages.pipeline.trained_on`).
-    -> {"k", "split", "groups", "trained_on", "rows": {policy: {group: {"floor", "all", "beyond_floor"}}}}."""
+    policy learnt from (`stages.pipeline.trained_on`); heldout: GRPO's `heldout_curve`.
+    -> {"k", "split", "groups", "trained_on", "rows": {policy: {group: {"floor", "all", "beyond_floor"}}},
+    "heldout_curve"}."""
     first = next(iter(summaries.values()))
     groups = ["overall", *first["domains"]]
     rows = {policy: {g: {"floor": s.get("floor", {}).get(g), "all": _group_row(s, g, "metrics"),
                          "beyond_floor": _group_row(s, g, "metrics_beyond_floor")} for g in groups}
             for policy, s in summaries.items()}
-    return {"k": first["k"], "split": first["split"], "groups": groups, "rows": rows, "trained_on": trained_on}
+    return {"k": first["k"], "split": first["split"], "groups": groups, "rows": rows, "trained_on": trained_on,
+            "heldout_curve": heldout or []}
 
 
 def _pct(x) -> str:
@@ -62,6 +105,11 @@ def render_report(data: dict) -> str:
                           for g in groups) + ".",
               f"Pass@1: the first of {k} samples succeeds; Pass@{k}: any does; pass^{k}: all do (tau2's estimator)."
               if k > 1 else "One sample per task: Pass@1 = Pass@k = pass^k.", ""]
+    if data.get("heldout_curve"):
+        lines += ["## GRPO's held-out pass@1 by step (tasks never trained on; report_heldout.png)", "",
+                  "| step | greedy | sampled |", "|---|---|---|"]
+        lines += [f"| {r['step']} | {_pct(r['greedy'])} | {_pct(r['sampled'])} |" for r in data["heldout_curve"]]
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -56,6 +56,10 @@ def say(line: str) -> None:
 # ----------------------------------------------------------------------------- model
 
 def tokenizer(config):
+    """The Qwen3 tokenizer; None for the "toy" model, whose ids are the toy game's tokens (its SFT
+    data is token records, env/toy.py gold_record)."""
+    if config.model.name == "toy" and not (config.tokenizer.path or config.model.hf_dir):
+        return None
     return load_tokenizer(config.tokenizer.path or config.model.hf_dir)
 
 

@@ -238,8 +238,12 @@ def write_report(config, evals: dict) -> dict:
     for step, path in evals.items():
         with open(path) as f:
             summaries[EVALS[step][0]] = json.load(f)
-    data = pipeline_report.report_data(summaries, trained_on(config, next(iter(summaries.values()))))
+    curve = pipeline_report.heldout_curve(os.path.join(config.workdir, "grpo", "metrics.jsonl"))
+    data = pipeline_report.report_data(summaries, trained_on(config, next(iter(summaries.values()))), curve)
     files = {ext: os.path.join(config.workdir, f"report.{ext}") for ext in ("json", "md", "png")}
+    if curve:
+        files["heldout_png"] = os.path.join(config.workdir, "report_heldout.png")
+        pipeline_report.plot_heldout({"GRPO": curve}, files["heldout_png"])
     with open(files["json"], "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
     with open(files["md"], "w") as f:

@@ -32,12 +32,12 @@ from tau2jax.parallel import sharding
 from tau2jax.stages import builders, resume
 
 
-def _dataset(config, tokenizer):
+def _dataset(config, tokenizer, vocab_size: int):
     files = config_lib.csv(config.data.train_files)
     if not files:
         raise config_lib.ConfigError("config.data.train_files: no SFT data files given")
     return make_sft_dataset(
-        files, tokenizer, max_len=config.data.max_len, batch_size=config.data.batch_size,
+        files, tokenizer, vocab_size=vocab_size, max_len=config.data.max_len, batch_size=config.data.batch_size,
         seed=config.seed, num_epochs=config.data.num_epochs, overlong=config.data.overlong,
         shuffle=config.data.shuffle, process_index=jax.process_index(), process_count=jax.process_count(),
         prompt_style=config.tau2.prompt_style)
@@ -56,7 +56,7 @@ def run(config) -> dict:
 
     # Conversations are rendered once, here; iterating packs them (cheap, host-side), so counting the
     # optimizer steps in `num_epochs` of data is one extra pass over the packed rows.
-    dataset = _dataset(config, tokenizer)
+    dataset = _dataset(config, tokenizer, model_cfg.vocab_size)
     total_steps = config.train.steps or sum(1 for _ in dataset)
     if total_steps <= 0:
         raise config_lib.ConfigError("config.data.train_files: the data yields no batch")
