@@ -133,7 +133,9 @@ def test_the_standin_fails_a_racing_weight_update_as_each_sglang_version_does(tm
             assert after["output_ids"] != before["output_ids"]  # ... but the new weights serve
             client = SGLangEngine(url)
             client.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))
-            client.update_weights(path, 2)  # the safe push, right after a request
+            # the safe push, right after a request: the next published version (a publish dir
+            # loads only the version its LATEST names)
+            client.update_weights(weight_sync.publish(qwen3.init_params(cfg, jax.random.key(8)), cfg, root, 2), 2)
             assert client.served_version() == 2 and proc.poll() is None
             client.close()
         finally:
