@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from cli_runs import LAPTOP_ENV, ROOT
 from configs import tiny_sft_toy
 from tau2jax.data.sft_data import DataError
 from tau2jax.env import toy
@@ -50,8 +51,8 @@ def test_pass1_counts_greedy_once_and_averages_samples():
 @pytest.mark.slow
 def test_heldout_quick_benchmark_writes_its_result(tmp_path):
     out = tmp_path / "q.json"
-    run = subprocess.run([sys.executable, "benchmarks/heldout.py", "--quick", "--out", str(out)],
-                         capture_output=True, text=True, timeout=1200)
+    run = subprocess.run([sys.executable, "benchmarks/heldout.py", "--quick", "--out", str(out)], cwd=ROOT,
+                         env=LAPTOP_ENV, capture_output=True, text=True, timeout=1200)  # one device, as a user
     assert run.returncode == 0, run.stderr[-2000:]
     last = json.loads(run.stdout.strip().splitlines()[-1])
     assert last == json.loads(out.read_text())
