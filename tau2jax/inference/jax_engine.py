@@ -767,12 +767,8 @@ class JaxEngine:
                         # of riding along done (rows ending on a stop token are not foreseen).
                         while outs:
                             self._consume_cols(*outs.popleft())
-                        self._retire(run, slots)
-                        self._compact(run, slots)
-                        if all(h is None for h in slots):
-                            run = None
-                        if pending:
-                            run = self._admit(run, pending, slots, outs)
+                        self._free_finished(run, slots)
+                        run = self._refill(run, pending, slots, outs)
                     if run is not None:
                         nxt = None
                         if any(h is not None and h.finish is None for h in slots):
@@ -790,19 +786,27 @@ class JaxEngine:
                             self._consume_cols(*outs.popleft())
                         if nxt is not None:
                             outs.append(nxt)
-                        self._retire(run, slots)
-                        self._compact(run, slots)
+                        self._free_finished(run, slots)
                 except BaseException as e:  # the running rows see it; the worker keeps serving
                     for i, h in enumerate(slots):
                         if h is not None:
                             settle(h.req.future, error=e)
                             slots[i] = None
                     run, outs = None, collections.deque()
-                if run is not None and not outs and all(h is None for h in slots):
-                    run = None  # drained: the next batch starts on the current weights, at its own length
-                if pending:
-                    run = self._admit(run, pending, slots, outs)
+                run = self._refill(run, pending, slots, outs)
             self._pending_n = len(pending)
+
+    def _free_finished(self, run: "_Running", slots: list) -> None:
+        """Retires the finished rows and moves the others down so that the occupied slots lead."""
+        self._retire(run, slots)
+        self._compact(run, slots)
+
+    def _refill(self, run, pending: collections.deque, slots: list, outs: collections.deque):
+        """Drops a drained running batch (the next one starts on the current weights, at its own
+        length) and admits pending requests into the free slots. -> the running batch."""
+        if run is not None and not outs and all(h is None for h in slots):
+            run = None
+        return self._admit(run, pending, slots, outs) if pending else run
 
     def _retire(self, run: "_Running", slots: list) -> None:
         """Frees the slots of finished rows: their KV to the prefix cache, their results out."""
