@@ -30,21 +30,31 @@ def interleave_domains(refs: list) -> list:
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
+def _wins(env, refs, *, engine, sampling: SamplingParams, greedy_seed: int, sample_seed, samples: int,
+          concurrency: int, max_infra_retries: int) -> list[int]:
+    """[greedy successes, sampled successes] over `refs`: per task one greedy episode (sample 0)
+    and `samples` sampled ones (samples 1.., seeds `sample_seed(ref, i)`)."""
+    greedy = dataclasses.replace(sampling, temperature=0.0, seed=greedy_seed)
+    episodes = []
+    for ref in refs:
+        episodes.append(collector.Episode(ref, 0, greedy, engine))
+        episodes += [collector.Episode(ref, i, dataclasses.replace(sampling, seed=sample_seed(ref, i)), engine)
+                     for i in range(1, samples + 1)]
+    wins = [0, 0]
+    for ep, traj, _ in collector.play(env, episodes, concurrency=concurrency, max_infra_retries=max_infra_retries):
+        wins[ep.sample_index > 0] += bool(traj.infra_error is None and traj.success)
+    return wins
+
+
 def pass1(env, refs, *, engine, sampling: SamplingParams, seed: int, samples: int, concurrency: int,
           max_infra_retries: int = 2) -> dict:
     """Greedy and sampled pass@1 of `engine` on `refs` outside a training loop (benchmarks/heldout.py
     scores the SFT and GRPO exports with it): one greedy episode per task, and `samples` sampled
     episodes per task averaged, so the sampled number's noise shrinks with `samples`.
     -> {"greedy_pass1", "sampled_pass1", "tasks", "samples"}."""
-    greedy = dataclasses.replace(sampling, temperature=0.0, seed=derive_seed(seed, "pass1", "greedy"))
-    episodes = []
-    for ref in refs:
-        episodes.append(collector.Episode(ref, 0, greedy, engine))
-        episodes += [collector.Episode(ref, i, dataclasses.replace(sampling, seed=derive_seed(seed, f"pass1:{ref.key}", i)),
-                                       engine) for i in range(1, samples + 1)]
-    wins = [0, 0]
-    for ep, traj, _ in collector.play(env, episodes, concurrency=concurrency, max_infra_retries=max_infra_retries):
-        wins[ep.sample_index > 0] += bool(traj.infra_error is None and traj.success)
+    wins = _wins(env, refs, engine=engine, sampling=sampling, greedy_seed=derive_seed(seed, "pass1", "greedy"),
+                 sample_seed=lambda ref, i: derive_seed(seed, f"pass1:{ref.key}", i), samples=samples,
+                 concurrency=concurrency, max_infra_retries=max_infra_retries)
     n = max(len(refs), 1)
     return {"greedy_pass1": wins[0] / n, "sampled_pass1": wins[1] / (n * max(samples, 1)), "tasks": len(refs),
             "samples": samples}
@@ -54,16 +64,10 @@ def evaluate(env, refs, *, engine, sampling: SamplingParams, seed: int, step: in
              max_infra_retries: int, process: int = 0, processes: int = 1) -> dict:
     """-> {"heldout_greedy_pass1", "heldout_sampled_pass1", "heldout_tasks", "heldout_s"} at `step`."""
     t0 = time.perf_counter()
-    greedy = dataclasses.replace(sampling, temperature=0.0, seed=derive_seed(seed, f"heldout{step}", "greedy"))
-    mine = refs[process::processes]
-    episodes = []
-    for ref in mine:
-        episodes.append(collector.Episode(ref, 0, greedy, engine))
-        s = dataclasses.replace(sampling, seed=derive_seed(seed, f"heldout{step}:{ref.key}", 0))
-        episodes.append(collector.Episode(ref, 1, s, engine))
-    wins = [0, 0]
-    for ep, traj, _ in collector.play(env, episodes, concurrency=concurrency, max_infra_retries=max_infra_retries):
-        wins[ep.sample_index] += bool(traj.infra_error is None and traj.success)
+    wins = _wins(env, refs[process::processes], engine=engine, sampling=sampling,
+                 greedy_seed=derive_seed(seed, f"heldout{step}", "greedy"),
+                 sample_seed=lambda ref, i: derive_seed(seed, f"heldout{step}:{ref.key}", i - 1), samples=1,
+                 concurrency=concurrency, max_infra_retries=max_infra_retries)
     if processes > 1:
         wins = [sum(x) for x in zip(*host_gather.allgather(f"heldout_{step}", wins))]
     n = max(len(refs), 1)
