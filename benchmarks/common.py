@@ -113,6 +113,11 @@ def machine_config(hf_model, threads: int | None = None) -> dict:
             "cpu_count": os.cpu_count(), "machine": platform.machine()}
 
 
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages, rounded: the machine's load a result records."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
 def write_result(result: dict, out: str) -> None:
     """Writes `result` to `out` and prints it as one JSON line, the last line of the output, for
     whatever runs the benchmark to parse."""

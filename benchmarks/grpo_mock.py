@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     work = os.path.abspath(args.workdir)
     os.makedirs(work, exist_ok=True)
     t0 = time.time()
-    load_before = [round(v, 2) for v in os.getloadavg()]
+    load_before = common.load_average()
 
     from absl import logging as absl_logging
 
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         "min_margin_greedy": min(s["margin"]["greedy"] for s in seeds),
         "min_margin_sampled": min(s["margin"]["sampled"] for s in seeds),
         "wall_s": round(time.time() - t0, 1),
-        "load_avg": {"before": load_before, "after": [round(v, 2) for v in os.getloadavg()]},
+        "load_avg": {"before": load_before, "after": common.load_average()},
     }
     for s in seeds:
         print(f"seed {s['seed']}: greedy pass@1 SFT {s['greedy']['sft']:.3f}, RFT (GRPO's start) {s['greedy']['rft']:.3f} -> "

@@ -30,10 +30,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from benchmarks import common  # noqa: E402
+import common  # noqa: E402  benchmarks/common.py; also puts the repo root on sys.path
 
 GATE = 0.3  # a family seed's RL is judged only if its SFT reaches this greedy pass@1 on the train tasks
 HEADLINE = "sampled pass@1 at the rollout temperature (samples per task: `samples`); *_greedy: temperature 0"
@@ -85,8 +84,7 @@ def toy(work: str, seed: int, samples: int) -> dict:
     train = toy_env.ToyEnvironment(num_tasks=grpo.rl.toy.tasks, seed=seed, shared_table=False)
     test = toy_env.ToyEnvironment(num_tasks=grpo.rl.heldout_tasks, seed=seed, split="test", shared_table=False)
     train_tables = {r.task.table for r in train.tasks()}
-    test_tables = {r.task.table for r in test.tasks()}
-    assert not train_tables & test_tables, "toy: a test table is a train table"
+    test_tables = {r.task.table for r in test.tasks()}  # never a train table (ToyEnvironment asserts it)
     os.makedirs(work, exist_ok=True)
     gold = os.path.join(work, "gold_train.jsonl")
     with open(gold, "w") as f:
@@ -104,7 +102,7 @@ def toy(work: str, seed: int, samples: int) -> dict:
         "setting": "configs/tiny_sft_toy.py on the train tables' gold episodes -> configs/tiny_grpo_toy.py:heldout",
         "seed": seed, "headline": HEADLINE, "samples": samples, "temperature": grpo.rl.rollout.temperature,
         "train_tasks": len(train.tasks()), "test_tasks": len(test.tasks()),
-        "distinct_train_tables": len(train_tables), "distinct_test_tables": len(test_tables), "tables_shared": 0,
+        "distinct_train_tables": len(train_tables), "distinct_test_tables": len(test_tables), "tables_shared": len(train_tables & test_tables),
         "sft_steps": sft.train.steps, "sft_lr": sft.optim.lr, "grpo_steps": grpo.rl.steps, "grpo_lr": grpo.optim.lr,
         **flat("sft", "grpo", scores),
         "gain_test": scores["grpo"]["test"]["sampled_pass1"] - scores["sft"]["test"]["sampled_pass1"],
@@ -202,7 +200,7 @@ def main(argv=None) -> int:
 
 def run(args, work: str) -> int:
     t0 = time.time()
-    load_before = [round(v, 2) for v in os.getloadavg()]
+    load_before = common.load_average()
 
     from absl import logging as absl_logging
 
@@ -219,7 +217,7 @@ def run(args, work: str) -> int:
         result["family_mean_gain_test"] = (sum(s["gain_test"] for s in judged) / len(judged)) if judged else None
         result["family_seeds_judged"] = len(judged)
     result["wall_s"] = round(time.time() - t0, 1)
-    result["load_avg"] = {"before": load_before, "after": [round(v, 2) for v in os.getloadavg()]}
+    result["load_avg"] = {"before": load_before, "after": common.load_average()}
     out = args.out or common.result_path("heldout.json")
     plot_curves(result, os.path.splitext(out)[0] + ".png")
     common.write_result(result, out)

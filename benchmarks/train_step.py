@@ -104,7 +104,7 @@ def run(size: str, iters: int, threads: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    load_before = os.getloadavg()
+    load_before = common.load_average()
     first, sec = common.interleaved({"jax": jax_step, "hf": hf_step}, iters)
     if abs(first["jax"] - first["hf"]) > LOSS_ATOL:
         raise SystemExit(f"first-step losses disagree: jax {first['jax']:.6f} vs hf {first['hf']:.6f} "
@@ -123,8 +123,7 @@ def run(size: str, iters: int, threads: int) -> dict:
                    "optimizer": f"adamw lr={lr} wd=0.01 clip=1.0", "size": size,
                    **common.machine_config(model)},
         "threads": threads,  # top level, not config.cpu_threads: the format of the earlier results
-        "load_avg": {"before": [round(v, 2) for v in load_before],
-                     "after": [round(v, 2) for v in os.getloadavg()]},
+        "load_avg": {"before": load_before, "after": common.load_average()},
     }
 
 
