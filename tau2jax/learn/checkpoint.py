@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 
 from tau2jax import config as config_lib
 from tau2jax.parallel import host_gather
-from tau2jax.weights.orbax_params import CheckpointFormatError, _short, check_orbax_dir
+from tau2jax.weights.orbax_params import CheckpointFormatError, _short, check_orbax_dir, quiet_closed_loop_reports
 
 
 class Checkpointer:
@@ -44,6 +44,7 @@ class Checkpointer:
         mesh or process count saved it. A step that does not read back is a CheckpointFormatError
         naming its directory; one saved with other shapes, a ConfigError naming the parameter."""
         self.check_step(step, abstract_state)
+        quiet_closed_loop_reports()
         try:
             return self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state))).state

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -90,12 +91,33 @@ def restore_params(orbax_dir: str, mesh: jax.sharding.Mesh | None = None, *, dty
     target = jax.tree.map(
         lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), jnp.dtype(dtype or m.dtype), sharding=s),
         stored, shardings, is_leaf=_is_array_meta)
+    quiet_closed_loop_reports()
     try:
         params = ckptr.restore(path, target)
     except Exception as e:  # noqa: BLE001 - truncated or corrupt array files
         raise CheckpointFormatError(f"{path}: reading the weights failed ({_short(e)}); the checkpoint is corrupt "
                                     "or truncated: re-convert the weights or use another checkpoint") from None
     return params, cfg
+
+
+def _drop_closed_loop(unraisable, previous) -> None:
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    previous(unraisable)
+
+
+def quiet_closed_loop_reports() -> None:
+    """Orbax reads in an event loop of its own and closes it when one read fails; TensorStore then
+    finishes the other reads on its threads, and their callbacks, finding the loop closed, are
+    reported as unraisable tracebacks of the same failure (around the one error line the CLIs
+    print, in a race). Those reports alone are dropped; every other one reaches the previous hook.
+    Called before each Orbax read; installs itself once."""
+    if getattr(sys.unraisablehook, "drops_closed_loop", False):
+        return
+    previous = sys.unraisablehook
+    hook = lambda unraisable: _drop_closed_loop(unraisable, previous)  # noqa: E731
+    hook.drops_closed_loop = True
+    sys.unraisablehook = hook
 
 
 def check_orbax_dir(path: str, what: str = "the checkpoint") -> None:
