@@ -122,8 +122,7 @@ def summarize(passes: dict[tuple, bool], domains: list[str]) -> dict:
     for d in domains:
         mine = {t: v for (dd, t), v in passes.items() if dd == d}
         out[d] = group(mine.values())
-        splits = tau2_env.task_splits(d) if d != "mock" else None
-        inside = {name: ids for name, ids in (splits or {}).items() if set(ids) < set(mine)}
+        inside = {name: ids for name, ids in (tau2_env.task_splits(d) or {}).items() if set(ids) < set(mine)}
         if inside:
             out[d]["by_split"] = {name: group(mine[t] for t in ids) for name, ids in sorted(inside.items())}
     return out

@@ -592,13 +592,14 @@ class Server:
         reloads (SGLangEngine.reload, a re-push after a failed one); another dir has its own sequence
         (the pipeline's evals publish steps 0, 2, 5, 7 under {workdir}/served, GRPO its 0, 1, ...).
         -> the publish dir."""
-        pub = os.path.dirname(os.path.realpath(model_path))
+        real = os.path.realpath(model_path)
+        pub = os.path.dirname(real)
         try:
             newest = latest_version(pub)
         except ValueError:
             newest = None
         if newest is not None:
-            if version != newest or os.path.realpath(model_path) != os.path.realpath(version_dir(pub, newest)):
+            if version != newest or real != os.path.realpath(version_dir(pub, newest)):
                 raise RequestError(f"weight_version {version} at {model_path} is not {version_dir(pub, newest)}, "
                                    f"the version {pub}/{LATEST} names: only a publish dir's newest version loads")
             return pub

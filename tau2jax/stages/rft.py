@@ -104,7 +104,7 @@ def run(config) -> dict:
         raise config_lib.ConfigError(f"config.rft.mix_files: {results[0]} is a tau2 Results file, which kept.jsonl "
                                      "cannot hold line by line; list it in the next SFT's data.train_files instead")
     if mix_files:  # bad data fails now, not after hours of sampling
-        load_conversations(mix_files, tokenizer.vocab_size, config.tau2.prompt_style)
+        load_conversations(mix_files, tokenizer.vocab_size)
     chat = ChatFormat(tokenizer)
     env = builders.tau2_environment(config, chat, split="train")
     refs = env.tasks()

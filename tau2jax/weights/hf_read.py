@@ -9,7 +9,6 @@ sync's reading side.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
@@ -80,15 +79,12 @@ def find_safetensors(hf_dir: str) -> list[str]:
     return [os.path.join(hf_dir, n) for n in names]
 
 
-@contextlib.contextmanager
 def open_safetensors(file: str):
-    """safe_open, its errors (a truncated or foreign file) a ConversionError naming the file."""
+    """safe_open (a context manager), its errors (a truncated or foreign file) a ConversionError naming the file."""
     try:
-        handle = safe_open(file, framework="np")
+        return safe_open(file, framework="np")
     except (SafetensorError, OSError) as e:
         raise ConversionError(f"{file}: not a readable safetensors file ({e}); copy or export it again") from None
-    with handle as f:
-        yield f
 
 
 def inventory(files: list[str], cfg) -> dict[str, tuple[str, tuple[int, ...]]]:
