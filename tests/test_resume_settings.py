@@ -1,6 +1,6 @@
 """A resumed SFT or GRPO run keeps the settings its checkpoints were trained with: another learning
 rate, data, loss or step count is refused by name in one line (exit 2), before anything in the
-workdir moves; an extension of a constant schedule is allowed and said."""
+workdir moves; an extension of a constant schedule, or of a finished run, is allowed and said."""
 
 import hashlib
 import os
@@ -36,11 +36,33 @@ def test_sft_resume_refuses_changed_settings_by_name_and_moves_nothing(tmp_path,
     assert "optim.lr: 0.001 -> 0.5" in line and "data.max_len: 64 -> 96" in line
     assert "use a new config.workdir, or the earlier values to resume" in line
 
-    # cosine (tiny_sft's schedule) decays over the whole run: another length changes every later lr
-    line = one_line_error(_sft(workdir, short_sft_jsonl, "--config.train.steps=4", check=False))
+    # a finished run may not shrink
+    line = one_line_error(_sft(workdir, short_sft_jsonl, "--config.train.steps=1", check=False))
     assert line.startswith(f"error: config.train.steps: workdir '{workdir}' holds a sft run of 2 steps at step 2, "
-                           "this one asks for 4; a cosine schedule decays")
+                           "this one asks for 1; a cosine schedule decays")
     assert _tree_digest(workdir) == before
+
+    # ... but may train longer (tiny_sft's cosine): said, and the new final weights exported
+    proc = _sft(workdir, short_sft_jsonl, "--config.train.steps=4")
+    assert ("note: steps 2 -> 4: the run had finished at step 2; steps 3-4 follow the cosine schedule of a "
+            "4-step run (lr 0.0005 at step 3)") in proc.stderr
+    out = summary(proc)
+    assert (out["steps"], out["params_step"], out["resumed_from"]) == (4, 4, 2)
+
+
+def test_a_cosine_run_refuses_another_step_count_mid_run(tmp_path):
+    # Mid-run, the decay over the whole run would change every learning rate after the checkpoint.
+    import pytest
+
+    from tau2jax import config as config_lib
+    from tau2jax.stages import resume
+
+    c = config_lib.default_config()
+    c.stage, c.optim.schedule = "sft", "cosine"
+    resume.record_train_settings(str(tmp_path), resume.train_settings(c, 4))
+    with pytest.raises(config_lib.ConfigError, match="holds a sft run of 4 steps at step 2, this one asks for 6"):
+        resume.check_train_resume(str(tmp_path), c, resume.train_settings(c, 6), 2)
+    assert resume.check_train_resume(str(tmp_path), c, resume.train_settings(c, 4), 2) == []
 
 
 def _toy_grpo(workdir, *extra, check=True):

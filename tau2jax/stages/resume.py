@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from tau2jax import config as config_lib
+from tau2jax.learn import optimizer
 from tau2jax.stages import builders
 
 SETTINGS = "settings.json"
@@ -129,10 +130,12 @@ def _warmup(config, steps: int) -> int:
 
 def check_train_resume(workdir: str, config, current: dict, start: int) -> list[str]:
     """Refuses (ConfigError naming each field and both values) to resume at `start` a run recorded in
-    `workdir` with other settings. `steps` may change only where the schedule from `start` on stays
-    the same: a constant schedule whose warmup has ended under both step counts. A cosine schedule's
-    decay spans the whole run, so another step count changes every learning rate after `start`:
-    refused (continue in a new workdir from the exported params instead). -> notes on what changed."""
+    `workdir` with other settings. `steps` may change where the schedule from `start` on stays the
+    same (a constant schedule whose warmup has ended under both step counts), or grow once the run
+    has finished (start = its steps: training longer is asked for, and the steps after `start`
+    follow the longer run's schedule, said in the note). Mid-run, a cosine schedule's decay spans
+    the whole run, so another step count would change every learning rate after `start`: refused.
+    -> notes on what changed."""
     path = Path(workdir) / TRAIN_SETTINGS
     if not path.exists():
         return []  # a run from before this record: nothing to compare
@@ -145,6 +148,11 @@ def check_train_resume(workdir: str, config, current: dict, start: int) -> list[
                 and max(_warmup(config, old), _warmup(config, new)) <= start):
             diff.pop("steps")
             notes.append(f"steps {old} -> {new}: the constant learning rate after step {start} is unchanged")
+        elif isinstance(old, int) and start >= old and new > old:
+            diff.pop("steps")
+            lr = float(optimizer.make_schedule(config.optim, new)(start))
+            notes.append(f"steps {old} -> {new}: the run had finished at step {old}; steps {old + 1}-{new} follow "
+                         f"the {config.optim.schedule} schedule of a {new}-step run (lr {lr:.3g} at step {old + 1})")
         else:
             field = "train.steps" if config.stage == "sft" else "rl.steps"
             why = ("a cosine schedule decays over the whole run, so another step count changes the learning rate "
