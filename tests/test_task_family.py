@@ -64,3 +64,23 @@ def test_gold_replays_score_one_and_doing_nothing_scores_zero(family):
             traj = run_episode(task, "mock", engine=engine, user=ScriptedUser(task), chat=chat, style="native",
                                sampling=SamplingParams(temperature=0.0, max_new_tokens=4096))
             assert traj.infra_error is None and traj.reward == want, (task.id, engine.kind, traj.reward_info)
+
+
+def test_the_agent_prompt_shows_only_the_familys_tool(family):
+    # agent_tools.json: mock's other schemas would be most of a small model's prompt
+    assert [t["function"]["name"] for t in tau2_env.domain_spec("mock").tools] == ["create_task"]
+    assert len(tau2_env.make_environment("mock").get_tools()) > 1  # the environment keeps them all
+    tok = load_tokenizer()
+    assert len(tok.encode(json.dumps(tau2_env.domain_spec("mock").tools))) < 150  # mock's all: 440
+
+
+def test_an_agent_tools_file_naming_an_unknown_tool_is_refused(tmp_path):
+    before = tau2_env.init_tau2()
+    root = task_family.write_data_dir(tmp_path / "bad")
+    (root / "tau2" / "domains" / "mock" / tau2_env.AGENT_TOOLS_FILE).write_text('["create_task", "fly"]')
+    try:
+        tau2_env.init_tau2(str(root))
+        with pytest.raises(ValueError, match=r"agent_tools.json: must list some of the mock agent tools .*unknown: \['fly'\]"):
+            tau2_env.domain_spec("mock")
+    finally:
+        tau2_env.init_tau2(str(before))

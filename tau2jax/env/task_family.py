@@ -14,6 +14,11 @@ fails every task. The scripted user states both slots in its opening.
 The split holds out combinations: test = (USERS[i], TITLES[i]) (a diagonal), train = every other
 pair, so every user and every title is trained, each held-out pair never. `split_tasks.json`:
 "train", "test", "base" (all). The db holds the users and no tasks; policy files are the wheel's.
+The agent's prompt shows only `create_task` (`agent_tools.json`, see tau2_env.AGENT_TOOLS_FILE):
+with mock's 440 tokens of tool schemas the two slot words were 2 of ~780 prompt tokens and the
+`tiny` model never learnt to copy them (slot NLL stuck at ln 5 after 500 SFT steps); with no
+schema at all (a 264-token prompt) it copied them, held-out pairs included, within 150 steps
+(teacher-forced). create_task's schema alone is 144 tokens.
 """
 
 import json
@@ -22,6 +27,8 @@ import sys
 from pathlib import Path
 
 import tau2
+
+from tau2jax.env import tau2_env
 
 # The wheel's own mock files (not tau2's DATA_DIR, which init_tau2 may point at a generated dir).
 WHEEL_MOCK = Path(tau2.__file__).parent / "data" / "tau2" / "domains" / "mock"
@@ -74,7 +81,8 @@ def write_data_dir(out: str | Path) -> Path:
         shutil.copyfile(WHEEL_MOCK / name, d / name)
     db = {"tasks": {}, "users": {u: {"user_id": u, "name": u.capitalize(), "tasks": []} for u in USERS}}
     tasks = [make_task(u, t) for u in USERS for t in TITLES]
-    for name, obj in (("db.json", db), ("tasks.json", tasks), ("split_tasks.json", split())):
+    for name, obj in (("db.json", db), ("tasks.json", tasks), ("split_tasks.json", split()),
+                      (tau2_env.AGENT_TOOLS_FILE, ["create_task"])):
         (d / name).write_text(json.dumps(obj, indent=1) + "\n")
     return root
 

@@ -203,13 +203,32 @@ def make_environment(domain: str):
     return registry.get_env_constructor(domain)(solo_mode=False)
 
 
+# A data dir's own restriction of the tools an agent prompt shows (tau2 has none): a JSON list of
+# tool names in tau2/domains/<domain>/, e.g. a generated task family's one tool, so that a small
+# model's prompt is not mostly schemas its tasks never call. The environment keeps every tool.
+AGENT_TOOLS_FILE = "agent_tools.json"
+
+
+def _agent_tools(domain: str, schemas: list) -> list:
+    path = Path(_state["data_root"]) / "tau2" / "domains" / domain / AGENT_TOOLS_FILE
+    if not path.exists():
+        return schemas
+    names = json.loads(path.read_text())
+    known = [s["function"]["name"] for s in schemas]
+    unknown = sorted(set(names) - set(known)) if isinstance(names, list) else []
+    if not isinstance(names, list) or not names or unknown:
+        raise ValueError(f"{path}: must list some of the {domain} agent tools {known}"
+                         + (f"; unknown: {unknown}" if unknown else ""))
+    return [s for s in schemas if s["function"]["name"] in names]
+
+
 @dataclass(frozen=True)
 class DomainSpec:
     """What an agent prompt needs from a domain: its policy and the tool schemas."""
 
     name: str
     policy: str
-    tools: list  # OpenAI function schemas of the agent's tools
+    tools: list  # OpenAI function schemas of the agent's tools (those AGENT_TOOLS_FILE names, if any)
     user_tools: list  # schemas of the user's (device) tools; [] outside telecom
 
 
@@ -222,7 +241,7 @@ def domain_spec(domain: str) -> DomainSpec:
             _state["specs"][domain] = DomainSpec(
                 name=domain,
                 policy=env.get_policy(),
-                tools=[t.openai_schema for t in env.get_tools()],
+                tools=_agent_tools(domain, [t.openai_schema for t in env.get_tools()]),
                 user_tools=user_tools,
             )
         return _state["specs"][domain]
