@@ -5,7 +5,11 @@ workdir moves; an extension of a constant schedule, or of a finished run, is all
 import hashlib
 import os
 
+import pytest
 from cli_runs import one_line_error, run_train, short_sft, summary
+
+from tau2jax import config as config_lib
+from tau2jax.stages import resume
 
 
 def _tree_digest(workdir) -> str:
@@ -52,11 +56,6 @@ def test_sft_resume_refuses_changed_settings_by_name_and_moves_nothing(tmp_path,
 
 def test_a_cosine_run_refuses_another_step_count_mid_run(tmp_path):
     # Mid-run, the decay over the whole run would change every learning rate after the checkpoint.
-    import pytest
-
-    from tau2jax import config as config_lib
-    from tau2jax.stages import resume
-
     c = config_lib.default_config()
     c.stage, c.optim.schedule = "sft", "cosine"
     resume.record_train_settings(str(tmp_path), resume.train_settings(c, 4))
