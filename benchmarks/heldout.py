@@ -13,7 +13,8 @@ Family (tau2jax/env/task_family.py: `create_task(user_id, title)`, held-out (use
 combinations): per seed configs/tiny_pipeline_family.py (the `tiny` model, scripted user) runs
 demos -> SFT -> RFT -> SFT -> GRPO with evals on the test split; then the SFT, RFT and GRPO params
 are scored on the train and test tasks. A seed's RL is judged only if its SFT reaches GATE greedy
-pass@1 on the train tasks (`sft_gate_passed`); `family_mean_gain_test` averages judged seeds.
+pass@1 on the train tasks (`sft_gate_passed`, checked before GRPO: a seed that misses it runs no
+RL and has null GRPO keys); `family_mean_gain_test` averages judged seeds.
 
 Headline numbers (`*_test`, `*_train`) are sampled pass@1 at the rollout temperature, averaged
 over `--samples` episodes per task (`rl.heldout.pass1`); `*_greedy` beside them. Settings are
@@ -111,18 +112,22 @@ def toy(work: str, seed: int, samples: int) -> dict:
     }
 
 
+class _GateFailed(Exception):
+    """SFT missed GATE on the train tasks: the seed's RL would not be judged, so it is not run."""
+
+
 def family_seed(base, seed: int, samples: int) -> dict:
     """One seed of configs/tiny_pipeline_family.py (demos -> SFT -> RFT -> SFT -> GRPO, evals on the
-    test split), then the SFT, RFT and GRPO params scored on the train and test tasks. Judged only
-    if SFT reaches GATE greedy pass@1 on its train tasks."""
+    test split), then the SFT, RFT and GRPO params scored on the train and test tasks. RL runs only
+    if SFT reaches GATE greedy pass@1 on its train tasks (checked before GRPO starts); a seed that
+    misses it is recorded without GRPO numbers."""
     from tau2jax.data.chat import ChatFormat
     from tau2jax.eval import pipeline_report
-    from tau2jax.stages import builders, pipeline
+    from tau2jax.stages import builders, pipeline, runner
 
     t0 = time.time()
     c = base.copy_and_resolve_references()
     c.seed, c.workdir = seed, os.path.join(base.workdir, f"seed_{seed}")
-    r = pipeline.run(c)
     params = {p: os.path.join(c.workdir, step, "params") for p, step in (("sft", "sft"), ("rft", "sft_rft"), ("grpo", "grpo"))}
     grpo = pipeline.step_config(c, "grpo", {"params": params | {"sft_rft": params["rft"]}})
 
@@ -131,18 +136,35 @@ def family_seed(base, seed: int, samples: int) -> dict:
         return env, env.tasks()
 
     splits = {"train": lambda: split("train"), "test": lambda: split("test")}
-    scores = {p: score(grpo, params[p], splits, samples) for p in params}
+    scores = {}
+
+    def run_stage(stage_config):
+        if stage_config.stage == "grpo":
+            scores["sft"] = score(grpo, params["sft"], splits, samples)
+            if scores["sft"]["train"]["greedy_pass1"] < GATE:
+                raise _GateFailed
+        return runner.run_stage(stage_config)
+
+    try:
+        r = pipeline.run(c, run_stage)
+        gate = True
+    except _GateFailed:
+        r, gate = None, False
+        del params["grpo"]
+    scores |= {p: score(grpo, params[p], splits, samples) for p in params if p not in scores}
     ids = {s: [ref.task_id for ref in split(s)[1]] for s in ("train", "test")}
     assert ids["test"] and not set(ids["train"]) & set(ids["test"])
+    if not gate:  # no GRPO: its keys are null
+        scores["grpo"] = {s: {"sampled_pass1": None, "greedy_pass1": None} for s in splits}
     out = {"seed": seed, "train_task_ids": ids["train"], "test_task_ids": ids["test"],
            **flat("sft", "grpo", scores),
            "rft_test": scores["rft"]["test"]["sampled_pass1"], "rft_test_greedy": scores["rft"]["test"]["greedy_pass1"],
            "rft_train": scores["rft"]["train"]["sampled_pass1"],
            "rft_train_greedy": scores["rft"]["train"]["greedy_pass1"],
-           "pipeline_eval_test_greedy": {p: v["pass@1"] for p, v in r["stages"].items()},
-           "heldout_curve": pipeline_report.heldout_curve(os.path.join(c.workdir, "grpo", "metrics.jsonl"))}
-    out["sft_gate_passed"] = out["sft_train_greedy"] >= GATE
-    out["gain_test"] = out["grpo_test"] - out["sft_test"]
+           "pipeline_eval_test_greedy": {p: v["pass@1"] for p, v in r["stages"].items()} if r else None,
+           "heldout_curve": pipeline_report.heldout_curve(os.path.join(c.workdir, "grpo", "metrics.jsonl")) if r else []}
+    out["sft_gate_passed"] = gate
+    out["gain_test"] = out["grpo_test"] - out["sft_test"] if gate else None
     out["wall_s"] = round(time.time() - t0, 1)
     return out
 
@@ -160,10 +182,13 @@ def family(work: str, seeds: list[int], samples: int) -> tuple[dict, list[dict]]
     for s in seeds:
         runs.append(family_seed(c, s, samples))
         f = runs[-1]
+        if not f["sft_gate_passed"]:
+            print(f"family seed {s}: SFT greedy pass@1 on train {f['sft_train_greedy']:.3f} < gate {GATE}: no RL "
+                  f"(test SFT {f['sft_test']:.3f}, RFT {f['rft_test']:.3f})", flush=True)
+            continue
         print(f"family seed {s}: sampled pass@1 test SFT {f['sft_test']:.3f} RFT {f['rft_test']:.3f} -> GRPO "
               f"{f['grpo_test']:.3f} (train SFT {f['sft_train']:.3f} -> GRPO {f['grpo_train']:.3f}); greedy test "
-              f"{f['sft_test_greedy']:.3f} -> {f['grpo_test_greedy']:.3f}; SFT gate "
-              f"{'passed' if f['sft_gate_passed'] else 'FAILED'}", flush=True)
+              f"{f['sft_test_greedy']:.3f} -> {f['grpo_test_greedy']:.3f}", flush=True)
     g = c.pipeline.grpo
     setting = {"config": "configs/tiny_pipeline_family.py", "model": c.model.name, "family": "tau2jax/env/task_family.py",
                "split": "test = held-out (user, title) combinations", "headline": HEADLINE, "samples": samples,

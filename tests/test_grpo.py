@@ -231,3 +231,20 @@ def test_chunks_must_divide_the_grpo_row_length():
         validate(c)
     c.rl.batch.max_len = 1024
     validate(c)
+
+
+def test_empty_step_message_names_the_cause():
+    """A step with nothing to train says why: a policy that solves nothing is not an infra fault."""
+    from types import SimpleNamespace as NS
+
+    from tau2jax.stages.grpo import _why_empty
+
+    def groups(*successes):
+        return [NS(complete=True, trajectories=[NS(success=s) for s in g]) for g in successes]
+
+    zero = {"groups_zero_variance": 2}
+    assert "solves none" in _why_empty(groups([False, False], [False, False]), zero)
+    assert "already solved" in _why_empty(groups([True, True], [True, True]), zero)
+    assert "samples_per_task" in _why_empty(groups([True, True], [False, False]), zero)
+    assert "infra" in _why_empty([NS(complete=False, trajectories=[])], {"groups_requeued": 1})
+    assert "max_len" in _why_empty(groups([True, False]), {"groups_zero_variance": 0})

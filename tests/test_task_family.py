@@ -7,6 +7,7 @@ import pytest
 
 from tau2jax.env import tau2_env  # noqa: F401  (first: quiets tau2's import-time logging)
 
+from tau2jax.config import ConfigError
 from tau2jax.data.chat import ChatFormat
 from tau2jax.data.tokenizer import load_tokenizer
 from tau2jax.env import prompts, task_family
@@ -74,13 +75,15 @@ def test_the_agent_prompt_shows_only_the_familys_tool(family):
     assert len(tok.encode(json.dumps(tau2_env.domain_spec("mock").tools))) < 150  # mock's all: 440
 
 
-def test_an_agent_tools_file_naming_an_unknown_tool_is_refused(tmp_path):
+@pytest.mark.parametrize("text, says", [('["create_task", "fly"]', r"must list some of the mock agent tools .*unknown: \['fly'\]"),
+                                         ("create_task", r"not JSON .*must list some of the mock agent tools")])
+def test_a_bad_agent_tools_file_is_a_config_error_naming_it(tmp_path, text, says):
     before = tau2_env.init_tau2()
     root = task_family.write_data_dir(tmp_path / "bad")
-    (root / "tau2" / "domains" / "mock" / tau2_env.AGENT_TOOLS_FILE).write_text('["create_task", "fly"]')
+    (root / "tau2" / "domains" / "mock" / tau2_env.AGENT_TOOLS_FILE).write_text(text)
     try:
         tau2_env.init_tau2(str(root))
-        with pytest.raises(ValueError, match=r"agent_tools.json: must list some of the mock agent tools .*unknown: \['fly'\]"):
+        with pytest.raises(ConfigError, match="agent_tools.json: " + says):
             tau2_env.domain_spec("mock")
     finally:
         tau2_env.init_tau2(str(before))

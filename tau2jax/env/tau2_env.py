@@ -28,6 +28,8 @@ from pathlib import Path
 
 from loguru import logger
 
+from tau2jax.config import ConfigError  # a bad data dir is a config error: one line at the CLI
+
 # tau2 (heavy) is imported inside the functions that use it: importing this module
 # stays cheap (init_tau2 imports it)
 
@@ -213,12 +215,15 @@ def _agent_tools(domain: str, schemas: list) -> list:
     path = Path(_state["data_root"]) / "tau2" / "domains" / domain / AGENT_TOOLS_FILE
     if not path.exists():
         return schemas
-    names = json.loads(path.read_text())
     known = [s["function"]["name"] for s in schemas]
+    try:
+        names = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not JSON ({e}); it must list some of the {domain} agent tools {known}") from None
     unknown = sorted(set(names) - set(known)) if isinstance(names, list) else []
     if not isinstance(names, list) or not names or unknown:
-        raise ValueError(f"{path}: must list some of the {domain} agent tools {known}"
-                         + (f"; unknown: {unknown}" if unknown else ""))
+        raise ConfigError(f"{path}: must list some of the {domain} agent tools {known}"
+                          + (f"; unknown: {unknown}" if unknown else ""))
     return [s for s in schemas if s["function"]["name"] in names]
 
 

@@ -224,15 +224,30 @@ def trainable_rollouts(config, share, learner: Learner, tasks, meta, tracker, nu
         if batch is not None:
             break
     else:
-        raise RuntimeError(
-            f"GRPO step {step + 1}: {rl.max_empty_rounds + 1} rounds of rollouts gave nothing to train "
-            f"({counts}); see {os.path.join(config.workdir, 'rollouts', 'ledger.jsonl')} and the rollouts' "
-            "infra errors (an engine or user simulator down?), or rl.batch.max_len / overlong (every sample cut?)")
+        raise RuntimeError(f"GRPO step {step + 1}: {rl.max_empty_rounds + 1} rounds of rollouts gave nothing to "
+                           f"train ({counts}); {_why_empty(groups, counts)}; see "
+                           f"{os.path.join(config.workdir, 'rollouts', 'ledger.jsonl')}")
     trajs = [t for g in groups if g.complete for t in g.trajectories]
     m = rollout_metrics.episode_metrics(trajs, null_solvable) | counts | staleness.histogram(ages)
     m |= {"refill_rounds": first - 1 - attempt, "empty_rounds": attempt, "staleness_max": max(ages, default=0),
           "episodes": len(trajs), "ledger": ledger}
     return batch, bstats, groups, m, ages
+
+
+def _why_empty(groups, counts: dict) -> str:
+    """The likeliest cause of a step with nothing to train, from what its rounds played."""
+    done = [g for g in groups if g.complete]
+    if done and counts.get("groups_zero_variance", 0) == len(done):
+        ok = [t.success for g in done for t in g.trajectories]
+        if not any(ok):
+            return ("every group was zero-variance and no episode succeeded: the policy solves none of these tasks "
+                    "(train it further first, e.g. SFT, or raise rl.samples_per_task / the rollout temperature)")
+        if all(ok):
+            return "every group was zero-variance and every episode succeeded: these tasks are already solved"
+        return "every group was zero-variance (each all-pass or all-fail): raise rl.samples_per_task"
+    if not done:
+        return "no group completed: the rollouts' infra errors (an engine or user simulator down?)"
+    return "rl.batch.max_len / overlong (every sample cut?) or stale samples (rl.max_staleness)"
 
 
 def summed_counters(step: int, bstats, workers, queue_depth: int, learner_tokens: int) -> dict:
