@@ -2,6 +2,7 @@
 outside the loop, and benchmarks/heldout.py --quick end to end (slow)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -71,3 +72,43 @@ def test_heldout_curve_keeps_the_last_record_of_each_step_and_plots(tmp_path):
     assert pipeline_report.heldout_curve(str(tmp_path / "none.jsonl")) == []
     pipeline_report.plot_heldout({"GRPO": curve}, str(tmp_path / "h.png"))
     assert (tmp_path / "h.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("sft_train_greedy", [0.1, 0.5])
+def test_family_seed_runs_rl_only_past_the_sft_gate(tmp_path, monkeypatch, sft_train_greedy):
+    """benchmarks/heldout.py's family seed with stand-in stages and scores: below the gate GRPO never
+    starts and its keys are null; at or above it GRPO runs and the gain is GRPO - SFT."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import heldout as bench  # benchmarks/heldout.py
+    from test_pipeline import StandIns
+
+    from configs import tiny_pipeline_family
+    from tau2jax.env import task_family
+    from tau2jax.stages import pipeline, runner
+
+    stages = StandIns()
+    monkeypatch.setattr(runner, "run_stage", stages)
+    sampled = {"sft": 0.2, "sft_rft": 0.25, "grpo": 0.6}  # by the step that wrote the params
+
+    def score(config, params, splits, samples):
+        step = os.path.basename(os.path.dirname(params))
+        greedy = sft_train_greedy if step == "sft" else 0.7
+        return {s: {"greedy_pass1": greedy, "sampled_pass1": sampled[step]} for s in splits}
+
+    monkeypatch.setattr(bench, "score", score)
+    c = tiny_pipeline_family.get_config()
+    c.workdir, c.model.init_from = str(tmp_path / "family"), str(tmp_path / "orbax")  # stand-ins never read it
+    c.tau2.data_dir = str(task_family.write_data_dir(tmp_path / "data"))
+    out = bench.family_seed(c, seed=3, samples=2)
+    ran = [os.path.basename(s.workdir) for s in stages.calls]
+    assert ran[:7] == [s for s, _, _ in pipeline.STEPS][:7]  # up to eval_rft, as in every pipeline
+    assert out["seed"] == 3 and out["test_task_ids"] and not set(out["train_task_ids"]) & set(out["test_task_ids"])
+    assert out["sft_train_greedy"] == sft_train_greedy and out["rft_test"] == 0.25
+    if sft_train_greedy < bench.GATE:
+        assert "grpo" not in ran and out["sft_gate_passed"] is False
+        assert out["grpo_test"] is None and out["grpo_train_greedy"] is None and out["gain_test"] is None
+        assert out["pipeline_eval_test_greedy"] is None and out["heldout_curve"] == []
+    else:
+        assert "grpo" in ran and out["sft_gate_passed"] is True
+        assert out["grpo_test"] == 0.6 and out["gain_test"] == pytest.approx(0.6 - 0.2)
+        assert out["pipeline_eval_test_greedy"]
