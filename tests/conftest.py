@@ -26,3 +26,15 @@ def short_sft_jsonl(tmp_path):
                     {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]
             f.write(json.dumps({"messages": msgs}) + "\n")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _tau2_points_back_at_its_data():
+    """A test that points tau2 at a generated data dir (a task family) must not leave it there: the
+    next test reading airline or retail would find no tasks (CI's stop 39 lost 33 tests that way).
+    Restores the dir in use before the test, so a module-scoped family fixture holds for its module."""
+    from tau2jax.env import tau2_env
+
+    before = tau2_env.init_tau2()
+    yield
+    tau2_env.init_tau2(str(before))
