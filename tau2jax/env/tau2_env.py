@@ -212,19 +212,39 @@ AGENT_TOOLS_FILE = "agent_tools.json"
 
 
 def _agent_tools(domain: str, schemas: list) -> list:
+    """The agent's tools as AGENT_TOOLS_FILE lists them, else all of `schemas`. An entry is a tool's
+    name (its schema as tau2 writes it) or an OpenAI function schema of a tool (the prompt shows that
+    schema instead: a generated dir can trim what a small model reads); a schema must have the tool's
+    parameter names and required ones, so every call it prompts still fits the real tool."""
     path = Path(_state["data_root"]) / "tau2" / "domains" / domain / AGENT_TOOLS_FILE
     if not path.exists():
         return schemas
-    known = [s["function"]["name"] for s in schemas]
+    by_name = {s["function"]["name"]: s for s in schemas}
+    where = f"{path}: must list some of the {domain} agent tools {list(by_name)} (names or their function schemas)"
     try:
-        names = json.loads(path.read_text())
+        entries = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not JSON ({e}); it must list some of the {domain} agent tools {known}") from None
-    unknown = sorted(set(names) - set(known)) if isinstance(names, list) else []
-    if not isinstance(names, list) or not names or unknown:
-        raise ConfigError(f"{path}: must list some of the {domain} agent tools {known}"
-                          + (f"; unknown: {unknown}" if unknown else ""))
-    return [s for s in schemas if s["function"]["name"] in names]
+        raise ConfigError(f"{where}; not JSON ({e})") from None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(where)
+    tools = []
+    for entry in entries:
+        name = entry if isinstance(entry, str) else _schema_name(entry)
+        if name not in by_name:
+            raise ConfigError(f"{where}; unknown: {entry!r}")
+        if isinstance(entry, dict):
+            want, got = by_name[name]["function"]["parameters"], entry["function"].get("parameters") or {}
+            for key in ("properties", "required"):
+                if set(want.get(key) or ()) != set(got.get(key) or ()):
+                    raise ConfigError(f"{path}: the schema of {name!r} has {key} {sorted(got.get(key) or ())}; "
+                                      f"the tool has {sorted(want.get(key) or ())}")
+        tools.append(entry if isinstance(entry, dict) else by_name[name])
+    return tools
+
+
+def _schema_name(entry) -> str | None:
+    ok = isinstance(entry, dict) and entry.get("type") == "function" and isinstance(entry.get("function"), dict)
+    return entry["function"].get("name") if ok else None
 
 
 @dataclass(frozen=True)
