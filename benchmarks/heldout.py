@@ -3,6 +3,7 @@ scored on a held-out split.
 
     python benchmarks/heldout.py --quick [--out F]     # the toy game only (a few minutes on 2 cores)
     python benchmarks/heldout.py [--workdir D]         # + the generated tau2 task family, 3 seeds
+    python benchmarks/heldout.py --toy-from benchmarks/results/heldout.json   # the family, toy part kept
 
 Toy (tau2jax/env/toy.py, a table per task): gold SFT (configs/tiny_sft_toy.py, deliberately short)
 on the train tables' gold episodes, then GRPO (configs/tiny_grpo_toy.py:heldout) from its params,
@@ -216,7 +217,9 @@ def main(argv=None) -> int:
     p.add_argument("--toy-seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=8, help="sampled episodes per task for sampled pass@1 (toy)")
     p.add_argument("--seeds", default="0,1,2", help="the family's seeds (full run)")
-    p.add_argument("--family-samples", type=int, default=4, help="sampled episodes per task for sampled pass@1 (family)")
+    p.add_argument("--toy-from", default=None, help="take the toy part from an earlier result file (its `toy` object) "
+                   "instead of running it again (~30 minutes on 2 cores); recorded as `toy_from`")
+    p.add_argument("--family-samples", type=int, default=8, help="sampled episodes per task for sampled pass@1 (family)")
     p.add_argument("--out", default=None, help="result file (default benchmarks/results/heldout.json)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="heldout_") as tmp:  # runs kept only under --workdir
@@ -230,7 +233,13 @@ def run(args, work: str) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
-    result = {"quick": args.quick, "toy": toy(os.path.join(work, "toy"), args.toy_seed, args.samples), "seeds": []}
+    if args.toy_from:
+        with open(args.toy_from) as f:
+            earlier = json.load(f)
+        result = {"quick": args.quick, "toy": earlier["toy"], "seeds": [],
+                  "toy_from": {"file": args.toy_from, "wall_s": earlier.get("wall_s")}}
+    else:
+        result = {"quick": args.quick, "toy": toy(os.path.join(work, "toy"), args.toy_seed, args.samples), "seeds": []}
     t = result["toy"]
     print(f"toy held-out ({t['test_tasks']} test tables, none trained): sampled pass@1 SFT {t['sft_test']:.3f} -> "
           f"GRPO {t['grpo_test']:.3f} (train {t['sft_train']:.3f} -> {t['grpo_train']:.3f}); greedy "
