@@ -91,12 +91,8 @@ _FEWER = json.dumps([{"type": "function", "function": {"name": "create_task", "p
                                          (_FEWER, r"the schema of 'create_task' has properties \['user_id'\]; "
                                                   r"the tool has \['description', 'title', 'user_id'\]")])
 def test_a_bad_agent_tools_file_is_a_config_error_naming_it(tmp_path, text, says):
-    before = tau2_env.init_tau2()
-    root = task_family.write_data_dir(tmp_path / "bad")
+    root = task_family.write_data_dir(tmp_path / "bad")  # conftest points tau2 back after the test
     (root / "tau2" / "domains" / "mock" / tau2_env.AGENT_TOOLS_FILE).write_text(text)
-    try:
-        tau2_env.init_tau2(str(root))
-        with pytest.raises(ConfigError, match="agent_tools.json: " + says):
-            tau2_env.domain_spec("mock")
-    finally:
-        tau2_env.init_tau2(str(before))
+    tau2_env.init_tau2(str(root))
+    with pytest.raises(ConfigError, match="agent_tools.json: " + says):
+        tau2_env.domain_spec("mock")

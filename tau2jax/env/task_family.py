@@ -22,7 +22,7 @@ The agent's prompt shows only `create_task` (`agent_tools.json`, see tau2_env.AG
 with mock's 440 tokens of tool schemas the two slot words were 2 of ~780 prompt tokens and the
 `tiny` model never learnt to copy them (slot NLL stuck at ln 5 after 500 SFT steps); with no
 schema at all (a 264-token prompt) it copied them, held-out pairs included, within 150 steps
-(teacher-forced; WORKSPACE has the runs). CREATE_TASK_SCHEMA is 120 tokens.
+(teacher-forced; WORKSPACE has the runs). CREATE_TASK_SCHEMA is 119 tokens.
 """
 
 import json
